@@ -1,0 +1,57 @@
+"""Backends run invocations of stage functions and return each one's result and billing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class InvocationError(Exception):
+    """An invocation failed; `kind` is the error type shown in the log (e.g. OutOfMemory)."""
+
+    def __init__(self, kind: str, message: str, retryable: bool = True):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+        self.retryable = retryable
+
+
+@dataclass
+class FunctionSpec:
+    """One deployed function: the stage it serves and its memory size."""
+
+    stage: int
+    memory_mb: int
+    model_key: str
+    store: dict[str, Any]
+    threads: int = 1
+
+
+@dataclass
+class InvocationResult:
+    metrics: dict[str, Any] | None
+    error: dict[str, str] | None
+    cold: bool
+    init_ms: float
+    duration_ms: float
+    peak_mb: float | None
+    instance: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Backend(Protocol):
+    name: str
+
+    def describe(self) -> dict[str, Any]:
+        """What to say in the run summary about how faithful this backend is."""
+        ...
+
+    def invoke(self, fn: FunctionSpec, event: dict[str, Any]) -> InvocationResult:
+        """Run one invocation to completion; thread-safe, blocking."""
+        ...
+
+    def close(self) -> None: ...

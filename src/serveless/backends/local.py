@@ -1,0 +1,282 @@
+"""The embedded default backend: a small function runtime on this machine that behaves like
+AWS Lambda.
+
+Each function instance is a worker process serving one stage. It is started on demand
+(a cold start: process start, imports and model load, reported as init ms), reused for
+later invocations of the same function while warm, and stopped after a keep-alive. Its
+memory is capped (a kernel cgroup where we may create one, else an RSS watchdog) and its
+CPU share is memory / 1769 vCPUs. Messages between driver and instance are JSON.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import multiprocessing
+import multiprocessing.connection as mpc
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from ..cost import vcpus
+from . import FunctionSpec, InvocationResult
+from .limits import InstanceLimits, Watchdog, cgroup_support
+
+DEFAULT_KEEP_ALIVE_S = 300.0
+DEFAULT_TIMEOUT_S = 900.0  # Lambda's maximum
+
+
+def _set_parent_death_signal() -> None:
+    """Die with the driver, even when it is SIGKILLed (Linux only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _worker_main(conn: mpc.Connection, fn: dict[str, Any]) -> None:
+    """An instance: wait to be placed in its cgroup, load the stage, then serve events."""
+    _set_parent_death_signal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when we stop
+    if conn.recv_bytes() != b"go":
+        return
+    from ..function import handle, load_stage
+    from ..store import Store
+
+    load_stage(Store.from_spec(fn["store"]), fn["model_key"], fn["threads"])
+    conn.send_bytes(b'{"ready": true}')
+    while True:
+        try:
+            msg = conn.recv_bytes()
+        except EOFError:
+            return
+        if msg == b"stop":
+            return
+        try:
+            reply = {"ok": handle(json.loads(msg))}
+        except Exception as exc:  # reported to the driver, which decides on retries
+            reply = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+        conn.send_bytes(json.dumps(reply).encode())
+
+
+class _Instance:
+    _ids = 0
+
+    def __init__(self, ctx: Any, fn: FunctionSpec, watchdog: Watchdog):
+        _Instance._ids += 1
+        self.id = f"stage{fn.stage}-{fn.memory_mb}mb-{_Instance._ids}"
+        self.fn = fn
+        self.watchdog = watchdog
+        self.invocations = 0
+        self.last_used = time.monotonic()
+        self.limits = InstanceLimits.create(self.id, fn.memory_mb, vcpus(fn.memory_mb))
+        self.conn, child = ctx.Pipe()
+        self.started = time.perf_counter()
+        spec = {"store": fn.store, "model_key": fn.model_key, "threads": fn.threads}
+        self.proc = ctx.Process(target=_worker_main, args=(child, spec), daemon=True,
+                                name=f"serveless-{self.id}")
+        self.proc.start()
+        child.close()
+        assert self.proc.pid is not None
+        self.pid = self.proc.pid
+        self.limits.attach(self.pid)
+        self.watchdog.watch(self.pid, fn.memory_mb)
+        self.conn.send_bytes(b"go")
+        self.init_ms: float | None = None
+
+    def _wait(self, timeout: float) -> bytes | None:
+        """The next message, or None if the process died; raises TimeoutError."""
+        ready = mpc.wait([self.conn, self.proc.sentinel], timeout)
+        if not ready:
+            raise TimeoutError
+        if self.conn in ready:
+            try:
+                return self.conn.recv_bytes()
+            except (EOFError, OSError):
+                return None
+        return None
+
+    def death(self, record: str) -> dict[str, str]:
+        """Why the process died: OutOfMemory when a cap killed it."""
+        self.proc.join(timeout=2)
+        watchdog_peak = self.watchdog.killed(self.pid)
+        if watchdog_peak is not None or self.limits.oom_killed():
+            peak = watchdog_peak or self.limits.peak_mb() or self.fn.memory_mb
+            return {"type": "OutOfMemory", "message": (
+                f"stage {self.fn.stage} on record {record} exceeded its memory: cap "
+                f"{self.fn.memory_mb} MB, peak {peak:.0f} MB")}
+        code = self.proc.exitcode
+        return {"type": "InstanceDied", "message": (
+            f"stage {self.fn.stage} instance died on record {record} (exit code {code})")}
+
+    def start_wait(self, timeout: float) -> dict[str, str] | None:
+        msg = self._wait(timeout)
+        self.init_ms = (time.perf_counter() - self.started) * 1000
+        return None if msg is not None else self.death("(init)")
+
+    def call(self, event: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self.invocations += 1
+        self.limits.reset_peak()
+        self.conn.send_bytes(json.dumps(event).encode())
+        try:
+            msg = self._wait(timeout)
+        except TimeoutError:
+            self.stop()
+            return {"error": {"type": "Timeout", "message": (
+                f"stage {self.fn.stage} on record {event.get('record')} ran past {timeout:.0f} s")}}
+        self.last_used = time.monotonic()
+        if msg is None:
+            return {"error": self.death(str(event.get("record")))}
+        return json.loads(msg)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send_bytes(b"stop")
+            except OSError:
+                pass
+            self.proc.join(timeout=1)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=2)
+        self.watchdog.unwatch(self.pid)
+        self.conn.close()
+        self.limits.remove()
+
+
+class LocalBackend:
+    """Lambda-like runtime on this machine; thread-safe `invoke`."""
+
+    name = "local"
+
+    def __init__(self, max_instances: int | None = None,
+                 keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.max_instances = max_instances
+        self.keep_alive_s = keep_alive_s
+        self.timeout_s = timeout_s
+        self._ctx = multiprocessing.get_context("spawn")
+        self._lock = threading.Condition()
+        self._idle: dict[tuple[int, int, str], list[_Instance]] = {}
+        self._busy: set[_Instance] = set()
+        self._count: dict[tuple[int, int, str], int] = {}
+        self._closed = False
+        self.watchdog = Watchdog()
+        self.watchdog.start()
+        self.mode, self.mode_reason = cgroup_support()
+
+    def describe(self) -> dict[str, Any]:
+        exact = self.mode != "watchdog"
+        return {
+            "backend": "local",
+            "limits": self.mode,
+            "cpu_share": "exact (cgroup CPU quota)" if exact else
+            "approximate (threads only; no cgroup: " + self.mode_reason + ")",
+            "cores": os.cpu_count(),
+        }
+
+    @staticmethod
+    def threads_for(memory_mb: int) -> int:
+        return max(1, min(math.ceil(vcpus(memory_mb)), os.cpu_count() or 1))
+
+    def _key(self, fn: FunctionSpec) -> tuple[int, int, str]:
+        return (fn.stage, fn.memory_mb, fn.model_key)
+
+    def _acquire(self, fn: FunctionSpec) -> tuple[_Instance, bool]:
+        key = self._key(fn)
+        with self._lock:
+            while True:
+                if self._closed:
+                    raise RuntimeError("backend closed")
+                self._reap_locked()
+                idle = self._idle.get(key)
+                while idle:
+                    inst = idle.pop()
+                    if inst.alive:
+                        self._busy.add(inst)
+                        return inst, False
+                    self._forget_locked(inst)
+                if self.max_instances is None or self._count.get(key, 0) < self.max_instances:
+                    self._count[key] = self._count.get(key, 0) + 1
+                    break
+                self._lock.wait(timeout=0.5)
+        try:
+            inst = _Instance(self._ctx, fn, self.watchdog)
+        except BaseException:
+            with self._lock:
+                self._count[key] -= 1
+            raise
+        with self._lock:
+            self._busy.add(inst)
+        return inst, True
+
+    def _release(self, inst: _Instance) -> None:
+        with self._lock:
+            self._busy.discard(inst)
+            if inst.alive and not self._closed:
+                self._idle.setdefault(self._key(inst.fn), []).append(inst)
+            else:
+                self._forget_locked(inst)
+                inst.stop()
+            self._lock.notify_all()
+
+    def _forget_locked(self, inst: _Instance) -> None:
+        key = self._key(inst.fn)
+        self._count[key] = max(0, self._count.get(key, 0) - 1)
+        inst.stop()
+
+    def _reap_locked(self) -> None:
+        now = time.monotonic()
+        for _key, idle in self._idle.items():
+            for inst in [i for i in idle if now - i.last_used > self.keep_alive_s]:
+                idle.remove(inst)
+                self._forget_locked(inst)
+
+    def invoke(self, fn: FunctionSpec, event: dict[str, Any]) -> InvocationResult:
+        t0 = time.perf_counter()
+        inst, cold = self._acquire(fn)
+        try:
+            init_ms = 0.0
+            if cold:
+                err = inst.start_wait(self.timeout_s)
+                init_ms = inst.init_ms or 0.0
+                if err is not None:
+                    return InvocationResult(None, err, True, init_ms,
+                                            (time.perf_counter() - t0) * 1000, None, inst.id)
+            reply = inst.call(event, self.timeout_s)
+        finally:
+            self._release(inst)
+        metrics = reply.get("ok")
+        duration = metrics["duration_ms"] if metrics else (time.perf_counter() - t0) * 1000 - init_ms
+        return InvocationResult(
+            metrics=metrics,
+            error=reply.get("error"),
+            cold=cold,
+            init_ms=init_ms,
+            duration_ms=duration,
+            peak_mb=metrics["peak_mb"] if metrics else None,
+            instance=inst.id,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            instances = [i for idle in self._idle.values() for i in idle] + list(self._busy)
+            self._idle.clear()
+            self._busy.clear()
+        for inst in instances:
+            inst.stop()
+        self.watchdog.stop()
+
+    def __enter__(self) -> LocalBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,269 @@
+"""The `serveless` command line."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from .store import DEFAULT_STORE, JobLayout, Store, StoreError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Batch DNN inference over image sets on serverless functions.")
+models_app = typer.Typer(no_args_is_help=True, help="Built-in models.")
+app.add_typer(models_app, name="models")
+console = Console()
+err_console = Console(stderr=True)
+
+StoreOpt = Annotated[str, typer.Option("--store", help="fsspec URL or folder of the store")]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {message}")
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .models import ModelError
+    from .partition import PartitionError
+    from .pipeline import JobError
+    from .records import RecordError
+
+    return (JobError, ModelError, PartitionError, StoreError, RecordError, ValueError,
+            FileNotFoundError)
+
+
+def _run_guarded(fn: Any) -> Any:
+    try:
+        return fn()
+    except _user_errors() as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def pack(
+    src: Annotated[Path, typer.Argument(help="folder of JPEG/PNG images (subfolders = labels)")],
+    dest: Annotated[str, typer.Argument(help="folder or fsspec URL for the .tfrecord files")],
+    per_record: Annotated[int, typer.Option("--per-record", help="images per record")] = 1000,
+) -> None:
+    """Pack a folder of images into TFRecord files."""
+    from rich.progress import Progress
+
+    from .records import pack_folder, scan_images
+
+    def go() -> list[str]:
+        n = len(scan_images(src))
+        with Progress(console=console, transient=True) as prog:
+            task = prog.add_task("packing", total=n)
+            return pack_folder(src, Store(dest), "", per_record,
+                               progress=lambda k: prog.advance(task, k))
+
+    names = _run_guarded(go)
+    console.print(f"wrote {len(names)} records to {dest}")
+
+
+@models_app.command("export")
+def models_export(
+    name: Annotated[str, typer.Argument(help="built-in model name, e.g. alexnet")],
+    file: Annotated[Path, typer.Argument(help="where to write the .onnx file")],
+    seed: Annotated[int, typer.Option(help="seed of the deterministic weights")] = 0,
+) -> None:
+    """Write a built-in model as one ONNX file."""
+    from .models import BUILTIN, ModelError, save_model
+
+    if name not in BUILTIN:
+        _fail(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN))}")
+    try:
+        save_model(BUILTIN[name](seed=seed), file)
+    except ModelError as exc:
+        _fail(str(exc))
+    console.print(f"wrote {file} ({file.stat().st_size / 1e6:.1f} MB)")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List the built-in models."""
+    from .models import BUILTIN, PAPER_PRESET
+
+    for name in sorted(BUILTIN):
+        preset = ",".join(PAPER_PRESET.get(name, [])) or "-"
+        console.print(f"{name}\tpaper preset cuts: {preset}")
+
+
+@app.command("partition")
+def partition_cmd(
+    model: Annotated[str, typer.Argument(help="built-in name or path to an .onnx file")],
+    list_cuts: Annotated[bool, typer.Option("--list", help="list candidate cut tensors")] = False,
+    cuts: Annotated[str | None, typer.Option(help="comma-separated cut tensors")] = None,
+    preset: Annotated[str | None, typer.Option(help="'paper' for the paper's stages")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for stage-<k>.onnx")] = None,
+) -> None:
+    """List cut candidates, or split a model into stages and check them against it."""
+    from rich.table import Table
+
+    from .models import load_model
+    from .partition import list_cuts as candidates
+    from .partition import partition, resolve_cuts
+
+    def go() -> None:
+        onnx_model = load_model(model)
+        if list_cuts:
+            table = Table(title=f"cut candidates of {model} (topological order)")
+            for col in ("tensor", "op", "per-sample shape", "per-sample KB"):
+                table.add_column(col)
+            for c in candidates(onnx_model):
+                table.add_row(c.name, c.op, "×".join(map(str, c.shape)),
+                              f"{c.bytes_per_sample / 1024:,.1f}")
+            console.print(table)
+            return
+        if out is None:
+            _fail("give --out DIR (or --list)")
+        names = resolve_cuts(model, cuts, preset)
+        stages = partition(onnx_model, names, out_dir=out)
+        console.print(f"wrote {len(stages)} stages to {out}; chained output matches the model")
+
+    _run_guarded(go)
+
+
+def _backend(name: str, max_instances: int | None, keep_alive: float) -> Any:
+    if name != "local":
+        _fail(f"unknown backend {name!r}; available: local")
+    from .backends.local import LocalBackend
+
+    return LocalBackend(max_instances=max_instances, keep_alive_s=keep_alive)
+
+
+def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
+             max_instances: int | None, keep_alive: float, progress: bool = True) -> Any:
+    from .pipeline import run_job
+    from .report import print_summary
+
+    backend = _backend("local", max_instances or concurrency, keep_alive)
+    try:
+        result = run_job(store, spec, backend, concurrency=concurrency, retries=retries,
+                         progress=progress)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted; run the same command again to resume[/yellow]")
+        raise typer.Exit(130) from None
+    finally:
+        backend.close()
+    notes = [f"CPU share: {result.backend['cpu_share']}"]
+    for stage, mem in sorted(result.raised.items()):
+        notes.append(f"[yellow]stage {stage} ran out of memory; raised to {mem} MB[/yellow]")
+    print_summary(result.rows, result.wall_s, arch, console, notes)
+    layout = JobLayout(spec.job)
+    console.print(f"predictions: {store.path(layout.key('predictions'))}/*.jsonl")
+    console.print(f"invocation log: {store.path(layout.log)}")
+    if result.failed_records:
+        err_console.print(f"[bold red]{len(result.failed_records)} records failed:[/bold red]")
+        for rec, why in sorted(result.failed_records.items()):
+            err_console.print(f"  {rec}: {why}")
+    if result.image_errors:
+        err_console.print(f"[yellow]{result.image_errors} images could not be served "
+                          "(their prediction rows carry the error)[/yellow]")
+    return result
+
+
+@app.command()
+def run(
+    store: StoreOpt = DEFAULT_STORE,
+    job: Annotated[str, typer.Option(help="job name (folder in the store)")] = "job",
+    records: Annotated[str | None, typer.Option(help="folder or glob of .tfrecord files")] = None,
+    model: Annotated[str, typer.Option(help="built-in name or .onnx path")] = "alexnet",
+    cuts: Annotated[str | None, typer.Option(help="comma-separated cut tensors")] = None,
+    preset: Annotated[str | None, typer.Option(help="'paper' for the paper's stages")] = None,
+    memory: Annotated[str | None, typer.Option(help="MB per stage, e.g. 2048,1280,1024,768")]
+    = None,
+    concurrency: Annotated[int, typer.Option(help="invocations in flight")] = 2,
+    micro_batch: Annotated[int, typer.Option("--micro-batch", help="images per ONNX run")] = 32,
+    retries: Annotated[int, typer.Option(help="retries per failed invocation")] = 3,
+    arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
+    max_instances: Annotated[int | None, typer.Option(help="instances per function")] = None,
+    keep_alive: Annotated[float, typer.Option(help="idle seconds before an instance stops")]
+    = 300.0,
+    float16: Annotated[bool, typer.Option(help="store intermediates as float16")] = False,
+    compress: Annotated[bool, typer.Option(help="zstd-compress intermediates")] = False,
+) -> None:
+    """Run (or resume) a job: every record through every stage."""
+    from .pipeline import JobSpec, prepare_job
+    from .tensors import TensorFormat
+
+    def go() -> Any:
+        st = Store(store)
+        layout = JobLayout(job)
+        if records is None and cuts is None and preset is None and st.exists(layout.spec):
+            return st, JobSpec.load(st, job)  # resume as asked before
+        fmt = TensorFormat("float16" if float16 else "float32", compress)
+        return st, prepare_job(st, job, model, cuts, preset, memory, micro_batch, records, fmt)
+
+    st, spec = _run_guarded(go)
+    result = _execute(st, spec, concurrency, retries, arch, max_instances, keep_alive)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    images: Annotated[int, typer.Option(help="number of sample images")] = 2000,
+    store: StoreOpt = DEFAULT_STORE,
+    per_record: Annotated[int, typer.Option("--per-record", help="images per record")] = 500,
+    concurrency: Annotated[int, typer.Option(help="invocations in flight")] = 2,
+    memory: Annotated[str | None, typer.Option(help="MB per stage")] = None,
+    micro_batch: Annotated[int, typer.Option("--micro-batch")] = 32,
+    arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
+) -> None:
+    """The paper's experiment in small: sample photos, AlexNet in 4 stages, local functions."""
+    from .images import make_sample_images
+    from .pipeline import prepare_job
+    from .records import pack_folder
+
+    if images < 1 or per_record < 1:
+        _fail("--images and --per-record must be >= 1")
+    st = _run_guarded(lambda: Store(store))
+    layout = JobLayout("demo")
+    st.delete(layout.job)  # the demo always starts fresh
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="serveless-demo-") as tmp:
+        console.print(f"generating {images} sample photos (about 500×375, ~100 KB each)…")
+        make_sample_images(tmp, images)
+        names = pack_folder(tmp, st, layout.records_prefix, per_record)
+    console.print(f"packed {len(names)} records of up to {per_record} images "
+                  f"({time.perf_counter() - t0:.1f} s); partitioning alexnet (paper preset)…")
+    spec = _run_guarded(lambda: prepare_job(st, "demo", "alexnet", preset="paper", memory=memory,
+                                            micro_batch=micro_batch))
+    result = _execute(st, spec, concurrency, 3, arch, None, 300.0, progress=sys.stderr.isatty())
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    job: Annotated[str, typer.Argument(help="job name")],
+    store: StoreOpt = DEFAULT_STORE,
+    arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
+) -> None:
+    """Re-print a job's summary from its invocation log alone."""
+    from .pipeline import load_log
+
+    def go() -> list[dict[str, Any]]:
+        st = Store(store)
+        rows = load_log(st, JobLayout(job).job)
+        if not rows:
+            _fail(f"no invocation log for job {job!r} in {store}")
+        return rows
+
+    rows = _run_guarded(go)
+    from .report import print_summary
+
+    starts = [r["started"] for r in rows]
+    ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
+    print_summary(rows, max(ends) - min(starts), arch, console)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,85 @@
+"""Pricing tables and billing arithmetic, in one place.
+
+Sources: aws.amazon.com/lambda/pricing and aws.amazon.com/s3/pricing, us-east-1, as read
+for this project in 2026 (Lambda bills the init phase of cold starts since 2025-08-01).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+PRICES_AS_OF = "2026-11 (us-east-1)"
+LAMBDA_GB_SECOND = {"x86_64": 0.0000166667, "arm64": 0.0000133334}
+LAMBDA_REQUEST = 0.20 / 1_000_000
+S3_PUT = 0.005 / 1000
+S3_GET = 0.0004 / 1000
+
+MIN_MEMORY_MB = 128
+MAX_MEMORY_MB = 10_240
+MB_PER_VCPU = 1769
+MAX_VCPUS = 6
+
+
+def check_memory(mb: int) -> int:
+    if not MIN_MEMORY_MB <= mb <= MAX_MEMORY_MB:
+        raise ValueError(f"memory {mb} MB is outside Lambda's {MIN_MEMORY_MB}-{MAX_MEMORY_MB} MB")
+    return mb
+
+
+def vcpus(memory_mb: int) -> float:
+    """Lambda's CPU share: proportional to memory, one vCPU at 1769 MB, at most six."""
+    return min(memory_mb / MB_PER_VCPU, MAX_VCPUS)
+
+
+def billed_ms(duration_ms: float, init_ms: float = 0.0) -> int:
+    """Duration rounded up to 1 ms, plus the init phase of a cold start (also rounded up)."""
+    return math.ceil(duration_ms) + (math.ceil(init_ms) if init_ms else 0)
+
+
+def gb_seconds(memory_mb: int, billed: float) -> float:
+    return memory_mb / 1024 * billed / 1000
+
+
+@dataclass
+class Bill:
+    invocations: int = 0
+    gb_s: float = 0.0
+    gets: int = 0
+    puts: int = 0
+    arch: str = "x86_64"
+
+    @property
+    def compute(self) -> float:
+        return self.gb_s * LAMBDA_GB_SECOND[self.arch]
+
+    @property
+    def requests(self) -> float:
+        return self.invocations * LAMBDA_REQUEST
+
+    @property
+    def store_ops(self) -> float:
+        return self.gets * S3_GET + self.puts * S3_PUT
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.requests + self.store_ops
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.invocations += 1
+        self.gb_s += gb_seconds(row["memory_mb"], row["billed_ms"])
+        self.gets += int(row.get("gets", 0))
+        self.puts += int(row.get("puts", 0))
+
+
+def bill(rows: Iterable[dict[str, Any]], arch: str = "x86_64") -> dict[int | str, Bill]:
+    """Per-stage bills and a 'total' from invocation log rows."""
+    if arch not in LAMBDA_GB_SECOND:
+        raise ValueError(f"arch must be one of {sorted(LAMBDA_GB_SECOND)}, got {arch!r}")
+    out: dict[int | str, Bill] = {"total": Bill(arch=arch)}
+    for row in rows:
+        out.setdefault(int(row["stage"]), Bill(arch=arch)).add(row)
+        out["total"].add(row)
+    return out

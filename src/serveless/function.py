@@ -1,0 +1,391 @@
+"""The function that serves one stage on one record: `handle(event) -> metrics`.
+
+Any backend calls it (a local worker process, a Lithops call, a Lambda handler). It keeps
+the stage's onnxruntime session for the life of the instance (warm starts), streams its
+input object in micro-batches while the next block is read and decoded on a second thread,
+writes its output object atomically, and returns small JSON-safe metrics; tensors only
+ever go through the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import queue
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+
+from .images import MAX_PIXELS, preprocess
+from .records import iter_record
+from .store import JobLayout, Store
+from .tensors import TensorFormat, TensorReader, TensorWriter
+
+READ_BLOCK = 64 << 20  # one GET per 64 MiB of an object, as a ranged reader on S3 would do
+TOP_K = 5
+
+
+@dataclass
+class Event:
+    """What an invocation asks for; validated here because events cross a process boundary."""
+
+    store: dict[str, Any]
+    job: str
+    stage: int
+    stages: int
+    record: str
+    memory_mb: int = 1769
+    micro_batch: int = 32
+    threads: int = 1
+    format: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int = MAX_PIXELS
+    size: int = 224
+
+    @classmethod
+    def parse(cls, event: dict[str, Any]) -> Event:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(event) - known
+        if unknown:
+            raise ValueError(f"unknown event fields: {sorted(unknown)}")
+        ev = cls(**event)
+        if not 0 <= ev.stage < ev.stages:
+            raise ValueError(f"stage {ev.stage} outside 0..{ev.stages - 1}")
+        if ev.micro_batch < 1 or ev.threads < 1:
+            raise ValueError("micro_batch and threads must be >= 1")
+        return ev
+
+
+# -- warm state of this instance ------------------------------------------------------------
+
+_SESSIONS: dict[tuple[str, str, int], Any] = {}
+
+
+def load_stage(store: Store, model_key: str, threads: int) -> tuple[Any, float, int]:
+    """The stage's session, loaded once per instance: (session, init ms, bytes read)."""
+    cache_key = (store.url, model_key, threads)
+    if cache_key in _SESSIONS:
+        return _SESSIONS[cache_key], 0.0, 0
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning threads burn the CPU share that decoding on the other thread needs.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    local = store.local_path(model_key)
+    if local is not None:
+        size = os.path.getsize(local)
+        session = ort.InferenceSession(local, opts, providers=["CPUExecutionProvider"])
+    else:
+        data = store.get_bytes(model_key)
+        size = len(data)
+        session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        del data
+    _SESSIONS.clear()  # an instance serves one stage; drop any other
+    _SESSIONS[cache_key] = session
+    return session, (time.perf_counter() - t0) * 1000, size
+
+
+# -- memory ---------------------------------------------------------------------------------
+
+
+def reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) so each invocation reports its own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- the handler ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Counters:
+    read_ms: float = 0.0
+    compute_ms: float = 0.0
+    write_ms: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    gets: int = 0
+    puts: int = 0
+
+    def got(self, size: int) -> None:
+        self.bytes_in += size
+        self.gets += max(1, math.ceil(size / READ_BLOCK))
+
+    def put(self, size: int) -> None:
+        self.bytes_out += size
+        self.puts += 1
+
+
+def handle(event: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage of the model on one record; return its metrics."""
+    t0 = time.perf_counter()
+    reset_peak()
+    ev = Event.parse(event)
+    store = Store.from_spec(ev.store)
+    layout = JobLayout(ev.job)
+    fmt = TensorFormat.from_dict(ev.format)
+    c = _Counters()
+
+    session, init_ms, model_bytes = load_stage(store, layout.stage_model(ev.stage), ev.threads)
+    if model_bytes:
+        c.got(model_bytes)
+    input_name = session.get_inputs()[0].name
+    last = ev.stage == ev.stages - 1
+
+    if ev.stage == 0:
+        in_key = layout.record(ev.record)
+    else:
+        in_key = layout.stage_output(ev.stage - 1, ev.record, fmt.suffix)
+    c.got(store.size(in_key))
+
+    with store.open_read(in_key) as src:
+        if ev.stage == 0:
+            n, blocks, meta = _image_blocks(src, in_key, ev, c)
+        else:
+            n, blocks = _tensor_blocks(src, fmt, ev, c)
+            meta = None
+        outputs = _run(session, input_name, _prefetch(blocks), c)
+        if last:
+            if meta is None:
+                raw = store.get_bytes(layout.record_meta(ev.record))
+                c.got(len(raw))
+                meta = json.loads(raw)
+            out_key = layout.predictions(ev.record)
+            written = _write_predictions(store, out_key, ev.record, outputs, meta, c)
+        else:
+            out_key = layout.stage_output(ev.stage, ev.record, fmt.suffix)
+            written = _write_tensor(store, out_key, n, outputs, fmt, c)
+            if meta is not None:  # after the tensor: its errors are known once all decoded
+                data = json.dumps(meta).encode()
+                store.put_bytes(layout.record_meta(ev.record), data)
+                c.put(len(data))
+
+    errors = sum(1 for e in (meta or {}).get("errors", {}).values() if e) if meta else 0
+    duration_ms = (time.perf_counter() - t0) * 1000 - init_ms
+    return {
+        "stage": ev.stage,
+        "record": ev.record,
+        "images": n,
+        "image_errors": errors,
+        "cold": init_ms > 0,
+        "handler_init_ms": round(init_ms, 3),
+        "duration_ms": round(duration_ms, 3),
+        "read_ms": round(c.read_ms, 3),
+        "compute_ms": round(c.compute_ms, 3),
+        "write_ms": round(c.write_ms, 3),
+        "bytes_in": c.bytes_in,
+        "bytes_out": c.bytes_out,
+        "gets": c.gets,
+        "puts": c.puts,
+        "peak_mb": round(peak_mb(), 1),
+        "output": written,
+    }
+
+
+def _image_blocks(
+    src: IO[bytes], key: str, ev: Event, c: _Counters
+) -> tuple[int, Iterator[np.ndarray], dict[str, Any]]:
+    """Decode a record's images micro-batch by micro-batch; broken images become zero rows."""
+    from .records import count_examples
+
+    n = count_examples(src, key)
+    src.seek(0)
+    meta: dict[str, Any] = {"n": n, "filenames": [], "labels": [], "errors": {}}
+
+    def blocks() -> Iterator[np.ndarray]:
+        batch = np.zeros((ev.micro_batch, 3, ev.size, ev.size), np.float32)
+        i = 0
+        t = time.perf_counter()
+        for index, ex in enumerate(iter_record(src, key)):
+            meta["filenames"].append(ex.filename)
+            meta["labels"].append(ex.label)
+            try:
+                batch[i] = preprocess(ex.encoded, ev.size, max_pixels=ev.max_pixels)
+            except ValueError as exc:
+                batch[i] = 0.0
+                meta["errors"][str(index)] = {"type": type(exc).__name__, "message": str(exc)}
+            i += 1
+            if i == ev.micro_batch:
+                c.read_ms += (time.perf_counter() - t) * 1000
+                yield batch
+                batch = np.zeros_like(batch)
+                i = 0
+                t = time.perf_counter()
+        c.read_ms += (time.perf_counter() - t) * 1000
+        if i:
+            yield batch[:i]
+
+    return n, blocks(), meta
+
+
+def _tensor_blocks(
+    src: IO[bytes], fmt: TensorFormat, ev: Event, c: _Counters
+) -> tuple[int, Iterator[np.ndarray]]:
+    reader = TensorReader(src, fmt.compress)
+
+    def blocks() -> Iterator[np.ndarray]:
+        while True:
+            t = time.perf_counter()
+            if reader.rows_read >= len(reader):
+                return
+            block = reader.read(ev.micro_batch)
+            c.read_ms += (time.perf_counter() - t) * 1000
+            yield block
+
+    return len(reader), blocks()
+
+
+def _prefetch(blocks: Iterator[np.ndarray], depth: int = 1) -> Iterator[np.ndarray]:
+    """Produce the next block on a thread while the caller computes on this one."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for block in blocks:
+                while not stop.is_set():
+                    try:
+                        q.put(block, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True, name="serveless-prefetch")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def _run(
+    session: Any, input_name: str, blocks: Iterator[np.ndarray], c: _Counters
+) -> Iterator[np.ndarray]:
+    for block in blocks:
+        t = time.perf_counter()
+        (out,) = session.run(None, {input_name: block})
+        c.compute_ms += (time.perf_counter() - t) * 1000
+        yield out
+
+
+class _HashingWriter:
+    """Counts and hashes what is written, so resume can check an object is whole."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f = f
+        self.size = 0
+        self.sha = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        self.sha.update(mv)
+        self.size += len(mv)
+        return self.f.write(mv)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_tensor(
+    store: Store, key: str, n: int, outputs: Iterator[np.ndarray], fmt: TensorFormat,
+    c: _Counters,
+) -> dict[str, Any]:
+    with store.writer(key) as f:
+        hw = _HashingWriter(f)
+        writer: TensorWriter | None = None
+        for out in outputs:
+            t = time.perf_counter()
+            if writer is None:
+                writer = TensorWriter(hw, n, tuple(out.shape[1:]), fmt)  # type: ignore[arg-type]
+            writer.write(out)
+            c.write_ms += (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        if writer is None:
+            writer = TensorWriter(hw, 0, (), fmt)  # type: ignore[arg-type]
+        writer.close()
+    c.write_ms += (time.perf_counter() - t) * 1000
+    c.put(hw.size)
+    return {"key": key, "size": hw.size, "sha256": hw.sha.hexdigest()}
+
+
+def _write_predictions(
+    store: Store, key: str, record: str, outputs: Iterator[np.ndarray], meta: dict[str, Any],
+    c: _Counters,
+) -> dict[str, Any]:
+    errors = meta.get("errors", {})
+    filenames, labels = meta["filenames"], meta["labels"]
+    index = 0
+    with store.writer(key) as f:
+        hw = _HashingWriter(f)
+        for probs in outputs:
+            t = time.perf_counter()
+            probs = probs.reshape(len(probs), -1)
+            k = min(TOP_K, probs.shape[1])
+            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            lines = []
+            for row in range(len(probs)):
+                err = errors.get(str(index))
+                lines.append(json.dumps(_prediction_row(
+                    record, index, filenames[index], labels[index],
+                    None if err else top[row], None if err else probs[row, top[row]], err,
+                )))
+                index += 1
+            hw.write(("\n".join(lines) + "\n").encode())
+            c.write_ms += (time.perf_counter() - t) * 1000
+    if index != meta["n"]:
+        raise RuntimeError(f"record {record}: {index} predictions for {meta['n']} images")
+    c.put(hw.size)
+    return {"key": key, "size": hw.size, "sha256": hw.sha.hexdigest()}
+
+
+def _prediction_row(
+    record: str, index: int, filename: str, label: int, top: np.ndarray | None,
+    probs: np.ndarray | None, error: dict[str, str] | None,
+) -> dict[str, Any]:
+    return {
+        "record": record,
+        "index": index,
+        "filename": filename,
+        "label": None if label < 0 else int(label),
+        "top5": None if top is None else [int(i) for i in top],
+        "probs": None if probs is None else [float(p) for p in probs],
+        "error": error,
+    }
+

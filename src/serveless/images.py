@@ -1,0 +1,155 @@
+"""Image decoding and preprocessing for stage 0, and the demo's synthetic photo set.
+
+Preprocessing is the standard ImageNet evaluation transform: EXIF orientation, RGB,
+shorter side to 256, center crop 224, scale to [0, 1], normalize with ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+MAX_PIXELS = 100_000_000
+
+
+class ImageDecodeError(ValueError):
+    """One image could not be served; its prediction row carries this error."""
+
+
+def preprocess(
+    data: bytes,
+    size: int = 224,
+    resize: int = 256,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """Encoded image bytes -> normalized float32 array of shape (3, size, size)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageDecodeError(
+                    f"image of {w}x{h} = {w * h / 1e6:.1f} MP exceeds the "
+                    f"{max_pixels / 1e6:.0f} MP limit"
+                )
+            # draft() lets libjpeg decode at 1/2, 1/4, 1/8 scale when the target is smaller,
+            # which is most of the decode time for photos.
+            if img.format == "JPEG":
+                scale = resize / min(w, h)
+                img.draft("RGB", (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))))
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+            img = _resize_shorter(img, resize)
+            img = _center_crop(img, size)
+            arr = np.asarray(img, dtype=np.float32)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"decompression bomb refused: {exc}") from exc
+    except Exception as exc:  # Pillow raises many types for broken files
+        raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
+    arr = arr * np.float32(1 / 255)
+    arr -= MEAN
+    arr /= STD
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def _resize_shorter(img: Image.Image, target: int) -> Image.Image:
+    w, h = img.size
+    if w <= h:
+        new = (target, max(1, round(h * target / w)))
+    else:
+        new = (max(1, round(w * target / h)), target)
+    return img.resize(new, Image.Resampling.BILINEAR) if new != (w, h) else img
+
+
+def _center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    left = int(round((w - size) / 2.0))
+    top = int(round((h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+_GRAIN_SIZE = 1024
+
+
+@functools.cache
+def _grain() -> np.ndarray:
+    """Fine grain, mostly in luminance as in camera noise; one tile, windows of it reused."""
+    rng = np.random.default_rng(12345)
+    n = _GRAIN_SIZE
+    grain = rng.normal(0, 12, size=(n, n, 1)) + rng.normal(0, 4, size=(n, n, 3))
+    return grain.astype(np.int16)
+
+
+def synthetic_photo(seed: int, size: tuple[int, int] = (500, 375)) -> Image.Image:
+    """A deterministic image that compresses like a photo: smooth shapes, gradients, texture.
+
+    Noise would be incompressible and unlike real inputs; this is smooth at large scale
+    with fine grain, so JPEG sizes land near those of real photos (about 100 KB).
+    """
+    rng = np.random.default_rng(seed)
+    w, h = size
+    # Low-frequency colour field: a few random values upsampled smoothly.
+    coarse = rng.integers(0, 256, size=(rng.integers(3, 7), rng.integers(3, 7), 3), dtype=np.uint8)
+    img = Image.fromarray(coarse, "RGB").resize((w, h), Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.int16)
+    # Mid-frequency structure: blobs and edges like objects.
+    blobs = rng.integers(0, 256, size=(h // 6, w // 6, 3), dtype=np.uint8)
+    mid = Image.fromarray(blobs, "RGB").resize((w, h), Image.Resampling.BILINEAR)
+    mid = mid.filter(ImageFilter.GaussianBlur(0.8))
+    arr = (arr * 0.6 + np.asarray(mid, dtype=np.int16) * 0.4).astype(np.int16)
+    y, x = int(rng.integers(0, _GRAIN_SIZE - h)), int(rng.integers(0, _GRAIN_SIZE - w))
+    arr += _grain()[y : y + h, x : x + w]
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_sample_images(
+    dest: str | Path, count: int, classes: int = 10, seed: int = 0, workers: int | None = None
+) -> list[Path]:
+    """Write `count` JPEGs of varied sizes around 500x375 into ImageFolder-style class folders.
+
+    Deterministic for a given seed, whatever the number of worker processes.
+    """
+    dest = Path(dest)
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for i in range(count):
+        w, h = int(rng.integers(400, 601)), int(rng.integers(300, 451))
+        path = dest / f"class_{i % classes:03d}" / f"img_{i:06d}.jpg"
+        jobs.append((str(path), seed * 1_000_003 + i, w, h))
+    for folder in {Path(p).parent for p, *_ in jobs}:
+        folder.mkdir(parents=True, exist_ok=True)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers > 1 and count >= 64:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            list(pool.map(_write_photo, jobs, chunksize=32))
+    else:
+        for job in jobs:
+            _write_photo(job)
+    return [Path(p) for p, *_ in jobs]
+
+
+def _write_photo(job: tuple[str, int, int, int]) -> None:
+    path, seed, w, h = job
+    synthetic_photo(seed, (w, h)).save(path, "JPEG", quality=92)

@@ -1,0 +1,206 @@
+"""Built-in models (AlexNet as in the paper) and loading of user ONNX files.
+
+The built-in AlexNet is generated, not downloaded: the project must work offline and the
+experiments measure memory, time and cost, which depend on the architecture and the size
+of the weights, not on their trained values. Weights are deterministic per seed so that
+every stage function, on any machine, rebuilds byte-identical weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAME = "probabilities"
+BATCH_DIM = "N"
+
+PAPER_PRESET: dict[str, list[str]] = {"alexnet": ["pool1", "pool2", "pool5"]}
+"""The paper's four AlexNet stages: conv1 block | conv2 block | conv3-5 block | classifier."""
+
+
+class ModelError(ValueError):
+    """A model cannot be loaded or does not look like an image classifier we can serve."""
+
+
+def _he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+    """Kaiming-normal weights, so activations keep their scale through ReLU layers."""
+    w = rng.standard_normal(shape, dtype=np.float32)
+    w *= np.float32(np.sqrt(2.0 / fan_in))
+    return w
+
+
+def build_alexnet(seed: int = 0, num_classes: int = 1000) -> onnx.ModelProto:
+    """AlexNet in the torchvision layout (61.1M parameters for 1000 classes), random weights.
+
+    torchvision's AdaptiveAvgPool2d((6, 6)) is omitted: the input is fixed at 224x224, so
+    pool5 is already 6x6 and the adaptive pool would be an identity. Dropout is omitted
+    too (identity at inference). Every weight row of the classifier is centred (zero sum):
+    with random weights the ReLU features are all positive, and non-centred rows would give
+    every image the same ranking; centring makes the top-5 depend on the image. With this
+    the top-1 probability of a normalised image is about 0.1-0.8, neither flat nor
+    saturated, so top-5 comparisons between runs mean something.
+    """
+    if num_classes < 1:
+        raise ModelError(f"num_classes must be >= 1, got {num_classes}")
+    rng = np.random.default_rng(seed)
+    inits: list[tuple[str, np.ndarray]] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def param(name: str, arr: np.ndarray) -> str:
+        inits.append((name, arr))
+        return name
+
+    def conv(name: str, x: str, cin: int, cout: int, k: int, stride: int, pad: int) -> str:
+        w = _he_normal(rng, (cout, cin, k, k), cin * k * k)
+        b = rng.standard_normal(cout, dtype=np.float32) * np.float32(0.01)
+        nodes.append(helper.make_node(
+            "Conv", [x, param(f"{name}.weight", w), param(f"{name}.bias", b)], [name],
+            name=name, kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4,
+        ))
+        return name
+
+    def fc(name: str, x: str, fin: int, fout: int) -> str:
+        w = _he_normal(rng, (fout, fin), fin)
+        w -= w.mean(axis=1, keepdims=True)
+        b = rng.standard_normal(fout, dtype=np.float32) * np.float32(0.01)
+        nodes.append(helper.make_node(
+            "Gemm", [x, param(f"{name}.weight", w), param(f"{name}.bias", b)], [name],
+            name=name, transB=1,
+        ))
+        return name
+
+    def relu(name: str, x: str) -> str:
+        nodes.append(helper.make_node("Relu", [x], [name], name=name))
+        return name
+
+    def pool(name: str, x: str) -> str:
+        nodes.append(helper.make_node(
+            "MaxPool", [x], [name], name=name, kernel_shape=[3, 3], strides=[2, 2]))
+        return name
+
+    t = pool("pool1", relu("relu1", conv("conv1", INPUT_NAME, 3, 64, 11, 4, 2)))
+    t = pool("pool2", relu("relu2", conv("conv2", t, 64, 192, 5, 1, 2)))
+    t = relu("relu3", conv("conv3", t, 192, 384, 3, 1, 1))
+    t = relu("relu4", conv("conv4", t, 384, 256, 3, 1, 1))
+    t = pool("pool5", relu("relu5", conv("conv5", t, 256, 256, 3, 1, 1)))
+    nodes.append(helper.make_node("Flatten", [t], ["flatten"], name="flatten", axis=1))
+    t = relu("relu6", fc("fc6", "flatten", 256 * 6 * 6, 4096))
+    t = relu("relu7", fc("fc7", t, 4096, 4096))
+    t = fc("fc8", t, 4096, num_classes)
+    nodes.append(helper.make_node("Softmax", [t], [OUTPUT_NAME], name="softmax", axis=1))
+
+    graph = helper.make_graph(
+        nodes, "alexnet",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, 3, 224, 224])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, num_classes])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="serveless",
+        doc_string=f"AlexNet (torchvision layout), random He-normal weights, seed={seed}",
+    )
+    # ir_version 8 is the highest that every supported onnxruntime (>= 1.18) can load.
+    model.ir_version = 8
+    # Filled in place: make_graph/make_model would copy the 244 MB of weights twice.
+    for name, arr in inits:
+        t = model.graph.initializer.add()
+        t.name = name
+        t.data_type = TensorProto.FLOAT
+        t.dims.extend(arr.shape)
+        t.raw_data = arr.astype("<f4", copy=False).tobytes()
+    return model
+
+
+BUILTIN: dict[str, Callable[..., onnx.ModelProto]] = {"alexnet": build_alexnet}
+
+
+def _describe_type(vi: onnx.ValueInfoProto) -> tuple[str, list[int | str]]:
+    """(element type name, dims) of a value, '?' for unknown dims, for error messages."""
+    tt = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type"):
+        return "non-tensor", []
+    elem = TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else "unknown"
+    if not tt.HasField("shape"):
+        return elem, []
+    dims: list[int | str] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(d.dim_value)
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append("?")
+    return elem, dims
+
+
+def check_image_model(model: onnx.ModelProto) -> tuple[str, tuple[int, int, int]]:
+    """Check the model takes one N×3×H×W float32 image batch and has one output.
+
+    Stage 0 decodes images into exactly that tensor, so anything else would fail late,
+    inside a function; we refuse it up front with a message naming what is wrong.
+    Returns (input name, (C, H, W)).
+    """
+    g = model.graph
+    init_names = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+    inputs = [vi for vi in g.input if vi.name not in init_names]
+    if len(inputs) != 1:
+        names = ", ".join(repr(vi.name) for vi in inputs) or "none"
+        raise ModelError(f"model must have exactly one input (an N×3×H×W float32 image batch), "
+                         f"got {len(inputs)}: {names}")
+    if len(g.output) != 1:
+        names = ", ".join(repr(vi.name) for vi in g.output) or "none"
+        raise ModelError(f"model must have exactly one output, got {len(g.output)}: {names}")
+    vi = inputs[0]
+    elem, dims = _describe_type(vi)
+    ok = (
+        elem == "float"
+        and len(dims) == 4
+        and dims[1] == 3
+        and all(isinstance(d, int) and d > 0 for d in dims[2:])
+    )
+    if not ok:
+        shown = "float32" if elem == "float" else elem
+        raise ModelError(f"model input {vi.name!r} must be N×3×H×W float32 with static H and W, "
+                         f"got {shown} {dims}")
+    c, h, w = dims[1], dims[2], dims[3]
+    return vi.name, (int(c), int(h), int(w))
+
+
+def input_hw(model: onnx.ModelProto) -> tuple[int, int]:
+    """(H, W) the images must be resized to before stage 0."""
+    _, (_, h, w) = check_image_model(model)
+    return h, w
+
+
+def load_model(name_or_path: str) -> onnx.ModelProto:
+    """A built-in model by name, or an ONNX file by path, checked to be an image model."""
+    key = str(name_or_path)
+    if key.lower() in BUILTIN:
+        return BUILTIN[key.lower()]()
+    path = Path(key)
+    if not path.exists():
+        raise ModelError(f"model file not found: {path} "
+                         f"(built-in models: {', '.join(sorted(BUILTIN))})")
+    if not path.is_file():
+        raise ModelError(f"model path is not a file: {path}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # protobuf DecodeError, bad external data, ...
+        raise ModelError(f"cannot read ONNX model {path}: {e}") from e
+    if not model.graph.node:
+        raise ModelError(f"{path} is not an ONNX model (its graph has no nodes)")
+    check_image_model(model)
+    return model
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write a model as a single .onnx file (our stages are far below protobuf's 2 GB)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

@@ -1,0 +1,446 @@
+"""The driver: prepare a job in the store, then run every record's chain of stages.
+
+Top-down: `prepare_job` partitions the model and lays the job out in the store (job.json,
+stage models, records); `run_job` schedules invocations, deepest ready stage first, at
+most `concurrency` in flight, retries failures, and logs one line per invocation.
+"""
+
+from __future__ import annotations
+
+import glob
+import heapq
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .backends import Backend, FunctionSpec, InvocationResult
+from .cost import MAX_MEMORY_MB, billed_ms, check_memory, vcpus
+from .store import JobLayout, Store, StoreError
+from .tensors import TensorFormat
+
+DEFAULT_MEMORY_MB = 1769
+DEFAULT_MICRO_BATCH = 32
+OOM_RAISE = 1.5
+
+
+class JobError(ValueError):
+    """The job cannot start: bad arguments, model, records or store."""
+
+
+@dataclass
+class JobSpec:
+    """job.json: what was asked, so a job can be resumed or reported from the store alone."""
+
+    job: str
+    model: str
+    cuts: list[str]
+    memory: list[int]
+    micro_batch: int = DEFAULT_MICRO_BATCH
+    format: dict[str, Any] = field(default_factory=lambda: TensorFormat().to_dict())
+    records: list[str] = field(default_factory=list)
+    version: str = __version__
+
+    @property
+    def stages(self) -> int:
+        return len(self.cuts) + 1
+
+    def save(self, store: Store) -> None:
+        store.put_bytes(JobLayout(self.job).spec, json.dumps(asdict(self), indent=2).encode())
+
+    @classmethod
+    def load(cls, store: Store, job: str) -> JobSpec:
+        layout = JobLayout(job)
+        try:
+            data = json.loads(store.get_bytes(layout.spec))
+        except StoreError as exc:
+            raise JobError(f"no job {job!r} in {store.url} (missing {layout.spec})") from exc
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def parse_memory(memory: str | list[int] | None, stages: int) -> list[int]:
+    """'2048,1280,1024,768' (one per stage) or one value for all stages."""
+    if memory is None or memory == "":
+        values = [DEFAULT_MEMORY_MB]
+    elif isinstance(memory, str):
+        try:
+            values = [int(v) for v in memory.split(",") if v.strip()]
+        except ValueError as exc:
+            raise JobError(f"--memory must be integers in MB, got {memory!r}") from exc
+    else:
+        values = list(memory)
+    if len(values) == 1:
+        values = values * stages
+    if len(values) != stages:
+        raise JobError(f"--memory gives {len(values)} sizes for {stages} stages")
+    try:
+        return [check_memory(v) for v in values]
+    except ValueError as exc:
+        raise JobError(str(exc)) from exc
+
+
+def find_records(source: str) -> list[str]:
+    """Local .tfrecord files named by a folder or a glob, sorted."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.suffix == ".tfrecord")
+    elif any(ch in source for ch in "*?["):
+        files = sorted(glob.glob(os.path.expanduser(source)))
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        raise JobError(f"no records at {source!r}: give a folder of .tfrecord files or a glob")
+    if not files:
+        raise JobError(f"no .tfrecord files at {source!r}")
+    return files
+
+
+def prepare_job(
+    store: Store,
+    job: str,
+    model: str,
+    cuts: str | list[str] | None = None,
+    preset: str | None = None,
+    memory: str | list[int] | None = None,
+    micro_batch: int = DEFAULT_MICRO_BATCH,
+    records: str | None = None,
+    fmt: TensorFormat | None = None,
+) -> JobSpec:
+    """Validate everything, partition the model, and lay the job out in the store."""
+    from .models import load_model
+    from .partition import partition, resolve_cuts
+
+    layout = JobLayout(job)
+    if micro_batch < 1:
+        raise JobError("--micro-batch must be >= 1")
+    fmt = fmt or TensorFormat()
+    onnx_model = load_model(model)
+    cut_list = resolve_cuts(model, cuts, preset)
+    memory_list = parse_memory(memory, len(cut_list) + 1)
+    record_files = find_records(records) if records else []
+    existing = [Path(k).name.removesuffix(".tfrecord")
+                for k in store.list(layout.records_prefix, ".tfrecord")]
+    if not record_files and not existing:
+        raise JobError(f"job {job!r} has no records: pass --records")
+    stages = partition(onnx_model, cut_list)  # checks equivalence before anything is written
+    for k, stage in enumerate(stages):
+        store.put_bytes(layout.stage_model(k), stage.SerializeToString())
+    names = list(existing)
+    for src in record_files:
+        name = Path(src).name.removesuffix(".tfrecord")
+        if not store.exists(layout.record(name)):
+            store.put_file(src, layout.record(name))
+        if name not in names:
+            names.append(name)
+    spec = JobSpec(job=job, model=model, cuts=cut_list, memory=memory_list,
+                   micro_batch=micro_batch, format=fmt.to_dict(), records=sorted(names))
+    spec.save(store)
+    return spec
+
+
+# -- the invocation log -----------------------------------------------------------------------
+
+
+class InvocationLog:
+    """<job>/invocations.jsonl: appended in memory, rewritten whole (object stores can't append)."""
+
+    def __init__(self, store: Store, layout: JobLayout, flush_every_s: float = 2.0):
+        self.store = store
+        self.key = layout.log
+        self.rows: list[dict[str, Any]] = load_log(store, layout.job)
+        self._lock = threading.Lock()
+        self._flushed = time.monotonic()
+        self.flush_every_s = flush_every_s
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self.rows.append(row)
+            due = time.monotonic() - self._flushed > self.flush_every_s
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            data = "".join(json.dumps(r) + "\n" for r in self.rows).encode()
+            self._flushed = time.monotonic()
+        self.store.put_bytes(self.key, data)
+
+
+def load_log(store: Store, job: str) -> list[dict[str, Any]]:
+    key = JobLayout(job).log
+    if not store.exists(key):
+        return []
+    rows = []
+    for line in store.get_bytes(key).decode().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line from a killed driver; that invocation reruns
+    return rows
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+@dataclass(order=True)
+class _Task:
+    priority: tuple[int, int, float]
+    record: str = field(compare=False)
+    stage: int = field(compare=False)
+    attempt: int = field(compare=False, default=0)
+    not_before: float = field(compare=False, default=0.0)
+
+
+@dataclass
+class JobResult:
+    spec: JobSpec
+    rows: list[dict[str, Any]]
+    wall_s: float
+    images: int
+    failed_records: dict[str, str]
+    image_errors: int
+    memory: list[int]
+    raised: dict[int, int]
+    backend: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_records and not self.image_errors
+
+
+def run_job(
+    store: Store,
+    spec: JobSpec,
+    backend: Backend,
+    concurrency: int = 2,
+    retries: int = 3,
+    progress: bool = True,
+    rng: random.Random | None = None,
+) -> JobResult:
+    """Serve every record through every stage; returns what happened, never loses a record."""
+    if concurrency < 1:
+        raise JobError("--concurrency must be >= 1")
+    layout = JobLayout(spec.job)
+    fmt = TensorFormat.from_dict(spec.format)
+    log = InvocationLog(store, layout)
+    rng = rng or random.Random()
+    memory = list(spec.memory)
+    raised: dict[int, int] = {}
+    done_stage = _completed_stages(store, layout, spec, log.rows)
+    order = {r: i for i, r in enumerate(spec.records)}
+    heap: list[_Task] = []
+    for record in spec.records:
+        nxt = done_stage.get(record, -1) + 1
+        if nxt < spec.stages:
+            heapq.heappush(heap, _Task((-nxt, order[record], 0.0), record, nxt))
+    total = len(spec.records)
+    finished = total - len(heap)
+    failed: dict[str, str] = {}
+    images = sum(int(r.get("images") or 0) for r in _final_rows(log.rows, spec))
+    t0 = time.perf_counter()
+    bar = _Progress(total, finished, enabled=progress)
+
+    def fn_for(stage: int) -> FunctionSpec:
+        mem = memory[stage]
+        return FunctionSpec(stage=stage, memory_mb=mem, model_key=layout.stage_model(stage),
+                            store=store.spec(), threads=_threads(mem))
+
+    def invoke(task: _Task, fn: FunctionSpec) -> tuple[InvocationResult, float]:
+        started = time.time()
+        event = {"store": store.spec(), "job": spec.job, "stage": task.stage,
+                 "stages": spec.stages, "record": task.record, "memory_mb": fn.memory_mb,
+                 "micro_batch": spec.micro_batch, "threads": fn.threads, "format": fmt.to_dict()}
+        return backend.invoke(fn, event), started
+
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="serveless-invoke")
+    inflight: dict[Future[tuple[InvocationResult, float]], tuple[_Task, FunctionSpec]] = {}
+    try:
+        while heap or inflight:
+            now = time.monotonic()
+            deferred = []
+            while heap and len(inflight) < concurrency:
+                task = heapq.heappop(heap)
+                if task.not_before > now:
+                    deferred.append(task)
+                    continue
+                fn = fn_for(task.stage)
+                inflight[pool.submit(invoke, task, fn)] = (task, fn)
+            for task in deferred:
+                heapq.heappush(heap, task)
+            if not inflight:
+                time.sleep(min(0.5, max(0.01, min(t.not_before for t in heap) - now)))
+                continue
+            done, _ = wait(inflight, timeout=0.5, return_when=FIRST_COMPLETED)
+            for fut in done:
+                task, fn = inflight.pop(fut)
+                result, started = fut.result()
+                log.append(_log_row(task, fn, result, started))
+                if result.ok:
+                    if task.stage == spec.stages - 1:
+                        finished += 1
+                        images += int(_stage0_images(log.rows, task.record))
+                        bar.advance(images)
+                    else:
+                        nxt = task.stage + 1
+                        heapq.heappush(heap, _Task((-nxt, order[task.record], 0.0),
+                                                   task.record, nxt))
+                    continue
+                err = result.error or {}
+                if err.get("type") == "OutOfMemory" and memory[task.stage] < MAX_MEMORY_MB:
+                    memory[task.stage] = min(MAX_MEMORY_MB, int(memory[task.stage] * OOM_RAISE))
+                    raised[task.stage] = memory[task.stage]
+                if task.attempt < retries and _retryable(err):
+                    delay = min(30.0, 0.2 * 2**task.attempt) * (0.5 + rng.random())
+                    heapq.heappush(heap, _Task(task.priority, task.record, task.stage,
+                                               task.attempt + 1, time.monotonic() + delay))
+                else:
+                    failed[task.record] = f"stage {task.stage}: {err.get('type')}: " \
+                                          f"{err.get('message')}"
+                    finished += 1
+                    bar.advance(images)
+    except BaseException:
+        backend.close()  # stop every instance now; Ctrl-C leaves no process behind
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        log.flush()
+        bar.close()
+    final = _final_rows(log.rows, spec)
+    return JobResult(
+        spec=spec, rows=log.rows, wall_s=time.perf_counter() - t0,
+        images=sum(int(_stage0_images(log.rows, r["record"])) for r in final),
+        failed_records=failed,
+        image_errors=sum(int(r.get("image_errors") or 0) for r in final),
+        memory=memory, raised=raised, backend=backend.describe(),
+    )
+
+
+def _threads(memory_mb: int) -> int:
+    import math
+
+    return max(1, min(math.ceil(vcpus(memory_mb)), os.cpu_count() or 1))
+
+
+def _retryable(err: dict[str, Any]) -> bool:
+    """Bad input is final; everything else (deaths, OOM, throttling, store errors) retries."""
+    return err.get("type") not in {"RecordError", "ValueError", "TensorFormatError"}
+
+
+def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,
+             started: float) -> dict[str, Any]:
+    m = res.metrics or {}
+    duration = float(m.get("duration_ms", res.duration_ms))
+    return {
+        "stage": task.stage,
+        "record": task.record,
+        "attempt": task.attempt,
+        "started": round(started, 3),
+        "memory_mb": fn.memory_mb,
+        "vcpus": round(vcpus(fn.memory_mb), 3),
+        "cold": res.cold,
+        "init_ms": round(res.init_ms, 3),
+        "duration_ms": round(duration, 3),
+        "billed_ms": billed_ms(duration, res.init_ms),
+        "peak_mb": res.peak_mb,
+        "images": m.get("images"),
+        "image_errors": m.get("image_errors", 0),
+        "read_ms": m.get("read_ms"),
+        "compute_ms": m.get("compute_ms"),
+        "write_ms": m.get("write_ms"),
+        "bytes_in": m.get("bytes_in", 0),
+        "bytes_out": m.get("bytes_out", 0),
+        "gets": m.get("gets", 0),
+        "puts": m.get("puts", 0),
+        "output": m.get("output"),
+        "instance": res.instance,
+        "error": res.error,
+    }
+
+
+def _final_rows(rows: list[dict[str, Any]], spec: JobSpec) -> list[dict[str, Any]]:
+    last: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["stage"] == spec.stages - 1 and r.get("error") is None:
+            last[r["record"]] = r
+    return list(last.values())
+
+
+def _stage0_images(rows: list[dict[str, Any]], record: str) -> int:
+    for r in reversed(rows):
+        if r["stage"] == 0 and r["record"] == record and r.get("error") is None:
+            return int(r.get("images") or 0)
+    return 0
+
+
+def _completed_stages(store: Store, layout: JobLayout, spec: JobSpec,
+                      rows: list[dict[str, Any]]) -> dict[str, int]:
+    """The deepest stage per record whose output is in the store and whole, for resume."""
+    recorded: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in rows:
+        if r.get("error") is None and r.get("output"):
+            recorded[(r["record"], r["stage"])] = r["output"]
+    done: dict[str, int] = {}
+    for record in spec.records:
+        for stage in range(spec.stages - 1, -1, -1):
+            out = recorded.get((record, stage))
+            if out and _whole(store, out) and (
+                stage != 0 or stage == spec.stages - 1 or store.exists(layout.record_meta(record))
+            ):
+                done[record] = stage
+                break
+    return done
+
+
+def _whole(store: Store, out: dict[str, Any]) -> bool:
+    """The object is there with the size and checksum its writer recorded."""
+    import hashlib
+
+    key = out["key"]
+    try:
+        if store.size(key) != out["size"]:
+            return False
+        sha = hashlib.sha256()
+        with store.open_read(key) as f:
+            while chunk := f.read(1 << 22):
+                sha.update(chunk)
+        return sha.hexdigest() == out["sha256"]
+    except (StoreError, OSError):
+        return False
+
+
+class _Progress:
+    """Records done / total, images/s and ETA on a rich progress bar."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        if not enabled:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.progress = Progress(
+            TextColumn("records"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), transient=False,
+        )
+        self.task = self.progress.add_task("run", total=total, completed=done, rate="")
+        self.progress.start()
+
+    def advance(self, images: int) -> None:
+        if not self.enabled:
+            return
+        rate = images / max(1e-9, time.perf_counter() - self.t0)
+        self.progress.update(self.task, advance=1, rate=f"{rate:.1f} images/s")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()

@@ -1,0 +1,490 @@
+"""Records: images packed into TFRecord files of ``tf.train.Example`` messages.
+
+A record is the unit of work of the pipeline (DESIGN.md). We use TensorFlow's own
+format so that TensorFlow reads our records and we read existing ImageNet shards, but
+without depending on TensorFlow:
+
+- The protobuf messages are built at import time from a ``FileDescriptorProto`` that
+  mirrors ``tensorflow/core/example/{feature,example}.proto`` (package ``tensorflow``,
+  same field numbers), in a private descriptor pool, so no generated ``_pb2`` code and
+  no clash with a TensorFlow loaded in the same process. The same schema is shipped as
+  text in ``proto/example.proto`` to document the wire format; a test keeps the two in
+  sync.
+- Each entry is framed as TFRecord does: ``uint64 length``, ``uint32 masked_crc32c
+  (length bytes)``, ``data``, ``uint32 masked_crc32c(data)``, all little-endian.
+
+The reader treats its input as untrusted: any malformed byte sequence raises
+:class:`RecordError` (naming the file, the byte offset of the entry and the reason),
+never another exception, and it streams so a lying length cannot exhaust memory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import google_crc32c
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
+
+if TYPE_CHECKING:
+    from serveless.store import Store
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_RECORD_BYTES",
+    "Example",
+    "RecordError",
+    "count_examples",
+    "decode_example",
+    "encode_example",
+    "frame",
+    "iter_frames",
+    "iter_record",
+    "masked_crc32c",
+    "pack_folder",
+    "read_record",
+    "scan_images",
+    "write_record",
+]
+
+#: Largest entry the reader accepts; a bigger length is corruption, not an image.
+MAX_RECORD_BYTES = 1 << 30
+#: Image files that :func:`scan_images` picks up (compared lower-cased).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png"})
+
+FEATURE_ENCODED = "image/encoded"
+FEATURE_FILENAME = "image/filename"
+FEATURE_LABEL = "image/class/label"
+
+_HEADER = struct.Struct("<QI")
+_FOOTER = struct.Struct("<I")
+_READ_CHUNK = 1 << 24  # read big entries piecewise so a false length never allocates it all
+_MASK_DELTA = 0xA282EAD8
+
+
+class RecordError(Exception):
+    """A record's bytes are malformed; the only exception the reader raises for bad data."""
+
+    def __init__(self, path: str, offset: int, reason: str):
+        super().__init__(f"{path}: byte {offset}: {reason}")
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Default pickling would call __init__ with the message only; errors cross
+        # process boundaries in the function runtime, so keep them picklable.
+        return (type(self), (self.path, self.offset, self.reason))
+
+
+# --- protobuf schema (tensorflow/core/example/{feature,example}.proto) ---------------
+
+_FD = descriptor_pb2.FieldDescriptorProto
+
+
+def _build_file_descriptor() -> descriptor_pb2.FileDescriptorProto:
+    """The schema of tf.train.Example, field for field, as a descriptor (no protoc)."""
+    file = descriptor_pb2.FileDescriptorProto(
+        name="serveless/proto/example.proto", package="tensorflow", syntax="proto3"
+    )
+
+    def add_field(
+        msg: descriptor_pb2.DescriptorProto,
+        name: str,
+        number: int,
+        type_: int,
+        *,
+        repeated: bool = False,
+        type_name: str = "",
+        packed: bool = False,
+        oneof_index: int | None = None,
+    ) -> None:
+        field = msg.field.add(
+            name=name,
+            number=number,
+            type=type_,
+            label=_FD.LABEL_REPEATED if repeated else _FD.LABEL_OPTIONAL,
+        )
+        if type_name:
+            field.type_name = type_name
+        if packed:
+            field.options.packed = True
+        if oneof_index is not None:
+            field.oneof_index = oneof_index
+
+    bytes_list = file.message_type.add(name="BytesList")
+    add_field(bytes_list, "value", 1, _FD.TYPE_BYTES, repeated=True)
+    float_list = file.message_type.add(name="FloatList")
+    add_field(float_list, "value", 1, _FD.TYPE_FLOAT, repeated=True, packed=True)
+    int64_list = file.message_type.add(name="Int64List")
+    add_field(int64_list, "value", 1, _FD.TYPE_INT64, repeated=True, packed=True)
+
+    feature = file.message_type.add(name="Feature")
+    feature.oneof_decl.add(name="kind")
+    for number, (name, type_name) in enumerate(
+        [
+            ("bytes_list", ".tensorflow.BytesList"),
+            ("float_list", ".tensorflow.FloatList"),
+            ("int64_list", ".tensorflow.Int64List"),
+        ],
+        start=1,
+    ):
+        add_field(feature, name, number, _FD.TYPE_MESSAGE, type_name=type_name, oneof_index=0)
+
+    features = file.message_type.add(name="Features")
+    entry = features.nested_type.add(name="FeatureEntry")
+    entry.options.map_entry = True
+    add_field(entry, "key", 1, _FD.TYPE_STRING)
+    add_field(entry, "value", 2, _FD.TYPE_MESSAGE, type_name=".tensorflow.Feature")
+    add_field(
+        features,
+        "feature",
+        1,
+        _FD.TYPE_MESSAGE,
+        repeated=True,
+        type_name=".tensorflow.Features.FeatureEntry",
+    )
+
+    example = file.message_type.add(name="Example")
+    add_field(example, "features", 1, _FD.TYPE_MESSAGE, type_name=".tensorflow.Features")
+    return file
+
+
+#: The schema as a descriptor proto (compared against ``proto/example.proto`` by a test).
+FILE_DESCRIPTOR = _build_file_descriptor()
+_POOL = descriptor_pool.DescriptorPool()
+_POOL.Add(FILE_DESCRIPTOR)
+
+
+def _message_class(name: str) -> Any:
+    return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"tensorflow.{name}"))
+
+
+#: Message classes wire-compatible with ``tf.train.*`` (for reading/writing other features).
+BytesListPB = _message_class("BytesList")
+FloatListPB = _message_class("FloatList")
+Int64ListPB = _message_class("Int64List")
+FeaturePB = _message_class("Feature")
+FeaturesPB = _message_class("Features")
+ExamplePB = _message_class("Example")
+
+
+# --- examples ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image as stored in a record: the file's bytes as-is, its name, its label."""
+
+    encoded: bytes
+    filename: str = ""
+    label: int = -1  # -1 when unknown
+
+
+def encode_example(ex: Example) -> bytes:
+    """Serialize as a tf.train.Example with the feature names ImageNet shards use.
+
+    Serialization is deterministic (map keys sorted) so re-packing gives identical bytes.
+    """
+    msg = ExamplePB()
+    feature = msg.features.feature
+    feature[FEATURE_ENCODED].bytes_list.value.append(bytes(ex.encoded))
+    feature[FEATURE_FILENAME].bytes_list.value.append(ex.filename.encode("utf-8"))
+    if ex.label != -1:
+        feature[FEATURE_LABEL].int64_list.value.append(ex.label)
+    return msg.SerializeToString(deterministic=True)
+
+
+def decode_example(data: bytes, path: str = "<record>", offset: int = 0) -> Example:
+    """Parse one tf.train.Example, keeping only the image, filename and label.
+
+    Other features (height, format, boxes, ...) are ignored so TensorFlow's ImageNet
+    shards read as-is. An absent or empty filename/label gives ""/-1; a feature of the
+    wrong kind or with several values is a RecordError rather than a silent guess.
+    """
+    msg = ExamplePB()
+    try:
+        msg.ParseFromString(bytes(data))
+    except (DecodeError, ValueError, RecursionError) as exc:
+        raise RecordError(path, offset, f"not a tf.train.Example: {exc}") from None
+    features = msg.features.feature
+
+    def single(key: str, kind: str) -> Any:
+        if key not in features:
+            return None
+        feat = features[key]
+        found = feat.WhichOneof("kind")
+        if found is None:
+            return None
+        if found != kind:
+            raise RecordError(path, offset, f"feature {key} is a {found}, expected a {kind}")
+        values = getattr(feat, kind).value
+        if len(values) > 1:
+            raise RecordError(path, offset, f"feature {key} has {len(values)} values, expected one")
+        return values[0] if values else None
+
+    encoded = single(FEATURE_ENCODED, "bytes_list")
+    if encoded is None:
+        raise RecordError(path, offset, f"missing feature {FEATURE_ENCODED}")
+    filename = single(FEATURE_FILENAME, "bytes_list")
+    label = single(FEATURE_LABEL, "int64_list")
+    return Example(
+        encoded=encoded,
+        # Names are metadata only: a stray non-UTF-8 byte must not cost the image.
+        filename=filename.decode("utf-8", errors="replace") if filename else "",
+        label=-1 if label is None else int(label),
+    )
+
+
+# --- framing -------------------------------------------------------------------------
+
+
+def masked_crc32c(data: bytes) -> int:
+    """CRC32C of data, masked as TFRecord does (CRCs of CRCs are weak otherwise)."""
+    crc = google_crc32c.value(bytes(data))
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def _header(length: int) -> bytes:
+    size = struct.pack("<Q", length)
+    return size + _FOOTER.pack(masked_crc32c(size))
+
+
+def frame(data: bytes) -> bytes:
+    """One framed TFRecord entry: length, its CRC, the data, the data's CRC."""
+    return _header(len(data)) + bytes(data) + _FOOTER.pack(masked_crc32c(data))
+
+
+def write_record(f: BinaryIO, examples: Iterable[Example]) -> int:
+    """Write examples one at a time (memory stays flat) and return how many were written."""
+    count = 0
+    for ex in examples:
+        data = encode_example(ex)
+        f.write(_header(len(data)))
+        f.write(data)
+        f.write(_FOOTER.pack(masked_crc32c(data)))
+        count += 1
+    return count
+
+
+def _read_upto(f: BinaryIO, n: int) -> bytes:
+    """Read n bytes, fewer only at end of file; tolerates short reads from raw streams."""
+    first = f.read(min(n, _READ_CHUNK)) or b""
+    if len(first) == n or not first:
+        return first
+    parts = [first]
+    got = len(first)
+    while got < n:
+        chunk = f.read(min(n - got, _READ_CHUNK))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _check_header(header: bytes, path: str, offset: int) -> int:
+    """Validate a (possibly short) 12-byte header and return the entry's data length."""
+    if len(header) < _HEADER.size:
+        raise RecordError(
+            path, offset, f"truncated header: expected {_HEADER.size} bytes, got {len(header)}"
+        )
+    length, length_crc = _HEADER.unpack(header)
+    if masked_crc32c(header[:8]) != length_crc:
+        raise RecordError(path, offset, "length CRC mismatch")
+    if length > MAX_RECORD_BYTES:
+        raise RecordError(
+            path, offset, f"entry length {length} exceeds the {MAX_RECORD_BYTES}-byte limit"
+        )
+    return length
+
+
+def _tell(f: BinaryIO) -> int:
+    try:
+        return int(f.tell())
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+def iter_frames(f: BinaryIO, path: str = "<record>") -> Iterator[tuple[int, bytes]]:
+    """Yield (offset, payload) per entry, checking both CRCs, reading one entry at a time.
+
+    Offsets are those of the entry's header in the stream; errors name that offset.
+    """
+    offset = _tell(f)
+    while True:
+        header = _read_upto(f, _HEADER.size)
+        if not header:
+            return
+        length = _check_header(header, path, offset)
+        data = _read_upto(f, length)
+        if len(data) < length:
+            raise RecordError(
+                path, offset, f"truncated data: expected {length} bytes, got {len(data)}"
+            )
+        footer = _read_upto(f, _FOOTER.size)
+        if len(footer) < _FOOTER.size:
+            raise RecordError(
+                path,
+                offset,
+                f"truncated footer: expected {_FOOTER.size} bytes, got {len(footer)}",
+            )
+        if _FOOTER.unpack(footer)[0] != masked_crc32c(data):
+            raise RecordError(path, offset, "data CRC mismatch")
+        yield offset, data
+        offset += _HEADER.size + length + _FOOTER.size
+
+
+def iter_record(f: BinaryIO, path: str = "<record>") -> Iterator[Example]:
+    """Stream the examples of a record file, verifying framing and parsing each one."""
+    for offset, data in iter_frames(f, path):
+        yield decode_example(data, path, offset)
+
+
+def read_record(data: bytes, path: str = "<record>") -> list[Example]:
+    """All examples of a record held in memory."""
+    return list(iter_record(io.BytesIO(data), path))
+
+
+def _seekable(f: BinaryIO) -> bool:
+    try:
+        return bool(f.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def count_examples(f: BinaryIO, path: str = "<record>") -> int:
+    """Count entries by reading only their headers and seeking past the data.
+
+    Planning a job needs counts of many records; this touches 12 bytes per image instead
+    of the whole file. Length CRCs and sizes are still checked; data CRCs are not. A
+    stream that cannot seek is read fully instead.
+    """
+    if not _seekable(f):
+        return sum(1 for _ in iter_frames(f, path))
+    offset = f.tell()
+    f.seek(0, io.SEEK_END)
+    end = f.tell()
+    f.seek(offset)
+    count = 0
+    while offset < end:
+        length = _check_header(_read_upto(f, _HEADER.size), path, offset)
+        left = end - offset - _HEADER.size
+        if left < length:
+            raise RecordError(path, offset, f"truncated data: expected {length} bytes, got {left}")
+        if left < length + _FOOTER.size:
+            raise RecordError(
+                path,
+                offset,
+                f"truncated footer: expected {_FOOTER.size} bytes, got {left - length}",
+            )
+        offset += _HEADER.size + length + _FOOTER.size
+        f.seek(offset)
+        count += 1
+    return count
+
+
+# --- packing a folder of images ------------------------------------------------------
+
+
+def _is_image(entry: os.DirEntry[str]) -> bool:
+    return (
+        not entry.name.startswith(".")
+        and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+        and entry.is_file()
+    )
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    with os.scandir(folder) as entries:
+        return sorted(
+            (Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()),
+            key=lambda p: p.name,
+        )
+
+
+def _top_images(folder: Path) -> list[Path]:
+    with os.scandir(folder) as entries:
+        return sorted((Path(e.path) for e in entries if _is_image(e)), key=lambda p: p.name)
+
+
+def _images_below(folder: Path) -> list[Path]:
+    """Images anywhere under folder, symlinks followed (each real folder visited once)."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    stack = [folder]
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in seen:  # a symlink loop, or two links to one folder
+            continue
+        seen.add(real)
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    stack.append(Path(entry.path))
+                elif _is_image(entry):
+                    found.append(Path(entry.path))
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def scan_images(src: str | Path) -> list[tuple[Path, int]]:
+    """List a folder's images with labels, in a deterministic order.
+
+    A folder with image-holding subfolders is read like torchvision's ImageFolder: label
+    = index of the subfolder among all (non-hidden) subfolders sorted by name, so an
+    empty class folder keeps its slot and does not shift later labels. Images at the top
+    level get label -1 (unknown) and come first. Hidden files and folders are skipped.
+    """
+    root = Path(src)
+    if not root.is_dir():
+        raise ValueError(f"{src}: not a folder (expected a folder of .jpg/.jpeg/.png images)")
+    found: list[tuple[Path, int]] = [(p, -1) for p in _top_images(root)]
+    for label, sub in enumerate(_subfolders(root)):
+        found.extend((p, label) for p in _images_below(sub))
+    if not found:
+        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise ValueError(f"{src}: no images found (looked for {exts}, in any letter case)")
+    return found
+
+
+def pack_folder(
+    src: str | Path,
+    store: Store,
+    prefix: str,
+    per_record: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Pack a folder's images into records ``<prefix>/<00000..>.tfrecord`` of the store.
+
+    Image bytes are stored as-is (no decoding), one image in memory at a time, and each
+    record appears atomically. Returns the record names in order; ``progress`` gets the
+    number of images of each record once it is written.
+    """
+    if per_record < 1:
+        raise ValueError(f"per_record must be >= 1, got {per_record}")
+    root = Path(src)
+    images = scan_images(root)
+    base = prefix.strip("/")
+    names: list[str] = []
+    for start in range(0, len(images), per_record):
+        chunk = images[start : start + per_record]
+        name = f"{len(names):05d}"
+        key = f"{base}/{name}.tfrecord" if base else f"{name}.tfrecord"
+        examples = (
+            Example(p.read_bytes(), p.relative_to(root).as_posix(), label) for p, label in chunk
+        )
+        with store.writer(key) as f:
+            written = write_record(f, examples)
+        names.append(name)
+        if progress is not None:
+            progress(written)
+    return names

@@ -1,0 +1,109 @@
+"""Summaries of a job, computed from its invocation log alone."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .cost import PRICES_AS_OF, bill, gb_seconds
+
+
+@dataclass
+class StageSummary:
+    stage: int
+    invocations: int
+    errors: int
+    cold: int
+    mean_duration_ms: float
+    mean_init_ms: float
+    peak_mb: float
+    memory_mb: list[int]
+    gb_s: float
+    cost: float
+    compute: float
+    requests: float
+    store_ops: float
+
+
+def summarize(rows: list[dict[str, Any]], arch: str = "x86_64") -> dict[str, Any]:
+    """Per-stage and total figures; every number here is recomputable from the log rows."""
+    by_stage: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_stage[int(r["stage"])].append(r)
+    bills = bill(rows, arch)
+    stages = []
+    for k in sorted(by_stage):
+        rs = by_stage[k]
+        ok = [r for r in rs if r.get("error") is None]
+        colds = [r for r in rs if r.get("cold")]
+        b = bills[k]
+        stages.append(StageSummary(
+            stage=k,
+            invocations=len(rs),
+            errors=len(rs) - len(ok),
+            cold=len(colds),
+            mean_duration_ms=sum(r["duration_ms"] for r in ok) / len(ok) if ok else 0.0,
+            mean_init_ms=sum(r["init_ms"] for r in colds) / len(colds) if colds else 0.0,
+            peak_mb=max((r.get("peak_mb") or 0.0) for r in rs),
+            memory_mb=sorted({int(r["memory_mb"]) for r in rs}),
+            gb_s=sum(gb_seconds(r["memory_mb"], r["billed_ms"]) for r in rs),
+            cost=b.total, compute=b.compute, requests=b.requests, store_ops=b.store_ops,
+        ))
+    last = max(by_stage) if by_stage else 0
+    images = 0
+    finals = {r["record"] for r in by_stage.get(last, []) if r.get("error") is None}
+    for r in by_stage.get(0, []):
+        if r.get("error") is None and r["record"] in finals:
+            images += int(r.get("images") or 0)
+            finals.discard(r["record"])
+    total = bills["total"]
+    return {
+        "stages": stages,
+        "images": images,
+        "gb_s": total.gb_s,
+        "cost": total.total,
+        "compute": total.compute,
+        "requests": total.requests,
+        "store_ops": total.store_ops,
+        "per_million": total.total / images * 1e6 if images else 0.0,
+        "arch": arch,
+    }
+
+
+def print_summary(
+    rows: list[dict[str, Any]],
+    wall_s: float | None = None,
+    arch: str = "x86_64",
+    console: Console | None = None,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
+    console = console or Console()
+    s = summarize(rows, arch)
+    head = f"[bold]{s['images']}[/bold] images"
+    if wall_s:
+        head += f" in [bold]{wall_s:.1f} s[/bold] = [bold]{s['images'] / wall_s:.1f}[/bold] images/s"
+    console.print(head)
+    table = Table(title="Per stage", title_justify="left")
+    for col in ("stage", "memory MB", "invocations", "cold", "errors", "mean ms", "init ms",
+                "peak MB", "GB-s", "cost $"):
+        table.add_column(col, justify="right")
+    for st in s["stages"]:
+        table.add_row(
+            str(st.stage), "/".join(map(str, st.memory_mb)), str(st.invocations), str(st.cold),
+            str(st.errors), f"{st.mean_duration_ms:,.0f}", f"{st.mean_init_ms:,.0f}",
+            f"{st.peak_mb:,.0f}", f"{st.gb_s:,.2f}", f"{st.cost:.6f}",
+        )
+    console.print(table)
+    console.print(
+        f"total {s['gb_s']:,.2f} GB-s; modeled AWS Lambda ({s['arch']}) cost "
+        f"[bold]${s['cost']:.6f}[/bold] = compute ${s['compute']:.6f} + requests "
+        f"${s['requests']:.6f} + S3 ops ${s['store_ops']:.6f}; "
+        f"[bold]${s['per_million']:.2f} per 1M images[/bold] (prices as of {PRICES_AS_OF})"
+    )
+    for note in notes or []:
+        console.print(note)
+    return s
