@@ -6,6 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -85,12 +86,13 @@ def print_summary(
     s = summarize(rows, arch)
     head = f"[bold]{s['images']}[/bold] images"
     if wall_s:
-        head += f" in [bold]{wall_s:.1f} s[/bold] = [bold]{s['images'] / wall_s:.1f}[/bold] images/s"
+        rate = s["images"] / wall_s
+        head += f" in [bold]{wall_s:.1f} s[/bold] = [bold]{rate:.1f}[/bold] images/s"
     console.print(head)
-    table = Table(title="Per stage", title_justify="left")
-    for col in ("stage", "memory MB", "invocations", "cold", "errors", "mean ms", "init ms",
-                "peak MB", "GB-s", "cost $"):
-        table.add_column(col, justify="right")
+    table = Table(title="Per stage", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("stage", "MB", "calls", "cold", "failed", "mean ms", "init ms", "peak MB",
+                "GB-s", "cost $"):
+        table.add_column(col, justify="right", no_wrap=True)
     for st in s["stages"]:
         table.add_row(
             str(st.stage), "/".join(map(str, st.memory_mb)), str(st.invocations), str(st.cold),

@@ -396,6 +396,20 @@ class InstanceLimits:
         failcnt = int((_read(d / "memory.failcnt") or "0").strip() or 0)
         return failcnt > 0 and not _procs(d)
 
+    def throttled_s(self) -> float | None:
+        """Seconds the CPU quota has held the instance back (None without a kernel quota).
+
+        Tells a slow invocation that hit its CPU share apart from one starved by other load.
+        """
+        if not self.cpu_exact or not self._dirs:
+            return None
+        stat = _read(self._dirs[-1] / "cpu.stat")
+        if self.mode == "cgroup-v2":
+            usec = _keyed(stat, "throttled_usec")
+            return None if usec is None else usec / 1e6
+        nsec = _keyed(stat, "throttled_time")
+        return None if nsec is None else nsec / 1e9
+
     def remove(self) -> None:
         """Delete the cgroup directories; safe to call twice, and after the process died."""
         if self._peak_fd is not None:

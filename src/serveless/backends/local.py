@@ -254,7 +254,8 @@ class LocalBackend:
         finally:
             self._release(inst)
         metrics = reply.get("ok")
-        duration = metrics["duration_ms"] if metrics else (time.perf_counter() - t0) * 1000 - init_ms
+        elapsed = (time.perf_counter() - t0) * 1000 - init_ms
+        duration = metrics["duration_ms"] if metrics else elapsed
         return InvocationResult(
             metrics=metrics,
             error=reply.get("error"),

@@ -1,0 +1,179 @@
+"""Built-in AlexNet and the checks on user models."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from serveless.models import (
+    BUILTIN,
+    PAPER_PRESET,
+    ModelError,
+    build_alexnet,
+    check_image_model,
+    input_hw,
+    load_model,
+    save_model,
+)
+
+TENSORS = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "conv3", "relu3", "conv4",
+           "relu4", "conv5", "relu5", "pool5", "flatten", "fc6", "relu6", "fc7", "relu7", "fc8",
+           "probabilities"]
+
+
+@pytest.fixture(scope="module")
+def alexnet() -> onnx.ModelProto:
+    return build_alexnet()
+
+
+@pytest.fixture(scope="module")
+def session(alexnet):
+    return ort.InferenceSession(alexnet.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def smooth_images(n: int, seed: int = 0) -> np.ndarray:
+    """Blocky, slightly noisy pictures normalised like ImageNet: natural enough for a test."""
+    rng = np.random.default_rng(seed)
+    mean = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]
+    std = np.array([0.229, 0.224, 0.225], np.float32)[:, None, None]
+    out = []
+    for _ in range(n):
+        img = np.kron(rng.uniform(0, 1, (3, 7, 7)), np.ones((32, 32))).astype(np.float32)
+        img += rng.normal(0, 0.05, img.shape).astype(np.float32)
+        out.append((img - mean) / std)
+    return np.stack(out)
+
+
+def tiny_image_model(elem=TensorProto.FLOAT, shape=("N", 3, 8, 8), n_inputs=1, n_outputs=1):
+    """A one-conv model, optionally with a wrong input type, rank or input/output count."""
+    w = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")]
+    inputs = [helper.make_tensor_value_info("x", elem, list(shape))]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    for i in range(1, n_inputs):
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1]))
+    for i in range(1, n_outputs):
+        nodes.append(helper.make_node("Relu", ["y"], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, initializer=[w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_alexnet_parameter_count_and_layout(alexnet):
+    n = sum(int(np.prod(t.dims)) for t in alexnet.graph.initializer)
+    assert n == 61_100_840
+    assert [o for node in alexnet.graph.node for o in node.output] == TENSORS
+    assert [i.name for i in alexnet.graph.input] == ["input"]
+    dims = alexnet.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param == "N" and [d.dim_value for d in dims[1:]] == [3, 224, 224]
+    out = alexnet.graph.output[0]
+    assert out.name == "probabilities"
+    assert out.type.tensor_type.shape.dim[0].dim_param == "N"
+    assert out.type.tensor_type.shape.dim[1].dim_value == 1000
+    assert alexnet.opset_import[0].version == 17
+    onnx.checker.check_model(alexnet)
+    for t in alexnet.graph.initializer:
+        assert t.data_type == TensorProto.FLOAT
+
+
+def test_num_classes():
+    small = build_alexnet(num_classes=10)
+    n = sum(int(np.prod(t.dims)) for t in small.graph.initializer)
+    assert n == 61_100_840 - 4097 * 990
+    assert small.graph.output[0].type.tensor_type.shape.dim[1].dim_value == 10
+
+
+def test_alexnet_outputs_probabilities(session):
+    p = session.run(None, {"input": smooth_images(2)})[0]
+    assert p.shape == (2, 1000)
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    assert (p >= 0).all()
+
+
+def test_alexnet_softmax_is_not_degenerate(session):
+    p = session.run(None, {"input": smooth_images(6, seed=3)})[0]
+    top1 = p.max(axis=1)
+    assert (top1 < 0.9).all(), top1  # not saturated
+    assert (top1 > 5 / 1000).all(), top1  # not flat
+    assert len(set(p.argmax(axis=1).tolist())) >= 3  # the answer depends on the image
+
+
+def test_alexnet_is_deterministic_per_seed(alexnet):
+    again = load_model("alexnet")
+    assert [t.name for t in again.graph.initializer] == [t.name for t in alexnet.graph.initializer]
+    for a, b in zip(again.graph.initializer, alexnet.graph.initializer, strict=True):
+        assert a.raw_data == b.raw_data
+    other = build_alexnet(seed=1)
+    for a, b in zip(other.graph.initializer, alexnet.graph.initializer, strict=True):
+        assert a.raw_data != b.raw_data
+
+
+def test_he_scaling(alexnet):
+    w = {t.name: numpy_helper.to_array(t) for t in alexnet.graph.initializer
+         if t.name in ("conv2.weight", "fc7.weight")}
+    assert w["conv2.weight"].std() == pytest.approx(np.sqrt(2 / (64 * 25)), rel=0.02)
+    assert w["fc7.weight"].std() == pytest.approx(np.sqrt(2 / 4096), rel=0.02)
+
+
+def test_check_image_model_accepts_alexnet(alexnet):
+    assert check_image_model(alexnet) == ("input", (3, 224, 224))
+    assert input_hw(alexnet) == (224, 224)
+
+
+def test_presets_and_builtins():
+    assert PAPER_PRESET["alexnet"] == ["pool1", "pool2", "pool5"]
+    assert BUILTIN["alexnet"] is build_alexnet
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [
+        (tiny_image_model(elem=TensorProto.INT64, shape=(1, 3, 8, 8)), ["'x'", "int64"]),
+        (tiny_image_model(shape=(1, 10)), ["'x'", "[1, 10]", "N×3×H×W"]),
+        (tiny_image_model(shape=("N", 1, 8, 8)), ["'x'", "['N', 1, 8, 8]"]),
+        (tiny_image_model(shape=("N", 3, "H", "W")), ["static H and W", "'H'"]),
+        (tiny_image_model(n_inputs=2), ["exactly one input", "'x1'"]),
+        (tiny_image_model(n_outputs=2), ["exactly one output", "'y1'"]),
+    ],
+)
+def test_check_image_model_refuses(model, words):
+    with pytest.raises(ModelError) as err:
+        check_image_model(model)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_initializer_inputs_do_not_count():
+    model = tiny_image_model()
+    model.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [2, 3, 1, 1]))
+    assert check_image_model(model) == ("x", (3, 8, 8))
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    model = tiny_image_model()
+    path = save_model(model, tmp_path / "sub" / "tiny.onnx")
+    loaded = load_model(str(path))
+    assert loaded.SerializeToString() == model.SerializeToString()
+    assert input_hw(loaded) == (8, 8)
+
+
+def test_load_model_refuses_bad_files(tmp_path):
+    with pytest.raises(ModelError, match="model file not found: .*nope.onnx"):
+        load_model(str(tmp_path / "nope.onnx"))
+    with pytest.raises(ModelError, match="not a file"):
+        load_model(str(tmp_path))
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\xff\xfe this is not protobuf \x00\x01")
+    with pytest.raises(ModelError, match="garbage.onnx"):
+        load_model(str(garbage))
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelError, match="no nodes"):
+        load_model(str(empty))
+    bad = tmp_path / "int.onnx"
+    save_model(tiny_image_model(elem=TensorProto.INT64), bad)
+    with pytest.raises(ModelError, match="int64"):
+        load_model(str(bad))

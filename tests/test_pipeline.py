@@ -1,0 +1,134 @@
+"""End to end on the local backend: every image gets exactly one row, equal to the whole model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from serveless.backends.local import LocalBackend
+from serveless.images import preprocess
+from serveless.pipeline import JobError, load_log, prepare_job, run_job
+from serveless.records import read_record
+from serveless.store import JobLayout, Store
+
+
+def rows_of(store: Store, job: str) -> list[dict]:
+    rows = []
+    for key in store.list(JobLayout(job).key("predictions"), ".jsonl"):
+        rows += [json.loads(line) for line in store.get_bytes(key).decode().splitlines()]
+    return rows
+
+
+def whole_model_probs(model, records_dir: Path) -> dict[tuple[str, int], np.ndarray]:
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = {}
+    for path in sorted(records_dir.glob("*.tfrecord")):
+        examples = read_record(path.read_bytes())
+        batch = np.stack([preprocess(ex.encoded) for ex in examples])
+        (probs,) = sess.run(None, {"input": batch})
+        for i, p in enumerate(probs):
+            out[(path.stem, i)] = p
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, records_dir):
+    store = Store(str(tmp_path_factory.mktemp("store")))
+    spec = prepare_job(store, "e2e", "alexnet", preset="paper", records=str(records_dir))
+    with LocalBackend() as backend:
+        result = run_job(store, spec, backend, concurrency=2, progress=False)
+    return store, spec, result
+
+
+def test_every_image_has_one_row_equal_to_the_whole_model(finished_job, records_dir, alexnet):
+    store, spec, result = finished_job
+    assert spec.stages == 4 and result.ok
+    rows = rows_of(store, "e2e")
+    keys = [(r["record"], r["index"]) for r in rows]
+    assert len(keys) == 60 and len(set(keys)) == 60
+    assert sorted(r["record"] for r in rows).count("00002") == 10  # the short last record
+    expected = whole_model_probs(alexnet, records_dir)
+    assert set(expected) == set(keys)
+    worst = 0.0
+    for r in rows:
+        probs = expected[(r["record"], r["index"])]
+        assert r["error"] is None and r["label"] in (0, 1, 2)
+        assert r["filename"].endswith(".jpg")
+        worst = max(worst, float(np.max(np.abs(probs[r["top5"]] - np.array(r["probs"])))))
+        top = np.sort(probs)[::-1][:5]
+        np.testing.assert_allclose(np.array(r["probs"]), top, atol=1e-4)
+    assert worst <= 1e-4
+
+
+def test_invocation_log_has_one_line_per_invocation(finished_job):
+    store, spec, result = finished_job
+    log = load_log(store, "e2e")
+    assert len(log) == 3 * 4  # records x stages, no failures
+    assert {(r["record"], r["stage"]) for r in log} == {
+        (rec, k) for rec in ("00000", "00001", "00002") for k in range(4)}
+    for r in log:
+        assert r["error"] is None and r["billed_ms"] >= r["duration_ms"]
+        assert r["peak_mb"] > 50 and r["bytes_in"] > 0 and r["bytes_out"] > 0
+    # the first invocation of each instance is cold and reports init; later ones are warm
+    by_instance: dict[str, list[dict]] = {}
+    for r in sorted(log, key=lambda r: r["started"]):
+        by_instance.setdefault(r["instance"], []).append(r)
+    for calls in by_instance.values():
+        assert calls[0]["cold"] and calls[0]["init_ms"] > 0
+        assert all(not c["cold"] and c["init_ms"] == 0 for c in calls[1:])
+    assert any(len(c) > 1 for c in by_instance.values())  # instances were reused
+
+
+def test_store_layout_matches_design(finished_job):
+    store, spec, _ = finished_job
+    lay = JobLayout("e2e")
+    assert store.exists(lay.spec)
+    for k in range(4):
+        assert store.exists(lay.stage_model(k))
+    for rec in spec.records:
+        assert store.exists(lay.record(rec)) and store.exists(lay.predictions(rec))
+        for k in range(3):
+            assert store.exists(lay.stage_output(k, rec))
+
+
+def test_single_stage_job(tmp_path, records_dir):
+    store = Store(str(tmp_path))
+    spec = prepare_job(store, "one", "alexnet", records=str(records_dir), memory="3008")
+    with LocalBackend() as backend:
+        result = run_job(store, spec, backend, concurrency=1, progress=False)
+    assert result.ok and spec.stages == 1
+    assert len(rows_of(store, "one")) == 60
+
+
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, records_dir):
+    store = Store(str(tmp_path))
+    with pytest.raises(JobError, match="4 stages"):
+        prepare_job(store, "j", "alexnet", preset="paper", memory="1024,1024",
+                    records=str(records_dir))
+    with pytest.raises(JobError, match="outside"):
+        prepare_job(store, "j", "alexnet", memory="64", records=str(records_dir))
+    with pytest.raises(ValueError, match="job name"):
+        prepare_job(store, "../evil", "alexnet", records=str(records_dir))
+    with pytest.raises(JobError, match="no records"):
+        prepare_job(store, "j", "alexnet", records=str(tmp_path / "nothing"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_command(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "serveless.cli", "demo", "--images", "40", "--store", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "40 images" in out.stdout and "GB-s" in out.stdout and "per 1M images" in out.stdout
+    preds = sorted((tmp_path / "demo" / "predictions").glob("*.jsonl"))
+    assert preds and sum(len(p.read_text().splitlines()) for p in preds) == 40
+    log = tmp_path / "demo" / "invocations.jsonl"
+    assert len(log.read_text().splitlines()) == 4  # one record, four stages
+    assert str(log) in out.stdout.replace("\n", "")
