@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
 import time
@@ -22,6 +23,29 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
 
 StoreOpt = Annotated[str, typer.Option("--store", help="fsspec URL or folder of the store")]
+StoreOptions = Annotated[list[str] | None, typer.Option(
+    "--store-option", help="key=value passed to fsspec for the store (repeatable)")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="local or lithops")]
+BackendOptions = Annotated[list[str] | None, typer.Option(
+    "--backend-option", help="key=value for the backend (repeatable)")]
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """key=value pairs; values that parse as JSON (numbers, true/false) are typed."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            _fail(f"option {pair!r} must be key=value")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _open_store(url: str, options: list[str] | None) -> Store:
+    return _run_guarded(lambda: Store(url, parse_options(options)))
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -51,6 +75,7 @@ def pack(
     src: Annotated[Path, typer.Argument(help="folder of JPEG/PNG images (subfolders = labels)")],
     dest: Annotated[str, typer.Argument(help="folder or fsspec URL for the .tfrecord files")],
     per_record: Annotated[int, typer.Option("--per-record", help="images per record")] = 1000,
+    store_option: StoreOptions = None,
 ) -> None:
     """Pack a folder of images into TFRecord files."""
     from rich.progress import Progress
@@ -61,7 +86,7 @@ def pack(
         n = len(scan_images(src))
         with Progress(console=console, transient=True) as prog:
             task = prog.add_task("packing", total=n)
-            return pack_folder(src, Store(dest), "", per_record,
+            return pack_folder(src, Store(dest, parse_options(store_option)), "", per_record,
                                progress=lambda k: prog.advance(task, k))
 
     names = _run_guarded(go)
@@ -131,20 +156,16 @@ def partition_cmd(
     _run_guarded(go)
 
 
-def _backend(name: str, max_instances: int | None, keep_alive: float) -> Any:
-    if name != "local":
-        _fail(f"unknown backend {name!r}; available: local")
-    from .backends.local import LocalBackend
-
-    return LocalBackend(max_instances=max_instances, keep_alive_s=keep_alive)
-
-
 def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
-             max_instances: int | None, keep_alive: float, progress: bool = True) -> Any:
+             max_instances: int | None, keep_alive: float, progress: bool = True,
+             backend_name: str = "local", backend_options: list[str] | None = None) -> Any:
+    from .backends import make_backend
     from .pipeline import run_job
     from .report import print_summary
 
-    backend = _backend("local", max_instances or concurrency, keep_alive)
+    backend = _run_guarded(lambda: make_backend(
+        backend_name, parse_options(backend_options), max_instances=max_instances or concurrency,
+        keep_alive_s=keep_alive))
     try:
         result = run_job(store, spec, backend, concurrency=concurrency, retries=retries,
                          progress=progress)
@@ -173,6 +194,9 @@ def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
 @app.command()
 def run(
     store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    backend: BackendOpt = "local",
+    backend_option: BackendOptions = None,
     job: Annotated[str, typer.Option(help="job name (folder in the store)")] = "job",
     records: Annotated[str | None, typer.Option(help="folder or glob of .tfrecord files")] = None,
     model: Annotated[str, typer.Option(help="built-in name or .onnx path")] = "alexnet",
@@ -195,7 +219,7 @@ def run(
     from .tensors import TensorFormat
 
     def go() -> Any:
-        st = Store(store)
+        st = Store(store, parse_options(store_option))
         layout = JobLayout(job)
         if records is None and cuts is None and preset is None and st.exists(layout.spec):
             return st, JobSpec.load(st, job)  # resume as asked before
@@ -203,7 +227,8 @@ def run(
         return st, prepare_job(st, job, model, cuts, preset, memory, micro_batch, records, fmt)
 
     st, spec = _run_guarded(go)
-    result = _execute(st, spec, concurrency, retries, arch, max_instances, keep_alive)
+    result = _execute(st, spec, concurrency, retries, arch, max_instances, keep_alive,
+                      backend_name=backend, backend_options=backend_option)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -212,6 +237,9 @@ def run(
 def demo(
     images: Annotated[int, typer.Option(help="number of sample images")] = 2000,
     store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    backend: BackendOpt = "local",
+    backend_option: BackendOptions = None,
     per_record: Annotated[int, typer.Option("--per-record", help="images per record")] = 500,
     concurrency: Annotated[int, typer.Option(help="invocations in flight")] = 2,
     memory: Annotated[str | None, typer.Option(help="MB per stage")] = None,
@@ -225,7 +253,7 @@ def demo(
 
     if images < 1 or per_record < 1:
         _fail("--images and --per-record must be >= 1")
-    st = _run_guarded(lambda: Store(store))
+    st = _open_store(store, store_option)
     layout = JobLayout("demo")
     st.delete(layout.job)  # the demo always starts fresh
     t0 = time.perf_counter()
@@ -237,7 +265,8 @@ def demo(
                   f"({time.perf_counter() - t0:.1f} s); partitioning alexnet (paper preset)…")
     spec = _run_guarded(lambda: prepare_job(st, "demo", "alexnet", preset="paper", memory=memory,
                                             micro_batch=micro_batch))
-    result = _execute(st, spec, concurrency, 3, arch, None, 300.0, progress=sys.stderr.isatty())
+    result = _execute(st, spec, concurrency, 3, arch, None, 300.0, progress=sys.stderr.isatty(),
+                      backend_name=backend, backend_options=backend_option)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -246,13 +275,14 @@ def demo(
 def report(
     job: Annotated[str, typer.Argument(help="job name")],
     store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
     arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
 ) -> None:
     """Re-print a job's summary from its invocation log alone."""
     from .pipeline import load_log
 
     def go() -> list[dict[str, Any]]:
-        st = Store(store)
+        st = Store(store, parse_options(store_option))
         rows = load_log(st, JobLayout(job).job)
         if not rows:
             _fail(f"no invocation log for job {job!r} in {store}")
@@ -265,6 +295,17 @@ def report(
     ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
     print_summary(rows, max(ends) - min(starts), arch, console)
 
+
+def _register_extensions() -> None:
+    """Commands that live in their own modules (the paper's experiments)."""
+    try:
+        from .cli_experiments import register
+    except ImportError:
+        return
+    register(app)
+
+
+_register_extensions()
 
 if __name__ == "__main__":
     app()

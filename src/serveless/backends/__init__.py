@@ -55,3 +55,19 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def make_backend(name: str, options: dict[str, Any] | None = None, **local: Any) -> Backend:
+    """A backend by name: 'local' (the embedded Lambda-like runtime) or 'lithops'."""
+    options = dict(options or {})
+    if name == "local":
+        from .local import LocalBackend
+
+        return LocalBackend(**local, **options)
+    if name == "lithops":
+        try:
+            from .lithops import LithopsBackend
+        except ImportError as exc:
+            raise ValueError(f"the lithops backend needs `pip install lithops` ({exc})") from exc
+        return LithopsBackend(options)
+    raise ValueError(f"unknown backend {name!r}; available: local, lithops")
