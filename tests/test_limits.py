@@ -208,6 +208,23 @@ def test_watchdog_kills_process_over_cap(procs: list[subprocess.Popen]) -> None:
         wd.stop()
 
 
+def test_watchdog_counts_children(procs: list[subprocess.Popen]) -> None:
+    # The parent stays small; its forked child allocates: the instance as a whole is over.
+    forking = "import os, sys\nif os.fork() == 0:\n" + "\n".join(
+        "    " + line for line in ALLOC.strip().splitlines()
+    ) + "\nos.wait()\n"
+    wd = L.Watchdog(interval=0.05)
+    try:
+        p = spawn(procs, forking, "400")
+        wd.watch(p.pid, 200)
+        t0 = go(p)
+        assert p.wait(timeout=10) == -signal.SIGKILL
+        assert time.monotonic() - t0 < 2.0
+        assert (wd.killed(p.pid) or 0) > 200
+    finally:
+        wd.stop()
+
+
 def test_watchdog_spares_process_under_cap(procs: list[subprocess.Popen]) -> None:
     wd = L.Watchdog(interval=0.02)
     try:

@@ -181,6 +181,10 @@ def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
     layout = JobLayout(spec.job)
     console.print(f"predictions: {store.path(layout.key('predictions'))}/*.jsonl")
     console.print(f"invocation log: {store.path(layout.log)}")
+    console.print(
+        f"served {result.images - result.image_errors} images; failed images "
+        f"{result.image_errors}; failed records {len(result.failed_records)}; retried "
+        f"invocations {result.retried}; OOM raises {len(result.raised)}")
     if result.failed_records:
         err_console.print(f"[bold red]{len(result.failed_records)} records failed:[/bold red]")
         for rec, why in sorted(result.failed_records.items()):

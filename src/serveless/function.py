@@ -164,7 +164,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
 
     with store.open_read(in_key) as src:
         if ev.stage == 0:
-            n, blocks, meta = _image_blocks(src, in_key, ev, c)
+            n, blocks, meta = _image_blocks(src, store.path(in_key), ev, c)
         else:
             n, blocks = _tensor_blocks(src, fmt, ev, c)
             meta = None

@@ -149,7 +149,11 @@ def prepare_job(
 
 
 class InvocationLog:
-    """<job>/invocations.jsonl: appended in memory, rewritten whole (object stores can't append)."""
+    """<job>/invocations.jsonl, written as each invocation ends so a killed driver loses none.
+
+    Local folders get a true append; object stores cannot append, so there the whole log
+    is rewritten, at most every `flush_every_s` and at the end.
+    """
 
     def __init__(self, store: Store, layout: JobLayout, flush_every_s: float = 2.0):
         self.store = store
@@ -157,19 +161,36 @@ class InvocationLog:
         self.rows: list[dict[str, Any]] = load_log(store, layout.job)
         self._lock = threading.Lock()
         self._flushed = time.monotonic()
+        self._dirty = False
         self.flush_every_s = flush_every_s
+        self._append_path = store.local_path(self.key)
+        if self._append_path:
+            os.makedirs(os.path.dirname(self._append_path), exist_ok=True)
+            # rewrite once: drops a torn last line left by a killed driver
+            self.store.put_bytes(self.key, self._serialized())
+
+    def _serialized(self) -> bytes:
+        return "".join(json.dumps(r) + "\n" for r in self.rows).encode()
 
     def append(self, row: dict[str, Any]) -> None:
         with self._lock:
             self.rows.append(row)
+            if self._append_path:
+                with open(self._append_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                return
+            self._dirty = True
             due = time.monotonic() - self._flushed > self.flush_every_s
         if due:
             self.flush()
 
     def flush(self) -> None:
         with self._lock:
-            data = "".join(json.dumps(r) + "\n" for r in self.rows).encode()
+            if not self._dirty:
+                return
+            data = self._serialized()
             self._flushed = time.monotonic()
+            self._dirty = False
         self.store.put_bytes(self.key, data)
 
 
@@ -210,6 +231,7 @@ class JobResult:
     memory: list[int]
     raised: dict[int, int]
     backend: dict[str, Any]
+    retried: int = 0
 
     @property
     def ok(self) -> bool:
@@ -244,6 +266,7 @@ def run_job(
     total = len(spec.records)
     finished = total - len(heap)
     failed: dict[str, str] = {}
+    retried = 0
     images = sum(int(r.get("images") or 0) for r in _final_rows(log.rows, spec))
     t0 = time.perf_counter()
     bar = _Progress(total, finished, enabled=progress)
@@ -298,6 +321,7 @@ def run_job(
                     memory[task.stage] = min(MAX_MEMORY_MB, int(memory[task.stage] * OOM_RAISE))
                     raised[task.stage] = memory[task.stage]
                 if task.attempt < retries and _retryable(err):
+                    retried += 1
                     delay = min(30.0, 0.2 * 2**task.attempt) * (0.5 + rng.random())
                     heapq.heappush(heap, _Task(task.priority, task.record, task.stage,
                                                task.attempt + 1, time.monotonic() + delay))
@@ -319,7 +343,7 @@ def run_job(
         images=sum(int(_stage0_images(log.rows, r["record"])) for r in final),
         failed_records=failed,
         image_errors=sum(int(r.get("image_errors") or 0) for r in final),
-        memory=memory, raised=raised, backend=backend.describe(),
+        memory=memory, raised=raised, backend=backend.describe(), retried=retried,
     )
 
 

@@ -8,21 +8,50 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import fsspec
 
+T = TypeVar("T")
 DEFAULT_STORE = "./serveless-store"
+# Fault injection for resilience tests and drills: flaky://<path> fails a share of requests.
+fsspec.register_implementation("flaky", "serveless.faults.FlakyFileSystem", clobber=True)
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class StoreError(Exception):
     """The store cannot be reached or an object is missing."""
+
+
+class TransientStoreError(OSError):
+    """A store request failed in a way that may succeed when tried again."""
+
+
+STORE_RETRIES = 5
+
+
+def _retrying(op: Callable[[], T], what: str) -> T:
+    """Object stores fail transiently (throttling, resets): retry with backoff and jitter.
+
+    Missing objects and permission errors are final and raised at once.
+    """
+    for attempt in range(STORE_RETRIES + 1):
+        try:
+            return op()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except OSError:
+            if attempt == STORE_RETRIES:
+                raise
+            time.sleep(min(2.0, 0.02 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError(what)  # unreachable
 
 
 def validate_job_name(job: str) -> str:
@@ -66,20 +95,23 @@ class Store:
         return f"{self.root}/{key}" if key else self.root
 
     def exists(self, key: str) -> bool:
-        return self.fs.exists(self.path(key))
+        return _retrying(lambda: bool(self.fs.exists(self.path(key))), key)
 
     def size(self, key: str) -> int:
-        return int(self.fs.size(self.path(key)))
+        try:
+            return _retrying(lambda: int(self.fs.size(self.path(key))), key)
+        except FileNotFoundError as exc:
+            raise StoreError(f"missing object {self.url}/{key}") from exc
 
     def get_bytes(self, key: str) -> bytes:
         try:
-            return self.fs.cat_file(self.path(key))
+            return _retrying(lambda: self.fs.cat_file(self.path(key)), key)
         except FileNotFoundError as exc:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
     def open_read(self, key: str) -> IO[bytes]:
         try:
-            return self.fs.open(self.path(key), "rb")
+            return _retrying(lambda: self.fs.open(self.path(key), "rb"), key)
         except FileNotFoundError as exc:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
@@ -92,7 +124,7 @@ class Store:
             with self.writer(key) as f:
                 f.write(data)
         else:
-            self.fs.pipe_file(self.path(key), data)
+            _retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
 
     def put_file(self, local: str | os.PathLike[str], key: str) -> None:
         """Upload a finished local file as one object, atomically."""
@@ -105,7 +137,7 @@ class Store:
                     out.write(chunk)
             os.replace(tmp, dest)
         else:
-            self.fs.put_file(os.fspath(local), dest)
+            _retrying(lambda: self.fs.put_file(os.fspath(local), dest), key)
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[IO[bytes]]:
@@ -126,7 +158,7 @@ class Store:
             try:
                 with os.fdopen(fd, "wb") as f:
                     yield f
-                self.fs.put_file(tmp, dest)
+                _retrying(lambda: self.fs.put_file(tmp, dest), key)
             finally:
                 os.unlink(tmp)
 
@@ -134,7 +166,7 @@ class Store:
         """Keys directly under a prefix ending in suffix, sorted; [] if the prefix is absent."""
         base = self.path(prefix)
         try:
-            entries = self.fs.ls(base, detail=False)
+            entries = _retrying(lambda: self.fs.ls(base, detail=False), prefix)
         except FileNotFoundError:
             return []
         keys = []

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..cost import vcpus
 from . import FunctionSpec, InvocationResult
-from .limits import InstanceLimits, Watchdog, cgroup_support
+from .limits import InstanceLimits, Watchdog, cgroup_support, cleanup_stale
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 DEFAULT_TIMEOUT_S = 900.0  # Lambda's maximum
@@ -170,6 +170,7 @@ class LocalBackend:
         self._closed = False
         self.watchdog = Watchdog()
         self.watchdog.start()
+        cleanup_stale()  # cgroups of a driver that was SIGKILLed
         self.mode, self.mode_reason = cgroup_support()
 
     def describe(self) -> dict[str, Any]:
