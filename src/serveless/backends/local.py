@@ -10,13 +10,13 @@ CPU share is memory / 1769 vCPUs. Messages between driver and instance are JSON.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import multiprocessing
 import multiprocessing.connection as mpc
 import os
-import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -29,44 +29,10 @@ DEFAULT_KEEP_ALIVE_S = 300.0
 DEFAULT_TIMEOUT_S = 900.0  # Lambda's maximum
 
 
-def _set_parent_death_signal() -> None:
-    """Die with the driver, even when it is SIGKILLed (Linux only)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _worker_main(conn: mpc.Connection, fn: dict[str, Any]) -> None:
-    """An instance: wait to be placed in its cgroup, load the stage, then serve events."""
-    _set_parent_death_signal()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when we stop
-    if conn.recv_bytes() != b"go":
-        return
-    from ..function import handle, load_stage
-    from ..store import Store
-
-    load_stage(Store.from_spec(fn["store"]), fn["model_key"], fn["threads"])
-    conn.send_bytes(b'{"ready": true}')
-    while True:
-        try:
-            msg = conn.recv_bytes()
-        except EOFError:
-            return
-        if msg == b"stop":
-            return
-        try:
-            reply = {"ok": handle(json.loads(msg))}
-        except Exception as exc:  # reported to the driver, which decides on retries
-            reply = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-        conn.send_bytes(json.dumps(reply).encode())
-
-
 class _Instance:
     _ids = 0
 
-    def __init__(self, ctx: Any, fn: FunctionSpec, watchdog: Watchdog):
+    def __init__(self, fn: FunctionSpec, watchdog: Watchdog):
         _Instance._ids += 1
         self.id = f"stage{fn.stage}-{fn.memory_mb}mb-{_Instance._ids}"
         self.fn = fn
@@ -74,14 +40,18 @@ class _Instance:
         self.invocations = 0
         self.last_used = time.monotonic()
         self.limits = InstanceLimits.create(self.id, fn.memory_mb, vcpus(fn.memory_mb))
-        self.conn, child = ctx.Pipe()
+        ours, theirs = socket.socketpair()
         self.started = time.perf_counter()
         spec = {"store": fn.store, "model_key": fn.model_key, "threads": fn.threads}
-        self.proc = ctx.Process(target=_worker_main, args=(child, spec), daemon=True,
-                                name=f"serveless-{self.id}")
-        self.proc.start()
-        child.close()
-        assert self.proc.pid is not None
+        # A fresh interpreter (not fork: onnxruntime's threads; not multiprocessing's spawn:
+        # it re-runs the caller's __main__, which fails from stdin or notebooks).
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "serveless.backends.worker", str(theirs.fileno()),
+             json.dumps(spec)],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
+        )
+        theirs.close()  # the instance holds the only other end: its death reads as EOF
+        self.conn = mpc.Connection(ours.detach())
         self.pid = self.proc.pid
         self.limits.attach(self.pid)
         self.watchdog.watch(self.pid, fn.memory_mb)
@@ -90,26 +60,27 @@ class _Instance:
 
     def _wait(self, timeout: float) -> bytes | None:
         """The next message, or None if the process died; raises TimeoutError."""
-        ready = mpc.wait([self.conn, self.proc.sentinel], timeout)
-        if not ready:
+        if not self.conn.poll(timeout):
             raise TimeoutError
-        if self.conn in ready:
-            try:
-                return self.conn.recv_bytes()
-            except (EOFError, OSError):
-                return None
-        return None
+        try:
+            return self.conn.recv_bytes()
+        except (EOFError, OSError):
+            return None
 
     def death(self, record: str) -> dict[str, str]:
         """Why the process died: OutOfMemory when a cap killed it."""
-        self.proc.join(timeout=2)
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         watchdog_peak = self.watchdog.killed(self.pid)
         if watchdog_peak is not None or self.limits.oom_killed():
             peak = watchdog_peak or self.limits.peak_mb() or self.fn.memory_mb
             return {"type": "OutOfMemory", "message": (
                 f"stage {self.fn.stage} on record {record} exceeded its memory: cap "
                 f"{self.fn.memory_mb} MB, peak {peak:.0f} MB")}
-        code = self.proc.exitcode
+        code = self.proc.returncode
         return {"type": "InstanceDied", "message": (
             f"stage {self.fn.stage} instance died on record {record} (exit code {code})")}
 
@@ -135,18 +106,21 @@ class _Instance:
 
     @property
     def alive(self) -> bool:
-        return self.proc.is_alive()
+        return self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc.is_alive():
+        if self.alive:
             try:
                 self.conn.send_bytes(b"stop")
-            except OSError:
+                self.proc.wait(timeout=1)
+            except (OSError, subprocess.TimeoutExpired):
                 pass
-            self.proc.join(timeout=1)
-        if self.proc.is_alive():
+        if self.alive:
             self.proc.kill()
-            self.proc.join(timeout=2)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
         self.watchdog.unwatch(self.pid)
         self.conn.close()
         self.limits.remove()
@@ -162,7 +136,6 @@ class LocalBackend:
         self.max_instances = max_instances
         self.keep_alive_s = keep_alive_s
         self.timeout_s = timeout_s
-        self._ctx = multiprocessing.get_context("spawn")
         self._lock = threading.Condition()
         self._idle: dict[tuple[int, int, str], list[_Instance]] = {}
         self._busy: set[_Instance] = set()
@@ -209,7 +182,7 @@ class LocalBackend:
                     break
                 self._lock.wait(timeout=0.5)
         try:
-            inst = _Instance(self._ctx, fn, self.watchdog)
+            inst = _Instance(fn, self.watchdog)
         except BaseException:
             with self._lock:
                 self._count[key] -= 1

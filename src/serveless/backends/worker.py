@@ -1,0 +1,51 @@
+"""A function instance of the local backend: `python -m serveless.backends.worker FD SPEC`.
+
+It waits to be placed in its cgroup, loads its stage (the cold start), then serves JSON
+events from the driver over the socket FD until told to stop or the driver goes away.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import multiprocessing.connection as mpc
+import signal
+import sys
+
+
+def _die_with_parent() -> None:
+    """Die with the driver, even when it is SIGKILLed (Linux only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def main(fd: int, spec: dict) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when we stop
+    conn = mpc.Connection(fd)
+    if conn.recv_bytes() != b"go":
+        return
+    from ..function import handle, load_stage
+    from ..store import Store
+
+    load_stage(Store.from_spec(spec["store"]), spec["model_key"], spec["threads"])
+    conn.send_bytes(b'{"ready": true}')
+    while True:
+        try:
+            msg = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if msg == b"stop":
+            return
+        try:
+            reply = {"ok": handle(json.loads(msg))}
+        except Exception as exc:  # reported to the driver, which decides on retries
+            reply = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+        conn.send_bytes(json.dumps(reply).encode())
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), json.loads(sys.argv[2]))
