@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 models_app = typer.Typer(no_args_is_help=True, help="Built-in models.")
 app.add_typer(models_app, name="models")
 # Wide enough for the summary table when piped to a file or a CI log.
-console = Console(width=None if sys.stdout.isatty() else 120)
+console = Console(width=None if sys.stdout.isatty() else 132)
 err_console = Console(stderr=True)
 
 StoreOpt = Annotated[str, typer.Option("--store", help="fsspec URL or folder of the store")]

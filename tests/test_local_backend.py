@@ -1,0 +1,114 @@
+"""The local backend behaves like Lambda: warm reuse, keep-alive, caps, errors, Ctrl-C."""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from serveless.backends import FunctionSpec
+from serveless.backends.local import LocalBackend
+from serveless.pipeline import prepare_job
+from serveless.store import JobLayout, Store
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, records_dir):
+    store = Store(str(tmp_path_factory.mktemp("store")))
+    spec = prepare_job(store, "be", "alexnet", preset="paper", records=str(records_dir))
+    return store, spec
+
+
+def _call(backend, store, spec, stage=0, record="00000", memory=1769):
+    lay = JobLayout(spec.job)
+    fn = FunctionSpec(stage=stage, memory_mb=memory, model_key=lay.stage_model(stage),
+                      store=store.spec(), threads=1)
+    event = {"store": store.spec(), "job": spec.job, "stage": stage, "stages": spec.stages,
+             "record": record, "memory_mb": memory, "threads": 1}
+    return backend.invoke(fn, event)
+
+
+def test_warm_reuse_and_keep_alive(job):
+    store, spec = job
+    with LocalBackend(keep_alive_s=1.0) as backend:
+        first = _call(backend, store, spec)
+        second = _call(backend, store, spec)
+        assert first.ok and second.ok
+        assert first.cold and first.init_ms > 0
+        assert not second.cold and second.init_ms == 0 and second.instance == first.instance
+        time.sleep(1.5)  # idle past the keep-alive: the instance is stopped
+        third = _call(backend, store, spec)
+        assert third.cold and third.instance != first.instance
+
+
+def test_handler_errors_come_back_as_data(job):
+    store, spec = job
+    with LocalBackend() as backend:
+        res = _call(backend, store, spec, record="no-such-record")
+        assert not res.ok and res.error["type"] == "StoreError"
+        assert "no-such-record" in res.error["message"]
+        again = _call(backend, store, spec)  # the instance survived and serves the next one
+        assert again.ok and not again.cold
+
+
+def test_oom_within_seconds_names_stage_record_cap_and_peak(job):
+    store, spec = job
+    with LocalBackend() as backend:
+        t0 = time.perf_counter()
+        res = _call(backend, store, spec, stage=3, record="00001", memory=256)
+        took = time.perf_counter() - t0
+    assert not res.ok and res.error["type"] == "OutOfMemory"
+    msg = res.error["message"]
+    assert "stage 3" in msg and "256 MB" in msg and "peak" in msg
+    assert took < 15
+
+
+def _our_cgroups() -> list[str]:
+    return [p for p in glob.glob("/sys/fs/cgroup/**/serveless-*", recursive=True)
+            if f"-{os.getpid()}-" in p]
+
+
+def test_instances_of_different_stages_have_separate_cgroups_removed_after(job):
+    store, spec = job
+    backend = LocalBackend()
+    if backend.mode == "watchdog":
+        backend.close()
+        pytest.skip(f"no cgroups here: {backend.mode_reason}")
+    try:
+        a = _call(backend, store, spec, stage=0, record="00000", memory=1024)
+        b = _call(backend, store, spec, stage=0, record="00001", memory=2048)
+        assert a.ok and b.ok and a.instance != b.instance
+        assert len(_our_cgroups()) >= 2
+    finally:
+        backend.close()
+    assert _our_cgroups() == []
+
+
+def test_ctrl_c_stops_cleanly(tmp_path, records_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serveless.cli", "run", "--store", str(tmp_path), "--job", "c",
+         "--records", str(records_dir), "--preset", "paper"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    children: list[psutil.Process] = []
+    while time.time() < deadline and not children:
+        assert proc.poll() is None, proc.communicate()
+        children = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                    if "serveless.backends.worker" in " ".join(c.cmdline())]
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "resume" in err
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive
+    leftovers = [p for p in glob.glob("/sys/fs/cgroup/**/serveless-*", recursive=True)
+                 if f"-{proc.pid}-" in p]
+    assert leftovers == []
