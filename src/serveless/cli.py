@@ -277,35 +277,39 @@ def demo(
 
 @app.command()
 def report(
-    job: Annotated[str, typer.Argument(help="job name")],
+    jobs: Annotated[list[str], typer.Argument(help="job name(s)")],
     store: StoreOpt = DEFAULT_STORE,
     store_option: StoreOptions = None,
     arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
+    out: Annotated[Path | None, typer.Option(
+        help="write DIR/report.md with tables, plots, machine and versions")] = None,
 ) -> None:
-    """Re-print a job's summary from its invocation log alone."""
+    """Re-print jobs' summaries from their invocation logs alone (or write a report)."""
     from .pipeline import load_log
-
-    def go() -> list[dict[str, Any]]:
-        st = Store(store, parse_options(store_option))
-        rows = load_log(st, JobLayout(job).job)
-        if not rows:
-            _fail(f"no invocation log for job {job!r} in {store}")
-        return rows
-
-    rows = _run_guarded(go)
     from .report import print_summary
 
-    starts = [r["started"] for r in rows]
-    ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
-    print_summary(rows, max(ends) - min(starts), arch, console)
+    if out is not None:
+        from .cli_experiments import write_report_dir
+
+        path = write_report_dir(jobs, store, store_option, arch, out)
+        console.print(f"wrote {path}", markup=False, highlight=False)
+        return
+    st = _open_store(store, store_option)
+    for job in jobs:
+        rows = _run_guarded(lambda job=job: load_log(st, JobLayout(job).job))
+        if not rows:
+            _fail(f"no invocation log for job {job!r} in {store}")
+        starts = [r["started"] for r in rows]
+        ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
+        if len(jobs) > 1:
+            console.print(f"[bold]job {job}[/bold]")
+        print_summary(rows, max(ends) - min(starts), arch, console)
 
 
 def _register_extensions() -> None:
-    """Commands that live in their own modules (the paper's experiments)."""
-    try:
-        from .cli_experiments import register
-    except ImportError:
-        return
+    """Commands that live in their own module (the paper's experiments)."""
+    from .cli_experiments import register
+
     register(app)
 
 

@@ -89,15 +89,19 @@ def print_summary(
         rate = s["images"] / wall_s
         head += f" in [bold]{wall_s:.1f} s[/bold] = [bold]{rate:.1f}[/bold] images/s"
     console.print(head)
-    table = Table(title="Per stage", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(title="Per stage (costs in $ per 1M images)", title_justify="left",
+                  box=box.SIMPLE_HEAD)
+    per_m = 1e6 / s["images"] if s["images"] else 0.0
     for col in ("stage", "MB", "calls", "cold", "failed", "mean ms", "init ms", "peak MB",
-                "GB-s", "cost $"):
+                "GB-s", "compute", "requests", "S3 ops", "total"):
         table.add_column(col, justify="right", no_wrap=True)
     for st in s["stages"]:
         table.add_row(
             str(st.stage), "/".join(map(str, st.memory_mb)), str(st.invocations), str(st.cold),
             str(st.errors), f"{st.mean_duration_ms:,.0f}", f"{st.mean_init_ms:,.0f}",
-            f"{st.peak_mb:,.0f}", f"{st.gb_s:,.2f}", f"{st.cost:.6f}",
+            f"{st.peak_mb:,.0f}", f"{st.gb_s:,.2f}", f"{st.compute * per_m:.3f}",
+            f"{st.requests * per_m:.3f}", f"{st.store_ops * per_m:.3f}",
+            f"{st.cost * per_m:.3f}",
         )
     console.print(table)
     console.print(
@@ -109,3 +113,31 @@ def print_summary(
     for note in notes or []:
         console.print(note)
     return s
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]], right: set[int] | None = None) -> str:
+    """A GitHub markdown table; numbers are right-aligned so columns read like the console's."""
+    right = set(range(1, len(headers))) if right is None else right
+    sep = ["---:" if i in right else "---" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(rows: list[dict[str, Any]], arch: str = "x86_64") -> str:
+    """The per-stage summary of `print_summary` as markdown, for reports read without a console."""
+    s = summarize(rows, arch)
+    table = markdown_table(
+        ["stage", "memory MB", "calls", "cold", "failed", "mean duration ms", "mean init ms",
+         "peak MB", "GB-s", "cost USD"],
+        [[st.stage, "/".join(map(str, st.memory_mb)), st.invocations, st.cold, st.errors,
+          f"{st.mean_duration_ms:.1f}", f"{st.mean_init_ms:.1f}", f"{st.peak_mb:.1f}",
+          f"{st.gb_s:.4f}", f"{st.cost:.8f}"] for st in s["stages"]],
+    )
+    return table + (
+        f"\nTotal: {s['images']} images, {s['gb_s']:.4f} GB-s, modeled AWS Lambda ({s['arch']}) "
+        f"cost ${s['cost']:.8f} = compute ${s['compute']:.8f} + requests ${s['requests']:.8f} "
+        f"+ S3 requests ${s['store_ops']:.8f}; ${s['per_million']:.2f} per 1M images "
+        f"(prices as of {PRICES_AS_OF}).\n"
+    )

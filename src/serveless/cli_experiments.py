@@ -1,0 +1,314 @@
+"""Commands that reproduce the paper's experiments: profile, baseline, sweep, memory-compare,
+the writer behind `report --out`. Registered on the main app by `serveless.cli` (see `register`).
+
+The commands only parse options and print; the work is in `serveless.experiments`, so the
+experiments can also be run from Python.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .cli import (
+    BackendOpt,
+    BackendOptions,
+    StoreOpt,
+    StoreOptions,
+    _fail,
+    _open_store,
+    _run_guarded,
+    console,
+    err_console,
+    parse_options,
+)
+from .store import DEFAULT_STORE
+
+ModelOpt = Annotated[str, typer.Option(help="built-in name or .onnx path")]
+CutsOpt = Annotated[str | None, typer.Option(help="comma-separated cut tensors")]
+PresetOpt = Annotated[str | None, typer.Option(help="'paper' for the paper's stages")]
+RecordsOpt = Annotated[str | None, typer.Option(
+    help="folder or glob of .tfrecord files to take the images from (else sample photos)")]
+MicroBatchOpt = Annotated[int, typer.Option("--micro-batch", help="images per ONNX run")]
+ArchOpt = Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")]
+JobPrefixOpt = Annotated[str | None, typer.Option(
+    "--job-prefix", help="prefix of the job names (jobs of that name are replaced)")]
+
+
+def _out(out: Path | None, name: str) -> Path:
+    return out if out is not None else Path("serveless-experiments") / name
+
+
+def _setup(store: str, store_option: list[str] | None, model: str, cuts: str | None,
+           preset: str | None, micro_batch: int, backend: str,
+           backend_option: list[str] | None) -> Any:
+    from .experiments import Setup
+    from .partition import resolve_cuts
+
+    if micro_batch < 1:
+        _fail("--micro-batch must be >= 1")
+    st = _open_store(store, store_option)
+    cut_list = _run_guarded(lambda: resolve_cuts(model, cuts, preset))
+    return Setup(store=st, model=model, cuts=cut_list, micro_batch=micro_batch,
+                 backend=backend, backend_options=parse_options(backend_option),
+                 progress=sys.stderr.isatty(), say=lambda m: err_console.print(m, markup=False))
+
+
+def _sizes(text: str, what: str) -> list[int]:
+    from .experiments import parse_ints
+
+    return _run_guarded(lambda: parse_ints(text, what))
+
+
+def _show(md_path: Path, *paths: Path) -> None:
+    """Print the markdown (plain: tables must stay copy-pastable) and where files are."""
+    typer.echo(md_path.read_text())
+    for p in (md_path, *paths):
+        console.print(f"wrote {p}", markup=False, highlight=False)
+
+
+def profile(
+    model: ModelOpt = "alexnet",
+    cuts: CutsOpt = None,
+    preset: PresetOpt = None,
+    per_record: Annotated[str, typer.Option(
+        "--per-record", help="record sizes to profile, e.g. 100,250,500,1000")]
+    = "100,250,500,1000",
+    records: RecordsOpt = None,
+    images: Annotated[int | None, typer.Option(
+        help="images to take (from --records) or generate; default: the largest size")] = None,
+    repeat: Annotated[int, typer.Option(help="records per size")] = 1,
+    step: Annotated[int, typer.Option(help="memory granularity: 1 (today) or 64 MB (2019)")]
+    = 1,
+    memory: Annotated[int, typer.Option(help="memory of every stage while profiling (MB)")]
+    = 3008,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    backend: BackendOpt = "local",
+    backend_option: BackendOptions = None,
+    micro_batch: MicroBatchOpt = 32,
+    job_prefix: JobPrefixOpt = None,
+    out: Annotated[Path | None, typer.Option(help="folder for profile.png/.md/.json")] = None,
+) -> None:
+    """Fig. 3: peak memory and duration per stage against images per record; recommends memory."""
+    from .experiments import load_pool, run_profile
+
+    sizes = _sizes(per_record, "--per-record")
+    if repeat < 1:
+        _fail("--repeat must be >= 1")
+    if step not in (1, 64):
+        _fail("--step must be 1 or 64")
+    setup = _setup(store, store_option, model, cuts, preset, micro_batch, backend, backend_option)
+    folder = _out(out, "profile")
+
+    def go() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="serveless-pool-") as tmp:
+            pool = load_pool(records, images, max(sizes), Path(tmp), setup.say)
+            return run_profile(setup, sizes, pool, folder, step=step, repeat=repeat,
+                               job_prefix=job_prefix or "profile", memory_mb=memory)
+
+    result = _run_guarded(go)
+    _show(folder / "profile.md", folder / "profile.png", folder / "profile.json")
+    console.print("recommended memory per stage: --memory "
+                  + ",".join(map(str, result["recommended_mb"])), highlight=False)
+
+
+def baseline(
+    model: ModelOpt = "alexnet",
+    cuts: CutsOpt = None,
+    preset: PresetOpt = None,
+    per_record: Annotated[str, typer.Option(
+        "--per-record", help="record sizes, e.g. 100,250,500,1000")] = "100,250,500,1000",
+    records: RecordsOpt = None,
+    images: Annotated[int | None, typer.Option(
+        help="images to take (from --records) or generate; default: the largest size")] = None,
+    repeat: Annotated[int, typer.Option(help="records per size")] = 1,
+    memory: Annotated[str, typer.Option(help="MB per stage of the pipeline")] = "3008",
+    threads: Annotated[int | None, typer.Option(
+        help="onnxruntime threads of the single process (default: all cores)")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    backend: BackendOpt = "local",
+    backend_option: BackendOptions = None,
+    micro_batch: MicroBatchOpt = 32,
+    job: Annotated[str, typer.Option(help="job name of the pipeline run (replaced)")]
+    = "baseline-pipeline",
+    out: Annotated[Path | None, typer.Option(help="folder for baseline.png/.md/.json")] = None,
+) -> None:
+    """Fig. 4: time per record, serverless pipeline vs the whole model in one process."""
+    from .experiments import load_pool, run_baseline
+    from .pipeline import parse_memory
+
+    sizes = _sizes(per_record, "--per-record")
+    if repeat < 1:
+        _fail("--repeat must be >= 1")
+    setup = _setup(store, store_option, model, cuts, preset, micro_batch, backend, backend_option)
+    mem = _run_guarded(lambda: parse_memory(memory, setup.stages))
+    folder = _out(out, "baseline")
+
+    def go() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="serveless-pool-") as tmp:
+            pool = load_pool(records, images, max(sizes), Path(tmp), setup.say)
+            return run_baseline(setup, sizes, pool, folder, mem, repeat=repeat, threads=threads,
+                                job=job)
+
+    _run_guarded(go)
+    _show(folder / "baseline.md", folder / "baseline.png", folder / "baseline.json")
+
+
+def sweep(
+    concurrency: Annotated[str, typer.Option(help="concurrency levels, e.g. 1,2,4,8")]
+    = "1,2,4,8",
+    model: ModelOpt = "alexnet",
+    cuts: CutsOpt = None,
+    preset: PresetOpt = None,
+    records: RecordsOpt = None,
+    images: Annotated[int | None, typer.Option(
+        help="images to take or generate; default: --per-record × the largest concurrency")]
+    = None,
+    per_record: Annotated[int | None, typer.Option(
+        "--per-record", help="images per record (default: --records as they are, else 100)")]
+    = None,
+    memory: Annotated[str, typer.Option(help="MB per stage")] = "3008",
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    backend: BackendOpt = "local",
+    backend_option: BackendOptions = None,
+    micro_batch: MicroBatchOpt = 32,
+    arch: ArchOpt = "x86_64",
+    job_prefix: JobPrefixOpt = None,
+    out: Annotated[Path | None, typer.Option(help="folder for sweep.png/.md/.json")] = None,
+) -> None:
+    """Fig. 5: the same job at each concurrency; wall time and modeled cost."""
+    from .experiments import load_pool, pack_split, run_sweep
+    from .pipeline import parse_memory
+
+    levels = _sizes(concurrency, "--concurrency")
+    if per_record is not None and per_record < 1:
+        _fail("--per-record must be >= 1")
+    setup = _setup(store, store_option, model, cuts, preset, micro_batch, backend, backend_option)
+    mem = _run_guarded(lambda: parse_memory(memory, setup.stages))
+    folder = _out(out, "sweep")
+
+    def go() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="serveless-sweep-") as tmp:
+            if records and per_record is None and images is None:
+                from .pipeline import find_records
+
+                src = Path(tmp) / "records"
+                src.mkdir()
+                for f in find_records(records):  # a folder of just these, for prepare
+                    (src / Path(f).name).symlink_to(Path(f).resolve())
+            else:
+                size = per_record or 100
+                count = images if images is not None else size * max(levels)
+                pool = load_pool(records, count, 1, Path(tmp), setup.say)
+                src = Path(tmp) / "records"
+                pack_split(pool, size, src, "r")
+            return run_sweep(setup, levels, src, folder, mem, arch,
+                             job_prefix=job_prefix or "sweep")
+
+    _run_guarded(go)
+    _show(folder / "sweep.md", folder / "sweep.png", folder / "sweep.json")
+
+
+def memory_compare(
+    per_record: Annotated[str, typer.Option(
+        "--per-record", help="record sizes, e.g. 1000,500")] = "1000,500",
+    profile_json: Annotated[Path | None, typer.Option(
+        "--profile", help="profile.json giving memMin (else the sizes are profiled first)")]
+    = None,
+    model: Annotated[str | None, typer.Option(
+        help="built-in name or .onnx path (default: the profile's, else alexnet)")] = None,
+    cuts: CutsOpt = None,
+    preset: PresetOpt = None,
+    records: RecordsOpt = None,
+    images: Annotated[int | None, typer.Option(
+        help="images to take (from --records) or generate; default: the largest size")] = None,
+    mem_max: Annotated[int, typer.Option("--mem-max", help="memMax of every stage (MB)")]
+    = 3008,
+    step: Annotated[int, typer.Option(help="memory steps when profiling here: 1 or 64 MB")] = 1,
+    concurrency: Annotated[int, typer.Option(help="invocations in flight")] = 1,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    backend: BackendOpt = "local",
+    backend_option: BackendOptions = None,
+    micro_batch: MicroBatchOpt = 32,
+    arch: ArchOpt = "x86_64",
+    job_prefix: JobPrefixOpt = None,
+    out: Annotated[Path | None, typer.Option(help="folder for memory-compare.md/.json/.png")]
+    = None,
+) -> None:
+    """Tables 1-2: memMax everywhere vs the profiled memMin; memory, time and cost."""
+    from .experiments import load_pool, read_profile, run_memory_compare, run_profile
+    from .partition import resolve_cuts
+
+    sizes = _sizes(per_record, "--per-record")
+    if concurrency < 1:
+        _fail("--concurrency must be >= 1")
+    prof = _run_guarded(lambda: read_profile(profile_json)) if profile_json else None
+    if prof is not None:
+        if model is not None and model != prof["model"]:
+            _fail(f"--model {model} differs from the profile's model {prof['model']}")
+        asked = _run_guarded(lambda: resolve_cuts(prof["model"], cuts, preset))
+        if (cuts or preset) and asked != prof["cuts"]:
+            _fail(f"the cuts {asked} differ from the profile's {prof['cuts']}")
+        model, cuts, preset = prof["model"], ",".join(prof["cuts"]), None
+    setup = _setup(store, store_option, model or "alexnet", cuts, preset, micro_batch, backend,
+                   backend_option)
+    folder = _out(out, "memory-compare")
+
+    def go() -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix="serveless-pool-") as tmp:
+            pool = load_pool(records, images, max(sizes), Path(tmp), setup.say)
+            if prof is None:
+                setup.say("no --profile: profiling the same sizes first")
+                p = run_profile(setup, sizes, pool, folder / "profile", step=step,
+                                job_prefix=f"{job_prefix or 'memcmp'}-profile",
+                                memory_mb=mem_max)
+            else:
+                p = prof
+            return run_memory_compare(setup, sizes, pool, folder, p["recommended_mb"],
+                                      mem_max=mem_max, concurrency=concurrency, arch=arch,
+                                      job_prefix=job_prefix or "memcmp")
+
+    _run_guarded(go)
+    _show(folder / "memory-compare.md", folder / "memory-compare.png",
+          folder / "memory-compare.json")
+
+
+def write_report_dir(jobs: list[str], store: str, store_option: list[str] | None, arch: str,
+                     out: Path) -> Path:
+    """`report JOB... --out DIR`: for the lead to call from `report` when --out is given."""
+    from .experiments import write_job_report
+
+    st = _open_store(store, store_option)
+    path: Path = _run_guarded(lambda: write_job_report(st, jobs, out, arch))
+    return path
+
+
+COMMANDS = {"profile": profile, "baseline": baseline, "sweep": sweep,
+            "memory-compare": memory_compare}
+
+
+def register(app: typer.Typer) -> None:
+    """Add the experiment commands to the `serveless` app (once, however often called)."""
+    have = {c.name for c in app.registered_commands}
+    for name, command in COMMANDS.items():
+        if name not in have:
+            app.command(name)(command)
+
+
+def _register_on_import() -> None:
+    """Register here too: imported before `serveless.cli`, this module is only partly
+    defined when cli.py tries to import `register`, and cli.py then skips the commands."""
+    from . import cli
+
+    register(cli.app)
+
+
+_register_on_import()
