@@ -132,3 +132,45 @@ def test_demo_command(tmp_path):
     log = tmp_path / "demo" / "invocations.jsonl"
     assert len(log.read_text().splitlines()) == 4  # one record, four stages
     assert str(log) in out.stdout.replace("\n", "")
+
+
+def _small_model(h: int, w: int):
+    """A user model: conv, relu, pool, linear, softmax on a non-square N×3×h×w input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, 10)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["img", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "w2"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["p"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "small", [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, h, w])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_user_model_with_its_own_input_size(tmp_path, records_dir):
+    import onnx
+
+    model = _small_model(64, 48)
+    path = tmp_path / "small.onnx"
+    onnx.save(model, path)
+    store = Store(str(tmp_path / "s"))
+    spec = prepare_job(store, "small", str(path), cuts="r1", records=str(records_dir))
+    assert spec.input_hw == [64, 48]
+    with LocalBackend() as backend:
+        result = run_job(store, spec, backend, concurrency=2, progress=False)
+    assert result.ok
+    rows = rows_of(store, "small")
+    assert len(rows) == 60
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for r in rows[:10]:
+        ex = read_record((records_dir / f"{r['record']}.tfrecord").read_bytes())[r["index"]]
+        x = preprocess(ex.encoded, (64, 48))[None]
+        assert x.shape == (1, 3, 64, 48)
+        (p,) = sess.run(None, {"img": x})
+        np.testing.assert_allclose(p[0][r["top5"]], r["probs"], atol=1e-5)

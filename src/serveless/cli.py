@@ -313,7 +313,9 @@ def _register_extensions() -> None:
     register(app)
 
 
-_register_extensions()
+if __name__ == "__main__":  # `python -m serveless.cli`: run the importable module's app
+    from serveless.cli import app as _app
 
-if __name__ == "__main__":
-    app()
+    _app()
+else:
+    _register_extensions()

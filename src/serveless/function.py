@@ -48,7 +48,7 @@ class Event:
     threads: int = 1
     format: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = MAX_PIXELS
-    size: int = 224
+    size: list[int] = field(default_factory=lambda: [224, 224])  # the model's input H, W
 
     @classmethod
     def parse(cls, event: dict[str, Any]) -> Event:
@@ -61,6 +61,8 @@ class Event:
             raise ValueError(f"stage {ev.stage} outside 0..{ev.stages - 1}")
         if ev.micro_batch < 1 or ev.threads < 1:
             raise ValueError("micro_batch and threads must be >= 1")
+        if len(ev.size) != 2 or min(ev.size) < 1:
+            raise ValueError(f"size must be [H, W], got {ev.size!r}")
         return ev
 
 
@@ -237,7 +239,7 @@ def _image_blocks(
     meta: dict[str, Any] = {"n": n, "filenames": [], "labels": [], "errors": {}}
 
     def blocks() -> Iterator[np.ndarray]:
-        batch = np.zeros((ev.micro_batch, 3, ev.size, ev.size), np.float32)
+        batch = np.zeros((ev.micro_batch, 3, *ev.size), np.float32)
         i = 0
         t = time.perf_counter()
         for index, ex in enumerate(iter_record(src, key)):

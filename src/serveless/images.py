@@ -27,11 +27,18 @@ class ImageDecodeError(ValueError):
 
 def preprocess(
     data: bytes,
-    size: int = 224,
-    resize: int = 256,
+    size: int | tuple[int, int] | list[int] = 224,
+    resize: int | None = None,
     max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
-    """Encoded image bytes -> normalized float32 array of shape (3, size, size)."""
+    """Encoded image bytes -> normalized float32 array of shape (3, H, W).
+
+    `size` is the model's input (H, W) (an int for square); the shorter side is first
+    resized to `resize`, by default in the ImageNet ratio 256/224 of the larger of H, W.
+    """
+    out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if resize is None:
+        resize = round(max(out_h, out_w) * 256 / 224)
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
@@ -48,7 +55,7 @@ def preprocess(
             img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)
             img = _resize_shorter(img, resize)
-            img = _center_crop(img, size)
+            img = _center_crop(img, out_h, out_w)
             arr = np.asarray(img, dtype=np.float32)
     except ImageDecodeError:
         raise
@@ -82,11 +89,11 @@ def _resize_shorter(img: Image.Image, target: int) -> Image.Image:
     return img.resize(new, Image.Resampling.BILINEAR) if new != (w, h) else img
 
 
-def _center_crop(img: Image.Image, size: int) -> Image.Image:
+def _center_crop(img: Image.Image, out_h: int, out_w: int) -> Image.Image:
     w, h = img.size
-    left = int(round((w - size) / 2.0))
-    top = int(round((h - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
+    left = int(round((w - out_w) / 2.0))
+    top = int(round((h - out_h) / 2.0))
+    return img.crop((left, top, left + out_w, top + out_h))
 
 
 _GRAIN_SIZE = 1024

@@ -45,6 +45,7 @@ class JobSpec:
     micro_batch: int = DEFAULT_MICRO_BATCH
     format: dict[str, Any] = field(default_factory=lambda: TensorFormat().to_dict())
     records: list[str] = field(default_factory=list)
+    input_hw: list[int] = field(default_factory=lambda: [224, 224])
     version: str = __version__
 
     @property
@@ -114,7 +115,7 @@ def prepare_job(
     fmt: TensorFormat | None = None,
 ) -> JobSpec:
     """Validate everything, partition the model, and lay the job out in the store."""
-    from .models import load_model
+    from .models import input_hw, load_model
     from .partition import partition, resolve_cuts
 
     layout = JobLayout(job)
@@ -139,7 +140,8 @@ def prepare_job(
         if name not in names:
             names.append(name)
     spec = JobSpec(job=job, model=model, cuts=cut_list, memory=memory_list,
-                   micro_batch=micro_batch, format=fmt.to_dict(), records=sorted(names))
+                   micro_batch=micro_batch, format=fmt.to_dict(), records=sorted(names),
+                   input_hw=list(input_hw(onnx_model)))
     spec.save(store)
     return spec
 
@@ -302,7 +304,8 @@ def run_job(
         started = time.time()
         event = {"store": store.spec(), "job": spec.job, "stage": task.stage,
                  "stages": spec.stages, "record": task.record, "memory_mb": fn.memory_mb,
-                 "micro_batch": spec.micro_batch, "threads": fn.threads, "format": fmt.to_dict()}
+                 "micro_batch": spec.micro_batch, "threads": fn.threads, "format": fmt.to_dict(),
+                 "size": spec.input_hw}
         return backend.invoke(fn, event), started
 
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="serveless-invoke")

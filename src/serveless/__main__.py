@@ -1,0 +1,5 @@
+"""`python -m serveless`."""
+
+from .cli import app
+
+app()
