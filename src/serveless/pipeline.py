@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import heapq
 import json
+import math
 import os
 import random
 import threading
@@ -374,8 +375,7 @@ def run_job(
 
 
 def _threads(memory_mb: int) -> int:
-    import math
-
+    """onnxruntime intra-op threads = the function's vCPUs, rounded up, at most our cores."""
     return max(1, min(math.ceil(vcpus(memory_mb)), os.cpu_count() or 1))
 
 

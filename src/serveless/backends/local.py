@@ -11,7 +11,6 @@ CPU share is memory / 1769 vCPUs. Messages between driver and instance are JSON.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing.connection as mpc
 import os
 import socket
@@ -155,10 +154,6 @@ class LocalBackend:
             "approximate (threads only; no cgroup: " + self.mode_reason + ")",
             "cores": os.cpu_count(),
         }
-
-    @staticmethod
-    def threads_for(memory_mb: int) -> int:
-        return max(1, min(math.ceil(vcpus(memory_mb)), os.cpu_count() or 1))
 
     def _key(self, fn: FunctionSpec) -> tuple[int, int, str]:
         return (fn.stage, fn.memory_mb, fn.model_key)
