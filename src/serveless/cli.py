@@ -84,9 +84,11 @@ def pack(
 
     def go() -> list[str]:
         n = len(scan_images(src))
+        st = Store(dest, parse_options(store_option))
+        st.check()
         with Progress(console=console, transient=True) as prog:
             task = prog.add_task("packing", total=n)
-            return pack_folder(src, Store(dest, parse_options(store_option)), "", per_record,
+            return pack_folder(src, st, "", per_record,
                                progress=lambda k: prog.advance(task, k))
 
     names = _run_guarded(go)
@@ -224,6 +226,7 @@ def run(
 
     def go() -> Any:
         st = Store(store, parse_options(store_option))
+        st.check()
         layout = JobLayout(job)
         if records is None and cuts is None and preset is None and st.exists(layout.spec):
             return st, JobSpec.load(st, job)  # resume as asked before
@@ -258,6 +261,7 @@ def demo(
     if images < 1 or per_record < 1:
         _fail("--images and --per-record must be >= 1")
     st = _open_store(store, store_option)
+    _run_guarded(st.check)
     layout = JobLayout("demo")
     st.delete(layout.job)  # the demo always starts fresh
     t0 = time.perf_counter()

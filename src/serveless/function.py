@@ -99,11 +99,8 @@ def load_stage(store: Store, model_key: str, threads: int) -> tuple[Any, float, 
             for suffix in ("", DATA_SUFFIX):
                 if suffix and not store.exists(model_key + suffix):
                     continue
-                data = store.get_bytes(model_key + suffix)
-                size += len(data)
-                with open(path + suffix, "wb") as f:
-                    f.write(data)
-                del data
+                store.get_file(model_key + suffix, path + suffix)  # streamed, never whole
+                size += os.path.getsize(path + suffix)
             session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     _SESSIONS.clear()  # an instance serves one stage; drop any other
     _SESSIONS[cache_key] = session

@@ -2,11 +2,23 @@
 
 Every object is written whole or not at all (temp file + rename on local disks, a single
 PUT on object stores), so a re-run stage never leaves a torn object behind.
+
+On S3 (s3fs) every object up to 5 GiB is one PUT whose body is streamed from a local
+file, so an upload holds a few MB, not the object (s3fs's own put_file reads the whole file,
+or 10 parts of 50 MiB, into memory: 400 MB more for a 200 MB tensor, measured) and counts as
+one request, as the cost model assumes. Larger objects use a multipart upload with bounded
+parts; that is just as atomic, since S3 shows the object only once CompleteMultipartUpload
+succeeds, and s3fs aborts the upload when a part fails. The endpoint and credentials come
+from the standard AWS environment (AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID, AWS_PROFILE,
+...) or from the store options (`endpoint_url`, `key`, `secret`, ...), which travel with
+`spec()` to every function.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import math
 import os
 import random
 import re
@@ -24,6 +36,12 @@ DEFAULT_STORE = "./serveless-store"
 # Fault injection for resilience tests and drills: flaky://<path> fails a share of requests.
 fsspec.register_implementation("flaky", "serveless.faults.FlakyFileSystem", clobber=True)
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_S3_PROTOCOLS = {"s3", "s3a"}
+S3_MAX_PUT = 5 << 30  # S3's limit for one PUT; larger objects go multipart
+S3_PART_SIZE = 64 << 20  # multipart part size (above S3_MAX_PUT only)
+S3_UPLOAD_CONCURRENCY = 2  # parts in flight: at most 128 MiB buffered per upload
+S3_MAX_PARTS = 10_000  # S3's limit on parts per upload
+S3_READ_BLOCK = 64 << 20  # one ranged GET per 64 MiB, as function.READ_BLOCK counts them
 
 
 class StoreError(Exception):
@@ -72,12 +90,22 @@ class Store:
         self.options = dict(options or {})
         if "://" not in url:
             url = Path(url).expanduser().resolve().as_uri()
+        fs_options = dict(self.options)
+        if url.split("://", 1)[0] in _S3_PROTOCOLS:
+            # Functions in other processes write objects this process may have listed:
+            # a cached listing would hide them (s3fs answers "missing" from it, no HEAD).
+            fs_options.setdefault("use_listings_cache", False)
         try:
-            self.fs, root = fsspec.core.url_to_fs(url, **self.options)
-        except (ImportError, ValueError) as exc:
+            self.fs, root = fsspec.core.url_to_fs(url, **fs_options)
+        except (ImportError, ValueError, TypeError) as exc:
             raise StoreError(f"cannot open store {self.url!r}: {exc}") from exc
         self.root = root.rstrip("/")
         self.local = "file" in _protocols(self.fs)
+        self.s3 = bool(_S3_PROTOCOLS & set(_protocols(self.fs)))
+        # s3fs >= 2026.2 splits a whole-object GET into 10 ranged GETs of 50 MiB at once:
+        # up to 500 MB in flight (and twice the object for cat_file). One GET instead.
+        self._one_get = {m: {"max_concurrency": 1} if self.s3 and _takes(self.fs, m) else {}
+                         for m in ("_cat_file", "_get_file")}
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -104,14 +132,24 @@ class Store:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
     def get_bytes(self, key: str) -> bytes:
+        kwargs = self._one_get["_cat_file"]
         try:
-            return _retrying(lambda: self.fs.cat_file(self.path(key)), key)
+            return _retrying(lambda: self.fs.cat_file(self.path(key), **kwargs), key)
         except FileNotFoundError as exc:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
     def open_read(self, key: str) -> IO[bytes]:
+        kwargs: dict[str, Any] = {"block_size": S3_READ_BLOCK} if self.s3 else {}
         try:
-            return _retrying(lambda: self.fs.open(self.path(key), "rb"), key)
+            return _retrying(lambda: self.fs.open(self.path(key), "rb", **kwargs), key)
+        except FileNotFoundError as exc:
+            raise StoreError(f"missing object {self.url}/{key}") from exc
+
+    def get_file(self, key: str, local: str | os.PathLike[str]) -> None:
+        """Download an object to a local file, streaming: it is never whole in memory."""
+        kwargs = self._one_get["_get_file"]
+        try:
+            _retrying(lambda: self.fs.get_file(self.path(key), os.fspath(local), **kwargs), key)
         except FileNotFoundError as exc:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
@@ -123,6 +161,8 @@ class Store:
         if self.local:
             with self.writer(key) as f:
                 f.write(data)
+        elif self.s3 and len(data) <= S3_MAX_PUT:
+            _retrying(lambda: self._put_object(self.path(key), data), key)
         else:
             _retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
 
@@ -137,7 +177,24 @@ class Store:
                     out.write(chunk)
             os.replace(tmp, dest)
         else:
-            _retrying(lambda: self.fs.put_file(os.fspath(local), dest), key)
+            _retrying(lambda: self._upload(os.fspath(local), dest), key)
+
+    def _upload(self, local: str, dest: str) -> None:
+        """One object from a finished local file: a PUT, or an atomic multipart upload."""
+        size = os.path.getsize(local)
+        if self.s3 and size <= S3_MAX_PUT:
+            with open(local, "rb") as body:
+                self._put_object(dest, body)
+        elif self.s3:
+            self.fs.put_file(local, dest, **_s3_upload_options(size))
+        else:
+            self.fs.put_file(local, dest)
+
+    def _put_object(self, dest: str, body: bytes | IO[bytes]) -> None:
+        """One S3 PUT; a file body is streamed, and reopened by _retrying on a retry."""
+        bucket, key, _ = self.fs.split_path(dest)
+        self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body)
+        self.fs.invalidate_cache(dest)
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[IO[bytes]]:
@@ -158,7 +215,7 @@ class Store:
             try:
                 with os.fdopen(fd, "wb") as f:
                     yield f
-                _retrying(lambda: self.fs.put_file(tmp, dest), key)
+                _retrying(lambda: self._upload(tmp, dest), key)
             finally:
                 os.unlink(tmp)
 
@@ -180,10 +237,84 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.path(key), recursive=True)
 
+    def check(self) -> None:
+        """Fail now, with a clear StoreError, if jobs cannot read and write this store.
+
+        Called before anything is invoked: a missing bucket or wrong credentials would
+        otherwise surface as every function failing (and retrying) one by one. A local
+        folder is checked without writing (the nearest existing folder must be writable);
+        any other store gets a tiny probe object written, read back and deleted.
+        """
+        if self.local:
+            self._check_local()
+            return
+        probe = self.path(f".serveless-check-{uuid.uuid4().hex}")
+        try:  # transient errors are retried as for any request; the rest are final
+            _retrying(lambda: self.fs.pipe_file(probe, b"ok"), probe)
+            if _retrying(lambda: self.fs.cat_file(probe), probe) != b"ok":
+                raise StoreError(f"store {self.url!r} did not return what was written to it")
+            _retrying(lambda: self.fs.rm(probe), probe)
+        except StoreError:
+            raise
+        except Exception as exc:  # s3fs/botocore raise many types; all mean "unusable"
+            raise StoreError(self._explain(exc)) from exc
+
+    def _check_local(self) -> None:
+        path = Path(self.root)
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"store {self.url!r} is a file, not a folder")
+        existing = path
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot write to store {self.url!r}: {existing} is not writable")
+
+    def _explain(self, exc: BaseException) -> str:
+        """Say what is wrong with the store in words a user can act on."""
+        name = type(exc).__name__
+        text = str(exc) or name
+        where = f"store {self.url!r}"
+        if self.s3:
+            bucket = self.root.split("/", 1)[0]
+            creds = ("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or "
+                     "--store-option key=... --store-option secret=...")
+            if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
+                return (f"{where}: bucket {bucket!r} does not exist (create it first, or check "
+                        f"the endpoint and region): {text}")
+            if isinstance(exc, PermissionError):
+                return (f"{where}: access denied to bucket {bucket!r}: {text}. Check the "
+                        f"credentials ({creds}) and that they may read, write and delete "
+                        "objects there")
+            if name in {"NoCredentialsError", "PartialCredentialsError"}:
+                return f"{where}: no AWS credentials found ({text}); set {creds}"
+            if name in {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionError",
+                        "ClientConnectorError"}:
+                return (f"{where}: cannot reach the S3 endpoint ({text}); check "
+                        "AWS_ENDPOINT_URL / --store-option endpoint_url=...")
+        if isinstance(exc, PermissionError):
+            return f"{where}: access denied: {text}"
+        if isinstance(exc, FileNotFoundError):
+            return f"{where} does not exist: {text}"
+        return f"{where} cannot be used: {name}: {text}"
+
 
 def _protocols(fs: Any) -> tuple[str, ...]:
     proto = fs.protocol
     return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def _takes(fs: Any, method: str) -> bool:
+    """Whether this filesystem's method accepts max_concurrency (newer s3fs only)."""
+    try:
+        return "max_concurrency" in inspect.signature(getattr(fs, method)).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def _s3_upload_options(size: int) -> dict[str, int]:
+    """s3fs upload arguments that bound the memory one upload holds (see the module doc)."""
+    return {"chunksize": max(S3_PART_SIZE, math.ceil(size / S3_MAX_PARTS)),
+            "max_concurrency": S3_UPLOAD_CONCURRENCY}
 
 
 class JobLayout:

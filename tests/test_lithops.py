@@ -1,0 +1,216 @@
+"""The Lithops backend on Lithops' localhost engine, with the store on the S3 test server:
+the end-to-end job, calls that time out or die, config handling, and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import psutil
+import pytest
+from test_s3 import check_layout_in_bucket, check_predictions
+
+from serveless.backends import FunctionSpec, make_backend
+from serveless.backends.lithops import LithopsBackend, build_config
+from serveless.images import make_sample_images
+from serveless.pipeline import load_log, prepare_job, run_job
+from serveless.records import pack_folder
+from serveless.store import Store
+
+pytest_plugins = ["s3server"]
+
+
+def _snapshot() -> dict[str, Any]:
+    """What Lithops could leave behind: processes under us, temp entries, ~/.lithops."""
+    lithops_home = Path.home() / ".lithops"
+    mentions_lithops = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        if "lithops" in " ".join(proc.info["cmdline"] or []):  # orphans are not our children
+            mentions_lithops.add(proc.pid)
+    return {
+        "children": {p.pid for p in psutil.Process().children(recursive=True)},
+        "lithops_processes": mentions_lithops,
+        # Only names Lithops or this backend would use: other programs share the folder.
+        "tmp": {n for n in os.listdir(tempfile.gettempdir()) if "lithops" in n.lower()},
+        "home": sorted(str(p) for p in lithops_home.rglob("*")) if lithops_home.exists()
+        else None,
+    }
+
+
+def _assert_nothing_left(before: dict[str, Any], after: dict[str, Any]) -> None:
+    assert after["children"] - before["children"] == set(), "stray processes"
+    assert after["lithops_processes"] - before["lithops_processes"] == set(), "stray processes"
+    assert after["tmp"] - before["tmp"] == set(), "stray temp folders or files"
+    assert after["home"] == before["home"], "~/.lithops was written"
+
+
+# -- the end-to-end job -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_records(tmp_path_factory) -> Path:
+    """20 images in records of 10: Lithops localhost v1 starts a process per call."""
+    root = tmp_path_factory.mktemp("lithops")
+    make_sample_images(root / "images", 20, classes=3, seed=11)
+    pack_folder(root / "images", Store(str(root / "records")), "", 10)
+    return root / "records"
+
+
+@pytest.fixture(scope="module")
+def lithops_job(s3_server, small_records):
+    store = Store(s3_server.url("lithops"), s3_server.options())
+    spec = prepare_job(store, "lj", "alexnet", preset="paper", records=str(small_records),
+                       memory="1024,1536,1024,2048")
+    before = _snapshot()
+    backend = make_backend("lithops", {"backend": "localhost"})
+    try:
+        described = backend.describe()
+        t0 = time.perf_counter()
+        result = run_job(store, spec, backend, concurrency=2, progress=False)
+        wall = time.perf_counter() - t0
+    finally:
+        backend.close()
+    return store, spec, result, described, wall, before, _snapshot()
+
+
+def test_lithops_job_gives_one_row_per_image_equal_to_the_whole_model(
+        lithops_job, small_records, alexnet, s3_server):
+    store, spec, result, described, *_ = lithops_job
+    assert described["backend"] == "lithops" and described["lithops_backend"] == "localhost"
+    assert spec.stages == 4 and result.ok and result.images == 20
+    check_predictions(store, "lj", small_records, alexnet, 20)
+    check_layout_in_bucket(s3_server.keys("lithops/"), "lithops", "lj", spec.records,
+                           spec.stages)
+
+
+def test_lithops_job_logs_each_call_with_its_stats(lithops_job):
+    store, spec, result, _, wall, *_ = lithops_job
+    log = load_log(store, "lj")
+    assert len(log) == 2 * 4 and {(r["record"], r["stage"]) for r in log} == {
+        (rec, k) for rec in spec.records for k in range(4)}
+    for r in log:
+        assert r["error"] is None and r["memory_mb"] == spec.memory[r["stage"]]
+        assert r["cold"] and r["init_ms"] > 0  # localhost v1: a fresh process per call
+        assert r["peak_mb"] > 50 and r["billed_ms"] >= r["duration_ms"] > 0
+        assert r["instance"].startswith("lithops:")
+    assert len({r["instance"] for r in log}) == len(log)
+    assert wall < 120  # no hang
+
+
+def test_lithops_job_leaves_no_process_or_folder(lithops_job):
+    *_, before, after = lithops_job
+    _assert_nothing_left(before, after)
+
+
+# -- calls that fail, time out, or lose their worker ------------------------------------------
+
+
+def _probe(event: dict[str, Any]) -> dict[str, Any]:
+    """A stand-in for the stage handler, run by Lithops; `do` says how to misbehave."""
+    do = event["do"]
+    if do == "raise":
+        raise ValueError("bad record")
+    if do == "sleep":  # past the call's timeout: Lithops kills it
+        time.sleep(60)
+    if do == "die":  # the runner process dies: no status will ever come
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(60)
+    if do == "hang":  # the runner freezes: only our own deadline ends the call
+        os.kill(os.getppid(), signal.SIGSTOP)
+        time.sleep(60)
+    return {"echo": event, "duration_ms": 1.0, "handler_init_ms": 0.0, "peak_mb": 1.0,
+            "cold": True}
+
+
+def test_calls_end_with_a_result_whatever_happens_to_them():
+    before = _snapshot()
+    backend = LithopsBackend({"backend": "localhost", "function": "test_lithops:_probe",
+                              "timeout_s": 4, "grace_s": 4})
+    cases = ["ok", "raise", "sleep", "die", "hang"]
+    t0 = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(len(cases)) as pool:
+            futures = {
+                do: pool.submit(backend.invoke, FunctionSpec(0, 512 + i, "m", {}), {"do": do})
+                for i, do in enumerate(cases)}
+            results = {do: f.result(timeout=60) for do, f in futures.items()}
+        wall = time.perf_counter() - t0
+    finally:
+        backend.close()
+    ok = results["ok"]
+    assert ok.ok and ok.metrics["echo"] == {"do": "ok"}
+    assert ok.extra["lithops"]["runtime_memory"] == 512  # the stage's memory, as asked
+    assert ok.extra["lithops"]["worker_exec_time"] > 0 and ok.duration_ms >= 1.0
+    assert results["raise"].error == {"type": "ValueError", "message": "bad record"}
+    assert results["sleep"].error["type"] == "Timeout"
+    assert results["die"].error["type"] == "InstanceDied"
+    assert results["hang"].error["type"] == "Timeout"
+    assert "within 4 s + 4 s" in results["hang"].error["message"]
+    assert all(r.extra["lithops"]["runtime_memory"] == 512 + i
+               for i, r in enumerate(results.values()))
+    assert wall < 30  # the five ran side by side, and none hung
+    _assert_nothing_left(before, _snapshot())  # the frozen and orphaned runners are gone
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.invoke(FunctionSpec(0, 512, "m", {}), {"do": "ok"})
+
+
+def test_many_back_to_back_calls_neither_hang_nor_get_lost():
+    """Localhost version 2 hung after 11-34 back-to-back maps and lost 1-2% of calls."""
+    before = _snapshot()
+    backend = LithopsBackend({"backend": "localhost", "timeout_s": 60, "grace_s": 10,
+                              "function": "serveless.backends.lithops:ping"})
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(
+                lambda i: backend.invoke(FunctionSpec(0, 512, "m", {}), {"i": i}), range(40)))
+    finally:
+        backend.close()
+    assert [r.error for r in results if not r.ok] == []
+    assert sorted(r.metrics["event"]["i"] for r in results) == list(range(40))
+    _assert_nothing_left(before, _snapshot())
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_config_file_and_options_are_merged_with_the_localhost_fixes(tmp_path):
+    cfg = tmp_path / "lithops.yaml"
+    cfg.write_text("lithops:\n  backend: localhost\n  data_cleaner: true\n"
+                   "localhost:\n  version: 2\n  runtime: python3\n")
+    config = build_config({"config_file": str(cfg), "lithops.monitoring_interval": 1})
+    assert config["lithops"]["data_cleaner"] is False
+    assert config["lithops"]["monitoring_interval"] == 1
+    assert config["localhost"]["version"] == 1
+    assert config["localhost"]["runtime"] == "python3"  # the user's own choice stays
+    assert build_config({})["localhost"]["runtime"] == sys.executable
+    aws = build_config({"backend": "aws_lambda", "storage": "aws_s3", "aws.region": "eu-west-1",
+                        "aws_lambda.execution_role": "arn:role", "runtime": "serveless-rt"})
+    assert aws["aws_lambda"] == {"execution_role": "arn:role", "runtime": "serveless-rt"}
+    assert aws["aws"] == {"region": "eu-west-1"} and "localhost" not in aws
+    with pytest.raises(ValueError, match="unknown lithops backend options"):
+        build_config({"memory": 1024})
+    with pytest.raises(ValueError, match="does not exist"):
+        build_config({"config_file": str(tmp_path / "missing.yaml")})
+
+
+def test_cloud_functions_refuse_a_store_on_this_machine():
+    lam, local = SimpleNamespace(compute="aws_lambda"), SimpleNamespace(compute="localhost")
+    for url in ("./serveless-store", "/data/store", "file:///data", "memory://x"):
+        assert "cannot reach the store" in LithopsBackend.store_problem(lam, url)
+        assert LithopsBackend.store_problem(local, url) is None
+    assert LithopsBackend.store_problem(lam, "s3://bucket/prefix") is None
+
+
+def test_a_bad_config_fails_at_start_and_leaves_nothing():
+    before = _snapshot()
+    with pytest.raises(ValueError, match="execution_role"):
+        LithopsBackend({"backend": "aws_lambda", "storage": "aws_s3", "aws.region": "us-east-1",
+                        "aws_lambda.runtime_timeout": 300})
+    _assert_nothing_left(before, _snapshot())
