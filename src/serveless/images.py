@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import functools
 import io
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -146,14 +145,11 @@ def make_sample_images(
         jobs.append((str(path), seed * 1_000_003 + i, w, h))
     for folder in {Path(p).parent for p, *_ in jobs}:
         folder.mkdir(parents=True, exist_ok=True)
+    # Threads, not processes: Pillow and numpy release the GIL for the heavy parts, and a
+    # process pool would re-run the caller's __main__ (broken from stdin or a notebook).
     workers = workers or min(os.cpu_count() or 1, 8)
-    if workers > 1 and count >= 64:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            list(pool.map(_write_photo, jobs, chunksize=32))
-    else:
-        for job in jobs:
-            _write_photo(job)
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(_write_photo, jobs))
     return [Path(p) for p, *_ in jobs]
 
 

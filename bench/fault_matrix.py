@@ -1,0 +1,171 @@
+"""The fault matrix (issue 5): each fault, trials, images, rows lost, rows duplicated.
+
+    python bench/fault_matrix.py [--trials 3] [--images 60] [--per-record 25]
+
+Every trial runs a whole job with the fault injected and counts prediction rows against
+the images packed: a lost row is an image with no row, a duplicate is a second row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import OUT, machine, save, workload  # noqa: E402
+
+from serveless.backends.local import LocalBackend  # noqa: E402
+from serveless.pipeline import prepare_job, run_job  # noqa: E402
+from serveless.records import Example, read_record, write_record  # noqa: E402
+from serveless.store import JobLayout, Store  # noqa: E402
+
+
+def count_rows(store: Store, job: str, expected: set[tuple[str, int]]) -> tuple[int, int, int]:
+    rows = []
+    for key in store.list(JobLayout(job).key("predictions"), ".jsonl"):
+        rows += [json.loads(x) for x in store.get_bytes(key).decode().splitlines()]
+    counts = Counter((r["record"], r["index"]) for r in rows)
+    lost = len(expected - set(counts))
+    dup = sum(c - 1 for c in counts.values())
+    errors = sum(1 for r in rows if r["error"])
+    return lost, dup, errors
+
+
+def expected_rows(rec_dir: Path) -> set[tuple[str, int]]:
+    out = set()
+    for p in sorted(rec_dir.glob("*.tfrecord")):
+        n = len(read_record(p.read_bytes()))
+        out |= {(p.stem, i) for i in range(n)}
+    return out
+
+
+def fresh(name: str) -> Path:
+    root = OUT / "faults" / name
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    return root
+
+
+def instances() -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "serveless.backends.worker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def kill_instances(rec_dir: Path, trial: int) -> tuple[Store, str, str]:
+    store = Store(str(fresh(f"kill-{trial}")))
+    spec = prepare_job(store, "j", "alexnet", preset="paper", records=str(rec_dir))
+    stop, kills = threading.Event(), []
+
+    def killer() -> None:
+        rng = random.Random(trial)
+        while not stop.is_set():
+            time.sleep(rng.uniform(0.5, 2.0))
+            procs = instances()
+            if procs:
+                try:
+                    rng.choice(procs).send_signal(signal.SIGKILL)
+                    kills.append(1)
+                except psutil.Error:
+                    pass
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    with LocalBackend() as backend:
+        run_job(store, spec, backend, concurrency=2, retries=8, progress=False)
+    stop.set()
+    t.join()
+    return store, "j", f"{len(kills)} instances SIGKILLed"
+
+
+def kill_driver(rec_dir: Path, trial: int) -> tuple[Store, str, str]:
+    root = fresh(f"driver-{trial}")
+    args = [sys.executable, "-m", "serveless", "run", "--store", str(root), "--job", "j",
+            "--records", str(rec_dir), "--preset", "paper", "--concurrency", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(trial).uniform(4, 12))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    return Store(str(root)), "j", "driver SIGKILLed once, then the same command again"
+
+
+def flaky(rec_dir: Path, trial: int) -> tuple[Store, str, str]:
+    root = fresh(f"flaky-{trial}")
+    store = Store(f"flaky://{root}", {"fail_rate": 0.05, "seed": trial})
+    spec = prepare_job(store, "j", "alexnet", preset="paper", records=str(rec_dir))
+    with LocalBackend() as backend:
+        run_job(store, spec, backend, concurrency=2, retries=5, progress=False)
+    return Store(str(root)), "j", "5% of store reads and writes fail"
+
+
+def bad_images(rec_dir: Path, trial: int) -> tuple[Store, str, str]:
+    root = fresh(f"bad-{trial}")
+    recs = root / "records"
+    recs.mkdir()
+    rng = random.Random(trial)
+    for p in sorted(rec_dir.glob("*.tfrecord")):
+        exs = read_record(p.read_bytes())
+        for i in rng.sample(range(len(exs)), 3):
+            e = exs[i]
+            exs[i] = Example(e.encoded[: len(e.encoded) // 4], e.filename, e.label)
+        buf = io.BytesIO()
+        write_record(buf, exs)
+        (recs / p.name).write_bytes(buf.getvalue())
+    store = Store(str(root / "store"))
+    spec = prepare_job(store, "j", "alexnet", preset="paper", records=str(recs))
+    with LocalBackend() as backend:
+        run_job(store, spec, backend, concurrency=2, progress=False)
+    return store, "j", "3 truncated JPEGs per record (error rows expected)"
+
+
+FAULTS = {"instance SIGKILL at random": kill_instances, "driver SIGKILL + resume": kill_driver,
+          "store 5% transient errors": flaky, "corrupt images": bad_images}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--images", type=int, default=60)
+    ap.add_argument("--per-record", type=int, default=25)
+    args = ap.parse_args()
+    _, rec_dir = workload(args.images, args.per_record, seed=4)
+    expected = expected_rows(rec_dir)
+    print(f"machine: {machine()}")
+    print("| fault | trials | images | rows lost | rows duplicated | error rows | note |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    result = {}
+    for name, fault in FAULTS.items():
+        lost = dup = err = 0
+        note = ""
+        for trial in range(args.trials):
+            store, job, note = fault(rec_dir, trial)
+            lo, du, er = count_rows(store, job, expected)
+            lost, dup, err = lost + lo, dup + du, err + er
+        images = len(expected) * args.trials
+        print(f"| {name} | {args.trials} | {images} | {lost} | {dup} | {err} | {note} |",
+              flush=True)
+        result[name] = {"trials": args.trials, "images": images, "lost": lost, "dup": dup,
+                        "errors": err}
+    print(f"saved {save('fault_matrix', result)}")
+
+
+if __name__ == "__main__":
+    main()
