@@ -1,6 +1,6 @@
 """The fault matrix (issue 5): each fault, trials, images, rows lost, rows duplicated.
 
-    python bench/fault_matrix.py [--trials 3] [--images 60] [--per-record 25]
+    python bench/fault_matrix.py [--trials 3] [--images 200] [--per-record 50]
 
 Every trial runs a whole job with the fault injected and counts prediction rows against
 the images packed: a lost row is an image with no row, a duplicate is a second row.
@@ -77,7 +77,7 @@ def kill_instances(rec_dir: Path, trial: int) -> tuple[Store, str, str]:
     def killer() -> None:
         rng = random.Random(trial)
         while not stop.is_set():
-            time.sleep(rng.uniform(0.5, 2.0))
+            time.sleep(rng.uniform(0.3, 1.0))
             procs = instances()
             if procs:
                 try:
@@ -143,8 +143,8 @@ FAULTS = {"instance SIGKILL at random": kill_instances, "driver SIGKILL + resume
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--images", type=int, default=60)
-    ap.add_argument("--per-record", type=int, default=25)
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--per-record", type=int, default=50)
     args = ap.parse_args()
     _, rec_dir = workload(args.images, args.per_record, seed=4)
     expected = expected_rows(rec_dir)

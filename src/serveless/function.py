@@ -26,7 +26,7 @@ import numpy as np
 
 from .images import MAX_PIXELS, preprocess
 from .records import iter_record
-from .store import JobLayout, Store
+from .store import JobLayout, Store, StoreError
 from .tensors import TensorFormat, TensorReader, TensorWriter
 
 READ_BLOCK = 64 << 20  # one GET per 64 MiB of an object, as a ranged reader on S3 would do
@@ -97,9 +97,12 @@ def load_stage(store: Store, model_key: str, threads: int) -> tuple[Any, float, 
             path = os.path.join(tmp, model_key.rsplit("/", 1)[-1])
             size = 0
             for suffix in ("", DATA_SUFFIX):
-                if suffix and not store.exists(model_key + suffix):
-                    continue
-                store.get_file(model_key + suffix, path + suffix)  # streamed, never whole
+                try:  # streamed, never whole in memory; transient errors are retried
+                    store.get_file(model_key + suffix, path + suffix)
+                except StoreError:
+                    if not suffix:
+                        raise
+                    continue  # a stage without external weights (all small)
                 size += os.path.getsize(path + suffix)
             session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     _SESSIONS.clear()  # an instance serves one stage; drop any other
