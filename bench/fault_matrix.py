@@ -154,11 +154,13 @@ def main() -> None:
     result = {}
     for name, fault in FAULTS.items():
         lost = dup = err = 0
-        note = ""
+        notes = []
         for trial in range(args.trials):
             store, job, note = fault(rec_dir, trial)
+            notes.append(note)
             lo, du, er = count_rows(store, job, expected)
             lost, dup, err = lost + lo, dup + du, err + er
+        note = notes[0] if len(set(notes)) == 1 else "; ".join(notes)
         images = len(expected) * args.trials
         print(f"| {name} | {args.trials} | {images} | {lost} | {dup} | {err} | {note} |",
               flush=True)

@@ -7,7 +7,6 @@ image, with errors stated, whatever failed on the way.
 from __future__ import annotations
 
 import io
-import json
 import os
 import random
 import signal
@@ -15,30 +14,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 
 import psutil
 import pytest
+from helpers import assert_one_row_per_image, rows_of
 from PIL import Image
 
 from serveless.backends.local import LocalBackend
 from serveless.models import build_alexnet, save_model
 from serveless.pipeline import load_log, prepare_job, run_job
 from serveless.records import Example, RecordError, read_record, write_record
-from serveless.store import JobLayout, Store
-
-
-def prediction_rows(store: Store, job: str) -> list[dict]:
-    rows = []
-    for key in store.list(JobLayout(job).key("predictions"), ".jsonl"):
-        rows += [json.loads(x) for x in store.get_bytes(key).decode().splitlines()]
-    return rows
-
-
-def assert_one_row_per_image(rows: list[dict], expected: int) -> None:
-    counts = Counter((r["record"], r["index"]) for r in rows)
-    assert len(counts) == expected, f"{len(counts)} distinct rows for {expected} images"
-    assert max(counts.values()) == 1, "duplicated rows"
+from serveless.store import Store
 
 
 def instance_processes() -> list[psutil.Process]:
@@ -79,7 +65,7 @@ def test_instances_sigkilled_at_random(tmp_path, records_dir):
     thread.join()
     assert kills, "the test killed nothing"
     assert result.ok, result.failed_records
-    assert_one_row_per_image(prediction_rows(store, "kill"), 60)
+    assert_one_row_per_image(rows_of(store, "kill"), 60)
     log = load_log(store, "kill")
     died = [r for r in log if r["error"]]
     assert died and all(r["error"]["type"] in ("InstanceDied", "OutOfMemory") for r in died)
@@ -113,7 +99,7 @@ def test_driver_sigkilled_then_resumed(tmp_path, records_dir):
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     store = Store(str(store_dir))
-    assert_one_row_per_image(prediction_rows(store, "resume"), 60)
+    assert_one_row_per_image(rows_of(store, "resume"), 60)
     new_rows = load_log(store, "resume")[rows_before:]
     assert new_rows, "the second run did nothing"
     recomputed = {r["record"] for r in new_rows} & done_before
@@ -126,7 +112,7 @@ def test_flaky_store(tmp_path, records_dir):
     with LocalBackend() as backend:
         result = run_job(store, spec, backend, concurrency=2, retries=5, progress=False)
     assert result.ok, result.failed_records
-    assert_one_row_per_image(prediction_rows(store, "flaky"), 60)
+    assert_one_row_per_image(rows_of(store, "flaky"), 60)
     assert not list(tmp_path.rglob("*.tmp-*")), "a torn temporary object was left behind"
 
 
@@ -159,7 +145,7 @@ def test_bad_images_get_error_rows(tmp_path):
     spec = prepare_job(store, "bad", "alexnet", preset="paper", records=str(rec_dir))
     with LocalBackend() as backend:
         result = run_job(store, spec, backend, concurrency=2, progress=False)
-    rows = prediction_rows(store, "bad")
+    rows = rows_of(store, "bad")
     assert_one_row_per_image(rows, len(examples))
     errors = {r["filename"]: r["error"] for r in rows if r["error"]}
     assert set(errors) == {"truncated.jpg", "text.jpg", "noise.png", "bomb.png"}
@@ -186,7 +172,7 @@ def test_corrupt_record_fails_alone(tmp_path, records_dir):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out + err
     assert "00001" in err and "CRC" in err and "byte" in err and "00001.tfrecord" in err
-    rows = prediction_rows(Store(str(store_dir)), "crc")
+    rows = rows_of(Store(str(store_dir)), "crc")
     assert {r["record"] for r in rows} == {"00000", "00002"}
     assert_one_row_per_image(rows, 35)
 
@@ -218,7 +204,7 @@ def test_oom_is_reported_then_retried_with_more_memory(tmp_path, records_dir):
         result = run_job(store, spec, backend, concurrency=2, retries=3, progress=False)
     # 256 -> 384 (x1.5) suffices unless the cold peak lands right at the cap, then 576
     assert result.ok and set(result.raised) == {3} and result.raised[3] in (384, 576)
-    assert_one_row_per_image(prediction_rows(store, "oom"), 60)
+    assert_one_row_per_image(rows_of(store, "oom"), 60)
     last = [r for r in load_log(store, "oom") if r["stage"] == 3 and not r["error"]]
     assert last and all(r["memory_mb"] == result.raised[3] for r in last)
 
@@ -270,4 +256,4 @@ def test_user_model_file_runs(tmp_path, records_dir):
     with LocalBackend() as backend:
         result = run_job(store, spec, backend, concurrency=2, progress=False)
     assert result.ok and spec.stages == 2
-    assert_one_row_per_image(prediction_rows(store, "user"), 60)
+    assert_one_row_per_image(rows_of(store, "user"), 60)

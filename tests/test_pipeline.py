@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from helpers import rows_of, whole_model_probs
 
 from serveless.backends.local import LocalBackend
 from serveless.images import preprocess
 from serveless.pipeline import JobError, load_log, prepare_job, run_job
 from serveless.records import read_record
 from serveless.store import JobLayout, Store
-
-
-def rows_of(store: Store, job: str) -> list[dict]:
-    rows = []
-    for key in store.list(JobLayout(job).key("predictions"), ".jsonl"):
-        rows += [json.loads(line) for line in store.get_bytes(key).decode().splitlines()]
-    return rows
-
-
-def whole_model_probs(model, records_dir: Path) -> dict[tuple[str, int], np.ndarray]:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = {}
-    for path in sorted(records_dir.glob("*.tfrecord")):
-        examples = read_record(path.read_bytes())
-        batch = np.stack([preprocess(ex.encoded) for ex in examples])
-        (probs,) = sess.run(None, {"input": batch})
-        for i, p in enumerate(probs):
-            out[(path.stem, i)] = p
-    return out
 
 
 @pytest.fixture(scope="module")

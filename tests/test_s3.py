@@ -3,22 +3,19 @@ bounded uploads, endpoints from the environment, and clear errors before any inv
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import fsspec.asyn
 import numpy as np
-import onnxruntime as ort
 import pytest
+from helpers import rows_of, whole_model_probs
 
 from serveless import store as store_module
 from serveless.backends import FunctionSpec, InvocationResult
 from serveless.backends.local import LocalBackend
-from serveless.images import preprocess
 from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
-from serveless.records import read_record
-from serveless.store import JobLayout, Store, StoreError
+from serveless.store import Store, StoreError
 
 pytest_plugins = ["s3server"]
 
@@ -26,25 +23,6 @@ FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout"
 
 
 # -- helpers shared with test_lithops -------------------------------------------------------
-
-
-def rows_of(store: Store, job: str) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    for key in store.list(JobLayout(job).key("predictions"), ".jsonl"):
-        rows += [json.loads(line) for line in store.get_bytes(key).decode().splitlines()]
-    return rows
-
-
-def whole_model_probs(model: Any, records_dir: Path) -> dict[tuple[str, int], np.ndarray]:
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = {}
-    for path in sorted(records_dir.glob("*.tfrecord")):
-        examples = read_record(path.read_bytes())
-        batch = np.stack([preprocess(ex.encoded) for ex in examples])
-        (probs,) = sess.run(None, {"input": batch})
-        for i, p in enumerate(probs):
-            out[(path.stem, i)] = p
-    return out
 
 
 def check_predictions(store: Store, job: str, records_dir: Path, model: Any, images: int) -> None:
