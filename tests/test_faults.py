@@ -22,7 +22,7 @@ from PIL import Image
 
 from serveless.backends.local import LocalBackend
 from serveless.models import build_alexnet, save_model
-from serveless.pipeline import load_log, prepare_job, run_job
+from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
 from serveless.records import Example, RecordError, read_record, write_record
 from serveless.store import Store
 
@@ -192,21 +192,29 @@ def test_oom_is_reported_then_retried_with_more_memory(tmp_path, records_dir):
     assert all("OutOfMemory" in why for why in result.failed_records.values())
     done = {r["record"] for r in log if r["stage"] == 3 and not r["error"]}
     assert done | set(result.failed_records) == {"00000", "00001", "00002"}
-    assert all(r["memory_mb"] == 256 for r in ooms)
-    msg = ooms[0]["error"]["message"]
+    # 256 fails for sure; the raised 384 is near the classifier's cold peak and may too
+    assert {r["memory_mb"] for r in ooms} <= {256, 384}
+    msg = min(ooms, key=lambda r: r["started"])["error"]["message"]
     assert "stage 3" in msg and "256 MB" in msg and "record" in msg
     assert took < 120
+    # raised once per size, not once per concurrent failure, and kept in job.json; 384 MB
+    # suffices unless the cold peak lands right at that cap, then it is raised to 576
+    raised_to = JobSpec.load(store, "oom").memory
+    assert raised_to[:3] == [1024, 1024, 1024] and raised_to[3] in (384, 576)
+    failed_sizes = {r["memory_mb"] for r in ooms}
+    assert raised_to[3] == {1: 384, 2: 576}[len(failed_sizes)]
+    assert result.raised == {3: raised_to[3]}
     # the other stages finished for every record
     assert {r["record"] for r in log if r["stage"] == 2 and not r["error"]} == {
         "00000", "00001", "00002"}
 
+    resumed = JobSpec.load(store, "oom")  # as `serveless run --job oom` would
     with LocalBackend() as backend:
-        result = run_job(store, spec, backend, concurrency=2, retries=3, progress=False)
-    # 256 -> 384 (x1.5) suffices unless the cold peak lands right at the cap, then 576
-    assert result.ok and set(result.raised) == {3} and result.raised[3] in (384, 576)
+        result = run_job(store, resumed, backend, concurrency=2, retries=3, progress=False)
+    assert result.ok and result.raised in ({}, {3: int(raised_to[3] * 1.5)})
     assert_one_row_per_image(rows_of(store, "oom"), 60)
     last = [r for r in load_log(store, "oom") if r["stage"] == 3 and not r["error"]]
-    assert last and all(r["memory_mb"] == result.raised[3] for r in last)
+    assert last and all(r["memory_mb"] >= raised_to[3] for r in last)
 
 
 def test_bad_input_refused_before_any_invocation(tmp_path, records_dir):

@@ -352,6 +352,8 @@ def run_job(
                         and memory[task.stage] < MAX_MEMORY_MB):  # once per size, not per call
                     memory[task.stage] = min(MAX_MEMORY_MB, int(memory[task.stage] * OOM_RAISE))
                     raised[task.stage] = memory[task.stage]
+                    spec.memory = list(memory)  # a resumed job starts from the raised size
+                    spec.save(store)
                 if task.attempt < retries and _retryable(err):
                     retried += 1
                     delay = min(30.0, 0.2 * 2**task.attempt) * (0.5 + rng.random())
