@@ -154,3 +154,16 @@ def test_user_model_with_its_own_input_size(tmp_path, records_dir):
         assert x.shape == (1, 3, 64, 48)
         (p,) = sess.run(None, {"img": x})
         np.testing.assert_allclose(p[0][r["top5"]], r["probs"], atol=1e-5)
+
+
+def test_intermediates_can_be_dropped_once_a_record_is_done(tmp_path, records_dir):
+    store = Store(str(tmp_path))
+    spec = prepare_job(store, "drop", "alexnet", preset="paper", records=str(records_dir))
+    with LocalBackend() as backend:
+        result = run_job(store, spec, backend, concurrency=2, progress=False,
+                         keep_intermediates=False)
+    assert result.ok and len(rows_of(store, "drop")) == 60
+    lay = JobLayout("drop")
+    for k in range(3):
+        assert store.list(lay.key(f"stage-{k}")) == []
+    assert all(store.exists(lay.record(r)) for r in spec.records)  # inputs are never dropped

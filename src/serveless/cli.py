@@ -160,7 +160,8 @@ def partition_cmd(
 
 def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
              max_instances: int | None, keep_alive: float, progress: bool = True,
-             backend_name: str = "local", backend_options: list[str] | None = None) -> Any:
+             backend_name: str = "local", backend_options: list[str] | None = None,
+             keep_intermediates: bool = True) -> Any:
     from .backends import make_backend
     from .pipeline import run_job
     from .report import print_summary
@@ -170,7 +171,7 @@ def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
         keep_alive_s=keep_alive))
     try:
         result = run_job(store, spec, backend, concurrency=concurrency, retries=retries,
-                         progress=progress)
+                         progress=progress, keep_intermediates=keep_intermediates)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted; run the same command again to resume[/yellow]")
         raise typer.Exit(130) from None
@@ -219,6 +220,9 @@ def run(
     = 300.0,
     float16: Annotated[bool, typer.Option(help="store intermediates as float16")] = False,
     compress: Annotated[bool, typer.Option(help="zstd-compress intermediates")] = False,
+    keep_intermediates: Annotated[bool, typer.Option(
+        help="keep stage outputs in the store after a record's predictions are written")]
+    = True,
 ) -> None:
     """Run (or resume) a job: every record through every stage."""
     from .pipeline import JobSpec, prepare_job
@@ -235,7 +239,8 @@ def run(
 
     st, spec = _run_guarded(go)
     result = _execute(st, spec, concurrency, retries, arch, max_instances, keep_alive,
-                      backend_name=backend, backend_options=backend_option)
+                      backend_name=backend, backend_options=backend_option,
+                      keep_intermediates=keep_intermediates)
     if not result.ok:
         raise typer.Exit(1)
 
