@@ -26,7 +26,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, machine, save, workload  # noqa: E402
 
-from serveless.backends.local import LocalBackend  # noqa: E402
+from serveless.backends.local import LocalBackend, instance_processes  # noqa: E402
 from serveless.pipeline import prepare_job, run_job  # noqa: E402
 from serveless.records import Example, read_record, write_record  # noqa: E402
 from serveless.store import JobLayout, Store  # noqa: E402
@@ -58,17 +58,6 @@ def fresh(name: str) -> Path:
     return root
 
 
-def instances() -> list[psutil.Process]:
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "serveless.backends.worker" in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
-
-
 def kill_instances(rec_dir: Path, trial: int) -> tuple[Store, str, str]:
     store = Store(str(fresh(f"kill-{trial}")))
     spec = prepare_job(store, "j", "alexnet", preset="paper", records=str(rec_dir))
@@ -78,7 +67,7 @@ def kill_instances(rec_dir: Path, trial: int) -> tuple[Store, str, str]:
         rng = random.Random(trial)
         while not stop.is_set():
             time.sleep(rng.uniform(0.3, 1.0))
-            procs = instances()
+            procs = instance_processes()
             if procs:
                 try:
                     rng.choice(procs).send_signal(signal.SIGKILL)

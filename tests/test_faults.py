@@ -20,22 +20,11 @@ import pytest
 from helpers import assert_one_row_per_image, rows_of
 from PIL import Image
 
-from serveless.backends.local import LocalBackend
+from serveless.backends.local import LocalBackend, instance_processes
 from serveless.models import build_alexnet, save_model
 from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
 from serveless.records import Example, RecordError, read_record, write_record
 from serveless.store import Store
-
-
-def instance_processes() -> list[psutil.Process]:
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "serveless.backends.worker" in " ".join(p.cmdline()):
-                out.append(p)
-        except psutil.Error:
-            pass
-    return out
 
 
 def test_instances_sigkilled_at_random(tmp_path, records_dir):

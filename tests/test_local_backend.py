@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from serveless.backends import FunctionSpec
-from serveless.backends.local import LocalBackend
+from serveless.backends.local import LocalBackend, instance_processes
 from serveless.pipeline import prepare_job
 from serveless.store import JobLayout, Store
 
@@ -99,8 +99,7 @@ def test_ctrl_c_stops_cleanly(tmp_path, records_dir):
     children: list[psutil.Process] = []
     while time.time() < deadline and not children:
         assert proc.poll() is None, proc.communicate()
-        children = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                    if "serveless.backends.worker" in " ".join(c.cmdline())]
+        children = instance_processes(proc.pid)
         time.sleep(0.1)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)

@@ -28,6 +28,24 @@ DEFAULT_KEEP_ALIVE_S = 300.0
 DEFAULT_TIMEOUT_S = 900.0  # Lambda's maximum
 
 
+WORKER_MODULE = "serveless.backends.worker"
+
+
+def instance_processes(parent: int | None = None) -> list[Any]:
+    """The function instances (worker processes) below a driver process, this one by default:
+    what to look at, or kill, when checking that a run leaves nothing behind."""
+    import psutil
+
+    out = []
+    for p in psutil.Process(parent).children(recursive=True):
+        try:
+            if WORKER_MODULE in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
 class _Instance:
     _ids = 0
 
@@ -45,7 +63,7 @@ class _Instance:
         # A fresh interpreter (not fork: onnxruntime's threads; not multiprocessing's spawn:
         # it re-runs the caller's __main__, which fails from stdin or notebooks).
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serveless.backends.worker", str(theirs.fileno()),
+            [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno()),
              json.dumps(spec)],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
         )
