@@ -101,6 +101,7 @@ def test_ctrl_c_stops_cleanly(tmp_path, records_dir):
         assert proc.poll() is None, proc.communicate()
         children = instance_processes(proc.pid)
         time.sleep(0.1)
+    assert children, "no function instance started"
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
@@ -111,3 +112,21 @@ def test_ctrl_c_stops_cleanly(tmp_path, records_dir):
     leftovers = [p for p in glob.glob("/sys/fs/cgroup/**/serveless-*", recursive=True)
                  if f"-{proc.pid}-" in p]
     assert leftovers == []
+
+
+def test_init_failures_are_reported_not_raised_and_never_pooled(job):
+    store, spec = job
+    lay = JobLayout(spec.job)
+    with LocalBackend(timeout_s=0.05) as backend:  # no instance can init that fast
+        first = _call(backend, store, spec)
+        second = _call(backend, store, spec)
+    assert first.error["type"] == "Timeout" and first.cold
+    assert second.cold and second.instance != first.instance
+    assert first.duration_ms == 0.0 and first.init_ms > 0  # only the init is billed
+
+    missing = FunctionSpec(stage=0, memory_mb=1769, model_key=lay.key("model", "nope.onnx"),
+                           store=store.spec(), threads=1)
+    with LocalBackend() as backend:
+        res = backend.invoke(missing, {"store": store.spec(), "job": spec.job, "stage": 0,
+                                       "stages": spec.stages, "record": "00000"})
+    assert res.error["type"] == "StoreError" and "nope.onnx" in res.error["message"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -53,7 +54,8 @@ def test_invocation_log_has_one_line_per_invocation(finished_job):
     assert {(r["record"], r["stage"]) for r in log} == {
         (rec, k) for rec in ("00000", "00001", "00002") for k in range(4)}
     for r in log:
-        assert r["error"] is None and r["billed_ms"] >= r["duration_ms"]
+        assert r["error"] is None
+        assert r["billed_ms"] == math.ceil(r["duration_ms"]) + math.ceil(r["init_ms"])
         assert r["peak_mb"] > 50 and r["bytes_in"] > 0 and r["bytes_out"] > 0
     # the first invocation of each instance is cold and reports init; later ones are warm
     by_instance: dict[str, list[dict]] = {}
@@ -167,3 +169,27 @@ def test_intermediates_can_be_dropped_once_a_record_is_done(tmp_path, records_di
     for k in range(3):
         assert store.list(lay.key(f"stage-{k}")) == []
     assert all(store.exists(lay.record(r)) for r in spec.records)  # inputs are never dropped
+
+
+def test_records_with_the_same_name_are_refused(tmp_path, records_dir):
+    import shutil
+
+    for sub in ("a", "b"):
+        shutil.copytree(records_dir, tmp_path / "in" / sub)
+    store = Store(str(tmp_path / "s"))
+    with pytest.raises(JobError, match="two records named"):
+        prepare_job(store, "dup", "alexnet", records=str(tmp_path / "in" / "*" / "*.tfrecord"))
+
+
+def test_resume_refuses_other_settings_and_keeps_raised_memory(tmp_path, records_dir):
+    store = Store(str(tmp_path))
+    spec = prepare_job(store, "re", "alexnet", preset="paper", records=str(records_dir))
+    spec.memory = [1769, 1769, 1769, 576]  # as after an OutOfMemory raise
+    spec.save(store)
+    with pytest.raises(JobError, match="cuts"):
+        prepare_job(store, "re", "alexnet", cuts="pool2", records=str(records_dir))
+    again = prepare_job(store, "re", "alexnet", preset="paper", records=str(records_dir))
+    assert again.memory == [1769, 1769, 1769, 576]
+    explicit = prepare_job(store, "re", "alexnet", preset="paper", memory="2048",
+                           records=str(records_dir))
+    assert explicit.memory == [2048] * 4

@@ -180,7 +180,8 @@ def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
     notes = [f"CPU share: {result.backend['cpu_share']}"]
     for stage, mem in sorted(result.raised.items()):
         notes.append(f"[yellow]stage {stage} ran out of memory; raised to {mem} MB[/yellow]")
-    print_summary(result.rows, result.wall_s, arch, console, notes)
+    print_summary(result.rows, result.wall_s, arch, console, notes,
+                  run_images=result.images_run)
     layout = JobLayout(spec.job)
     console.print(f"predictions: {store.path(layout.key('predictions'))}/*.jsonl")
     console.print(f"invocation log: {store.path(layout.log)}")
@@ -308,7 +309,7 @@ def report(
         rows = _run_guarded(lambda job=job: load_log(st, JobLayout(job).job))
         if not rows:
             _fail(f"no invocation log for job {job!r} in {store}")
-        starts = [r["started"] for r in rows]
+        starts = [r["started"] for r in rows]  # a resumed job's span includes the pause
         ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
         if len(jobs) > 1:
             console.print(f"[bold]job {job}[/bold]")

@@ -88,6 +88,8 @@ def load_stage(store: Store, model_key: str, threads: int) -> tuple[Any, float, 
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     local = store.local_path(model_key)
     if local is not None:
+        if not os.path.exists(local):
+            raise StoreError(f"missing object {store.url}/{model_key}")
         size = os.path.getsize(local) + _size_or_zero(local + DATA_SUFFIX)
         session = ort.InferenceSession(local, opts, providers=["CPUExecutionProvider"])
     else:
@@ -270,13 +272,11 @@ def _tensor_blocks(
     reader = TensorReader(src, fmt.compress)
 
     def blocks() -> Iterator[np.ndarray]:
-        while True:
-            t = time.perf_counter()
-            if reader.rows_read >= len(reader):
-                return
-            block = reader.read(ev.micro_batch)
+        t = time.perf_counter()
+        for block in reader.blocks(ev.micro_batch):
             c.read_ms += (time.perf_counter() - t) * 1000
             yield block
+            t = time.perf_counter()
 
     return len(reader), blocks()
 
@@ -287,20 +287,24 @@ def _prefetch(blocks: Iterator[np.ndarray], depth: int = 1) -> Iterator[np.ndarr
     done = object()
     stop = threading.Event()
 
+    def hand_over(item: Any) -> bool:
+        """Put unless the consumer has gone (it failed or finished): never block forever."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for block in blocks:
-                while not stop.is_set():
-                    try:
-                        q.put(block, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over(block):
                     return
-            q.put(done)
+            hand_over(done)
         except BaseException as exc:  # handed to the consumer, raised there
-            q.put(exc)
+            hand_over(exc)
 
     thread = threading.Thread(target=produce, daemon=True, name="serveless-prefetch")
     thread.start()

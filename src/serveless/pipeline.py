@@ -7,6 +7,7 @@ most `concurrency` in flight, retries failures, and logs one line per invocation
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import heapq
 import json
@@ -128,24 +129,50 @@ def prepare_job(
     cut_list = resolve_cuts(model, cuts, preset)
     memory_list = parse_memory(memory, len(cut_list) + 1)
     record_files = find_records(records) if records else []
+    by_name: dict[str, str] = {}
+    for src in record_files:
+        name = Path(src).name.removesuffix(".tfrecord")
+        if name in by_name:  # records are named by file name in the job
+            raise JobError(f"two records named {name!r}: {by_name[name]} and {src}; "
+                           "records of one job need distinct file names")
+        by_name[name] = src
+    old = JobSpec.load(store, job) if store.exists(layout.spec) else None
+    if old is not None:
+        _check_resumable(old, model, cut_list, fmt, micro_batch)
+        if memory is None:
+            memory_list = old.memory  # including sizes raised after an OutOfMemory
     existing = [Path(k).name.removesuffix(".tfrecord")
                 for k in store.list(layout.records_prefix, ".tfrecord")]
+    for name, src in by_name.items():
+        if name in existing and store.size(layout.record(name)) != os.path.getsize(src):
+            raise JobError(f"job {job!r} already has a different record {name!r}; "
+                           "use a new --job name")
     if not record_files and not existing:
         raise JobError(f"job {job!r} has no records: pass --records")
     stages = partition(onnx_model, cut_list)  # checks equivalence before anything is written
     _store_stages(store, layout, stages)
-    names = list(existing)
-    for src in record_files:
-        name = Path(src).name.removesuffix(".tfrecord")
-        if not store.exists(layout.record(name)):
+    for name, src in by_name.items():
+        if name not in existing:
             store.put_file(src, layout.record(name))
-        if name not in names:
-            names.append(name)
     spec = JobSpec(job=job, model=model, cuts=cut_list, memory=memory_list,
-                   micro_batch=micro_batch, format=fmt.to_dict(), records=sorted(names),
+                   micro_batch=micro_batch, format=fmt.to_dict(),
+                   records=sorted(set(existing) | set(by_name)),
                    input_hw=list(input_hw(onnx_model)))
     spec.save(store)
     return spec
+
+
+def _check_resumable(old: JobSpec, model: str, cuts: list[str], fmt: TensorFormat,
+                     micro_batch: int) -> None:
+    """Outputs already in the store were made with the old settings: refuse to mix."""
+    changed = [what for what, a, b in (
+        ("model", old.model, model), ("cuts", old.cuts, cuts),
+        ("intermediate format", old.format, fmt.to_dict()),
+        ("micro-batch", old.micro_batch, micro_batch)) if a != b]
+    if changed:
+        raise JobError(f"job {old.job!r} exists with another {', '.join(changed)} "
+                       f"(model {old.model}, cuts {','.join(old.cuts) or '-'}, format "
+                       f"{old.format}); resume it with the same settings or use a new --job")
 
 
 def _store_stages(store: Store, layout: JobLayout, stages: list[Any]) -> None:
@@ -258,6 +285,7 @@ class JobResult:
     raised: dict[int, int]
     backend: dict[str, Any]
     retried: int = 0
+    images_run: int = 0
 
     @property
     def ok(self) -> bool:
@@ -303,7 +331,7 @@ def run_job(
     finished = total - len(heap)
     failed: dict[str, str] = {}
     retried = 0
-    images = sum(int(r.get("images") or 0) for r in _final_rows(log.rows, spec))
+    images_run = 0  # images served by this run (a resumed job has others before)
     t0 = time.perf_counter()
     bar = _Progress(total, finished, enabled=progress)
 
@@ -341,15 +369,20 @@ def run_job(
             done, _ = wait(inflight, timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in done:
                 task, fn = inflight.pop(fut)
-                result, started = fut.result()
+                try:
+                    result, started = fut.result()
+                except Exception as exc:  # the backend itself failed (fds, spawn): retry
+                    result, started = InvocationResult(
+                        None, {"type": type(exc).__name__, "message": str(exc)}, False, 0.0,
+                        0.0, None), time.time()
                 log.append(_log_row(task, fn, result, started))
                 if result.ok:
                     if task.stage == spec.stages - 1:
                         if not keep_intermediates:
                             _drop_intermediates(store, layout, spec, task.record, fmt)
                         finished += 1
-                        images += int(_stage0_images(log.rows, task.record))
-                        bar.advance(images)
+                        images_run += int(result.metrics.get("images", 0))  # type: ignore
+                        bar.advance(images_run)
                     else:
                         nxt = task.stage + 1
                         heapq.heappush(heap, _Task((-nxt, order[task.record], 0.0),
@@ -371,7 +404,7 @@ def run_job(
                     failed[task.record] = f"stage {task.stage}: {err.get('type')}: " \
                                           f"{err.get('message')}"
                     finished += 1
-                    bar.advance(images)
+                    bar.advance(images_run)
     except BaseException:
         backend.close()  # stop every instance now; Ctrl-C leaves no process behind
         raise
@@ -382,7 +415,7 @@ def run_job(
     final = _final_rows(log.rows, spec)
     return JobResult(
         spec=spec, rows=log.rows, wall_s=time.perf_counter() - t0,
-        images=sum(int(_stage0_images(log.rows, r["record"])) for r in final),
+        images=sum(int(r.get("images") or 0) for r in final), images_run=images_run,
         failed_records=failed,
         image_errors=sum(int(r.get("image_errors") or 0) for r in final),
         memory=memory, raised=raised, backend=backend.describe(), retried=retried,
@@ -391,9 +424,11 @@ def run_job(
 
 def _drop_intermediates(store: Store, layout: JobLayout, spec: JobSpec, record: str,
                         fmt: TensorFormat) -> None:
-    for k in range(spec.stages - 1):
-        store.delete(layout.stage_output(k, record, fmt.suffix))
-    store.delete(layout.record_meta(record))
+    """Clean-up only: a failure here leaves an object behind, it never fails the job."""
+    keys = [layout.stage_output(k, record, fmt.suffix) for k in range(spec.stages - 1)]
+    for key in [*keys, layout.record_meta(record)]:
+        with contextlib.suppress(OSError, StoreError):
+            store.delete(key)
 
 
 def _threads(memory_mb: int) -> int:
@@ -443,13 +478,6 @@ def _final_rows(rows: list[dict[str, Any]], spec: JobSpec) -> list[dict[str, Any
         if r["stage"] == spec.stages - 1 and r.get("error") is None:
             last[r["record"]] = r
     return list(last.values())
-
-
-def _stage0_images(rows: list[dict[str, Any]], record: str) -> int:
-    for r in reversed(rows):
-        if r["stage"] == 0 and r["record"] == record and r.get("error") is None:
-            return int(r.get("images") or 0)
-    return 0
 
 
 def _completed_stages(store: Store, layout: JobLayout, spec: JobSpec,

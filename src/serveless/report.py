@@ -81,11 +81,16 @@ def print_summary(
     arch: str = "x86_64",
     console: Console | None = None,
     notes: list[str] | None = None,
+    run_images: int | None = None,
 ) -> dict[str, Any]:
+    """Print the summary; `run_images` (served by this run of a resumed job) sets the rate."""
     console = console or Console()
     s = summarize(rows, arch)
     head = f"[bold]{s['images']}[/bold] images"
-    if wall_s:
+    if wall_s and run_images is not None and run_images != s["images"]:
+        head += (f" in the job; this run served {run_images} in [bold]{wall_s:.1f} s[/bold] "
+                 f"= [bold]{run_images / wall_s:.1f}[/bold] images/s")
+    elif wall_s:
         rate = s["images"] / wall_s
         head += f" in [bold]{wall_s:.1f} s[/bold] = [bold]{rate:.1f}[/bold] images/s"
     console.print(head)

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -170,12 +171,8 @@ class Store:
         """Upload a finished local file as one object, atomically."""
         dest = self.path(key)
         if self.local:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
-            with open(local, "rb") as src, open(tmp, "wb") as out:
-                while chunk := src.read(1 << 22):
-                    out.write(chunk)
-            os.replace(tmp, dest)
+            with open(local, "rb") as src, self.writer(key) as out:
+                shutil.copyfileobj(src, out, 1 << 22)
         else:
             _retrying(lambda: self._upload(os.fspath(local), dest), key)
 
@@ -235,7 +232,7 @@ class Store:
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(self.path(key), recursive=True)
+            _retrying(lambda: self.fs.rm(self.path(key), recursive=True), key)
 
     def check(self) -> None:
         """Fail now, with a clear StoreError, if jobs cannot read and write this store.

@@ -6,16 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
-class InvocationError(Exception):
-    """An invocation failed; `kind` is the error type shown in the log (e.g. OutOfMemory)."""
-
-    def __init__(self, kind: str, message: str, retryable: bool = True):
-        super().__init__(f"{kind}: {message}")
-        self.kind = kind
-        self.message = message
-        self.retryable = retryable
-
-
 @dataclass
 class FunctionSpec:
     """One deployed function: the stage it serves and its memory size."""

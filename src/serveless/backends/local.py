@@ -10,6 +10,7 @@ CPU share is memory / 1769 vCPUs. Messages between driver and instance are JSON.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing.connection as mpc
 import os
@@ -47,11 +48,10 @@ def instance_processes(parent: int | None = None) -> list[Any]:
 
 
 class _Instance:
-    _ids = 0
+    _ids = itertools.count(1)  # next() is atomic under the GIL: concurrent cold starts
 
     def __init__(self, fn: FunctionSpec, watchdog: Watchdog):
-        _Instance._ids += 1
-        self.id = f"stage{fn.stage}-{fn.memory_mb}mb-{_Instance._ids}"
+        self.id = f"stage{fn.stage}-{fn.memory_mb}mb-{next(_Instance._ids)}"
         self.fn = fn
         self.watchdog = watchdog
         self.invocations = 0
@@ -101,10 +101,22 @@ class _Instance:
         return {"type": "InstanceDied", "message": (
             f"stage {self.fn.stage} instance died on record {record} (exit code {code})")}
 
-    def start_wait(self, timeout: float) -> dict[str, str] | None:
-        msg = self._wait(timeout)
+    def start_wait(self, timeout: float, record: str) -> dict[str, str] | None:
+        """Wait for the instance's init; an error dict if it failed, timed out or died."""
+        try:
+            msg = self._wait(timeout)
+        except TimeoutError:
+            msg = b'{"error": {"type": "Timeout", "message": "init ran past the timeout"}}'
         self.init_ms = (time.perf_counter() - self.started) * 1000
-        return None if msg is not None else self.death("(init)")
+        if msg is None:
+            return self.death(record)
+        reply = json.loads(msg)
+        if reply.get("ready"):
+            return None
+        self.stop()  # never pooled: a half-started instance would answer with its 'ready'
+        err = reply.get("error") or {"type": "BadReply", "message": repr(reply)[:200]}
+        return {"type": err["type"], "message": f"stage {self.fn.stage} init for record "
+                                                f"{record}: {err['message']}"}
 
     def call(self, event: dict[str, Any], timeout: float) -> dict[str, Any]:
         self.invocations += 1
@@ -119,7 +131,10 @@ class _Instance:
         self.last_used = time.monotonic()
         if msg is None:
             return {"error": self.death(str(event.get("record")))}
-        return json.loads(msg)
+        reply = json.loads(msg)
+        if "ok" not in reply and "error" not in reply:
+            return {"error": {"type": "BadReply", "message": repr(reply)[:200]}}
+        return reply
 
     @property
     def alive(self) -> bool:
@@ -210,8 +225,7 @@ class LocalBackend:
             if inst.alive and not self._closed:
                 self._idle.setdefault(self._key(inst.fn), []).append(inst)
             else:
-                self._forget_locked(inst)
-                inst.stop()
+                self._forget_locked(inst)  # stops it
             self._lock.notify_all()
 
     def _forget_locked(self, inst: _Instance) -> None:
@@ -227,28 +241,27 @@ class LocalBackend:
                 self._forget_locked(inst)
 
     def invoke(self, fn: FunctionSpec, event: dict[str, Any]) -> InvocationResult:
-        t0 = time.perf_counter()
-        inst, cold = self._acquire(fn)
+        inst, cold = self._acquire(fn)  # waiting for a free instance is not billed
+        record = str(event.get("record"))
         try:
             init_ms = 0.0
             if cold:
-                err = inst.start_wait(self.timeout_s)
+                err = inst.start_wait(self.timeout_s, record)
                 init_ms = inst.init_ms or 0.0
-                if err is not None:
-                    return InvocationResult(None, err, True, init_ms,
-                                            (time.perf_counter() - t0) * 1000, None, inst.id)
+                if err is not None:  # only the init is billed
+                    return InvocationResult(None, err, True, init_ms, 0.0, None, inst.id)
+            t0 = time.perf_counter()
             reply = inst.call(event, self.timeout_s)
+            elapsed = (time.perf_counter() - t0) * 1000
         finally:
             self._release(inst)
         metrics = reply.get("ok")
-        elapsed = (time.perf_counter() - t0) * 1000 - init_ms
-        duration = metrics["duration_ms"] if metrics else elapsed
         return InvocationResult(
             metrics=metrics,
             error=reply.get("error"),
             cold=cold,
             init_ms=init_ms,
-            duration_ms=duration,
+            duration_ms=metrics["duration_ms"] if metrics else elapsed,
             peak_mb=metrics["peak_mb"] if metrics else None,
             instance=inst.id,
         )

@@ -31,7 +31,12 @@ def main(fd: int, spec: dict) -> None:
     from ..function import handle, load_stage
     from ..store import Store
 
-    load_stage(Store.from_spec(spec["store"]), spec["model_key"], spec["threads"])
+    try:
+        load_stage(Store.from_spec(spec["store"]), spec["model_key"], spec["threads"])
+    except Exception as exc:  # the driver logs it; a traceback on its terminal would not
+        conn.send_bytes(json.dumps({"error": {"type": type(exc).__name__,
+                                              "message": str(exc)}}).encode())
+        return
     conn.send_bytes(b'{"ready": true}')
     while True:
         try:
