@@ -59,7 +59,7 @@ def _setup(store: str, store_option: list[str] | None, model: str, cuts: str | N
 
 
 def _sizes(text: str, what: str) -> list[int]:
-    from .experiments import parse_ints
+    from .pipeline import parse_ints
 
     return _run_guarded(lambda: parse_ints(text, what))
 

@@ -55,20 +55,6 @@ def _quiet(_: str) -> None:
 # -- inputs ----------------------------------------------------------------------------------
 
 
-def parse_ints(text: str | Sequence[int], what: str) -> list[int]:
-    """'100,250,500' -> [100, 250, 500]; every value must be a positive integer."""
-    if isinstance(text, str):
-        try:
-            values = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError as exc:
-            raise JobError(f"{what} must be comma-separated integers, got {text!r}") from exc
-    else:
-        values = [int(v) for v in text]
-    if not values or any(v < 1 for v in values):
-        raise JobError(f"{what} must be one or more integers >= 1, got {text!r}")
-    return values
-
-
 def load_pool(records: str | None, images: int | None, minimum: int, workdir: Path,
               say: Say = _quiet) -> list[Example]:
     """The images an experiment draws its records from, in a fixed order.

@@ -16,6 +16,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,17 +69,23 @@ class JobSpec:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def parse_ints(text: str | Sequence[int], what: str) -> list[int]:
+    """'100,250,500' -> [100, 250, 500]; every value must be a positive integer."""
+    if isinstance(text, str):
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError as exc:
+            raise JobError(f"{what} must be comma-separated integers, got {text!r}") from exc
+    else:
+        values = [int(v) for v in text]
+    if not values or any(v < 1 for v in values):
+        raise JobError(f"{what} must be one or more integers >= 1, got {text!r}")
+    return values
+
+
 def parse_memory(memory: str | list[int] | None, stages: int) -> list[int]:
     """'2048,1280,1024,768' (one per stage) or one value for all stages."""
-    if memory is None or memory == "":
-        values = [DEFAULT_MEMORY_MB]
-    elif isinstance(memory, str):
-        try:
-            values = [int(v) for v in memory.split(",") if v.strip()]
-        except ValueError as exc:
-            raise JobError(f"--memory must be integers in MB, got {memory!r}") from exc
-    else:
-        values = list(memory)
+    values = [DEFAULT_MEMORY_MB] if memory in (None, "") else parse_ints(memory, "--memory")
     if len(values) == 1:
         values = values * stages
     if len(values) != stages:

@@ -24,9 +24,6 @@ from pathlib import Path
 import psutil
 
 MIB = 1024 * 1024
-#: Lambda gives one full vCPU at this memory size, and at most 6 vCPUs.
-MB_PER_VCPU = 1769
-MAX_VCPUS = 6.0
 CFS_PERIOD_US = 100_000
 _MIN_QUOTA_US = 1_000  # the kernel refuses CFS quotas below 1 ms
 PREFIX = "serveless-"
@@ -34,15 +31,6 @@ _NAME_RE = re.compile(rf"^{PREFIX}.*-(\d+)-(\d+)$")
 _counter = itertools.count()
 _live: dict[int, InstanceLimits] = {}  # created here and not yet removed, for atexit
 _live_lock = threading.Lock()
-
-
-def lambda_vcpus(memory_mb: int) -> float:
-    """vCPUs Lambda gives `memory_mb`, capped at 6 and at the cores this process may use."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return min(memory_mb / MB_PER_VCPU, MAX_VCPUS, float(cores))
 
 
 # ---------------------------------------------------------------- finding our cgroups
