@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,16 +10,14 @@ import numpy as np
 import onnxruntime as ort
 
 from serveless.images import preprocess
+from serveless.pipeline import read_predictions
 from serveless.records import read_record
-from serveless.store import JobLayout, Store
+from serveless.store import Store
 
 
 def rows_of(store: Store, job: str) -> list[dict[str, Any]]:
     """Every prediction row of a job, from the store."""
-    rows: list[dict[str, Any]] = []
-    for key in store.list(JobLayout(job).key("predictions"), ".jsonl"):
-        rows += [json.loads(line) for line in store.get_bytes(key).decode().splitlines()]
-    return rows
+    return read_predictions(store, job)
 
 
 def assert_one_row_per_image(rows: list[dict[str, Any]], expected: int) -> None:

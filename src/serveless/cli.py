@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
+from rich.text import Text
 
 from .store import DEFAULT_STORE, JobLayout, Store, StoreError
 
@@ -18,9 +19,40 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Batch DNN inference over image sets on serverless functions.")
 models_app = typer.Typer(no_args_is_help=True, help="Built-in models.")
 app.add_typer(models_app, name="models")
-# Wide enough for the summary table when piped to a file or a CI log.
-console = Console(width=None if sys.stdout.isatty() else 132)
-err_console = Console(stderr=True)
+# Lines written to a pipe or a file are never wrapped: a log must keep paths whole for grep.
+PIPE_WIDTH = 1000
+
+
+class CliConsole(Console):
+    """A console that wraps only for a person at a terminal.
+
+    Rich takes its width from COLUMNS (or 80) even when the output is a pipe, and then
+    breaks long paths mid-name. Here a pipe or file gets a width no line reaches, and
+    plain text is soft-wrapped (left whole) everywhere: a terminal folds it on screen,
+    copy and paste still give back one line.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(soft_wrap=True, **kwargs)
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        isatty = getattr(self.file, "isatty", None)
+        try:
+            piped = isatty is None or not isatty()
+        except ValueError:  # closed stream
+            piped = True
+        if piped:
+            return ConsoleDimensions(PIPE_WIDTH, super().size.height)
+        return super().size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+console = CliConsole()
+err_console = CliConsole(stderr=True)
 
 StoreOpt = Annotated[str, typer.Option("--store", help="fsspec URL or folder of the store")]
 StoreOptions = Annotated[list[str] | None, typer.Option(
@@ -48,8 +80,13 @@ def _open_store(url: str, options: list[str] | None) -> Store:
     return _run_guarded(lambda: Store(url, parse_options(options)))
 
 
+def _say(text: str, err: bool = False) -> None:
+    """Plain text (paths, reasons): no markup, so a '[' in a file name is printed as is."""
+    (err_console if err else console).print(text, markup=False, highlight=False)
+
+
 def _fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}")
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message))  # no markup in paths
     raise typer.Exit(code)
 
 
@@ -92,7 +129,7 @@ def pack(
                                progress=lambda k: prog.advance(task, k))
 
     names = _run_guarded(go)
-    console.print(f"wrote {len(names)} records to {dest}")
+    _say(f"wrote {len(names)} records to {dest}")
 
 
 @models_app.command("export")
@@ -110,7 +147,7 @@ def models_export(
         save_model(BUILTIN[name](seed=seed), file)
     except ModelError as exc:
         _fail(str(exc))
-    console.print(f"wrote {file} ({file.stat().st_size / 1e6:.1f} MB)")
+    _say(f"wrote {file} ({file.stat().st_size / 1e6:.1f} MB)")
 
 
 @models_app.command("list")
@@ -153,7 +190,7 @@ def partition_cmd(
             _fail("give --out DIR (or --list)")
         names = resolve_cuts(model, cuts, preset)
         stages = partition(onnx_model, names, out_dir=out)
-        console.print(f"wrote {len(stages)} stages to {out}; chained output matches the model")
+        _say(f"wrote {len(stages)} stages to {out}; chained output matches the model")
 
     _run_guarded(go)
 
@@ -183,8 +220,8 @@ def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
     print_summary(result.rows, result.wall_s, arch, console, notes,
                   run_images=result.images_run)
     layout = JobLayout(spec.job)
-    console.print(f"predictions: {store.path(layout.key('predictions'))}/*.jsonl")
-    console.print(f"invocation log: {store.path(layout.log)}")
+    _say(f"predictions: {store.path(layout.key('predictions'))}/*.jsonl")
+    _say(f"invocation log: {store.path(layout.log)}")
     console.print(
         f"served {result.images - result.image_errors} images; failed images "
         f"{result.image_errors}; failed records {len(result.failed_records)}; retried "
@@ -192,11 +229,26 @@ def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
     if result.failed_records:
         err_console.print(f"[bold red]{len(result.failed_records)} records failed:[/bold red]")
         for rec, why in sorted(result.failed_records.items()):
-            err_console.print(f"  {rec}: {why}")
+            _say(f"  {rec}: {why}", err=True)
     if result.image_errors:
-        err_console.print(f"[yellow]{result.image_errors} images could not be served "
-                          "(their prediction rows carry the error)[/yellow]")
+        _print_failed_images(store, spec.job, result.image_errors)
     return result
+
+
+def _print_failed_images(store: Store, job: str, count: int) -> None:
+    from .pipeline import failed_images
+
+    err_console.print(f"[yellow]{count} images could not be served "
+                      "(their prediction rows carry the error):[/yellow]")
+    try:
+        first, total = failed_images(store, job)
+    except (StoreError, OSError, ValueError) as exc:  # the summary must not fail on a read
+        _say(f"  (could not read the predictions: {exc})", err=True)
+        return
+    for filename, why in first:
+        _say(f"  {filename}: {why}", err=True)
+    if total > len(first):
+        err_console.print(f"  … and {total - len(first)} more")
 
 
 @app.command()
@@ -302,7 +354,7 @@ def report(
         from .cli_experiments import write_report_dir
 
         path = write_report_dir(jobs, store, store_option, arch, out)
-        console.print(f"wrote {path}", markup=False, highlight=False)
+        _say(f"wrote {path}")
         return
     st = _open_store(store, store_option)
     for job in jobs:

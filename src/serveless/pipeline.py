@@ -254,6 +254,21 @@ class InvocationLog:
         self.store.put_bytes(self.key, data)
 
 
+def read_predictions(store: Store, job: str) -> list[dict[str, Any]]:
+    """Every prediction row of a job, record by record, as the last stage wrote them."""
+    rows: list[dict[str, Any]] = []
+    for key in store.list(JobLayout(job).key("predictions"), ".jsonl"):
+        rows += [json.loads(line) for line in store.get_bytes(key).decode().splitlines()]
+    return rows
+
+
+def failed_images(store: Store, job: str, limit: int = 10) -> tuple[list[tuple[str, str]], int]:
+    """The first `limit` images that could not be served, as (filename, reason), and the count."""
+    failed = [(r["filename"], f"{r['error']['type']}: {r['error']['message']}")
+              for r in read_predictions(store, job) if r.get("error")]
+    return failed[:limit], len(failed)
+
+
 def load_log(store: Store, job: str) -> list[dict[str, Any]]:
     key = JobLayout(job).log
     if not store.exists(key):

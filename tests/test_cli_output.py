@@ -1,0 +1,131 @@
+"""What the CLI writes to a pipe is never wrapped, whatever COLUMNS says (issue 15).
+
+A user who sends stderr to a log or a CI system must be able to grep a record's path
+and copy a failed image's name: both come out whole, on one line, with their reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from serveless.cli import CliConsole
+from serveless.images import synthetic_photo
+from serveless.models import save_model
+from serveless.records import Example, write_record
+
+LONG_NAME = "a-photo-whose-name-is-long-enough-to-be-cut-by-any-terminal-" + "x" * 60 + ".jpg"
+
+
+def _tiny_classifier() -> object:
+    """N×3×32×32 → mean colour → 10 scores: a whole job in a second or two."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(3, 10)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                      ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])], initializer=[w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _jpeg(seed: int) -> bytes:
+    buf = io.BytesIO()
+    synthetic_photo(seed, (64, 48)).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def long_job(tmp_path_factory) -> Path:
+    """A folder over 200 characters deep: a model, a good record with one truncated
+    JPEG of a long name, and a record with a flipped bit."""
+    base = tmp_path_factory.mktemp("cli")
+    for part in ("d" * 60, "e" * 60, "f" * 60, "g" * 30):
+        base = base / part
+    assert len(str(base)) > 200
+    recs = base / "recs"
+    recs.mkdir(parents=True)
+    save_model(_tiny_classifier(), base / "tiny.onnx")
+    good = [Example(_jpeg(i), f"img{i}.jpg", 0) for i in range(4)]
+    truncated = _jpeg(9)[:300]
+    with open(recs / "00000.tfrecord", "wb") as f:
+        write_record(f, [*good[:2], Example(truncated, LONG_NAME, 0), *good[2:]])
+    buf = io.BytesIO()
+    write_record(buf, good)
+    data = bytearray(buf.getvalue())
+    data[len(data) // 2] ^= 0x40  # inside some image's bytes: a data CRC mismatch
+    (recs / "00001.tfrecord").write_bytes(bytes(data))
+    return base
+
+
+@pytest.mark.parametrize("columns", [None, "40", "300"])
+def test_piped_errors_are_whole_lines(long_job: Path, tmp_path: Path, columns: str | None):
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    if columns is not None:
+        env["COLUMNS"] = columns
+    store = long_job / f"store-{columns}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "serveless.cli", "run", "--store", str(store), "--job", "j",
+         "--records", str(long_job / "recs"), "--model", str(long_job / "tiny.onnx"),
+         "--concurrency", "1"],
+        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    record = re.compile(re.escape(str(long_job)) + r"\S*/00001\.tfrecord\b.*\bbyte \d+")
+    assert any(record.search(line) for line in lines), proc.stderr
+    image = [line for line in lines if LONG_NAME in line]
+    assert image and re.search(r"\b(truncat|broken|image file)", image[0], re.I), proc.stderr
+    # the summary table keeps every column on one header line, and the total one line
+    assert any(all(h in line for h in ("stage", "peak MB", "GB-s", "S3 ops", "total"))
+               for line in proc.stdout.splitlines()), proc.stdout
+    assert any(re.search(r"^total .* GB-s; .* per 1M images", line)
+               for line in proc.stdout.splitlines()), proc.stdout
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _Pipe(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+def test_terminal_keeps_long_paths_whole(monkeypatch):
+    """At a 40-column terminal a long path is left for the terminal to fold, not split."""
+    monkeypatch.setenv("COLUMNS", "40")
+    path = "/" + "/".join(["folder-name"] * 12) + "/00001.tfrecord"
+    out = _Terminal()
+    term = CliConsole(file=out, force_terminal=True)
+    assert term.width == 40  # a person at a terminal still gets tables fitted to it
+    term.print(f"{path}: byte 120: data CRC mismatch", markup=False, highlight=False)
+    assert out.getvalue().rstrip("\n").endswith(f"{path}: byte 120: data CRC mismatch")
+    assert out.getvalue().count("\n") == 1
+
+
+@pytest.mark.parametrize("columns", [None, "40"])
+def test_pipe_width_ignores_columns(monkeypatch, columns):
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    out = _Pipe()
+    pipe = CliConsole(file=out)
+    assert pipe.width >= 1000
+    line = "x" * 600
+    pipe.print(line)
+    assert out.getvalue() == line + "\n"
