@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from serveless.cli import CliConsole
+from serveless.cli.common import CliConsole
 from serveless.images import synthetic_photo
 from serveless.models import save_model
 from serveless.records import Example, write_record

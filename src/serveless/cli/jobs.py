@@ -1,8 +1,7 @@
-"""The `serveless` command line."""
+"""Job commands: pack, models, partition, run, demo and report."""
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -10,101 +9,22 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, ConsoleDimensions
-from rich.text import Text
 
-from .store import DEFAULT_STORE, JobLayout, Store, StoreError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Batch DNN inference over image sets on serverless functions.")
-models_app = typer.Typer(no_args_is_help=True, help="Built-in models.")
-app.add_typer(models_app, name="models")
-# Lines written to a pipe or a file are never wrapped: a log must keep paths whole for grep.
-PIPE_WIDTH = 1000
-
-
-class CliConsole(Console):
-    """A console that wraps only for a person at a terminal.
-
-    Rich takes its width from COLUMNS (or 80) even when the output is a pipe, and then
-    breaks long paths mid-name. Here a pipe or file gets a width no line reaches, and
-    plain text is soft-wrapped (left whole) everywhere: a terminal folds it on screen,
-    copy and paste still give back one line.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(soft_wrap=True, **kwargs)
-
-    @property
-    def size(self) -> ConsoleDimensions:
-        isatty = getattr(self.file, "isatty", None)
-        try:
-            piped = isatty is None or not isatty()
-        except ValueError:  # closed stream
-            piped = True
-        if piped:
-            return ConsoleDimensions(PIPE_WIDTH, super().size.height)
-        return super().size
-
-    @size.setter
-    def size(self, new_size: tuple[int, int]) -> None:
-        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
-
-
-console = CliConsole()
-err_console = CliConsole(stderr=True)
-
-StoreOpt = Annotated[str, typer.Option("--store", help="fsspec URL or folder of the store")]
-StoreOptions = Annotated[list[str] | None, typer.Option(
-    "--store-option", help="key=value passed to fsspec for the store (repeatable)")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="local or lithops")]
-BackendOptions = Annotated[list[str] | None, typer.Option(
-    "--backend-option", help="key=value for the backend (repeatable)")]
-
-
-def parse_options(pairs: list[str] | None) -> dict[str, Any]:
-    """key=value pairs; values that parse as JSON (numbers, true/false) are typed."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            _fail(f"option {pair!r} must be key=value")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def _open_store(url: str, options: list[str] | None) -> Store:
-    return _run_guarded(lambda: Store(url, parse_options(options)))
-
-
-def _say(text: str, err: bool = False) -> None:
-    """Plain text (paths, reasons): no markup, so a '[' in a file name is printed as is."""
-    (err_console if err else console).print(text, markup=False, highlight=False)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err_console.print(Text.assemble(("error:", "bold red"), " ", message))  # no markup in paths
-    raise typer.Exit(code)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .models import ModelError
-    from .partition import PartitionError
-    from .pipeline import JobError
-    from .records import RecordError
-
-    return (JobError, ModelError, PartitionError, StoreError, RecordError, ValueError,
-            FileNotFoundError)
-
-
-def _run_guarded(fn: Any) -> Any:
-    try:
-        return fn()
-    except _user_errors() as exc:
-        _fail(str(exc))
+from ..store import DEFAULT_STORE, JobLayout, Store, StoreError
+from .app import app, models_app
+from .common import (
+    BackendOpt,
+    BackendOptions,
+    StoreOpt,
+    StoreOptions,
+    console,
+    err_console,
+    fail,
+    guarded,
+    open_store,
+    parse_options,
+    say,
+)
 
 
 @app.command()
@@ -117,7 +37,7 @@ def pack(
     """Pack a folder of images into TFRecord files."""
     from rich.progress import Progress
 
-    from .records import pack_folder, scan_images
+    from ..records import pack_folder, scan_images
 
     def go() -> list[str]:
         n = len(scan_images(src))
@@ -128,8 +48,8 @@ def pack(
             return pack_folder(src, st, "", per_record,
                                progress=lambda k: prog.advance(task, k))
 
-    names = _run_guarded(go)
-    _say(f"wrote {len(names)} records to {dest}")
+    names = guarded(go)
+    say(f"wrote {len(names)} records to {dest}")
 
 
 @models_app.command("export")
@@ -139,21 +59,21 @@ def models_export(
     seed: Annotated[int, typer.Option(help="seed of the deterministic weights")] = 0,
 ) -> None:
     """Write a built-in model as one ONNX file."""
-    from .models import BUILTIN, ModelError, save_model
+    from ..models import BUILTIN, ModelError, save_model
 
     if name not in BUILTIN:
-        _fail(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN))}")
+        fail(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN))}")
     try:
         save_model(BUILTIN[name](seed=seed), file)
     except ModelError as exc:
-        _fail(str(exc))
-    _say(f"wrote {file} ({file.stat().st_size / 1e6:.1f} MB)")
+        fail(str(exc))
+    say(f"wrote {file} ({file.stat().st_size / 1e6:.1f} MB)")
 
 
 @models_app.command("list")
 def models_list() -> None:
     """List the built-in models."""
-    from .models import BUILTIN, PAPER_PRESET
+    from ..models import BUILTIN, PAPER_PRESET
 
     for name in sorted(BUILTIN):
         preset = ",".join(PAPER_PRESET.get(name, [])) or "-"
@@ -171,9 +91,9 @@ def partition_cmd(
     """List cut candidates, or split a model into stages and check them against it."""
     from rich.table import Table
 
-    from .models import load_model
-    from .partition import list_cuts as candidates
-    from .partition import partition, resolve_cuts
+    from ..models import load_model
+    from ..partition import list_cuts as candidates
+    from ..partition import partition, resolve_cuts
 
     def go() -> None:
         onnx_model = load_model(model)
@@ -187,23 +107,23 @@ def partition_cmd(
             console.print(table)
             return
         if out is None:
-            _fail("give --out DIR (or --list)")
+            fail("give --out DIR (or --list)")
         names = resolve_cuts(model, cuts, preset)
         stages = partition(onnx_model, names, out_dir=out)
-        _say(f"wrote {len(stages)} stages to {out}; chained output matches the model")
+        say(f"wrote {len(stages)} stages to {out}; chained output matches the model")
 
-    _run_guarded(go)
+    guarded(go)
 
 
 def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
              max_instances: int | None, keep_alive: float, progress: bool = True,
              backend_name: str = "local", backend_options: list[str] | None = None,
              keep_intermediates: bool = True) -> Any:
-    from .backends import make_backend
-    from .pipeline import run_job
-    from .report import print_summary
+    from ..backends import make_backend
+    from ..pipeline import run_job
+    from ..report import print_summary
 
-    backend = _run_guarded(lambda: make_backend(
+    backend = guarded(lambda: make_backend(
         backend_name, parse_options(backend_options), max_instances=max_instances or concurrency,
         keep_alive_s=keep_alive))
     try:
@@ -220,8 +140,8 @@ def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
     print_summary(result.rows, result.wall_s, arch, console, notes,
                   run_images=result.images_run)
     layout = JobLayout(spec.job)
-    _say(f"predictions: {store.path(layout.key('predictions'))}/*.jsonl")
-    _say(f"invocation log: {store.path(layout.log)}")
+    say(f"predictions: {store.path(layout.key('predictions'))}/*.jsonl")
+    say(f"invocation log: {store.path(layout.log)}")
     console.print(
         f"served {result.images - result.image_errors} images; failed images "
         f"{result.image_errors}; failed records {len(result.failed_records)}; retried "
@@ -229,24 +149,24 @@ def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
     if result.failed_records:
         err_console.print(f"[bold red]{len(result.failed_records)} records failed:[/bold red]")
         for rec, why in sorted(result.failed_records.items()):
-            _say(f"  {rec}: {why}", err=True)
+            say(f"  {rec}: {why}", err=True)
     if result.image_errors:
         _print_failed_images(store, spec.job, result.image_errors)
     return result
 
 
 def _print_failed_images(store: Store, job: str, count: int) -> None:
-    from .pipeline import failed_images
+    from ..pipeline import failed_images
 
     err_console.print(f"[yellow]{count} images could not be served "
                       "(their prediction rows carry the error):[/yellow]")
     try:
         first, total = failed_images(store, job)
     except (StoreError, OSError, ValueError) as exc:  # the summary must not fail on a read
-        _say(f"  (could not read the predictions: {exc})", err=True)
+        say(f"  (could not read the predictions: {exc})", err=True)
         return
     for filename, why in first:
-        _say(f"  {filename}: {why}", err=True)
+        say(f"  {filename}: {why}", err=True)
     if total > len(first):
         err_console.print(f"  … and {total - len(first)} more")
 
@@ -278,8 +198,8 @@ def run(
     = True,
 ) -> None:
     """Run (or resume) a job: every record through every stage."""
-    from .pipeline import JobSpec, prepare_job
-    from .tensors import TensorFormat
+    from ..pipeline import JobSpec, prepare_job
+    from ..tensors import TensorFormat
 
     def go() -> Any:
         st = Store(store, parse_options(store_option))
@@ -290,7 +210,7 @@ def run(
         fmt = TensorFormat("float16" if float16 else "float32", compress)
         return st, prepare_job(st, job, model, cuts, preset, memory, micro_batch, records, fmt)
 
-    st, spec = _run_guarded(go)
+    st, spec = guarded(go)
     result = _execute(st, spec, concurrency, retries, arch, max_instances, keep_alive,
                       backend_name=backend, backend_options=backend_option,
                       keep_intermediates=keep_intermediates)
@@ -312,14 +232,14 @@ def demo(
     arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
 ) -> None:
     """The paper's experiment in small: sample photos, AlexNet in 4 stages, local functions."""
-    from .images import make_sample_images
-    from .pipeline import prepare_job
-    from .records import pack_folder
+    from ..images import make_sample_images
+    from ..pipeline import prepare_job
+    from ..records import pack_folder
 
     if images < 1 or per_record < 1:
-        _fail("--images and --per-record must be >= 1")
-    st = _open_store(store, store_option)
-    _run_guarded(st.check)
+        fail("--images and --per-record must be >= 1")
+    st = open_store(store, store_option)
+    guarded(st.check)
     layout = JobLayout("demo")
     st.delete(layout.job)  # the demo always starts fresh
     t0 = time.perf_counter()
@@ -329,7 +249,7 @@ def demo(
         names = pack_folder(tmp, st, layout.records_prefix, per_record)
     console.print(f"packed {len(names)} records of up to {per_record} images "
                   f"({time.perf_counter() - t0:.1f} s); partitioning alexnet (paper preset)…")
-    spec = _run_guarded(lambda: prepare_job(st, "demo", "alexnet", preset="paper", memory=memory,
+    spec = guarded(lambda: prepare_job(st, "demo", "alexnet", preset="paper", memory=memory,
                                             micro_batch=micro_batch))
     result = _execute(st, spec, concurrency, 3, arch, None, 300.0, progress=sys.stderr.isatty(),
                       backend_name=backend, backend_options=backend_option)
@@ -347,37 +267,22 @@ def report(
         help="write DIR/report.md with tables, plots, machine and versions")] = None,
 ) -> None:
     """Re-print jobs' summaries from their invocation logs alone (or write a report)."""
-    from .pipeline import load_log
-    from .report import print_summary
+    from ..pipeline import load_log
+    from ..report import print_summary
 
     if out is not None:
-        from .cli_experiments import write_report_dir
+        from .experiments import write_report_dir
 
         path = write_report_dir(jobs, store, store_option, arch, out)
-        _say(f"wrote {path}")
+        say(f"wrote {path}")
         return
-    st = _open_store(store, store_option)
+    st = open_store(store, store_option)
     for job in jobs:
-        rows = _run_guarded(lambda job=job: load_log(st, JobLayout(job).job))
+        rows = guarded(lambda job=job: load_log(st, JobLayout(job).job))
         if not rows:
-            _fail(f"no invocation log for job {job!r} in {store}")
+            fail(f"no invocation log for job {job!r} in {store}")
         starts = [r["started"] for r in rows]  # a resumed job's span includes the pause
         ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
         if len(jobs) > 1:
             console.print(f"[bold]job {job}[/bold]")
         print_summary(rows, max(ends) - min(starts), arch, console)
-
-
-def _register_extensions() -> None:
-    """Commands that live in their own module (the paper's experiments)."""
-    from .cli_experiments import register
-
-    register(app)
-
-
-if __name__ == "__main__":  # `python -m serveless.cli`: run the importable module's app
-    from serveless.cli import app as _app
-
-    _app()
-else:
-    _register_extensions()

@@ -1,5 +1,5 @@
 """Commands that reproduce the paper's experiments: profile, baseline, sweep, memory-compare,
-the writer behind `report --out`. Registered on the main app by `serveless.cli` (see `register`).
+and the writer behind `report --out`.
 
 The commands only parse options and print; the work is in `serveless.experiments`, so the
 experiments can also be run from Python.
@@ -14,20 +14,22 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import (
+from ..store import DEFAULT_STORE
+from .app import app
+from .common import (
     BackendOpt,
     BackendOptions,
     StoreOpt,
     StoreOptions,
-    _fail,
-    _open_store,
-    _run_guarded,
     console,
     err_console,
+    fail,
+    guarded,
+    open_store,
     parse_options,
 )
-from .store import DEFAULT_STORE
 
+PANEL = "The paper's experiments"
 ModelOpt = Annotated[str, typer.Option(help="built-in name or .onnx path")]
 CutsOpt = Annotated[str | None, typer.Option(help="comma-separated cut tensors")]
 PresetOpt = Annotated[str | None, typer.Option(help="'paper' for the paper's stages")]
@@ -46,22 +48,22 @@ def _out(out: Path | None, name: str) -> Path:
 def _setup(store: str, store_option: list[str] | None, model: str, cuts: str | None,
            preset: str | None, micro_batch: int, backend: str,
            backend_option: list[str] | None) -> Any:
-    from .experiments import Setup
-    from .partition import resolve_cuts
+    from ..experiments import Setup
+    from ..partition import resolve_cuts
 
     if micro_batch < 1:
-        _fail("--micro-batch must be >= 1")
-    st = _open_store(store, store_option)
-    cut_list = _run_guarded(lambda: resolve_cuts(model, cuts, preset))
+        fail("--micro-batch must be >= 1")
+    st = open_store(store, store_option)
+    cut_list = guarded(lambda: resolve_cuts(model, cuts, preset))
     return Setup(store=st, model=model, cuts=cut_list, micro_batch=micro_batch,
                  backend=backend, backend_options=parse_options(backend_option),
                  progress=sys.stderr.isatty(), say=lambda m: err_console.print(m, markup=False))
 
 
 def _sizes(text: str, what: str) -> list[int]:
-    from .pipeline import parse_ints
+    from ..pipeline import parse_ints
 
-    return _run_guarded(lambda: parse_ints(text, what))
+    return guarded(lambda: parse_ints(text, what))
 
 
 def _show(md_path: Path, *paths: Path) -> None:
@@ -71,6 +73,7 @@ def _show(md_path: Path, *paths: Path) -> None:
         console.print(f"wrote {p}", markup=False, highlight=False)
 
 
+@app.command("profile", rich_help_panel=PANEL)
 def profile(
     model: ModelOpt = "alexnet",
     cuts: CutsOpt = None,
@@ -95,13 +98,13 @@ def profile(
     out: Annotated[Path | None, typer.Option(help="folder for profile.png/.md/.json")] = None,
 ) -> None:
     """Fig. 3: peak memory and duration per stage against images per record; recommends memory."""
-    from .experiments import load_pool, run_profile
+    from ..experiments import load_pool, run_profile
 
     sizes = _sizes(per_record, "--per-record")
     if repeat < 1:
-        _fail("--repeat must be >= 1")
+        fail("--repeat must be >= 1")
     if step not in (1, 64):
-        _fail("--step must be 1 or 64")
+        fail("--step must be 1 or 64")
     setup = _setup(store, store_option, model, cuts, preset, micro_batch, backend, backend_option)
     folder = _out(out, "profile")
 
@@ -111,12 +114,13 @@ def profile(
             return run_profile(setup, sizes, pool, folder, step=step, repeat=repeat,
                                job_prefix=job_prefix or "profile", memory_mb=memory)
 
-    result = _run_guarded(go)
+    result = guarded(go)
     _show(folder / "profile.md", folder / "profile.png", folder / "profile.json")
     console.print("recommended memory per stage: --memory "
                   + ",".join(map(str, result["recommended_mb"])), highlight=False)
 
 
+@app.command("baseline", rich_help_panel=PANEL)
 def baseline(
     model: ModelOpt = "alexnet",
     cuts: CutsOpt = None,
@@ -140,14 +144,14 @@ def baseline(
     out: Annotated[Path | None, typer.Option(help="folder for baseline.png/.md/.json")] = None,
 ) -> None:
     """Fig. 4: time per record, serverless pipeline vs the whole model in one process."""
-    from .experiments import load_pool, run_baseline
-    from .pipeline import parse_memory
+    from ..experiments import load_pool, run_baseline
+    from ..pipeline import parse_memory
 
     sizes = _sizes(per_record, "--per-record")
     if repeat < 1:
-        _fail("--repeat must be >= 1")
+        fail("--repeat must be >= 1")
     setup = _setup(store, store_option, model, cuts, preset, micro_batch, backend, backend_option)
-    mem = _run_guarded(lambda: parse_memory(memory, setup.stages))
+    mem = guarded(lambda: parse_memory(memory, setup.stages))
     folder = _out(out, "baseline")
 
     def go() -> dict[str, Any]:
@@ -156,10 +160,11 @@ def baseline(
             return run_baseline(setup, sizes, pool, folder, mem, repeat=repeat, threads=threads,
                                 job=job)
 
-    _run_guarded(go)
+    guarded(go)
     _show(folder / "baseline.md", folder / "baseline.png", folder / "baseline.json")
 
 
+@app.command("sweep", rich_help_panel=PANEL)
 def sweep(
     concurrency: Annotated[str, typer.Option(help="concurrency levels, e.g. 1,2,4,8")]
     = "1,2,4,8",
@@ -184,20 +189,20 @@ def sweep(
     out: Annotated[Path | None, typer.Option(help="folder for sweep.png/.md/.json")] = None,
 ) -> None:
     """Fig. 5: the same job at each concurrency; wall time and modeled cost."""
-    from .experiments import load_pool, pack_split, run_sweep
-    from .pipeline import parse_memory
+    from ..experiments import load_pool, pack_split, run_sweep
+    from ..pipeline import parse_memory
 
     levels = _sizes(concurrency, "--concurrency")
     if per_record is not None and per_record < 1:
-        _fail("--per-record must be >= 1")
+        fail("--per-record must be >= 1")
     setup = _setup(store, store_option, model, cuts, preset, micro_batch, backend, backend_option)
-    mem = _run_guarded(lambda: parse_memory(memory, setup.stages))
+    mem = guarded(lambda: parse_memory(memory, setup.stages))
     folder = _out(out, "sweep")
 
     def go() -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="serveless-sweep-") as tmp:
             if records and per_record is None and images is None:
-                from .pipeline import find_records
+                from ..pipeline import find_records
 
                 src = Path(tmp) / "records"
                 src.mkdir()
@@ -212,10 +217,11 @@ def sweep(
             return run_sweep(setup, levels, src, folder, mem, arch,
                              job_prefix=job_prefix or "sweep")
 
-    _run_guarded(go)
+    guarded(go)
     _show(folder / "sweep.md", folder / "sweep.png", folder / "sweep.json")
 
 
+@app.command("memory-compare", rich_help_panel=PANEL)
 def memory_compare(
     per_record: Annotated[str, typer.Option(
         "--per-record", help="record sizes, e.g. 1000,500")] = "1000,500",
@@ -244,19 +250,19 @@ def memory_compare(
     = None,
 ) -> None:
     """Tables 1-2: memMax everywhere vs the profiled memMin; memory, time and cost."""
-    from .experiments import load_pool, read_profile, run_memory_compare, run_profile
-    from .partition import resolve_cuts
+    from ..experiments import load_pool, read_profile, run_memory_compare, run_profile
+    from ..partition import resolve_cuts
 
     sizes = _sizes(per_record, "--per-record")
     if concurrency < 1:
-        _fail("--concurrency must be >= 1")
-    prof = _run_guarded(lambda: read_profile(profile_json)) if profile_json else None
+        fail("--concurrency must be >= 1")
+    prof = guarded(lambda: read_profile(profile_json)) if profile_json else None
     if prof is not None:
         if model is not None and model != prof["model"]:
-            _fail(f"--model {model} differs from the profile's model {prof['model']}")
-        asked = _run_guarded(lambda: resolve_cuts(prof["model"], cuts, preset))
+            fail(f"--model {model} differs from the profile's model {prof['model']}")
+        asked = guarded(lambda: resolve_cuts(prof["model"], cuts, preset))
         if (cuts or preset) and asked != prof["cuts"]:
-            _fail(f"the cuts {asked} differ from the profile's {prof['cuts']}")
+            fail(f"the cuts {asked} differ from the profile's {prof['cuts']}")
         model, cuts, preset = prof["model"], ",".join(prof["cuts"]), None
     setup = _setup(store, store_option, model or "alexnet", cuts, preset, micro_batch, backend,
                    backend_option)
@@ -276,39 +282,16 @@ def memory_compare(
                                       mem_max=mem_max, concurrency=concurrency, arch=arch,
                                       job_prefix=job_prefix or "memcmp")
 
-    _run_guarded(go)
+    guarded(go)
     _show(folder / "memory-compare.md", folder / "memory-compare.png",
           folder / "memory-compare.json")
 
 
 def write_report_dir(jobs: list[str], store: str, store_option: list[str] | None, arch: str,
                      out: Path) -> Path:
-    """`report JOB... --out DIR`: for the lead to call from `report` when --out is given."""
-    from .experiments import write_job_report
+    """`report JOB... --out DIR`."""
+    from ..experiments import write_job_report
 
-    st = _open_store(store, store_option)
-    path: Path = _run_guarded(lambda: write_job_report(st, jobs, out, arch))
+    st = open_store(store, store_option)
+    path: Path = guarded(lambda: write_job_report(st, jobs, out, arch))
     return path
-
-
-COMMANDS = {"profile": profile, "baseline": baseline, "sweep": sweep,
-            "memory-compare": memory_compare}
-
-
-def register(app: typer.Typer) -> None:
-    """Add the experiment commands to the `serveless` app (once, however often called)."""
-    have = {c.name for c in app.registered_commands}
-    for name, command in COMMANDS.items():
-        if name not in have:
-            app.command(name)(command)
-
-
-def _register_on_import() -> None:
-    """Register here too: imported before `serveless.cli`, this module is only partly
-    defined when cli.py tries to import `register`, and cli.py then skips the commands."""
-    from . import cli
-
-    register(cli.app)
-
-
-_register_on_import()

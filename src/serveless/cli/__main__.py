@@ -1,0 +1,5 @@
+"""`python -m serveless.cli`."""
+
+from serveless.cli import app
+
+app()
