@@ -37,3 +37,24 @@ def whole_model_probs(model: Any, records_dir: Path) -> dict[tuple[str, int], np
         for i, p in enumerate(probs):
             out[(path.stem, i)] = p
     return out
+
+
+def tiny_classifier(classes: int = 10, seed: int = 0) -> Any:
+    """N×3×32×32 → mean colour → `classes` probabilities: a whole job in a second or two.
+    Its tensors 'pooled', 'flat' and 'logits' are valid cuts."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(rng.normal(size=(3, classes)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", classes])],
+        initializer=[w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -13,9 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from helpers import tiny_classifier
 
 from serveless.cli.common import CliConsole
 from serveless.images import synthetic_photo
@@ -23,23 +22,6 @@ from serveless.models import save_model
 from serveless.records import Example, write_record
 
 LONG_NAME = "a-photo-whose-name-is-long-enough-to-be-cut-by-any-terminal-" + "x" * 60 + ".jpg"
-
-
-def _tiny_classifier() -> object:
-    """N×3×32×32 → mean colour → 10 scores: a whole job in a second or two."""
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.normal(size=(3, 10)).astype(np.float32), "w")
-    nodes = [
-        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "w"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                      ["N", 3, 32, 32])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])], initializer=[w])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _jpeg(seed: int) -> bytes:
@@ -58,7 +40,7 @@ def long_job(tmp_path_factory) -> Path:
     assert len(str(base)) > 200
     recs = base / "recs"
     recs.mkdir(parents=True)
-    save_model(_tiny_classifier(), base / "tiny.onnx")
+    save_model(tiny_classifier(), base / "tiny.onnx")
     good = [Example(_jpeg(i), f"img{i}.jpg", 0) for i in range(4)]
     truncated = _jpeg(9)[:300]
     with open(recs / "00000.tfrecord", "wb") as f:

@@ -16,7 +16,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +30,13 @@ from .tensors import TensorFormat
 
 DEFAULT_MEMORY_MB = 1769
 DEFAULT_MICRO_BATCH = 32
+DEFAULT_CONCURRENCY = 2
+DEFAULT_RETRIES = 3
+DEFAULT_MODEL = "alexnet"
+# What a resumed job may change: how it runs, not what it computes. Everything else in
+# job.json must match (outputs in the store were made with it); `records` may grow.
+MAY_CHANGE_ON_RESUME = ("memory", "concurrency", "retries")
+NOT_ASKED = ("job", "records", "version", "input_hw")  # named, added to, or derived
 OOM_RAISE = 1.5
 
 
@@ -49,6 +56,8 @@ class JobSpec:
     format: dict[str, Any] = field(default_factory=lambda: TensorFormat().to_dict())
     records: list[str] = field(default_factory=list)
     input_hw: list[int] = field(default_factory=lambda: [224, 224])
+    concurrency: int = DEFAULT_CONCURRENCY
+    retries: int = DEFAULT_RETRIES
     version: str = __version__
 
     @property
@@ -115,26 +124,56 @@ def find_records(source: str) -> list[str]:
 def prepare_job(
     store: Store,
     job: str,
-    model: str,
+    model: str | None = None,
     cuts: str | list[str] | None = None,
     preset: str | None = None,
     memory: str | list[int] | None = None,
-    micro_batch: int = DEFAULT_MICRO_BATCH,
+    micro_batch: int | None = None,
     records: str | None = None,
     fmt: TensorFormat | None = None,
+    concurrency: int | None = None,
+    retries: int | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> JobSpec:
-    """Validate everything, partition the model, and lay the job out in the store."""
+    """Validate everything, partition the model, and lay the job out in the store.
+
+    An argument left as None means "as the job already has it" (a resume), or the default
+    for a new job; one that is given and differs from job.json is refused, except those in
+    MAY_CHANGE_ON_RESUME, which are changed and said. Nothing is written before every
+    check has passed.
+    """
     from .models import input_hw, load_model
     from .partition import partition, resolve_cuts
 
+    say = say or _quiet
     layout = JobLayout(job)
-    if micro_batch < 1:
+    if micro_batch is not None and micro_batch < 1:
         raise JobError("--micro-batch must be >= 1")
     store.check()
-    fmt = fmt or TensorFormat()
+    old = JobSpec.load(store, job) if store.exists(layout.spec) else None
+    model = model or (old.model if old else DEFAULT_MODEL)
     onnx_model = load_model(model)
-    cut_list = resolve_cuts(model, cuts, preset)
-    memory_list = parse_memory(memory, len(cut_list) + 1)
+    if cuts is None and preset is None and old is not None:
+        cut_list = list(old.cuts)  # not asked again: as before, whatever named them then
+    else:
+        cut_list = resolve_cuts(model, cuts, preset)
+    memory_list = None if memory in (None, "") else parse_memory(memory, len(cut_list) + 1)
+    asked = JobSpec(
+        job=job, model=model, cuts=cut_list,
+        memory=memory_list or (old.memory if old and len(old.memory) == len(cut_list) + 1
+                               else parse_memory(None, len(cut_list) + 1)),
+        micro_batch=_given(micro_batch, old, "micro_batch", DEFAULT_MICRO_BATCH),
+        format=fmt.to_dict() if fmt else (old.format if old else TensorFormat().to_dict()),
+        input_hw=list(input_hw(onnx_model)),
+        concurrency=_given(concurrency, old, "concurrency", DEFAULT_CONCURRENCY),
+        retries=_given(retries, old, "retries", DEFAULT_RETRIES),
+    )
+    if old is not None:
+        check_resumable(old, asked)
+        for what in MAY_CHANGE_ON_RESUME:
+            before, now = getattr(old, what), getattr(asked, what)
+            if before != now:
+                say(f"resuming with {_flag(what, now)} (was {_flag(what, before)})")
     record_files = find_records(records) if records else []
     by_name: dict[str, str] = {}
     for src in record_files:
@@ -143,11 +182,6 @@ def prepare_job(
             raise JobError(f"two records named {name!r}: {by_name[name]} and {src}; "
                            "records of one job need distinct file names")
         by_name[name] = src
-    old = JobSpec.load(store, job) if store.exists(layout.spec) else None
-    if old is not None:
-        _check_resumable(old, model, cut_list, fmt, micro_batch)
-        if memory is None:
-            memory_list = old.memory  # including sizes raised after an OutOfMemory
     existing = [Path(k).name.removesuffix(".tfrecord")
                 for k in store.list(layout.records_prefix, ".tfrecord")]
     for name, src in by_name.items():
@@ -156,33 +190,62 @@ def prepare_job(
                            "use a new --job name")
     if not record_files and not existing:
         raise JobError(f"job {job!r} has no records: pass --records")
+    where = f"at {','.join(cut_list)}" if cut_list else "as one stage (no cuts)"
+    say(f"partitioning {model} {where} and checking the chained stages against it…")
     stages = partition(onnx_model, cut_list)  # checks equivalence before anything is written
-    _store_stages(store, layout, stages)
+    new = [src for name, src in by_name.items() if name not in existing]
+    record_mb = sum(os.path.getsize(src) for src in new) / 1e6
+    stage_mb = _store_stages(store, layout, stages)
+    say(f"uploaded {len(stages)} stage models ({stage_mb:,.1f} MB)"
+        + (f"; uploading {len(new)} records ({record_mb:,.1f} MB)…" if new else ""))
     for name, src in by_name.items():
         if name not in existing:
             store.put_file(src, layout.record(name))
-    spec = JobSpec(job=job, model=model, cuts=cut_list, memory=memory_list,
-                   micro_batch=micro_batch, format=fmt.to_dict(),
-                   records=sorted(set(existing) | set(by_name)),
-                   input_hw=list(input_hw(onnx_model)))
-    spec.save(store)
-    return spec
+    asked.records = sorted(set(existing) | set(by_name))
+    asked.save(store)
+    return asked
 
 
-def _check_resumable(old: JobSpec, model: str, cuts: list[str], fmt: TensorFormat,
-                     micro_batch: int) -> None:
-    """Outputs already in the store were made with the old settings: refuse to mix."""
-    changed = [what for what, a, b in (
-        ("model", old.model, model), ("cuts", old.cuts, cuts),
-        ("intermediate format", old.format, fmt.to_dict()),
-        ("micro-batch", old.micro_batch, micro_batch)) if a != b]
-    if changed:
-        raise JobError(f"job {old.job!r} exists with another {', '.join(changed)} "
-                       f"(model {old.model}, cuts {','.join(old.cuts) or '-'}, format "
-                       f"{old.format}); resume it with the same settings or use a new --job")
+def _quiet(_: str) -> None:
+    pass
 
 
-def _store_stages(store: Store, layout: JobLayout, stages: list[Any]) -> None:
+def _given(value: Any, old: JobSpec | None, name: str, default: Any) -> Any:
+    if value is not None:
+        return value
+    return getattr(old, name) if old is not None else default
+
+
+def _flag(name: str, value: Any) -> str:
+    """The command-line flag that asks for `value` of job.json's field `name`."""
+    if name == "cuts":
+        return f"--cuts {','.join(value)}" if value else "no --cuts (the whole model)"
+    if name == "format":
+        fmt = TensorFormat.from_dict(value)
+        return " ".join([f"--{'' if fmt.dtype == 'float16' else 'no-'}float16",
+                         f"--{'' if fmt.compress else 'no-'}compress"])
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    return f"--{name.replace('_', '-')} {value}"
+
+
+def check_resumable(old: JobSpec, asked: JobSpec) -> None:
+    """Outputs already in the store were made with the old settings: refuse to mix.
+
+    Compared field by field on what they resolve to (cuts named by --preset equal the
+    same cuts named by --cuts), so every setting a job records is checked, new ones too.
+    """
+    skip = set(MAY_CHANGE_ON_RESUME) | set(NOT_ASKED)
+    for name in old.__dataclass_fields__:
+        before, now = getattr(old, name), getattr(asked, name)
+        if name not in skip and before != now:
+            raise JobError(
+                f"job {old.job!r} was started with {_flag(name, before)}, not "
+                f"{_flag(name, now)}: resume it with {_flag(name, before)} (or leave the "
+                "option out), or give a new --job")
+
+
+def _store_stages(store: Store, layout: JobLayout, stages: list[Any]) -> float:
     """Each stage as a graph plus its weights as external data, so that onnxruntime maps
     the weights instead of copying them out of a parsed protobuf: a lower peak at load
     (AlexNet's classifier: about 360 MB instead of 420 MB)."""
@@ -192,6 +255,7 @@ def _store_stages(store: Store, layout: JobLayout, stages: list[Any]) -> None:
 
     from .function import DATA_SUFFIX
 
+    size = 0
     with tempfile.TemporaryDirectory(prefix="serveless-stages-") as tmp:
         for k, stage in enumerate(stages):
             key = layout.stage_model(k)
@@ -202,7 +266,10 @@ def _store_stages(store: Store, layout: JobLayout, stages: list[Any]) -> None:
                             size_threshold=1024)
             if os.path.exists(path + DATA_SUFFIX):
                 store.put_file(path + DATA_SUFFIX, key + DATA_SUFFIX)
+                size += os.path.getsize(path + DATA_SUFFIX)
             store.put_file(path, key)
+            size += os.path.getsize(path)
+    return size / 1e6
 
 
 # -- the invocation log -----------------------------------------------------------------------
@@ -323,6 +390,7 @@ def run_job(
     progress: bool = True,
     rng: random.Random | None = None,
     keep_intermediates: bool = True,
+    say: Callable[[str], None] | None = None,
 ) -> JobResult:
     """Serve every record through every stage; returns what happened, never loses a record.
 
@@ -351,6 +419,8 @@ def run_job(
             heapq.heappush(heap, _Task((-nxt, order[record], 0.0), record, nxt))
     total = len(spec.records)
     finished = total - len(heap)
+    if finished and say:
+        say(f"resuming: {finished} of {total} records done")
     failed: dict[str, str] = {}
     retried = 0
     images_run = 0  # images served by this run (a resumed job has others before)

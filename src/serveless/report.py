@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,21 +95,7 @@ def print_summary(
         rate = s["images"] / wall_s
         head += f" in [bold]{wall_s:.1f} s[/bold] = [bold]{rate:.1f}[/bold] images/s"
     console.print(head)
-    table = Table(title="Per stage (costs in $ per 1M images)", title_justify="left",
-                  box=box.SIMPLE_HEAD)
-    per_m = 1e6 / s["images"] if s["images"] else 0.0
-    for col in ("stage", "MB", "calls", "cold", "failed", "mean ms", "init ms", "peak MB",
-                "GB-s", "compute", "requests", "S3 ops", "total"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for st in s["stages"]:
-        table.add_row(
-            str(st.stage), "/".join(map(str, st.memory_mb)), str(st.invocations), str(st.cold),
-            str(st.errors), f"{st.mean_duration_ms:,.0f}", f"{st.mean_init_ms:,.0f}",
-            f"{st.peak_mb:,.0f}", f"{st.gb_s:,.2f}", f"{st.compute * per_m:.3f}",
-            f"{st.requests * per_m:.3f}", f"{st.store_ops * per_m:.3f}",
-            f"{st.cost * per_m:.3f}",
-        )
-    console.print(table)
+    _print_stage_table(console, s)
     console.print(
         f"total {s['gb_s']:,.2f} GB-s; modeled AWS Lambda ({s['arch']}) cost "
         f"[bold]${s['cost']:.6f}[/bold] = compute ${s['compute']:.6f} + requests "
@@ -118,6 +105,57 @@ def print_summary(
     for note in notes or []:
         console.print(note)
     return s
+
+
+STAGE_COLUMNS = ("stage", "MB", "calls", "cold", "failed", "mean ms", "init ms", "peak MB",
+                 "GB-s", "compute", "requests", "S3 ops", "total")
+SPLIT_AT = 8  # time and memory columns | cost columns, when one table is too wide
+
+
+def stage_cells(s: dict[str, Any]) -> list[list[str]]:
+    """Each stage's row of the summary table, formatted (costs in $ per 1M images)."""
+    per_m = 1e6 / s["images"] if s["images"] else 0.0
+    return [[
+        str(st.stage), "/".join(map(str, st.memory_mb)), str(st.invocations), str(st.cold),
+        str(st.errors), f"{st.mean_duration_ms:,.0f}", f"{st.mean_init_ms:,.0f}",
+        f"{st.peak_mb:,.0f}", f"{st.gb_s:,.2f}", f"{st.compute * per_m:.3f}",
+        f"{st.requests * per_m:.3f}", f"{st.store_ops * per_m:.3f}", f"{st.cost * per_m:.3f}",
+    ] for st in s["stages"]]
+
+
+def _table(title: str, columns: Sequence[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for col in columns:
+        table.add_column(col, justify="right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def _print_stage_table(console: Console, s: dict[str, Any]) -> None:
+    """One table where it fits; else time/memory and cost as two tables (80 columns); else
+    one line per stage: a number is never cut to fit."""
+    def natural(table: Table) -> int:  # the width it takes unconstrained, not clamped
+        return console.measure(table, options=console.options.update_width(10_000)).maximum
+
+    rows = stage_cells(s)
+    whole = _table("Per stage (costs in $ per 1M images)", STAGE_COLUMNS, rows)
+    if natural(whole) <= console.width:
+        console.print(whole)
+        return
+    first = _table("Per stage: time and memory", STAGE_COLUMNS[:SPLIT_AT],
+                   [r[:SPLIT_AT] for r in rows])
+    second = _table("Per stage: cost ($ per 1M images)", ("stage", *STAGE_COLUMNS[SPLIT_AT:]),
+                    [[r[0], *r[SPLIT_AT:]] for r in rows])
+    if max(natural(t) for t in (first, second)) <= console.width:
+        console.print(first)
+        console.print(second)
+        return
+    console.print("Per stage (costs in $ per 1M images):")
+    for row in rows:
+        console.print(f"stage {row[0]}: " + ", ".join(
+            f"{name} {value}" for name, value in zip(STAGE_COLUMNS[1:], row[1:], strict=True)),
+            highlight=False)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]], right: set[int] | None = None) -> str:

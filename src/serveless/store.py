@@ -230,6 +230,13 @@ class Store:
                 keys.append(f"{prefix.strip('/')}/{name}")
         return sorted(keys)
 
+    def du(self, prefix: str) -> int:
+        """Bytes under a prefix (0 if it is absent)."""
+        try:
+            return int(_retrying(lambda: self.fs.du(self.path(prefix), total=True), prefix))
+        except FileNotFoundError:
+            return 0
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             _retrying(lambda: self.fs.rm(self.path(key), recursive=True), key)
@@ -265,6 +272,12 @@ class Store:
             existing = existing.parent
         if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
             raise StoreError(f"cannot write to store {self.url!r}: {existing} is not writable")
+        try:  # os.access says yes to root everywhere, /sys and /proc included: try it
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            raise StoreError(f"cannot write to store {self.url!r}: {existing} does not take "
+                             f"files ({exc.strerror or exc})") from exc
 
     def _explain(self, exc: BaseException) -> str:
         """Say what is wrong with the store in words a user can act on."""

@@ -66,6 +66,9 @@ class _Instance:
             [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno()),
              json.dumps(spec)],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
+            # Out of the terminal's process group: Ctrl-C reaches the driver alone, which
+            # stops its instances; one still importing would print a KeyboardInterrupt.
+            start_new_session=True,
         )
         theirs.close()  # the instance holds the only other end: its death reads as EOF
         self.conn = mpc.Connection(ours.detach())

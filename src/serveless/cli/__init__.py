@@ -1,13 +1,34 @@
 """The `serveless` command line.
 
 `app` is built in `app.py`; each module here adds one group of commands to it:
-`jobs` (pack, models, partition, run, demo, report), `experiments` (the paper's
-figures). Options and helpers that several commands share are in `common`.
+`jobs` (pack, models, partition, run, demo, report), `manage` (`serveless jobs`:
+list, show, clean, delete), `experiments` (the paper's figures). Options and
+helpers that several commands share are in `common`.
 """
 
 from __future__ import annotations
 
-from . import experiments, jobs  # noqa: F401  (registers their commands)
+import importlib
+
 from .app import app
 
-__all__ = ["app"]
+# Each module adds its commands to the app; --help lists them in this order.
+for _module in ("jobs", "manage", "experiments"):
+    importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """The `serveless` script: a bug prints one line unless --debug asks for the traceback."""
+    import sys
+
+    from . import common
+
+    try:
+        app()
+    except Exception as exc:  # not a user mistake (those exit 2 with their message)
+        if common.DEBUG or "--debug" in sys.argv:
+            raise
+        common.fail(f"internal error: {type(exc).__name__}: {exc} (run again with "
+                    "'serveless --debug …' for the traceback, and please report it)", 1)

@@ -1,5 +1,5 @@
 """`python -m serveless.cli`."""
 
-from serveless.cli import app
+from serveless.cli import main
 
-app()
+main()

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, TypeVar
 
 import typer
 from rich.console import Console, ConsoleDimensions
 from rich.text import Text
 
+from ..cost import LAMBDA_GB_SECOND
+from ..pipeline import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_MEMORY_MB,
+    DEFAULT_MICRO_BATCH,
+    DEFAULT_RETRIES,
+)
 from ..store import Store, StoreError
 
 T = TypeVar("T")
+DEBUG = False  # `serveless --debug …`: tracebacks instead of one-line errors
 
 # Lines written to a pipe or a file are never wrapped: a log must keep paths whole for grep.
 PIPE_WIDTH = 1000
@@ -50,12 +58,56 @@ class CliConsole(Console):
 console = CliConsole()
 err_console = CliConsole(stderr=True)
 
-StoreOpt = Annotated[str, typer.Option("--store", help="fsspec URL or folder of the store")]
+# Options shared by commands: one name, one meaning, one default everywhere. Bounds and
+# choices are checked by the parser, before a command writes or invokes anything.
+ARCHES = sorted(LAMBDA_GB_SECOND)
+BACKENDS = ["local", "lithops"]
+KEEP_ALIVE_S = 300.0
+
+JobOpt = Annotated[str | None, typer.Option(
+    "--job", metavar="NAME",
+    help="job name (its folder in the store) [default: a new '<records>-<date>-<n>']")]
+RecordsOpt = Annotated[str | None, typer.Option(
+    "--records", metavar="DIR|GLOB", help="folder or glob of .tfrecord files")]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", metavar="NAME|FILE.onnx",
+    help="built-in model name or .onnx file [default: alexnet]")]
+PresetOpt = Annotated[str | None, typer.Option(
+    "--preset", metavar="NAME",
+    help="'paper': the paper's stages (AlexNet conv1 | conv2 | conv3-5 | fc)")]
+CutsOpt = Annotated[str | None, typer.Option(
+    "--cuts", metavar="T1,T2,…",
+    help="cut tensors (see 'partition MODEL --list') [default: none, the whole model]")]
+MemoryOpt = Annotated[str | None, typer.Option(
+    "--memory", metavar="MB[,MB…]",
+    help=f"memory per stage; one value applies to all stages [default: {DEFAULT_MEMORY_MB}, "
+         "1 vCPU]")]
+ConcurrencyOpt = Annotated[int | None, typer.Option(
+    "--concurrency", min=1, metavar="C",
+    help=f"invocations in flight [default: {DEFAULT_CONCURRENCY}]")]
+MicroBatchOpt = Annotated[int | None, typer.Option(
+    "--micro-batch", min=1, metavar="B",
+    help=f"images per onnxruntime run [default: {DEFAULT_MICRO_BATCH}]")]
+RetriesOpt = Annotated[int | None, typer.Option(
+    "--retries", min=0, metavar="N",
+    help=f"retries per failed invocation [default: {DEFAULT_RETRIES}]")]
+ArchOpt = Annotated[Literal[tuple(ARCHES)], typer.Option(  # type: ignore[valid-type]
+    "--arch", help="Lambda prices of this architecture")]
+MaxInstancesOpt = Annotated[int | None, typer.Option(
+    "--max-instances", min=1, metavar="N",
+    help="instances per function [default: --concurrency]")]
+KeepAliveOpt = Annotated[float, typer.Option(
+    "--keep-alive", min=0.0, metavar="SECONDS", help="idle seconds before an instance stops")]
+StoreOpt = Annotated[str, typer.Option(
+    "--store", metavar="URL|DIR", help="fsspec URL or folder of the store")]
 StoreOptions = Annotated[list[str] | None, typer.Option(
-    "--store-option", help="key=value passed to fsspec for the store (repeatable)")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="local or lithops")]
+    "--store-option", metavar="KEY=VALUE",
+    help="passed to fsspec for the store (repeatable)")]
+BackendOpt = Annotated[Literal[tuple(BACKENDS)], typer.Option(  # type: ignore[valid-type]
+    "--backend",
+    help="local: this machine's Lambda-like runtime; lithops: AWS Lambda and other clouds")]
 BackendOptions = Annotated[list[str] | None, typer.Option(
-    "--backend-option", help="key=value for the backend (repeatable)")]
+    "--backend-option", metavar="KEY=VALUE", help="for the backend (repeatable)")]
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -81,7 +133,7 @@ def say(text: str, err: bool = False) -> None:
     (err_console if err else console).print(text, markup=False, highlight=False)
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     err_console.print(Text.assemble(("error:", "bold red"), " ", message))  # no markup in paths
     raise typer.Exit(code)
 
@@ -97,9 +149,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def guarded(fn: Callable[[], T]) -> T:
+    """Run `fn`; a user mistake becomes `error: …` and exit status 2."""
     try:
         return fn()
     except user_errors() as exc:
+        if DEBUG:
+            raise
         fail(str(exc))
+    raise AssertionError("unreachable")
 
 

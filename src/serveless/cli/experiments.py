@@ -73,7 +73,8 @@ def _show(md_path: Path, *paths: Path) -> None:
         console.print(f"wrote {p}", markup=False, highlight=False)
 
 
-@app.command("profile", rich_help_panel=PANEL)
+@app.command("profile", rich_help_panel=PANEL,
+             short_help="Fig. 3: peak memory and time per stage vs images per record; memMin")
 def profile(
     model: ModelOpt = "alexnet",
     cuts: CutsOpt = None,
@@ -120,7 +121,8 @@ def profile(
                   + ",".join(map(str, result["recommended_mb"])), highlight=False)
 
 
-@app.command("baseline", rich_help_panel=PANEL)
+@app.command("baseline", rich_help_panel=PANEL,
+             short_help="Fig. 4: time per record, pipeline vs the whole model in one process")
 def baseline(
     model: ModelOpt = "alexnet",
     cuts: CutsOpt = None,
@@ -164,7 +166,8 @@ def baseline(
     _show(folder / "baseline.md", folder / "baseline.png", folder / "baseline.json")
 
 
-@app.command("sweep", rich_help_panel=PANEL)
+@app.command("sweep", rich_help_panel=PANEL,
+             short_help="Fig. 5: wall time and cost of the same job at each concurrency")
 def sweep(
     concurrency: Annotated[str, typer.Option(help="concurrency levels, e.g. 1,2,4,8")]
     = "1,2,4,8",
@@ -221,7 +224,8 @@ def sweep(
     _show(folder / "sweep.md", folder / "sweep.png", folder / "sweep.json")
 
 
-@app.command("memory-compare", rich_help_panel=PANEL)
+@app.command("memory-compare", rich_help_panel=PANEL,
+             short_help="Tables 1-2: memMax everywhere vs the profiled memMin")
 def memory_compare(
     per_record: Annotated[str, typer.Option(
         "--per-record", help="record sizes, e.g. 1000,500")] = "1000,500",

@@ -10,11 +10,25 @@ from typing import Annotated, Any
 
 import typer
 
-from ..store import DEFAULT_STORE, JobLayout, Store, StoreError
+from ..store import DEFAULT_STORE, JobLayout, Store, StoreError, validate_job_name
+from . import common
 from .app import app, models_app
 from .common import (
+    KEEP_ALIVE_S,
+    ArchOpt,
     BackendOpt,
     BackendOptions,
+    ConcurrencyOpt,
+    CutsOpt,
+    JobOpt,
+    KeepAliveOpt,
+    MaxInstancesOpt,
+    MemoryOpt,
+    MicroBatchOpt,
+    ModelOpt,
+    PresetOpt,
+    RecordsOpt,
+    RetriesOpt,
     StoreOpt,
     StoreOptions,
     console,
@@ -24,6 +38,7 @@ from .common import (
     open_store,
     parse_options,
     say,
+    user_errors,
 )
 
 
@@ -115,23 +130,55 @@ def partition_cmd(
     guarded(go)
 
 
-def _execute(store: Store, spec: Any, concurrency: int, retries: int, arch: str,
-             max_instances: int | None, keep_alive: float, progress: bool = True,
-             backend_name: str = "local", backend_options: list[str] | None = None,
-             keep_intermediates: bool = True) -> Any:
+def _start(store_url: str, store_option: list[str] | None, backend_name: str,
+           backend_option: list[str] | None, concurrency: int, max_instances: int | None,
+           keep_alive: float) -> tuple[Store, Any]:
+    """The store, probed for writing, and the backend, with its dependencies: both checked
+    before a job writes anything, so a mistake here leaves the store as it was."""
     from ..backends import make_backend
+
+    st = open_store(store_url, store_option)
+    guarded(st.check)
+    backend = guarded(lambda: make_backend(
+        backend_name, parse_options(backend_option), max_instances=max_instances or concurrency,
+        keep_alive_s=keep_alive))
+    return st, backend
+
+
+def _prepare(st: Store, backend: Any, job: str, make: Any) -> Any:
+    """Lay the job out; if that fails (or is interrupted), a new job leaves no folder."""
+    layout = JobLayout(job)
+    new = not st.exists(layout.spec)
+    try:
+        return make()
+    except BaseException as exc:
+        backend.close()
+        if new:
+            st.delete(layout.job)
+        if isinstance(exc, KeyboardInterrupt):
+            fail("interrupted before the job started; nothing was kept", 130)
+        if isinstance(exc, user_errors()) and not common.DEBUG:
+            fail(str(exc))
+        raise
+
+
+def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = True,
+             keep_intermediates: bool = True) -> Any:
     from ..pipeline import run_job
     from ..report import print_summary
 
-    backend = guarded(lambda: make_backend(
-        backend_name, parse_options(backend_options), max_instances=max_instances or concurrency,
-        keep_alive_s=keep_alive))
     try:
-        result = run_job(store, spec, backend, concurrency=concurrency, retries=retries,
-                         progress=progress, keep_intermediates=keep_intermediates)
+        result = run_job(store, spec, backend, concurrency=spec.concurrency,
+                         retries=spec.retries, progress=progress,
+                         keep_intermediates=keep_intermediates,
+                         say=lambda m: say(m, err=True))
     except KeyboardInterrupt:
-        err_console.print("[yellow]interrupted; run the same command again to resume[/yellow]")
-        raise typer.Exit(130) from None
+        backend.close()  # stop every instance before saying anything
+        fail("interrupted; run the same command again to resume", 130)
+    except user_errors() as exc:
+        if common.DEBUG:
+            raise
+        fail(str(exc))
     finally:
         backend.close()
     notes = [f"CPU share: {result.backend['cpu_share']}"]
@@ -173,86 +220,115 @@ def _print_failed_images(store: Store, job: str, count: int) -> None:
 
 @app.command()
 def run(
+    job: JobOpt = None,
+    records: RecordsOpt = None,
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    cuts: CutsOpt = None,
+    memory: MemoryOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    micro_batch: MicroBatchOpt = None,
+    retries: RetriesOpt = None,
+    float16: Annotated[bool | None, typer.Option(
+        "--float16/--no-float16", show_default=False,
+        help="store intermediates as float16 [default: float32]")] = None,
+    compress: Annotated[bool | None, typer.Option(
+        "--compress/--no-compress", show_default=False,
+        help="zstd-compress intermediates [default: no]")] = None,
+    keep_intermediates: Annotated[bool, typer.Option(
+        "--keep-intermediates/--no-keep-intermediates", show_default=False,
+        help="keep stage outputs after a record's predictions are written [default: keep]")]
+    = True,
+    arch: ArchOpt = "x86_64",
+    max_instances: MaxInstancesOpt = None,
+    keep_alive: KeepAliveOpt = KEEP_ALIVE_S,
     store: StoreOpt = DEFAULT_STORE,
     store_option: StoreOptions = None,
     backend: BackendOpt = "local",
     backend_option: BackendOptions = None,
-    job: Annotated[str, typer.Option(help="job name (folder in the store)")] = "job",
-    records: Annotated[str | None, typer.Option(help="folder or glob of .tfrecord files")] = None,
-    model: Annotated[str, typer.Option(help="built-in name or .onnx path")] = "alexnet",
-    cuts: Annotated[str | None, typer.Option(help="comma-separated cut tensors")] = None,
-    preset: Annotated[str | None, typer.Option(help="'paper' for the paper's stages")] = None,
-    memory: Annotated[str | None, typer.Option(help="MB per stage, e.g. 2048,1280,1024,768")]
-    = None,
-    concurrency: Annotated[int, typer.Option(help="invocations in flight")] = 2,
-    micro_batch: Annotated[int, typer.Option("--micro-batch", help="images per ONNX run")] = 32,
-    retries: Annotated[int, typer.Option(help="retries per failed invocation")] = 3,
-    arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
-    max_instances: Annotated[int | None, typer.Option(help="instances per function")] = None,
-    keep_alive: Annotated[float, typer.Option(help="idle seconds before an instance stops")]
-    = 300.0,
-    float16: Annotated[bool, typer.Option(help="store intermediates as float16")] = False,
-    compress: Annotated[bool, typer.Option(help="zstd-compress intermediates")] = False,
-    keep_intermediates: Annotated[bool, typer.Option(
-        help="keep stage outputs in the store after a record's predictions are written")]
-    = True,
 ) -> None:
-    """Run (or resume) a job: every record through every stage."""
-    from ..pipeline import JobSpec, prepare_job
+    """Run a job: every record through every stage. Run it again with the same --job to
+    resume; options left out are taken from the job, and only --memory, --concurrency and
+    --retries may change."""
+    from ..pipeline import DEFAULT_CONCURRENCY, find_records, prepare_job
     from ..tensors import TensorFormat
 
-    def go() -> Any:
-        st = Store(store, parse_options(store_option))
-        st.check()
-        layout = JobLayout(job)
-        if records is None and cuts is None and preset is None and st.exists(layout.spec):
-            return st, JobSpec.load(st, job)  # resume as asked before
-        fmt = TensorFormat("float16" if float16 else "float32", compress)
-        return st, prepare_job(st, job, model, cuts, preset, memory, micro_batch, records, fmt)
-
-    st, spec = guarded(go)
-    result = _execute(st, spec, concurrency, retries, arch, max_instances, keep_alive,
-                      backend_name=backend, backend_options=backend_option,
-                      keep_intermediates=keep_intermediates)
+    if job is None and records is None:
+        fail("give --records DIR to start a job (or --job NAME to resume one)")
+    if job is not None:
+        guarded(lambda: validate_job_name(job))
+    if records is not None:
+        guarded(lambda: find_records(records))  # before a job is named or anything written
+    st, runner = _start(store, store_option, backend, backend_option,
+                        concurrency or DEFAULT_CONCURRENCY, max_instances, keep_alive)
+    if job is None:
+        job = new_job_name(st, records or "job")
+        say(f"job {job}", err=True)
+    fmt = None
+    if float16 is not None or compress is not None:
+        fmt = TensorFormat("float16" if float16 else "float32", bool(compress))
+    spec = _prepare(st, runner, job, lambda: prepare_job(
+        st, job, model, cuts, preset, memory, micro_batch, records, fmt,
+        concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True)))
+    result = _execute(st, spec, runner, arch, keep_intermediates=keep_intermediates)
     if not result.ok:
         raise typer.Exit(1)
 
 
+def new_job_name(store: Store, records: str) -> str:
+    """'<records folder>-<date>-<n>': readable, and new in this store."""
+    import re
+
+    folder = Path(records.rstrip("/")).expanduser()
+    while any(ch in folder.name for ch in "*?[") and folder.parent != folder:
+        folder = folder.parent  # a glob: name the job after the folder it searches
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name.removesuffix(".tfrecord")).strip("-.")
+    stem = f"{base or 'job'}-{time.strftime('%Y%m%d')}"
+    n = 1
+    while store.exists(JobLayout(f"{stem}-{n}").job):
+        n += 1
+    return f"{stem}-{n}"
+
+
 @app.command()
 def demo(
-    images: Annotated[int, typer.Option(help="number of sample images")] = 2000,
+    images: Annotated[int, typer.Option(min=1, metavar="N", help="number of sample images")]
+    = 2000,
+    per_record: Annotated[int, typer.Option(
+        "--per-record", min=1, metavar="N", help="images per record")] = 500,
+    memory: MemoryOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    micro_batch: MicroBatchOpt = None,
+    arch: ArchOpt = "x86_64",
     store: StoreOpt = DEFAULT_STORE,
     store_option: StoreOptions = None,
     backend: BackendOpt = "local",
     backend_option: BackendOptions = None,
-    per_record: Annotated[int, typer.Option("--per-record", help="images per record")] = 500,
-    concurrency: Annotated[int, typer.Option(help="invocations in flight")] = 2,
-    memory: Annotated[str | None, typer.Option(help="MB per stage")] = None,
-    micro_batch: Annotated[int, typer.Option("--micro-batch")] = 32,
-    arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
 ) -> None:
     """The paper's experiment in small: sample photos, AlexNet in 4 stages, local functions."""
     from ..images import make_sample_images
-    from ..pipeline import prepare_job
+    from ..pipeline import DEFAULT_CONCURRENCY, prepare_job
     from ..records import pack_folder
 
-    if images < 1 or per_record < 1:
-        fail("--images and --per-record must be >= 1")
-    st = open_store(store, store_option)
-    guarded(st.check)
+    st, runner = _start(store, store_option, backend, backend_option,
+                        concurrency or DEFAULT_CONCURRENCY, None, KEEP_ALIVE_S)
     layout = JobLayout("demo")
     st.delete(layout.job)  # the demo always starts fresh
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="serveless-demo-") as tmp:
-        console.print(f"generating {images} sample photos (about 500×375, ~100 KB each)…")
-        make_sample_images(tmp, images)
-        names = pack_folder(tmp, st, layout.records_prefix, per_record)
-    console.print(f"packed {len(names)} records of up to {per_record} images "
-                  f"({time.perf_counter() - t0:.1f} s); partitioning alexnet (paper preset)…")
-    spec = guarded(lambda: prepare_job(st, "demo", "alexnet", preset="paper", memory=memory,
-                                            micro_batch=micro_batch))
-    result = _execute(st, spec, concurrency, 3, arch, None, 300.0, progress=sys.stderr.isatty(),
-                      backend_name=backend, backend_options=backend_option)
+
+    def make() -> Any:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="serveless-demo-") as tmp:
+            say(f"generating {images} sample photos (about 500×375, ~100 KB each)…")
+            make_sample_images(tmp, images)
+            names = pack_folder(tmp, st, layout.records_prefix, per_record)
+        say(f"packed {len(names)} records of up to {per_record} images "
+            f"({time.perf_counter() - t0:.1f} s)")
+        return prepare_job(st, "demo", "alexnet", preset="paper", memory=memory,
+                           micro_batch=micro_batch, concurrency=concurrency,
+                           say=lambda m: say(m))
+
+    spec = _prepare(st, runner, "demo", make)
+    result = _execute(st, spec, runner, arch, progress=sys.stderr.isatty())
     if not result.ok:
         raise typer.Exit(1)
 

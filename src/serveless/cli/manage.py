@@ -1,0 +1,115 @@
+"""`serveless jobs`: list, inspect, clean and delete the jobs in a store."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.table import Table
+
+from ..store import DEFAULT_STORE
+from .app import app
+from .common import ArchOpt, StoreOpt, StoreOptions, console, fail, guarded, open_store, say
+
+jobs_app = typer.Typer(help="List, inspect, clean and delete jobs in a store.",
+                       invoke_without_command=True)
+app.add_typer(jobs_app, name="jobs")
+
+JobArg = Annotated[str, typer.Argument(metavar="JOB", help="job name")]
+
+
+@jobs_app.callback()
+def jobs_list(
+    ctx: typer.Context,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    arch: ArchOpt = "x86_64",
+) -> None:
+    """List the jobs in the store with their state, images, cost and last run."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ..status import job_status, list_jobs
+
+    st = open_store(store, store_option)
+    names = guarded(lambda: list_jobs(st))
+    if not names:
+        say(f"no jobs in {st.url}")
+        return
+    table = Table(box=box.SIMPLE_HEAD, title=f"jobs in {st.url}", title_justify="left")
+    for col, right in (("job", False), ("state", False), ("records", True), ("images", True),
+                       ("failed images", True), ("cost $", True), ("$ per 1M", True),
+                       ("last run (UTC)", False)):
+        table.add_column(col, justify="right" if right else "left", no_wrap=True)
+    for name in names:
+        s = guarded(lambda name=name: job_status(st, name, arch))
+        table.add_row(s.job, s.state, f"{s.records_done}/{s.records}", f"{s.images:,}",
+                      f"{s.failed_images:,}", f"{s.cost:.6f}", f"{s.per_million:.2f}",
+                      s.last_run or "-")
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job: JobArg,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    arch: ArchOpt = "x86_64",
+    as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+) -> None:
+    """What a job was asked (job.json) and where it stands."""
+    from ..status import job_status, status_json
+
+    st = open_store(store, store_option)
+    s = guarded(lambda: job_status(st, job, arch))
+    if as_json:
+        typer.echo(status_json(s))
+        return
+    spec = s.spec
+    lines = [
+        f"job {s.job}: {s.state}, {s.records_done} of {s.records} records done, "
+        f"{s.images:,} images served, {s.failed_images:,} failed",
+        f"model {spec.model}; cuts {','.join(spec.cuts) or '(none: one stage)'}; memory "
+        f"{','.join(map(str, spec.memory))} MB; micro-batch {spec.micro_batch}; concurrency "
+        f"{spec.concurrency}; retries {spec.retries}; intermediates {spec.format}",
+        f"modeled cost ${s.cost:.6f} (${s.per_million:.2f} per 1M images, {arch}); last run "
+        f"{s.last_run or '-'} UTC",
+    ]
+    for line in lines:
+        say(line)
+    for rec, why in sorted(s.failed_records.items()):
+        say(f"failed record {rec}: {why}")
+
+
+@jobs_app.command("clean")
+def jobs_clean(
+    job: JobArg,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+) -> None:
+    """Remove a job's intermediate outputs; keep its records, models, predictions and log."""
+    from ..status import clean_job
+
+    st = open_store(store, store_option)
+    freed = guarded(lambda: clean_job(st, job))
+    say(f"removed the intermediates of {job}: {freed / 1e6:,.1f} MB freed")
+
+
+@jobs_app.command("delete")
+def jobs_delete(
+    job: JobArg,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")]
+    = False,
+) -> None:
+    """Delete a job and everything it holds in the store."""
+    from ..status import delete_job, job_status
+
+    st = open_store(store, store_option)
+    s = guarded(lambda: job_status(st, job))
+    if not yes and not typer.confirm(
+            f"delete job {job} ({s.state}, {s.images:,} images) from {st.url}?", default=False):
+        fail("not deleted", 1)
+    freed = guarded(lambda: delete_job(st, job))
+    say(f"deleted {job}: {freed / 1e6:,.1f} MB freed")

@@ -1,0 +1,116 @@
+"""The jobs in a store and where each stands, from what the store holds alone.
+
+A job is done when every record has its predictions; failed when a record without
+predictions ended its last invocation in an error; partial otherwise (interrupted, or
+not started). The figures come from job.json, the predictions and the invocation log.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .pipeline import JobError, JobSpec, load_log
+from .report import summarize
+from .store import JobLayout, Store
+
+
+@dataclass
+class JobStatus:
+    job: str
+    state: str  # done | partial | failed
+    records: int
+    records_done: int
+    images: int
+    failed_images: int
+    cost: float
+    per_million: float
+    last_run: str  # UTC date and time of the last invocation, "" if none
+    spec: JobSpec
+    failed_records: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "spec"}
+        out["spec"] = self.spec.__dict__
+        return out
+
+
+def list_jobs(store: Store) -> list[str]:
+    """Names of the folders at the top of the store that hold a job.json."""
+    names = [key.strip("/").rsplit("/", 1)[-1] for key in store.list("")]
+    jobs = []
+    for name in names:
+        try:
+            if store.exists(JobLayout(name).spec):
+                jobs.append(name)
+        except ValueError:  # not a job name (e.g. a dot-folder of the store's own)
+            continue
+    return sorted(jobs)
+
+
+def job_status(store: Store, job: str, arch: str = "x86_64") -> JobStatus:
+    layout = JobLayout(job)
+    spec = JobSpec.load(store, job)
+    done = {key.rsplit("/", 1)[-1].removesuffix(".jsonl")
+            for key in store.list(layout.key("predictions"), ".jsonl")}
+    rows = load_log(store, job)
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:  # the log is in time order: keep each record's last invocation
+        last[row["record"]] = row
+    failed = {}
+    for rec in spec.records:
+        row = last.get(rec)
+        if rec not in done and row is not None and row.get("error"):
+            failed[rec] = f"stage {row['stage']}: {row['error'].get('type')}: " \
+                          f"{row['error'].get('message')}"
+    summary = summarize(rows, arch) if rows else None
+    failed_images = sum(int(r.get("image_errors") or 0) for r in rows
+                        if r.get("error") is None and int(r["stage"]) == spec.stages - 1)
+    state = "done" if done >= set(spec.records) else "failed" if failed else "partial"
+    when = ""
+    if rows:
+        stamp = max(float(r["started"]) for r in rows)
+        when = dt.datetime.fromtimestamp(stamp, dt.UTC).strftime("%Y-%m-%d %H:%M")
+    return JobStatus(
+        job=job, state=state, records=len(spec.records),
+        records_done=len(done & set(spec.records)),
+        images=summary["images"] if summary else 0, failed_images=failed_images,
+        cost=summary["cost"] if summary else 0.0,
+        per_million=summary["per_million"] if summary else 0.0,
+        last_run=when, spec=spec, failed_records=failed,
+    )
+
+
+def intermediate_prefixes(store: Store, job: str) -> list[str]:
+    """The stage output folders of a job (stage-0 … stage-K-2): everything `clean` removes."""
+    layout = JobLayout(job)
+    return [key.strip("/") for key in store.list(layout.job)
+            if key.rsplit("/", 1)[-1].startswith("stage-")]
+
+
+def clean_job(store: Store, job: str) -> int:
+    """Remove a job's intermediate outputs, keeping records, models, predictions and the
+    log; returns the bytes freed. Unfinished records restart from stage 0 on resume."""
+    JobSpec.load(store, job)  # a clear error if there is no such job
+    freed = 0
+    for prefix in intermediate_prefixes(store, job):
+        freed += store.du(prefix)
+        store.delete(prefix)
+    return freed
+
+
+def delete_job(store: Store, job: str) -> int:
+    """Remove everything of a job; returns the bytes freed."""
+    layout = JobLayout(job)
+    if not store.exists(layout.spec):
+        raise JobError(f"no job {job!r} in {store.url}")
+    freed = store.du(layout.job)
+    store.delete(layout.job)
+    return freed
+
+
+def status_json(status: JobStatus) -> str:
+    return json.dumps(status.to_dict(), indent=2)
+
