@@ -155,7 +155,7 @@ def test_profile_table_png_and_recommendation_match_the_logs(env, profiled):
         rows = log(env, f"profile-{size}")
         mine = ok_rows(rows, stage)
         assert len(mine) == 1 and mine[0]["images"] in (size, None)
-        assert {r["memory_mb"] for r in rows} == {3008}  # fixed CPU share for every size
+        assert {r["memory_mb"] for r in rows} == {1769}  # one CPU share (the default) for all
         assert int(row["invocations"]) == len(mine)
         peak = max(r["peak_mb"] for r in mine)
         close(row["peak MB"], peak, 1)
@@ -275,13 +275,13 @@ def test_sweep_table_marks_oversubscription(env):
     for row in table:
         c = int(row["concurrency"])
         rows = log(env, f"sweep-c{c}")
-        assert len(ok_rows(rows)) == 4 * 2 and {r["memory_mb"] for r in rows} == {3008}
+        assert len(ok_rows(rows)) == 4 * 2 and {r["memory_mb"] for r in rows} == {1769}
         close(row["wall s"], span(rows), 3)
         gb_s, usd = modeled(rows)
         close(row["GB-s"], gb_s, 4)
         close(row["cost USD"], usd, 8)
         close(row["USD per 1M images"], usd / 16 * 1e6, 2)
-        over = c * 3008 / 1769 > cores
+        over = c * 1769 / 1769 > cores
         assert row[f"oversubscribed (> {cores} cores)"] == ("**yes**" if over else "no")
         # never more invocations in flight than asked (10 ms of slack: `started` is rounded
         # to 1 ms and taken on the driver's clock, durations on the instance's)
@@ -295,7 +295,7 @@ def test_sweep_table_marks_oversubscription(env):
         assert peak_depth <= c
     data = json.loads((out / "sweep.json").read_text())
     assert [p["oversubscribed"] for p in data["points"]] == [
-        c * 3008 / 1769 > cores for c in (1, 2, 4)]
+        c * 1769 / 1769 > cores for c in (1, 2, 4)]
     if any(p["oversubscribed"] for p in data["points"]):
         assert "this machine's limit" in md
 

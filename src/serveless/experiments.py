@@ -355,14 +355,16 @@ def _f(x: float | None, digits: int) -> str:
 
 def run_profile(setup: Setup, sizes: list[int], pool: Sequence[Example], out: Path,
                 step: int = 1, repeat: int = 1, job_prefix: str = "profile",
-                memory_mb: int = PROFILE_MEMORY_MB) -> dict[str, Any]:
-    """Fig. 3: every stage on records of each size, one invocation at a time, at `memory_mb`.
+                memory_mb: int | list[int] = PROFILE_MEMORY_MB) -> dict[str, Any]:
+    """Fig. 3: every stage on records of each size, one invocation at a time, at `memory_mb`
+    (one size for all stages, or one per stage).
 
     One job per size, each on a fresh backend, so no size inherits another's warm
     instance (and its grown allocator arenas). Concurrency 1: nothing competes for the
     cores, and a fixed memory gives every size the same CPU share.
     """
     recommend_memory(1.0, step)  # validate the step before minutes of work
+    memory = memory_mb if isinstance(memory_mb, list) else [memory_mb] * setup.stages
     out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     logs: dict[int, list[dict[str, Any]]] = {}
@@ -372,13 +374,13 @@ def run_profile(setup: Setup, sizes: list[int], pool: Sequence[Example], out: Pa
             folder = Path(tmp) / f"size-{size}"
             pack_records(pool, size, repeat, folder, f"n{size:05d}")
             job = f"{job_prefix}-{size}"
-            spec = setup.prepare(job, [memory_mb] * setup.stages, folder)
+            spec = setup.prepare(job, memory, folder)
             logs[size] = setup.run(spec, concurrency=1)
             jobs.append(job)
     result = profile_from_logs(logs, setup.stages, step)
     result.update({
         "kind": "serveless-profile", "model": setup.model, "cuts": setup.cuts,
-        "memory_mb_profiled": memory_mb, "micro_batch": setup.micro_batch, "repeat": repeat,
+        "memory_mb_profiled": memory, "micro_batch": setup.micro_batch, "repeat": repeat,
         "jobs": jobs, "store": setup.store.url, "machine": info,
     })
     paper = _paper_mem_min(setup)
@@ -389,9 +391,17 @@ def run_profile(setup: Setup, sizes: list[int], pool: Sequence[Example], out: Pa
         sizes, [[st["sizes"][str(s)]["peak_mb"] for s in sizes] for st in result["stages"]],
         [[st["sizes"][str(s)]["duration_s"] for s in sizes] for st in result["stages"]],
         result["recommended_mb"], out / "profile.png", f"{model_label(setup.model)}: profile",
-        memory_mb)
+        memory)
     (out / "profile.md").write_text(profile_markdown(result, paper, setup.backends_seen))
     return result
+
+
+def _memory_text(memory: int | list[int]) -> str:
+    """'every stage at 3008 MB (1.70 vCPU share)' or each stage's size and share."""
+    sizes = memory if isinstance(memory, list) else [memory]
+    if len(set(sizes)) == 1:
+        return f"every stage at {sizes[0]} MB ({vcpus(sizes[0]):.2f} vCPU share)"
+    return "stages at " + " / ".join(f"{mb} MB ({vcpus(mb):.2f} vCPU)" for mb in sizes)
 
 
 def profile_from_logs(logs: dict[int, list[dict[str, Any]]], stages: int,
@@ -451,9 +461,9 @@ def profile_markdown(p: dict[str, Any], paper: list[int] | None,
         f"# Profile of {p['model']} (Fig. 3)",
         "",
         f"Model `{p['model']}` cut at {cuts} into {len(p['stages'])} stages; micro-batch "
-        f"{p['micro_batch']}; {p['repeat']} record(s) per size; every stage at "
-        f"{p['memory_mb_profiled']} MB ({vcpus(p['memory_mb_profiled']):.2f} vCPU share), one "
-        f"invocation at a time. Jobs in `{p['store']}`: {', '.join(p['jobs'])}.",
+        f"{p['micro_batch']}; {p['repeat']} record(s) per size; "
+        f"{_memory_text(p['memory_mb_profiled'])}, one invocation at a time. Jobs in "
+        f"`{p['store']}`: {', '.join(p['jobs'])}.",
         "",
         "![profile](profile.png)",
         "",

@@ -52,7 +52,7 @@ def plot_profile(
     recommended_mb: Sequence[int],
     path: str | Path,
     title: str,
-    memory_mb: int,
+    memory_mb: int | list[int],
 ) -> Path:
     """Fig. 3: one panel per stage, bars = peak memory (left), line = duration (right).
 
@@ -101,7 +101,8 @@ def plot_profile(
                         if v else None)
         tx.set_ylabel("duration (s)", color=TIME_COLOR)
         tx.tick_params(axis="y", colors=TIME_COLOR)
-    fig.suptitle(f"{title}\nper-stage peak memory and duration, each stage at {memory_mb} MB, "
+    mem = memory_mb if isinstance(memory_mb, int) else "/".join(map(str, memory_mb))
+    fig.suptitle(f"{title}\nper-stage peak memory and duration, stages at {mem} MB, "
                  "one invocation at a time", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.legend(handles=[

@@ -17,8 +17,14 @@ import typer
 from ..store import DEFAULT_STORE
 from .app import app
 from .common import (
+    ArchOpt,
     BackendOpt,
     BackendOptions,
+    CutsOpt,
+    MemoryOpt,
+    MicroBatchOpt,
+    ModelOpt,
+    PresetOpt,
     StoreOpt,
     StoreOptions,
     console,
@@ -30,13 +36,8 @@ from .common import (
 )
 
 PANEL = "The paper's experiments"
-ModelOpt = Annotated[str, typer.Option(help="built-in name or .onnx path")]
-CutsOpt = Annotated[str | None, typer.Option(help="comma-separated cut tensors")]
-PresetOpt = Annotated[str | None, typer.Option(help="'paper' for the paper's stages")]
 RecordsOpt = Annotated[str | None, typer.Option(
     help="folder or glob of .tfrecord files to take the images from (else sample photos)")]
-MicroBatchOpt = Annotated[int, typer.Option("--micro-batch", help="images per ONNX run")]
-ArchOpt = Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")]
 JobPrefixOpt = Annotated[str | None, typer.Option(
     "--job-prefix", help="prefix of the job names (jobs of that name are replaced)")]
 
@@ -45,17 +46,19 @@ def _out(out: Path | None, name: str) -> Path:
     return out if out is not None else Path("serveless-experiments") / name
 
 
-def _setup(store: str, store_option: list[str] | None, model: str, cuts: str | None,
-           preset: str | None, micro_batch: int, backend: str,
+def _setup(store: str, store_option: list[str] | None, model: str | None, cuts: str | None,
+           preset: str | None, micro_batch: int | None, backend: str,
            backend_option: list[str] | None) -> Any:
     from ..experiments import Setup
     from ..partition import resolve_cuts
+    from ..pipeline import DEFAULT_MICRO_BATCH, DEFAULT_MODEL
 
-    if micro_batch < 1:
-        fail("--micro-batch must be >= 1")
+    model = model or DEFAULT_MODEL
     st = open_store(store, store_option)
+    guarded(st.check)
     cut_list = guarded(lambda: resolve_cuts(model, cuts, preset))
-    return Setup(store=st, model=model, cuts=cut_list, micro_batch=micro_batch,
+    return Setup(store=st, model=model, cuts=cut_list,
+                 micro_batch=micro_batch or DEFAULT_MICRO_BATCH,
                  backend=backend, backend_options=parse_options(backend_option),
                  progress=sys.stderr.isatty(), say=lambda m: err_console.print(m, markup=False))
 
@@ -76,7 +79,7 @@ def _show(md_path: Path, *paths: Path) -> None:
 @app.command("profile", rich_help_panel=PANEL,
              short_help="Fig. 3: peak memory and time per stage vs images per record; memMin")
 def profile(
-    model: ModelOpt = "alexnet",
+    model: ModelOpt = None,
     cuts: CutsOpt = None,
     preset: PresetOpt = None,
     per_record: Annotated[str, typer.Option(
@@ -88,18 +91,18 @@ def profile(
     repeat: Annotated[int, typer.Option(help="records per size")] = 1,
     step: Annotated[int, typer.Option(help="memory granularity: 1 (today) or 64 MB (2019)")]
     = 1,
-    memory: Annotated[int, typer.Option(help="memory of every stage while profiling (MB)")]
-    = 3008,
+    memory: MemoryOpt = None,
     store: StoreOpt = DEFAULT_STORE,
     store_option: StoreOptions = None,
     backend: BackendOpt = "local",
     backend_option: BackendOptions = None,
-    micro_batch: MicroBatchOpt = 32,
+    micro_batch: MicroBatchOpt = None,
     job_prefix: JobPrefixOpt = None,
     out: Annotated[Path | None, typer.Option(help="folder for profile.png/.md/.json")] = None,
 ) -> None:
     """Fig. 3: peak memory and duration per stage against images per record; recommends memory."""
     from ..experiments import load_pool, run_profile
+    from ..pipeline import parse_memory
 
     sizes = _sizes(per_record, "--per-record")
     if repeat < 1:
@@ -107,13 +110,14 @@ def profile(
     if step not in (1, 64):
         fail("--step must be 1 or 64")
     setup = _setup(store, store_option, model, cuts, preset, micro_batch, backend, backend_option)
+    mem = guarded(lambda: parse_memory(memory, setup.stages))
     folder = _out(out, "profile")
 
     def go() -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="serveless-pool-") as tmp:
             pool = load_pool(records, images, max(sizes), Path(tmp), setup.say)
             return run_profile(setup, sizes, pool, folder, step=step, repeat=repeat,
-                               job_prefix=job_prefix or "profile", memory_mb=memory)
+                               job_prefix=job_prefix or "profile", memory_mb=mem)
 
     result = guarded(go)
     _show(folder / "profile.md", folder / "profile.png", folder / "profile.json")
@@ -124,7 +128,7 @@ def profile(
 @app.command("baseline", rich_help_panel=PANEL,
              short_help="Fig. 4: time per record, pipeline vs the whole model in one process")
 def baseline(
-    model: ModelOpt = "alexnet",
+    model: ModelOpt = None,
     cuts: CutsOpt = None,
     preset: PresetOpt = None,
     per_record: Annotated[str, typer.Option(
@@ -133,14 +137,14 @@ def baseline(
     images: Annotated[int | None, typer.Option(
         help="images to take (from --records) or generate; default: the largest size")] = None,
     repeat: Annotated[int, typer.Option(help="records per size")] = 1,
-    memory: Annotated[str, typer.Option(help="MB per stage of the pipeline")] = "3008",
+    memory: MemoryOpt = None,
     threads: Annotated[int | None, typer.Option(
         help="onnxruntime threads of the single process (default: all cores)")] = None,
     store: StoreOpt = DEFAULT_STORE,
     store_option: StoreOptions = None,
     backend: BackendOpt = "local",
     backend_option: BackendOptions = None,
-    micro_batch: MicroBatchOpt = 32,
+    micro_batch: MicroBatchOpt = None,
     job: Annotated[str, typer.Option(help="job name of the pipeline run (replaced)")]
     = "baseline-pipeline",
     out: Annotated[Path | None, typer.Option(help="folder for baseline.png/.md/.json")] = None,
@@ -171,7 +175,7 @@ def baseline(
 def sweep(
     concurrency: Annotated[str, typer.Option(help="concurrency levels, e.g. 1,2,4,8")]
     = "1,2,4,8",
-    model: ModelOpt = "alexnet",
+    model: ModelOpt = None,
     cuts: CutsOpt = None,
     preset: PresetOpt = None,
     records: RecordsOpt = None,
@@ -181,12 +185,12 @@ def sweep(
     per_record: Annotated[int | None, typer.Option(
         "--per-record", help="images per record (default: --records as they are, else 100)")]
     = None,
-    memory: Annotated[str, typer.Option(help="MB per stage")] = "3008",
+    memory: MemoryOpt = None,
     store: StoreOpt = DEFAULT_STORE,
     store_option: StoreOptions = None,
     backend: BackendOpt = "local",
     backend_option: BackendOptions = None,
-    micro_batch: MicroBatchOpt = 32,
+    micro_batch: MicroBatchOpt = None,
     arch: ArchOpt = "x86_64",
     job_prefix: JobPrefixOpt = None,
     out: Annotated[Path | None, typer.Option(help="folder for sweep.png/.md/.json")] = None,
@@ -247,7 +251,7 @@ def memory_compare(
     store_option: StoreOptions = None,
     backend: BackendOpt = "local",
     backend_option: BackendOptions = None,
-    micro_batch: MicroBatchOpt = 32,
+    micro_batch: MicroBatchOpt = None,
     arch: ArchOpt = "x86_64",
     job_prefix: JobPrefixOpt = None,
     out: Annotated[Path | None, typer.Option(help="folder for memory-compare.md/.json/.png")]
