@@ -106,12 +106,33 @@ def test_ctrl_c_stops_cleanly(tmp_path, records_dir):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
-    assert "resume" in err
+    assert "resume" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert [line for line in err.splitlines() if "interrupted" in line] == [
+        "error: interrupted; run the same command again to resume"]
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive
     leftovers = [p for p in glob.glob("/sys/fs/cgroup/**/serveless-*", recursive=True)
                  if f"-{proc.pid}-" in p]
     assert leftovers == []
+
+
+def test_ctrl_c_during_setup_leaves_no_job(tmp_path, records_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serveless.cli", "run", "--store", str(tmp_path), "--job", "c",
+         "--records", str(records_dir), "--preset", "paper"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the setup says what it does: interrupt it there
+        seen.append(line)
+        if "partitioning" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=60)
+    err = "".join(seen) + err
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert "error: interrupted before the job started; nothing was kept" in err
+    assert not (tmp_path / "c").exists()
 
 
 def test_init_failures_are_reported_not_raised_and_never_pooled(job):
