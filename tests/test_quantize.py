@@ -84,10 +84,14 @@ def test_second_job_reuses_the_cached_stages(int8_job, digits_records):
     assert other.quantize["cache"] != spec.quantize["cache"]
 
 
-def test_resume_with_another_precision_is_refused(int8_job, digits_records):
-    store, _, _ = int8_job
-    with pytest.raises(JobError, match="precision"):
-        prepare_job(store, "q8", "digits", cuts="pool1", records=str(digits_records))
+def test_resume_keeps_the_precision_and_refuses_another(int8_job, digits_records):
+    store, spec, _ = int8_job
+    with pytest.raises(JobError, match="--quantize int8"):
+        prepare_job(store, "q8", "digits", cuts="pool1", weights="float16")
+    before = store.get_bytes(JobLayout("q8").stage_model(1))
+    resumed = prepare_job(store, "q8")  # options left out: as the job has them
+    assert resumed.precision == "int8" and resumed.quantize == spec.quantize
+    assert store.get_bytes(JobLayout("q8").stage_model(1)) == before  # the same int8 stages
 
 
 def test_fidelity_figures_recompute(digits_model, digits_records):
