@@ -1,4 +1,5 @@
-"""Shared fixtures: a small image set, its records, and AlexNet built once per session."""
+"""Shared fixtures: a small image set, its records, AlexNet and the trained digits model,
+each built once per session."""
 
 from __future__ import annotations
 
@@ -10,6 +11,40 @@ from serveless.images import make_sample_images
 from serveless.models import build_alexnet
 from serveless.records import pack_folder
 from serveless.store import Store
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """A private model cache for the session: tests never read or fill the user's."""
+    from serveless.digits import CACHE_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("model-cache")
+        mp.setenv(CACHE_ENV, str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def digits_model(model_cache):
+    """The digits CNN, trained once per session (a few seconds) and cached."""
+    from serveless.models import build_digits
+
+    return build_digits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_records(tmp_path_factory, digits_model) -> Path:
+    """120 held-out digits, JPEGs in class folders 0..9, in records of 40."""
+    from serveless.digits import heldout_examples
+
+    images = tmp_path_factory.mktemp("digits")
+    for c in range(10):
+        (images / str(c)).mkdir()
+    for i, (data, label) in enumerate(heldout_examples(limit=120)):
+        (images / str(label) / f"d{i:04d}.jpg").write_bytes(data)
+    root = tmp_path_factory.mktemp("digits-records")
+    pack_folder(images, Store(str(root)), "", 40)
+    return root
 
 
 @pytest.fixture(scope="session")

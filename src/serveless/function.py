@@ -49,6 +49,7 @@ class Event:
     format: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = MAX_PIXELS
     size: list[int] = field(default_factory=lambda: [224, 224])  # the model's input H, W
+    preprocess: dict[str, Any] = field(default_factory=dict)  # models.preprocessing(): resize
 
     @classmethod
     def parse(cls, event: dict[str, Any]) -> Event:
@@ -63,6 +64,10 @@ class Event:
             raise ValueError("micro_batch and threads must be >= 1")
         if len(ev.size) != 2 or min(ev.size) < 1:
             raise ValueError(f"size must be [H, W], got {ev.size!r}")
+        resize = ev.preprocess.get("resize")
+        if set(ev.preprocess) - {"resize"} or not (
+                resize is None or (isinstance(resize, int) and resize >= 1)):
+            raise ValueError(f"preprocess must be {{'resize': int >= 1}}, got {ev.preprocess!r}")
         return ev
 
 
@@ -248,7 +253,8 @@ def _image_blocks(
             meta["filenames"].append(ex.filename)
             meta["labels"].append(ex.label)
             try:
-                batch[i] = preprocess(ex.encoded, ev.size, max_pixels=ev.max_pixels)
+                batch[i] = preprocess(ex.encoded, ev.size, resize=ev.preprocess.get("resize"),
+                                      max_pixels=ev.max_pixels)
             except ValueError as exc:
                 batch[i] = 0.0
                 meta["errors"][str(index)] = {"type": type(exc).__name__, "message": str(exc)}

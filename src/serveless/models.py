@@ -1,4 +1,4 @@
-"""Built-in models (AlexNet as in the paper) and loading of user ONNX files.
+"""Built-in models (AlexNet as in the paper, the trained `digits` CNN) and loading ONNX files.
 
 The built-in AlexNet is generated, not downloaded: the project must work offline and the
 experiments measure memory, time and cost, which depend on the architecture and the size
@@ -22,6 +22,10 @@ BATCH_DIM = "N"
 
 PAPER_PRESET: dict[str, list[str]] = {"alexnet": ["pool1", "pool2", "pool5"]}
 """The paper's four AlexNet stages: conv1 block | conv2 block | conv3-5 block | classifier."""
+DEMO_CUTS: dict[str, list[str]] = {**PAPER_PRESET, "digits": ["pool1"]}
+"""The stages `serveless demo --model M` cuts each built-in model into."""
+PREPROCESS_KEY = "serveless.preprocess"
+"""ONNX metadata key under which a model declares its stage-0 preprocessing (JSON)."""
 
 
 class ModelError(ValueError):
@@ -116,7 +120,47 @@ def build_alexnet(seed: int = 0, num_classes: int = 1000) -> onnx.ModelProto:
     return model
 
 
-BUILTIN: dict[str, Callable[..., onnx.ModelProto]] = {"alexnet": build_alexnet}
+def build_digits(seed: int = 0) -> onnx.ModelProto:
+    """The trained digits CNN (serveless.digits): from the cache, else trained and cached."""
+    from .digits import DigitsError
+    from .digits import build_digits as build
+
+    try:
+        return build(seed)
+    except DigitsError as exc:
+        raise ModelError(str(exc)) from exc
+
+
+BUILTIN: dict[str, Callable[..., onnx.ModelProto]] = {"alexnet": build_alexnet,
+                                                      "digits": build_digits}
+
+
+def preprocessing(model: onnx.ModelProto) -> dict[str, int]:
+    """The stage-0 preprocessing a model declares; {} means the ImageNet transform.
+
+    A model declares it as JSON under the metadata key `serveless.preprocess`; today the
+    one setting is `resize`, the shorter side before the centre crop (the ImageNet default
+    is 256/224 of the input size; `digits` uses 32, its own input size). Anything else
+    there is refused, so a typo does not silently fall back to ImageNet's transform.
+    """
+    import json
+
+    props = {p.key: p.value for p in model.metadata_props}
+    if PREPROCESS_KEY not in props:
+        return {}
+    try:
+        value = json.loads(props[PREPROCESS_KEY])
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"metadata {PREPROCESS_KEY!r} is not JSON: {exc}") from exc
+    if not isinstance(value, dict) or set(value) - {"resize"}:
+        raise ModelError(f"metadata {PREPROCESS_KEY!r} must be like {{\"resize\": 32}}, "
+                         f"got {props[PREPROCESS_KEY]!r}")
+    resize = value.get("resize")
+    if resize is None:
+        return {}
+    if not isinstance(resize, int) or isinstance(resize, bool) or resize < 1:
+        raise ModelError(f"metadata {PREPROCESS_KEY!r}: resize must be an integer >= 1")
+    return {"resize": resize}
 
 
 def _describe_type(vi: onnx.ValueInfoProto) -> tuple[str, list[int | str]]:

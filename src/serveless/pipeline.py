@@ -36,7 +36,8 @@ DEFAULT_MODEL = "alexnet"
 # What a resumed job may change: how it runs, not what it computes. Everything else in
 # job.json must match (outputs in the store were made with it); `records` may grow.
 MAY_CHANGE_ON_RESUME = ("memory", "concurrency", "retries")
-NOT_ASKED = ("job", "records", "version", "input_hw")  # named, added to, or derived
+NOT_ASKED = ("job", "records", "version", "input_hw",  # named, added to, or derived
+             "preprocess", "quantize")
 OOM_RAISE = 1.5
 
 
@@ -58,6 +59,9 @@ class JobSpec:
     input_hw: list[int] = field(default_factory=lambda: [224, 224])
     concurrency: int = DEFAULT_CONCURRENCY
     retries: int = DEFAULT_RETRIES
+    preprocess: dict[str, Any] = field(default_factory=dict)  # what the model declares
+    precision: str = "fp32"  # or "int8", "fp16-weights" (serveless.quantize.mode_name)
+    quantize: dict[str, Any] = field(default_factory=dict)  # quantize.prepare's info
     version: str = __version__
 
     @property
@@ -134,6 +138,9 @@ def prepare_job(
     concurrency: int | None = None,
     retries: int | None = None,
     say: Callable[[str], None] | None = None,
+    quantize: str | None = None,
+    weights: str | None = None,
+    calibration_images: int = 64,
 ) -> JobSpec:
     """Validate everything, partition the model, and lay the job out in the store.
 
@@ -141,14 +148,20 @@ def prepare_job(
     for a new job; one that is given and differs from job.json is refused, except those in
     MAY_CHANGE_ON_RESUME, which are changed and said. Nothing is written before every
     check has passed.
+
+    With `quantize` ('int8') or `weights` ('float16') the stages are reduced in precision
+    (serveless.quantize), calibrated on the job's own records, and their fidelity to the
+    fp32 model is recorded in job.json.
     """
-    from .models import input_hw, load_model
+    from . import quantize as q
+    from .models import input_hw, load_model, preprocessing
     from .partition import partition, resolve_cuts
 
     say = say or _quiet
     layout = JobLayout(job)
     if micro_batch is not None and micro_batch < 1:
         raise JobError("--micro-batch must be >= 1")
+    q.check_settings(quantize, weights, calibration_images)
     store.check()
     old = JobSpec.load(store, job) if store.exists(layout.spec) else None
     model = model or (old.model if old else DEFAULT_MODEL)
@@ -167,6 +180,8 @@ def prepare_job(
         input_hw=list(input_hw(onnx_model)),
         concurrency=_given(concurrency, old, "concurrency", DEFAULT_CONCURRENCY),
         retries=_given(retries, old, "retries", DEFAULT_RETRIES),
+        preprocess=preprocessing(onnx_model),
+        precision=_given(q.mode_name(quantize, weights), old, "precision", "fp32"),
     )
     if old is not None:
         check_resumable(old, asked)
@@ -195,15 +210,43 @@ def prepare_job(
     stages = partition(onnx_model, cut_list)  # checks equivalence before anything is written
     new = [src for name, src in by_name.items() if name not in existing]
     record_mb = sum(os.path.getsize(src) for src in new) / 1e6
+    asked.records = sorted(set(existing) | set(by_name))
+    if asked.precision != "fp32":  # calibration reads the job's records: upload them first
+        if new:
+            say(f"uploading {len(new)} records ({record_mb:,.1f} MB)…")
+        for name, src in by_name.items():
+            if name not in existing:
+                store.put_file(src, layout.record(name))
+        new = []
+        stages, asked.quantize = _reduce_precision(store, layout, old, asked, onnx_model,
+                                                   stages, calibration_images, say)
     stage_mb = _store_stages(store, layout, stages)
     say(f"uploaded {len(stages)} stage models ({stage_mb:,.1f} MB)"
         + (f"; uploading {len(new)} records ({record_mb:,.1f} MB)…" if new else ""))
     for name, src in by_name.items():
-        if name not in existing:
+        if name not in existing and src in new:
             store.put_file(src, layout.record(name))
-    asked.records = sorted(set(existing) | set(by_name))
     asked.save(store)
     return asked
+
+
+def _reduce_precision(store: Store, layout: JobLayout, old: JobSpec | None, asked: JobSpec,
+                      onnx_model: Any, stages: list[Any], calibration_images: int,
+                      say: Callable[[str], None]) -> tuple[list[Any], dict[str, Any]]:
+    """int8 or float16-weight stages: a resumed job keeps the ones its outputs came from."""
+    from . import quantize as q
+
+    if old is not None:
+        reused = q.load_cached(store, old.quantize, len(stages))
+        if reused is not None:
+            return reused, old.quantize
+    say(f"{asked.precision} stages: calibrating and measuring fidelity on the job's images…"
+        if asked.precision == "int8" else f"{asked.precision} stages…")
+    openers = [(n, lambda n=n: store.open_read(layout.record(n))) for n in asked.records]
+    quantize = asked.precision if asked.precision in q.QUANTIZE_MODES else None
+    weights = "float16" if asked.precision == "fp16-weights" else None
+    return q.prepare(store, onnx_model, asked.cuts, stages, openers, quantize, weights,
+                     asked.input_hw, asked.preprocess, calibration_images)
 
 
 def _quiet(_: str) -> None:
@@ -220,6 +263,9 @@ def _flag(name: str, value: Any) -> str:
     """The command-line flag that asks for `value` of job.json's field `name`."""
     if name == "cuts":
         return f"--cuts {','.join(value)}" if value else "no --cuts (the whole model)"
+    if name == "precision":
+        return {"int8": "--quantize int8", "fp16-weights": "--weights float16"}.get(
+            value, "no --quantize or --weights (fp32)")
     if name == "format":
         fmt = TensorFormat.from_dict(value)
         return " ".join([f"--{'' if fmt.dtype == 'float16' else 'no-'}float16",
@@ -437,7 +483,7 @@ def run_job(
         event = {"store": store.spec(), "job": spec.job, "stage": task.stage,
                  "stages": spec.stages, "record": task.record, "memory_mb": fn.memory_mb,
                  "micro_batch": spec.micro_batch, "threads": fn.threads, "format": fmt.to_dict(),
-                 "size": spec.input_hw}
+                 "size": spec.input_hw, "preprocess": spec.preprocess}
         return backend.invoke(fn, event), started
 
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="serveless-invoke")

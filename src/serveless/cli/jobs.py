@@ -41,6 +41,20 @@ from .common import (
     user_errors,
 )
 
+QuantizeOpt = Annotated[str | None, typer.Option(
+    "--quantize", help="int8: static QDQ int8 stages calibrated on the job's images")]
+WeightsOpt = Annotated[str | None, typer.Option(
+    "--weights", help="float16: store weights as float16 (computed in float32)")]
+CalibrationOpt = Annotated[int, typer.Option(
+    "--calibration-images", metavar="N",
+    help="images of the records that calibrate --quantize int8")]
+
+
+def _check_precision(quantize: str | None, weights: str | None, calibration: int) -> None:
+    from ..quantize import check_settings
+
+    guarded(lambda: check_settings(quantize, weights, calibration))
+
 
 @app.command()
 def pack(
@@ -102,13 +116,20 @@ def partition_cmd(
     cuts: Annotated[str | None, typer.Option(help="comma-separated cut tensors")] = None,
     preset: Annotated[str | None, typer.Option(help="'paper' for the paper's stages")] = None,
     out: Annotated[Path | None, typer.Option(help="folder for stage-<k>.onnx")] = None,
+    quantize: QuantizeOpt = None,
+    weights: WeightsOpt = None,
+    calibration_images: CalibrationOpt = 64,
+    records: Annotated[str | None, typer.Option(
+        help="folder or glob of .tfrecord files to calibrate and measure --quantize on")] = None,
 ) -> None:
     """List cut candidates, or split a model into stages and check them against it."""
     from rich.table import Table
 
-    from ..models import load_model
+    from .. import quantize as q
+    from ..models import input_hw, load_model, preprocessing, save_model
     from ..partition import list_cuts as candidates
     from ..partition import partition, resolve_cuts
+    from ..pipeline import find_records
 
     def go() -> None:
         onnx_model = load_model(model)
@@ -124,8 +145,25 @@ def partition_cmd(
         if out is None:
             fail("give --out DIR (or --list)")
         names = resolve_cuts(model, cuts, preset)
-        stages = partition(onnx_model, names, out_dir=out)
-        say(f"wrote {len(stages)} stages to {out}; chained output matches the model")
+        q.check_settings(quantize, weights, calibration_images)
+        mode = q.mode_name(quantize, weights)
+        if mode is None:
+            stages = partition(onnx_model, names, out_dir=out)
+            say(f"wrote {len(stages)} stages to {out}; chained output matches the model")
+            return
+        if records is None:
+            fail(f"--quantize/--weights need --records: images to calibrate and measure {mode} on")
+        files = find_records(records)
+        openers = [(f, lambda f=f: open(f, "rb")) for f in files]
+        stages = partition(onnx_model, names)
+        stages, info = q.prepare(None, onnx_model, names, stages, openers, quantize, weights,
+                                 input_hw(onnx_model), preprocessing(onnx_model),
+                                 calibration_images)
+        for k, stage in enumerate(stages):
+            save_model(stage, out / f"stage-{k}.onnx")
+        say(f"wrote {len(stages)} {mode} stages to {out}")
+        for line in q.summary_lines(info):
+            say(line)
 
     guarded(go)
 
@@ -165,7 +203,7 @@ def _prepare(st: Store, backend: Any, job: str, make: Any) -> Any:
 def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = True,
              keep_intermediates: bool = True) -> Any:
     from ..pipeline import run_job
-    from ..report import print_summary
+    from ..report import job_notes, print_summary
 
     try:
         result = run_job(store, spec, backend, concurrency=spec.concurrency,
@@ -184,6 +222,7 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
     notes = [f"CPU share: {result.backend['cpu_share']}"]
     for stage, mem in sorted(result.raised.items()):
         notes.append(f"[yellow]stage {stage} ran out of memory; raised to {mem} MB[/yellow]")
+    notes += job_notes(store, spec.job, spec.quantize)
     print_summary(result.rows, result.wall_s, arch, console, notes,
                   run_images=result.images_run)
     layout = JobLayout(spec.job)
@@ -246,6 +285,9 @@ def run(
     store_option: StoreOptions = None,
     backend: BackendOpt = "local",
     backend_option: BackendOptions = None,
+    quantize: QuantizeOpt = None,
+    weights: WeightsOpt = None,
+    calibration_images: CalibrationOpt = 64,
 ) -> None:
     """Run a job: every record through every stage. Run it again with the same --job to
     resume; options left out are taken from the job, and only --memory, --concurrency and
@@ -255,6 +297,7 @@ def run(
 
     if job is None and records is None:
         fail("give --records DIR to start a job (or --job NAME to resume one)")
+    _check_precision(quantize, weights, calibration_images)
     if job is not None:
         guarded(lambda: validate_job_name(job))
     if records is not None:
@@ -269,7 +312,8 @@ def run(
         fmt = TensorFormat("float16" if float16 else "float32", bool(compress))
     spec = _prepare(st, runner, job, lambda: prepare_job(
         st, job, model, cuts, preset, memory, micro_batch, records, fmt,
-        concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True)))
+        concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True),
+        quantize=quantize, weights=weights, calibration_images=calibration_images))
     result = _execute(st, spec, runner, arch, keep_intermediates=keep_intermediates)
     if not result.ok:
         raise typer.Exit(1)
@@ -292,8 +336,11 @@ def new_job_name(store: Store, records: str) -> str:
 
 @app.command()
 def demo(
-    images: Annotated[int, typer.Option(min=1, metavar="N", help="number of sample images")]
-    = 2000,
+    images: Annotated[int | None, typer.Option(
+        min=1, metavar="N", help="number of images (alexnet: sample photos, default 2000; "
+        "digits: held-out images, default all 450)")] = None,
+    model: Annotated[str, typer.Option(help="alexnet (sample photos) or digits (trained)")]
+    = "alexnet",
     per_record: Annotated[int, typer.Option(
         "--per-record", min=1, metavar="N", help="images per record")] = 500,
     memory: MemoryOpt = None,
@@ -304,12 +351,23 @@ def demo(
     store_option: StoreOptions = None,
     backend: BackendOpt = "local",
     backend_option: BackendOptions = None,
+    quantize: QuantizeOpt = None,
+    weights: WeightsOpt = None,
+    calibration_images: CalibrationOpt = 64,
 ) -> None:
-    """The paper's experiment in small: sample photos, AlexNet in 4 stages, local functions."""
+    """The paper's experiment in small: sample photos, AlexNet in 4 stages, local functions.
+
+    With --model digits: the trained digits CNN on its held-out images, with accuracy.
+    """
     from ..images import make_sample_images
+    from ..models import DEMO_CUTS
     from ..pipeline import DEFAULT_CONCURRENCY, prepare_job
     from ..records import pack_folder
 
+    model = model.lower()
+    if model not in DEMO_CUTS:
+        fail(f"--model must be one of {', '.join(sorted(DEMO_CUTS))}, got {model!r}")
+    _check_precision(quantize, weights, calibration_images)
     st, runner = _start(store, store_option, backend, backend_option,
                         concurrency or DEFAULT_CONCURRENCY, None, KEEP_ALIVE_S)
     layout = JobLayout("demo")
@@ -318,19 +376,39 @@ def demo(
     def make() -> Any:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="serveless-demo-") as tmp:
-            say(f"generating {images} sample photos (about 500×375, ~100 KB each)…")
-            make_sample_images(tmp, images)
+            if model == "digits":
+                count = _write_digits(Path(tmp), images)
+                say(f"wrote {count} held-out digits (32×32 JPEGs in class folders)…")
+            else:
+                count = 2000 if images is None else images
+                say(f"generating {count} sample photos (about 500×375, ~100 KB each)…")
+                make_sample_images(tmp, count)
             names = pack_folder(tmp, st, layout.records_prefix, per_record)
         say(f"packed {len(names)} records of up to {per_record} images "
             f"({time.perf_counter() - t0:.1f} s)")
-        return prepare_job(st, "demo", "alexnet", preset="paper", memory=memory,
+        return prepare_job(st, "demo", model, cuts=DEMO_CUTS[model], memory=memory,
                            micro_batch=micro_batch, concurrency=concurrency,
-                           say=lambda m: say(m))
+                           say=lambda m: say(m), quantize=quantize, weights=weights,
+                           calibration_images=calibration_images)
 
     spec = _prepare(st, runner, "demo", make)
     result = _execute(st, spec, runner, arch, progress=sys.stderr.isatty())
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _write_digits(dest: Path, limit: int | None) -> int:
+    """The digits model's held-out images as JPEGs in class folders 0..9 (labels 0..9)."""
+    from ..digits import CLASSES, heldout_examples
+    from ..models import load_model
+
+    load_model("digits")  # train (or load) first, so the timing line reads apart from it
+    examples = heldout_examples(limit=limit)
+    for c in range(CLASSES):  # every class folder, even empty: pack's labels stay 0..9
+        (dest / str(c)).mkdir(parents=True, exist_ok=True)
+    for i, (data, label) in enumerate(examples):
+        (dest / str(label) / f"digit_{i:04d}.jpg").write_bytes(data)
+    return len(examples)
 
 
 @app.command()
@@ -343,8 +421,8 @@ def report(
         help="write DIR/report.md with tables, plots, machine and versions")] = None,
 ) -> None:
     """Re-print jobs' summaries from their invocation logs alone (or write a report)."""
-    from ..pipeline import load_log
-    from ..report import print_summary
+    from ..pipeline import JobSpec, load_log
+    from ..report import job_notes, print_summary
 
     if out is not None:
         from .experiments import write_report_dir
@@ -361,4 +439,7 @@ def report(
         ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
         if len(jobs) > 1:
             console.print(f"[bold]job {job}[/bold]")
-        print_summary(rows, max(ends) - min(starts), arch, console)
+        spec = guarded(lambda job=job: JobSpec.load(st, job) if st.exists(
+            JobLayout(job).spec) else None)
+        notes = job_notes(st, job, spec.quantize if spec else None)
+        print_summary(rows, max(ends) - min(starts), arch, console, notes)

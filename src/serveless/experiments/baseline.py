@@ -59,11 +59,12 @@ def time_whole_model(model: str, paths: Sequence[Path], micro_batch: int,
     model in one session, decoding and inference one after the other on this thread.
     """
     from ..images import preprocess
-    from ..models import input_hw, load_model
+    from ..models import input_hw, load_model, preprocessing
 
     t0 = time.perf_counter()
     onnx_model = load_model(model)
     size, _ = input_hw(onnx_model)
+    resize = preprocessing(onnx_model).get("resize")
     sess, provider, why = baseline_session(onnx_model.SerializeToString(), threads)
     del onnx_model
     load_s = time.perf_counter() - t0
@@ -76,7 +77,7 @@ def time_whole_model(model: str, paths: Sequence[Path], micro_batch: int,
         with open(path, "rb") as f:
             for ex in iter_record(f, str(path)):  # type: ignore[arg-type]
                 try:
-                    batch.append(preprocess(ex.encoded, size))
+                    batch.append(preprocess(ex.encoded, size, resize=resize))
                 except ValueError:
                     batch.append(np.zeros((3, size, size), np.float32))
                 n += 1

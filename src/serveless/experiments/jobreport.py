@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..cost import bill
 from ..pipeline import JobError, JobSpec, load_log
-from ..report import markdown_table, summarize, summary_markdown
+from ..report import job_notes, markdown_table, summarize, summary_markdown
 from ..store import Store
 from .common import (
     log_span_s,
@@ -57,6 +57,7 @@ def write_job_report(store: Store, jobs: Sequence[str], out: Path,
                 ["micro-batch", spec.micro_batch],
                 ["intermediate format", json.dumps(spec.format)],
                 ["records", len(spec.records)],
+                ["precision", spec.precision],
                 ["serveless version of the job", spec.version],
                 ["store", f"`{store.url}`"],
             ], right=set()),
@@ -66,6 +67,8 @@ def write_job_report(store: Store, jobs: Sequence[str], out: Path,
             + (f" = {s['images'] / span:.2f} images/s" if span else "") + ".",
             "",
             summary_markdown(rows, arch),
+            *[f"- {line}" for line in job_notes(store, job, spec.quantize)],
+            "",
             f"![{job} per stage]({stages_png.name})",
             "",
             f"![{job} timeline]({timeline_png.name})",
