@@ -72,7 +72,8 @@ def load_data(seed: int = 0) -> DigitsData:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise DigitsError("the digits model needs scikit-learn: pip install scikit-learn") from exc
+        raise DigitsError("the digits model needs scikit-learn: pip install "
+                          "'serveless[digits]' (or scikit-learn)") from exc
     d = load_digits()
     labels = np.asarray(d.target, dtype=np.int64)
     rng = np.random.default_rng(seed)
