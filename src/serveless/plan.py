@@ -355,6 +355,11 @@ def search(cal: dict[str, Any], images: int, target: Target, arch: str = "x86_64
                     cuts, mem = _rebuild(model, fronts, i)
                     best = Candidate(cuts, mem, cfg.per_record, cfg.micro_batch,
                                      cfg.concurrency, float(tt[i]) + over, float(cc[i]))
+    if best is not None:  # the front drawn: every concurrency at the chosen record and batch
+        for cfg, opts, over, _min_t, _min_c in scored:
+            if (cfg.per_record, cfg.micro_batch) == (best.per_record, best.micro_batch):
+                tt, cc, _f = _front_dp(model, cfg, opts, math.inf, math.inf)
+                all_points += [(float(a) + over, float(b)) for a, b in zip(tt, cc, strict=True)]
     pts = np.array(all_points) if all_points else np.zeros((0, 2))
     front = [tuple(map(float, pts[i])) for i in _pareto(pts[:, 0], pts[:, 1])] if len(pts) \
         else []
@@ -509,7 +514,7 @@ def plot_pareto(front: list[tuple[float, float]], marks: dict[str, tuple[float, 
     if front:
         xs, ys = zip(*front, strict=True)
         ax.step(xs, [y / images * 1e6 for y in ys], where="post", color="#444",
-                label="Pareto front (planner model)")
+                label="Pareto front (planner model, chosen record size and micro-batch)")
     for (name, (x, y)), mk in zip(marks.items(), "o^sDv", strict=False):
         ax.plot([x], [y / images * 1e6], mk, markersize=8, label=f"{name} (simulated)")
     ax.set_xscale("log")
