@@ -486,7 +486,7 @@ def check_plan(plan: dict[str, Any]) -> None:
             continue
         need = s.memory_needed()
         if mem < need:
-            problems.append(f"stage {k}: predicted peak {s.peak_mb():.0f} MB (+10% headroom = "
+            problems.append(f"stage {k}: predicted peak {s.peak_mb():.0f} MB (+25% headroom = "
                             f"{need} MB) exceeds its memory {mem} MB")
         v = vcpus(int(mem))
         r = int(plan["images_per_record"])

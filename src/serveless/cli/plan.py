@@ -207,6 +207,11 @@ def plan_cmd(
     console.print("memMax = the paper's stages at 3008 MB each; memMin = the paper's "
                   "2048/1280/1024/768 MB; both at the chosen plan's records and concurrency",
                   markup=False, highlight=False)
+    chosen = sims[0][2]
+    if deadline is not None and chosen["wall_s"] > deadline:
+        console.print(f"warning: the simulation of the chosen plan takes {chosen['wall_s']:,.1f} s,"
+                      f" over the deadline of {deadline:g} s (the planner's model is simpler); "
+                      "plan again with a shorter --deadline", markup=False, highlight=False)
     marks = {name: (s["wall_s"], s["cost"]) for name, _p, s in sims}
     png = plot_pareto(res.front, marks, images, out.with_suffix(".pareto.png"),
                       f"{cal['model']}, {images:,} images on {target} ({arch})")
