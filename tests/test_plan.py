@@ -276,3 +276,26 @@ def test_plan_with_a_stage_over_its_memory_is_refused_before_any_invocation(
     text = " ".join(res.output.split())
     assert "stage 0" in text and f"exceeds its memory {plan['memory'][0]} MB" in text
     assert not (store / "refused").exists()
+
+
+def test_plan_with_a_record_over_the_timeout_is_refused(tiny_plan):
+    _root, plan = tiny_plan
+    bad = copy.deepcopy(plan)
+    bad["images_per_record"] = 10_000_000
+    with pytest.raises(PlanError, match="over the 900 s timeout"):
+        check_plan(bad)
+
+
+def test_calibration_defaults_to_the_store_where_plan_finds_it(tmp_path):
+    model = tiny_residual_model(tmp_path / "m.onnx")
+    store = tmp_path / "store"
+    res = runner.invoke(app, ["calibrate", str(model), "--store", str(store)])
+    assert res.exit_code == 0, res.output
+    assert (store / "calibration" / "m.json").is_file()
+    res = runner.invoke(app, ["plan", str(model), "--images", "1000", "--deadline", "600",
+                              "--store", str(store), "--out", str(tmp_path / "p.json"),
+                              "--memory-step", "512"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["plan", "alexnet", "--images", "1000", "--deadline", "600",
+                              "--store", str(store), "--out", str(tmp_path / "q.json")])
+    assert res.exit_code == 2 and "serveless calibrate alexnet" in " ".join(res.output.split())
