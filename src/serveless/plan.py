@@ -77,7 +77,8 @@ class Search:
     front: list[tuple[float, float]] = field(default_factory=list)  # (wall s, $) Pareto
     configs: int = 0
     configs_searched: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the search
+    front_seconds: float = 0.0  # the Pareto front drawn around the chosen plan
 
 
 def _pareto(tau: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -355,16 +356,19 @@ def search(cal: dict[str, Any], images: int, target: Target, arch: str = "x86_64
                     cuts, mem = _rebuild(model, fronts, i)
                     best = Candidate(cuts, mem, cfg.per_record, cfg.micro_batch,
                                      cfg.concurrency, float(tt[i]) + over, float(cc[i]))
-    if best is not None:  # the front drawn: every concurrency at the chosen record and batch
+    search_s = time.perf_counter() - t0
+    if best is not None:  # the front drawn: concurrency C/8..8C at the chosen record size and
+        # micro-batch, within 10× the chosen plan's time and 3× its cost
         for cfg, opts, over, _min_t, _min_c in scored:
-            if (cfg.per_record, cfg.micro_batch) == (best.per_record, best.micro_batch):
-                tt, cc, _f = _front_dp(model, cfg, opts, math.inf, math.inf)
+            if ((cfg.per_record, cfg.micro_batch) == (best.per_record, best.micro_batch)
+                    and best.concurrency / 8 <= cfg.concurrency <= best.concurrency * 8):
+                tt, cc, _f = _front_dp(model, cfg, opts, 10 * best.wall_s - over, 3 * best.cost)
                 all_points += [(float(a) + over, float(b)) for a, b in zip(tt, cc, strict=True)]
     pts = np.array(all_points) if all_points else np.zeros((0, 2))
     front = [tuple(map(float, pts[i])) for i in _pareto(pts[:, 0], pts[:, 1])] if len(pts) \
         else []
     return Search(best, fastest, sorted(front), len(configs), searched,  # type: ignore[arg-type]
-                  time.perf_counter() - t0)
+                  search_s, time.perf_counter() - t0 - search_s)
 
 
 def predict(cal: dict[str, Any], cand: Candidate, images: int, target: Target,
