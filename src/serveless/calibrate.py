@@ -359,8 +359,10 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
     xs = np.array([b["model_bytes"] / 2**20 for b in out_blocks] + [whole_bytes / 2**20])
     ys = np.array([b["load_ms"] for b in out_blocks] + [p1["whole_load_ms"]])
     slope, icpt = (np.polyfit(xs, ys, 1) if len(xs) > 1 else (0.0, float(ys[0])))
+    as_file = Path(str(model)).expanduser()
+    name = str(as_file.resolve()) if as_file.is_file() else str(model)  # run --plan from anywhere
     return {
-        "kind": CALIBRATION_KIND, "version": 1, "model": str(model), "input_hw": size,
+        "kind": CALIBRATION_KIND, "version": 1, "model": name, "input_hw": size,
         "boundaries": bounds, "blocks": out_blocks,
         "input_bytes_per_image": record_bytes, "images_source": source,
         "decode_ms_per_image": p1["decode_ms_per_image"],

@@ -181,13 +181,15 @@ def plan_cmd(
     rows = [("chosen", plan)]
     base = {"images_per_record": b.per_record, "micro_batch": b.micro_batch,
             "concurrency": b.concurrency, "images": images, "arch": arch}
-    preset = ["pool1", "pool2", "pool5"] if str(cal["model"]).lower() == "alexnet" else []
+    from ..models import PAPER_PRESET
+
+    preset = list(PAPER_PRESET.get(str(cal["model"]).lower(), []))
     if all(c in cal["boundaries"] for c in preset):
         rows.append(("memMax",
                      {**base, "cuts": preset, "memory": [PAPER_MEM_MAX] * (len(preset) + 1)}))
         if preset and str(cal["model"]).lower() in PAPER_MEM_MIN:
-            rows.append(("memMin",
-                         {**base, "cuts": preset, "memory": PAPER_MEM_MIN["alexnet"]}))
+            rows.append(("memMin", {**base, "cuts": preset,
+                                    "memory": PAPER_MEM_MIN[str(cal["model"]).lower()]}))
     f = res.fastest
     rows.append(("fastest", {**base, "cuts": f.cuts, "memory": f.memory,
                              "images_per_record": f.per_record, "micro_batch": f.micro_batch,
@@ -321,8 +323,9 @@ def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
              f"{images:,} images of {model} in records of {per_record}, cuts "
              f"{','.join(cuts) or 'none'}, memory {'/'.join(map(str, memory))} MB, {arch}. "
              f"Simulated (calibration {cal.get('measured', '?')}, CPU speed factor "
-             f"{cpu_factor:g}); not a measurement. Reference: the paper's GPU time, 902 s "
-             "per 100k images.", "", "![sweep](sweep.png)", "",
+             f"{cpu_factor:g}); not a measurement. Account concurrency limit "
+             f"{tgt.concurrency_limit} (raised to the largest concurrency asked). Reference: "
+             "the paper's GPU time, 902 s per 100k images.", "", "![sweep](sweep.png)", "",
              "| concurrency | wall s (simulated) | $ (simulated) | $ per 1M | cold starts | "
              "throttles |", "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {p['concurrency']} | {p['wall_s']:,.1f} | {p['cost']:.4f} | "
