@@ -299,3 +299,19 @@ def test_calibration_defaults_to_the_store_where_plan_finds_it(tmp_path):
     res = runner.invoke(app, ["plan", "alexnet", "--images", "1000", "--deadline", "600",
                               "--store", str(store), "--out", str(tmp_path / "q.json")])
     assert res.exit_code == 2 and "serveless calibrate alexnet" in " ".join(res.output.split())
+
+
+def test_sweep_simulate_writes_labelled_figure_and_table(tmp_path):
+    cal = _write(tmp_path / "c.json", synthetic_calibration())
+    out = tmp_path / "fig5"
+    res = runner.invoke(app, ["sweep", "--simulate", "--target", "lambda", "--images", "20000",
+                              "--per-record", "100", "--concurrency", "1,8,64,1000",
+                              "--cuts", "b1", "--memory", "1769", "--calibration", cal,
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["label"] == SIMULATED and data["paper_gpu_s_100k"] == 902.0
+    walls = [p["wall_s"] for p in data["points"]]
+    assert [p["concurrency"] for p in data["points"]] == [1, 8, 64, 1000]
+    assert walls[0] > walls[1] > walls[2] and walls[3] <= walls[2]  # 200 records: flat past 200
+    assert "simulated" in (out / "sweep.md").read_text() and (out / "sweep.png").is_file()
