@@ -2,8 +2,8 @@
 
 `app` is built in `app.py`; each module here adds one group of commands to it:
 `jobs` (pack, models, partition, run, demo, report), `manage` (`serveless jobs`:
-list, show, clean, delete), `experiments` (the paper's figures). Options and
-helpers that several commands share are in `common`.
+list, show, clean, delete), `experiments` (the paper's figures), `plan` (calibrate,
+plan, simulate). Options and helpers that several commands share are in `common`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import importlib
 from .app import app
 
 # Each module adds its commands to the app; --help lists them in this order.
-for _module in ("jobs", "manage", "experiments"):
+for _module in ("jobs", "manage", "experiments", "plan"):
     importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["app", "main"]

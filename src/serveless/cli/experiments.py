@@ -194,6 +194,13 @@ def sweep(
     arch: ArchOpt = "x86_64",
     job_prefix: JobPrefixOpt = None,
     out: Annotated[Path | None, typer.Option(help="folder for sweep.png/.md/.json")] = None,
+    simulate: Annotated[bool, typer.Option(
+        "--simulate", help="simulate instead of running (see `serveless simulate`)")] = False,
+    target: Annotated[str, typer.Option(help="with --simulate: lambda or local")] = "lambda",
+    calibration: Annotated[Path | None, typer.Option(
+        help="with --simulate: calibration JSON (default: the store's)")] = None,
+    measured: Annotated[Path | None, typer.Option(
+        help="with --simulate: a measured sweep.json to draw beside")] = None,
 ) -> None:
     """Fig. 5: the same job at each concurrency; wall time and modeled cost."""
     from ..experiments import load_pool, pack_split, run_sweep
@@ -202,6 +209,20 @@ def sweep(
     levels = _sizes(concurrency, "--concurrency")
     if per_record is not None and per_record < 1:
         fail("--per-record must be >= 1")
+    if simulate:  # the simulated Fig. 5 lives with the planner (cli/plan.py)
+        from ..partition import resolve_cuts
+        from ..pipeline import DEFAULT_MICRO_BATCH
+        from .plan import sweep_simulated
+
+        name = model or "alexnet"
+        cut_list = guarded(lambda: resolve_cuts(name, cuts, preset))
+        mem = guarded(lambda: parse_memory(memory, len(cut_list) + 1))
+        folder = _out(out, "sweep-simulated")
+        sweep_simulated(name, cut_list, mem, images or 100_000, per_record or 1000,
+                        micro_batch or DEFAULT_MICRO_BATCH, levels, target, arch, folder,
+                        calibration, store, store_option, measured=measured)
+        _show(folder / "sweep.md", folder / "sweep.png", folder / "sweep.json")
+        return
     setup = _setup(store, store_option, model, cuts, preset, micro_batch, backend, backend_option)
     mem = guarded(lambda: parse_memory(memory, setup.stages))
     folder = _out(out, "sweep")

@@ -288,6 +288,11 @@ def run(
     quantize: QuantizeOpt = None,
     weights: WeightsOpt = None,
     calibration_images: CalibrationOpt = 64,
+    plan: Annotated[Path | None, typer.Option(
+        "--plan", metavar="PLAN.json",
+        help="run a plan from 'serveless plan': its model, cuts, memory, micro-batch, "
+             "concurrency and images per record (refused before anything runs if a stage "
+             "would not fit)")] = None,
 ) -> None:
     """Run a job: every record through every stage. Run it again with the same --job to
     resume; options left out are taken from the job, and only --memory, --concurrency and
@@ -295,6 +300,10 @@ def run(
     from ..pipeline import DEFAULT_CONCURRENCY, find_records, prepare_job
     from ..tensors import TensorFormat
 
+    if plan is not None:
+        from .plan import apply_plan
+
+        model, cuts, memory, micro_batch, concurrency, records = apply_plan(plan, records)
     if job is None and records is None:
         fail("give --records DIR to start a job (or --job NAME to resume one)")
     _check_precision(quantize, weights, calibration_images)

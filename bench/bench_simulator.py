@@ -1,0 +1,89 @@
+"""Simulated vs measured: the `local` simulation of a job against the same job run here.
+
+    python bench/bench_simulator.py            # the 6 configurations of issue 10 (minutes)
+    python bench/bench_simulator.py --tiny     # one small configuration (proves it works)
+
+Calibrates AlexNet once on the workload's images, then per configuration (1, 2 and 4
+stages; memory 512-3008 MB; records of 100-1000 images; concurrency 1 and 2) runs the job
+on the local backend (fresh backend, cold starts included) and simulates it with target
+`local` from the calibration alone. Prints wall and cost predicted vs measured and their
+ratios (the goal: wall within 15%, cost within 5%). Measured figures come from the job's
+invocation log; simulated ones are labelled so and never mixed into them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, save, workload  # noqa: E402
+
+from serveless.calibrate import calibrate  # noqa: E402
+from serveless.cost import bill  # noqa: E402
+from serveless.experiments import Setup, log_span_s  # noqa: E402
+from serveless.simulate import Target, simulate  # noqa: E402
+from serveless.store import Store  # noqa: E402
+
+PAPER = ["pool1", "pool2", "pool5"]
+# (name, cuts, memory per stage, images per record, concurrency, records)
+CONFIGS = [
+    ("1 stage, 1769 MB, 100/rec, C=1", [], [1769], 100, 1, 4),
+    ("1 stage, 3008 MB, 1000/rec, C=1", [], [3008], 1000, 1, 2),
+    ("2 stages, 1024 MB, 250/rec, C=2", ["pool5"], [1024, 1024], 250, 2, 4),
+    ("2 stages, 3008/768 MB, 500/rec, C=2", ["pool5"], [3008, 768], 500, 2, 2),
+    ("4 stages, paper memMin, 250/rec, C=2", PAPER, [2048, 1280, 1024, 768], 250, 2, 4),
+    ("4 stages, 512 MB + 768, 100/rec, C=1", PAPER, [512, 512, 512, 768], 100, 1, 4),
+]
+TINY = [("2 stages, 1769 MB, 25/rec, C=1", ["pool5"], [1769, 1769], 25, 1, 2)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="one small configuration")
+    args = ap.parse_args()
+    configs = TINY if args.tiny else CONFIGS
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="serveless-bench-sim-") as tmp:
+        store = Store(str(Path(tmp) / "store"))
+        t0 = time.perf_counter()
+        biggest = max(c[3] * c[5] for c in configs)
+        _, cal_records = workload(biggest, 100)
+        cal = calibrate("alexnet", store, str(cal_records))
+        print(f"calibrated in {time.perf_counter() - t0:.1f} s ({cal['cpu_control']})")
+        for name, cuts, memory, per_record, conc, n_rec in configs:
+            _, rec_dir = workload(per_record * n_rec, per_record)
+            setup = Setup(store=store, model="alexnet", cuts=cuts, micro_batch=32)
+            spec = setup.prepare("bench-sim", memory, rec_dir)
+            log = setup.run(spec, concurrency=conc)
+            measured_wall = log_span_s(log)
+            measured_cost = bill(log)["total"].total
+            images = sum(r["images"] or 0 for r in log if r["stage"] == len(cuts)
+                         and r.get("error") is None)
+            plan = {"cuts": cuts, "memory": memory, "images_per_record": per_record,
+                    "micro_batch": 32, "concurrency": conc, "images": images}
+            sim = simulate(plan, cal, Target.make("local", cal))
+            rows.append({"config": name, "images": images,
+                         "measured_wall_s": measured_wall, "simulated_wall_s": sim.wall_s,
+                         "wall_ratio": sim.wall_s / measured_wall,
+                         "measured_cost": measured_cost, "simulated_cost": sim.cost,
+                         "cost_ratio": sim.cost / measured_cost})
+            r = rows[-1]
+            print(f"{name:40s} wall measured {measured_wall:7.2f} s, simulated "
+                  f"{sim.wall_s:7.2f} s (x{r['wall_ratio']:.3f}); cost measured "
+                  f"${measured_cost:.6f}, simulated ${sim.cost:.6f} (x{r['cost_ratio']:.3f})",
+                  flush=True)
+    ok_wall = sum(abs(r["wall_ratio"] - 1) <= 0.15 for r in rows)
+    ok_cost = sum(abs(r["cost_ratio"] - 1) <= 0.05 for r in rows)
+    print(f"within 15% wall: {ok_wall}/{len(rows)}; within 5% cost: {ok_cost}/{len(rows)}")
+    path = save("bench_simulator" + ("_tiny" if args.tiny else ""),
+                {"machine": machine(), "calibration_s": cal["seconds"], "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,544 @@
+"""Calibration: measure, on this machine, what the planner and the simulator need.
+
+A model is cut into blocks at its valid cuts (adjacent blocks merged so there are at most
+about 16); any stage the planner considers is a run of consecutive blocks, so per-block
+figures add up to any stage's. Per block we measure compute ms per image at 1 vCPU (at
+micro-batch 1 and `CAL_BATCH`, which gives a per-call overhead), the speed-up at 2 vCPUs,
+the memory its weights and activations take, and the bytes it writes per image; for the
+whole job, stage 0's decode time per image on the user's own images, a model load time per
+MB of weights, the time a fresh function process takes to start, and the store's bandwidth.
+
+The measurements run in a child process placed under the local backend's CPU quota
+(`backends.limits.InstanceLimits`: a cgroup of 1 vCPU, then one of 2 vCPUs) with onnxruntime
+set to as many intra-op threads as vCPUs, exactly as a function instance of that size runs.
+Where no cgroup can be created the quota is not enforced and the calibration says so
+(`cpu_control`); the times are then those of 1 and 2 threads on an unrestricted machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CAL_BATCH = 16
+MAX_BLOCKS = 16
+DECODE_IMAGES = 16
+PRED_BYTES_PER_IMAGE = 260  # one predictions JSONL row (key, label, top-5 ids and scores)
+RECORD_FRAMING_BYTES = 60  # TFRecord framing + Example fields around each image's bytes
+CALIBRATION_KIND = "serveless-calibration"
+CAL_MEMORY_MB = 8192  # the memory cap of the calibration child: high, so it is never the limit
+
+
+class CalibrationError(ValueError):
+    """The calibration file is missing, malformed, or was made for another model."""
+
+
+# -- blocks -------------------------------------------------------------------------------------
+
+
+def choose_boundaries(cuts: list[Any], keep: list[str], max_blocks: int = MAX_BLOCKS) -> list[str]:
+    """The cut tensors that separate blocks: all valid cuts, merged down to max_blocks.
+
+    A cut whose next cut carries the same bytes per image (Conv then ReLU) is dropped first:
+    cutting after the ReLU costs the same and saves nothing. Then the largest remaining cuts
+    go (the most expensive to cross the store). Cuts in `keep` (a paper preset) always stay.
+    """
+    names = [c.name for c in cuts]
+    size = {c.name: (c.bytes_per_sample if c.bytes_per_sample >= 0 else 1 << 40) for c in cuts}
+    chosen = list(names)
+    for a, b in zip(names, names[1:], strict=False):
+        if len(chosen) <= max_blocks - 1:
+            break
+        if a not in keep and size[a] == size[b]:
+            chosen.remove(a)
+    while len(chosen) > max_blocks - 1:
+        droppable = [n for n in chosen if n not in keep]
+        if not droppable:
+            break
+        chosen.remove(max(droppable, key=lambda n: (size[n], names.index(n))))
+    return chosen
+
+
+@dataclass
+class Block:
+    """Blocks k covers the graph from boundary k-1 (the input for k=0) to boundary k."""
+
+    index: int
+    end: str  # the cut tensor it writes, or "" for the model's output
+    ms_per_image_b1: float  # 1 vCPU, micro-batch 1
+    ms_per_image: float  # 1 vCPU, micro-batch CAL_BATCH
+    speedup_2vcpu: float
+    weights_mb: float
+    act_mb_base: float
+    act_mb_per_image: float
+    bytes_out_per_image: int
+    load_ms: float
+    model_bytes: int
+    load_peak_mb: float  # above the process's memory before the load, at its highest
+
+
+# -- the child process -------------------------------------------------------------------------
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _time_runs(sess: Any, name: str, x: np.ndarray, min_s: float, max_runs: int) -> float:
+    """Seconds of the fastest run, repeated until min_s elapsed (at least one run): the
+    minimum is the estimate least disturbed by other load on a shared machine."""
+    out = sess.get_outputs()[0].name
+    runs, t0, best = 0, time.perf_counter(), math.inf
+    while True:
+        t1 = time.perf_counter()
+        sess.run([out], {name: x})
+        best = min(best, time.perf_counter() - t1)
+        runs += 1
+        if time.perf_counter() - t0 >= min_s or runs >= max_runs:
+            return best
+
+
+def _session(path: str, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()  # as function.load_stage sets them
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
+    """At 1 vCPU: load, time and memory of every block; decode of the images."""
+    from .function import peak_mb, reset_peak
+    from .images import preprocess
+
+    rng = np.random.default_rng(0)
+    blocks = []
+    for b in cfg["blocks"]:
+        x = rng.standard_normal([CAL_BATCH, *b["input_shape"]]).astype(np.float32)
+        rss0 = _rss_mb()
+        reset_peak()
+        t0 = time.perf_counter()
+        sess = _session(b["path"], 1)
+        load_ms = (time.perf_counter() - t0) * 1000
+        load_peak = max(0.0, peak_mb() - rss0)
+        name = sess.get_inputs()[0].name
+        weights = max(0.0, _rss_mb() - rss0)
+        _time_runs(sess, name, x[:1], 0.0, 1)  # warm-up
+        rss1 = _rss_mb()
+        reset_peak()
+        t_b1 = _time_runs(sess, name, x[:1], cfg["min_s"] / 2, 8)
+        act1 = max(0.0, peak_mb() - rss1)
+        reset_peak()
+        t_bc = _time_runs(sess, name, x, cfg["min_s"], 6)
+        actc = max(0.0, peak_mb() - rss1)
+        y = sess.run([sess.get_outputs()[0].name], {name: x[:2]})[0]
+        blocks.append({
+            "load_ms": load_ms, "weights_mb": weights, "load_peak_mb": load_peak,
+            "ms_per_image_b1": t_b1 * 1000, "ms_per_image": t_bc * 1000 / CAL_BATCH,
+            "act_mb_base": act1, "act_mb_per_image": max(0.0, (actc - act1) / (CAL_BATCH - 1)),
+            "bytes_out_per_image": int(y.nbytes // 2),
+        })
+        del sess
+    t0 = time.perf_counter()
+    sess = _session(cfg["whole"], 1)
+    whole_load_ms = (time.perf_counter() - t0) * 1000
+    del sess
+    decode = []
+    for p in cfg["images"]:
+        data = Path(p).read_bytes()
+        t0 = time.perf_counter()
+        preprocess(data, cfg["size"])
+        decode.append((time.perf_counter() - t0) * 1000)
+    return {"blocks": blocks, "whole_load_ms": whole_load_ms,
+            "decode_ms_per_image": float(np.median(decode)) if decode else 0.0}
+
+
+def _phase2(cfg: dict[str, Any]) -> dict[str, Any]:
+    """At 2 vCPUs (2 intra-op threads): compute time per block at the calibration batch."""
+    rng = np.random.default_rng(0)
+    times = []
+    for b in cfg["blocks"]:
+        x = rng.standard_normal([CAL_BATCH, *b["input_shape"]]).astype(np.float32)
+        sess = _session(b["path"], 2)
+        name = sess.get_inputs()[0].name
+        _time_runs(sess, name, x[:1], 0.0, 1)
+        times.append(_time_runs(sess, name, x, cfg["min_s"], 6) * 1000 / CAL_BATCH)
+        del sess
+    return {"ms_per_image_2": times}
+
+
+def _worker() -> None:
+    """`python -m serveless.calibrate`: the child. Reads its config and commands on stdin."""
+    t_start = float(sys.argv[1]) if len(sys.argv) > 1 else time.time()
+    import onnxruntime  # noqa: F401  (import time is part of a function's cold start)
+
+    from . import function  # noqa: F401
+
+    cfg = json.loads(sys.stdin.readline())
+    print(json.dumps({"ready": True, "start_ms": (time.time() - t_start) * 1000,
+                      "rss_mb": _rss_mb()}), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "phase1":
+            print(json.dumps(_phase1(cfg)), flush=True)
+        elif cmd == "phase2":
+            print(json.dumps(_phase2(cfg)), flush=True)
+        else:
+            return
+
+
+# -- the parent ------------------------------------------------------------------------------
+
+
+def _sample_image_files(records: str | None, folder: Path) -> tuple[list[str], float, str]:
+    """Up to DECODE_IMAGES of the user's images as files, the mean record bytes per image,
+    and where they came from (sample photos when no records are given)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[str] = []
+    sizes: list[int] = []
+    if records:
+        from .pipeline import find_records
+        from .records import iter_record
+
+        for src in find_records(records):
+            with open(src, "rb") as f:
+                for ex in iter_record(f, src):  # type: ignore[arg-type]
+                    sizes.append(len(ex.encoded))
+                    if len(paths) < DECODE_IMAGES:
+                        p = folder / f"img-{len(paths)}"
+                        p.write_bytes(ex.encoded)
+                        paths.append(str(p))
+            if len(sizes) >= 10 * DECODE_IMAGES:
+                break
+        if not sizes:
+            raise CalibrationError(f"no images in the records at {records}")
+        source = f"{len(sizes)} images of the records at {records}"
+    else:
+        from .images import make_sample_images
+
+        make_sample_images(folder, DECODE_IMAGES)
+        paths = sorted(str(p) for p in folder.rglob("*") if p.is_file())
+        sizes = [os.path.getsize(p) for p in paths]
+        source = f"{len(paths)} generated sample photos (no --records given)"
+    return paths, float(np.mean(sizes)) + RECORD_FRAMING_BYTES, source
+
+
+def _store_bandwidth(store: Any, mb: int = 32) -> dict[str, float]:
+    """MB/s of one write and one read of an `mb` MB object, and the ms of a small request."""
+    key = f"calibration/.probe-{os.getpid()}"
+    data = np.random.default_rng(0).bytes(mb << 20)
+    t0 = time.perf_counter()
+    store.put_bytes(key, data)
+    write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = store.get_bytes(key)
+    read_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    store.put_bytes(key, b"x")
+    store.get_bytes(key)
+    small_ms = (time.perf_counter() - t0) * 1000 / 2
+    store.delete(key)
+    if len(got) != len(data):
+        raise CalibrationError("the store returned a different object than was written")
+    return {"write_mb_s": mb / max(write_s, 1e-6), "read_mb_s": mb / max(read_s, 1e-6),
+            "request_ms": small_ms, "url": store.url}
+
+
+def _save_external(model: Any, path: Path) -> int:
+    import onnx
+
+    from .function import DATA_SUFFIX
+
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + DATA_SUFFIX, size_threshold=1024)
+    data = path.with_name(path.name + DATA_SUFFIX)
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def calibrate(model: str, store: Any, records: str | None = None, min_s: float = 0.25,
+              say: Any = None) -> dict[str, Any]:
+    """Measure the model on this machine; the calibration as a JSON-safe dict."""
+    from .backends.limits import InstanceLimits
+    from .models import PAPER_PRESET, input_hw, load_model
+    from .partition import list_cuts, split
+
+    say = say or (lambda _m: None)
+    t_all = time.perf_counter()
+    onnx_model = load_model(model)
+    size = list(input_hw(onnx_model))
+    cuts = list_cuts(onnx_model)
+    keep = [c for c in PAPER_PRESET.get(str(model).lower(), [])]
+    bounds = choose_boundaries(cuts, keep)
+    by_name = {c.name: c for c in cuts}
+    say(f"{len(cuts)} valid cuts; calibrating {len(bounds) + 1} blocks")
+    blocks = split(onnx_model, bounds)
+    in_shape = _input_shape(onnx_model)
+    with tempfile.TemporaryDirectory(prefix="serveless-calibrate-") as tmp:
+        root = Path(tmp)
+        cfg_blocks, model_bytes = [], []
+        for k, blk in enumerate(blocks):
+            path = root / f"block-{k}.onnx"
+            model_bytes.append(_save_external(blk, path))
+            shape = in_shape if k == 0 else list(by_name[bounds[k - 1]].shape)
+            cfg_blocks.append({"path": str(path), "input_shape": shape})
+        whole = root / "whole.onnx"
+        whole_bytes = _save_external(onnx_model, whole)
+        del blocks
+        images, record_bytes, source = _sample_image_files(records, root / "images")
+        cfg = {"blocks": cfg_blocks, "whole": str(whole), "images": images, "size": size,
+               "min_s": min_s}
+        lim1 = InstanceLimits.create("calibrate-1vcpu", CAL_MEMORY_MB, 1.0)
+        lim2 = InstanceLimits.create("calibrate-2vcpu", CAL_MEMORY_MB, 2.0)
+        cpu_control = (f"cgroup CPU quota ({lim1.mode}: {lim1.reason}) and onnxruntime "
+                       "intra-op threads = vCPUs" if lim1.cpu_exact and lim2.cpu_exact else
+                       f"onnxruntime intra-op threads only (1, then 2); no CPU quota: "
+                       f"{lim1.reason}")
+        t_spawn = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "serveless.calibrate", repr(t_spawn)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            lim1.attach(proc.pid)
+            assert proc.stdin is not None and proc.stdout is not None
+
+            def ask(cmd: str) -> dict[str, Any]:
+                proc.stdin.write(cmd + "\n")  # type: ignore[union-attr]
+                proc.stdin.flush()  # type: ignore[union-attr]
+                line = proc.stdout.readline()  # type: ignore[union-attr]
+                if not line:
+                    raise CalibrationError(f"the calibration process died ({proc.wait()})")
+                return json.loads(line)
+
+            ready = ask(json.dumps(cfg))
+            say("1 vCPU: load, compute, memory per block; decode")
+            p1 = ask("phase1")
+            lim2.attach(proc.pid)
+            say("2 vCPUs: compute per block")
+            p2 = ask("phase2")
+            proc.stdin.write("stop\n")
+            proc.stdin.flush()
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            lim1.remove()
+            lim2.remove()
+    say("store bandwidth")
+    bandwidth = _store_bandwidth(store)
+    out_blocks = []
+    for k, (m1, t2) in enumerate(zip(p1["blocks"], p2["ms_per_image_2"], strict=True)):
+        out_blocks.append(Block(
+            index=k, end=bounds[k] if k < len(bounds) else "",
+            ms_per_image_b1=m1["ms_per_image_b1"], ms_per_image=m1["ms_per_image"],
+            speedup_2vcpu=max(1.0, m1["ms_per_image"] / max(t2, 1e-9)),
+            # RSS deltas under-count what an arena reuses; never below the bytes themselves
+            weights_mb=max(m1["weights_mb"], model_bytes[k] / 2**20),
+            act_mb_base=m1["act_mb_base"],
+            act_mb_per_image=max(m1["act_mb_per_image"], (
+                4 * math.prod(cfg_blocks[k]["input_shape"]) + m1["bytes_out_per_image"]) / 2**20),
+            load_peak_mb=max(m1["load_peak_mb"], model_bytes[k] / 2**20),
+            bytes_out_per_image=(m1["bytes_out_per_image"] if k < len(bounds)
+                                 else PRED_BYTES_PER_IMAGE),
+            load_ms=m1["load_ms"], model_bytes=model_bytes[k]).__dict__)
+    # load ms = a + b × MB of weights, fitted on every block and the whole model
+    xs = np.array([b["model_bytes"] / 2**20 for b in out_blocks] + [whole_bytes / 2**20])
+    ys = np.array([b["load_ms"] for b in out_blocks] + [p1["whole_load_ms"]])
+    slope, icpt = (np.polyfit(xs, ys, 1) if len(xs) > 1 else (0.0, float(ys[0])))
+    as_file = Path(str(model)).expanduser()
+    name = str(as_file.resolve()) if as_file.is_file() else str(model)  # run --plan from anywhere
+    return {
+        "kind": CALIBRATION_KIND, "version": 1, "model": name, "input_hw": size,
+        "boundaries": bounds, "blocks": out_blocks,
+        "input_bytes_per_image": record_bytes, "images_source": source,
+        "decode_ms_per_image": p1["decode_ms_per_image"],
+        "runtime_mb": ready["rss_mb"], "start_ms": ready["start_ms"],
+        "load_ms_fixed": max(0.0, float(icpt)), "load_ms_per_mb": max(0.0, float(slope)),
+        "whole_load_ms": p1["whole_load_ms"], "whole_model_bytes": whole_bytes,
+        "store": bandwidth, "cpu_control": cpu_control, "calibration_batch": CAL_BATCH,
+        "machine": {"cores": os.cpu_count(), "load_avg": list(os.getloadavg())},
+        "seconds": time.perf_counter() - t_all,
+        "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _input_shape(model: Any) -> list[int]:
+    from .models import check_image_model
+
+    _, (c, h, w) = check_image_model(model)
+    return [c, h, w]
+
+
+# -- reading a calibration ---------------------------------------------------------------------
+
+
+def calibration_key(model: str) -> str:
+    """Where `calibrate` keeps a model's calibration in the store by default."""
+    name = Path(str(model)).name.removesuffix(".onnx")
+    return f"calibration/{name}.json"
+
+
+def validate(cal: Any, source: str = "calibration") -> dict[str, Any]:
+    """Check the fields the planner and simulator read; CalibrationError names what is wrong."""
+    if not isinstance(cal, dict) or cal.get("kind") != CALIBRATION_KIND:
+        raise CalibrationError(f"{source} is not a serveless calibration "
+                               f"(expected kind {CALIBRATION_KIND!r})")
+    need = {"blocks": list, "boundaries": list, "decode_ms_per_image": (int, float),
+            "runtime_mb": (int, float), "start_ms": (int, float), "store": dict,
+            "load_ms_fixed": (int, float), "load_ms_per_mb": (int, float),
+            "input_bytes_per_image": (int, float)}
+    for key, typ in need.items():
+        if not isinstance(cal.get(key), typ):
+            raise CalibrationError(f"{source}: field {key!r} missing or of the wrong type")
+    blocks = cal["blocks"]
+    if not blocks or len(blocks) != len(cal["boundaries"]) + 1:
+        raise CalibrationError(f"{source}: {len(blocks)} blocks for "
+                               f"{len(cal['boundaries'])} boundaries")
+    fields = ("ms_per_image_b1", "ms_per_image", "speedup_2vcpu", "weights_mb", "act_mb_base",
+              "act_mb_per_image", "bytes_out_per_image", "model_bytes")
+    for k, b in enumerate(blocks):
+        for f in fields:
+            v = b.get(f) if isinstance(b, dict) else None
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise CalibrationError(f"{source}: block {k} field {f!r} must be a number >= 0")
+    return cal
+
+
+def load_calibration(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"no calibration file at {p}; run `serveless calibrate MODEL`")
+    try:
+        return validate(json.loads(p.read_text()), str(p))
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"{p} is not JSON: {exc}") from exc
+
+
+if __name__ == "__main__":
+    _worker()
+
+
+# -- the performance model of a stage ----------------------------------------------------------
+
+HEADROOM = 1.25
+"""Memory must exceed the predicted peak by 25%: the model is built from per-block figures
+and missed a whole stage 0's measured peak by 15% (138 vs 162 MB, AlexNet to pool5)."""
+
+
+def speedup(vcpus: Any, s2: float) -> Any:
+    """Speed-up over 1 vCPU at `vcpus`: proportional below 1 vCPU (a CPU quota), Amdahl's law
+    above it with the parallel fraction that gives the measured speed-up `s2` at 2 vCPUs."""
+    v = np.asarray(vcpus, dtype=float)
+    p = min(1.0, max(0.0, 2.0 * (1.0 - 1.0 / max(s2, 1.0))))
+    return np.where(v <= 1.0, v, 1.0 / ((1.0 - p) + p / np.maximum(v, 1e-9)))
+
+
+@dataclass
+class StageModel:
+    """Blocks first..last (inclusive) of a calibration as one stage at micro-batch B."""
+
+    cal: dict[str, Any]
+    first: int
+    last: int
+    micro_batch: int
+
+    @property
+    def blocks(self) -> list[dict[str, Any]]:
+        return self.cal["blocks"][self.first:self.last + 1]
+
+    def _ms_at_batch(self, b: dict[str, Any]) -> float:
+        """ms per image at 1 vCPU at this micro-batch: a per-call part shrinking as 1/B."""
+        bc = float(self.cal.get("calibration_batch", CAL_BATCH))
+        t1, tc = b["ms_per_image_b1"], b["ms_per_image"]
+        tinf = max(0.0, (bc * tc - t1) / (bc - 1)) if bc > 1 else tc
+        return tinf + max(0.0, t1 - tinf) / self.micro_batch
+
+    def cpu_ms_per_image(self) -> float:
+        """CPU work per image at 1 vCPU (decode included for stage 0)."""
+        c = sum(self._ms_at_batch(b) for b in self.blocks)
+        return c + (self.cal["decode_ms_per_image"] if self.first == 0 else 0.0)
+
+    def ms_per_image(self, vcpus: Any, cpu_factor: float = 1.0) -> Any:
+        """Wall ms per image at `vcpus` (array or scalar). Stage 0 decodes on a second thread,
+        overlapped with compute when there is more than one vCPU."""
+        v = np.asarray(vcpus, dtype=float)
+        c = sum(self._ms_at_batch(b) / speedup(v, b["speedup_2vcpu"]) for b in self.blocks)
+        if self.first == 0:
+            d = self.cal["decode_ms_per_image"]
+            c1 = self.cpu_ms_per_image() - d
+            below = d / np.maximum(v, 1e-9) + c
+            above = np.maximum(np.maximum(d, c), (d + c1) / np.maximum(v, 1e-9))
+            c = np.where(v <= 1.0, below, above)
+        return c / cpu_factor
+
+    @property
+    def bytes_in_per_image(self) -> float:
+        if self.first == 0:
+            return float(self.cal["input_bytes_per_image"])
+        return float(self.cal["blocks"][self.first - 1]["bytes_out_per_image"])
+
+    @property
+    def bytes_out_per_image(self) -> float:
+        return float(self.blocks[-1]["bytes_out_per_image"])
+
+    @property
+    def model_bytes(self) -> int:
+        return int(sum(b["model_bytes"] for b in self.blocks))
+
+    def load_ms(self, vcpus: Any, cpu_factor: float = 1.0) -> Any:
+        """Model load (session creation), measured at 1 vCPU, slower below 1 vCPU."""
+        ms = self.cal["load_ms_fixed"] + self.cal["load_ms_per_mb"] * self.model_bytes / 2**20
+        return ms / np.minimum(np.asarray(vcpus, dtype=float), 1.0) / cpu_factor
+
+    def peak_mb(self) -> float:
+        """Predicted peak memory of an instance: runtime + weights + the largest block's
+        activations at this micro-batch + the prefetched next micro-batch; or the cold
+        peak of the model load, whichever is higher. Independent of images per record:
+        the function streams its input and output."""
+        base = float(self.cal["runtime_mb"])
+        weights = sum(b["weights_mb"] for b in self.blocks)
+        act = max(b["act_mb_base"] + b["act_mb_per_image"] * self.micro_batch
+                  for b in self.blocks)
+        first_in = 4.0 * 3 * np.prod(self.cal.get("input_hw", [224, 224])) if self.first == 0 \
+            else self.bytes_in_per_image
+        prefetch = self.micro_batch * first_in / 2**20
+        cold = sum(b.get("load_peak_mb", b["weights_mb"]) for b in self.blocks)
+        return base + max(weights + act + prefetch, cold)
+
+    def memory_needed(self) -> int:
+        """The smallest memory size (MB) this stage is allowed: peak × HEADROOM."""
+        return int(math.ceil(self.peak_mb() * HEADROOM))
+
+
+def stage_ranges(cal: dict[str, Any], cuts: list[str]) -> list[tuple[int, int]]:
+    """(first, last) block of each stage for cuts that are calibration boundaries."""
+    bounds = list(cal["boundaries"])
+    idx = []
+    for c in cuts:
+        if c not in bounds:
+            raise CalibrationError(f"cut {c!r} is not a block boundary of the calibration "
+                                   f"(boundaries: {', '.join(bounds)})")
+        idx.append(bounds.index(c))
+    if idx != sorted(set(idx)):
+        raise CalibrationError(f"cuts {cuts} are not in the model's order")
+    ends = [*idx, len(cal["blocks"]) - 1]
+    starts = [0, *[i + 1 for i in idx]]
+    return list(zip(starts, ends, strict=True))
+
+
+def stage_models(cal: dict[str, Any], cuts: list[str], micro_batch: int) -> list[StageModel]:
+    return [StageModel(cal, a, b, micro_batch) for a, b in stage_ranges(cal, cuts)]

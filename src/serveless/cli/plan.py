@@ -1,0 +1,373 @@
+"""Commands of the planning loop: calibrate, plan, simulate (and `sweep --simulate`,
+`run --plan`). The work is in calibrate.py, plan.py and simulate.py. Everything simulated
+is printed under a "simulated" heading."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..store import DEFAULT_STORE
+from .app import app
+from .common import StoreOpt, StoreOptions, console, fail, guarded, open_store
+
+PANEL = "Planning"
+
+TargetOpt = Annotated[str, typer.Option(help="lambda or local")]
+CpuFactorOpt = Annotated[float, typer.Option(
+    "--cpu-factor", help="this machine's time per image / the target's (Lambda CPUs differ)")]
+PlatformInitOpt = Annotated[float | None, typer.Option(
+    "--platform-init-ms", help="Lambda runtime start before the model load (default 800)")]
+BandwidthOpt = Annotated[float | None, typer.Option(
+    "--bandwidth", help="MB/s between one function and S3 (default 80)")]
+LimitOpt = Annotated[int | None, typer.Option(
+    "--concurrency-limit", help="the account's concurrent executions (default 1000)")]
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from ..calibrate import CalibrationError
+    from ..plan import PlanError
+    from ..simulate import SimulationError
+
+    return (CalibrationError, PlanError, SimulationError)
+
+
+def _guard(fn: Any) -> Any:
+    try:
+        return guarded(fn)
+    except _errors() as exc:
+        fail(str(exc))
+
+
+def _target(name: str, cal: dict[str, Any], cpu_factor: float, platform_init_ms: float | None,
+            bandwidth: float | None, concurrency_limit: int | None) -> Any:
+    from ..simulate import Target
+
+    over: dict[str, Any] = {"cpu_factor": cpu_factor}
+    if platform_init_ms is not None:
+        over["platform_init_ms"] = platform_init_ms
+    if bandwidth is not None:
+        over["bandwidth_mb_s"] = bandwidth
+    if concurrency_limit is not None:
+        over["concurrency_limit"] = concurrency_limit
+    return _guard(lambda: Target.make(name, cal, **over))
+
+
+def _load_cal(calibration: Path | None, model: str, store: str,
+              store_option: list[str] | None) -> dict[str, Any]:
+    from ..calibrate import calibration_key, load_calibration, validate
+
+    if calibration is not None:
+        return _guard(lambda: load_calibration(calibration))
+    st = open_store(store, store_option)
+    key = calibration_key(model)
+    if not st.exists(key):
+        fail(f"no calibration for {model} in {store} ({key}); run `serveless calibrate "
+              f"{model}` or pass --calibration FILE")
+    return _guard(lambda: validate(json.loads(st.get_bytes(key)), st.path(key)))
+
+
+@app.command("calibrate", rich_help_panel=PANEL,
+             short_help="Measure a model per block on this machine, for plan and simulate")
+def calibrate_cmd(
+    model: Annotated[str, typer.Argument(help="built-in name or .onnx path")],
+    records: Annotated[str | None, typer.Option(
+        help="folder or glob of .tfrecord files (your images; else sample photos)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="write the calibration JSON here (default: calibration/<model>.json in the store)")]
+    = None,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+) -> None:
+    """Measure the model per block on this machine, for plan and simulate."""
+    from ..calibrate import calibrate, calibration_key
+
+    st = open_store(store, store_option)
+    guarded(st.check)
+    cal = _guard(lambda: calibrate(model, st, records, say=lambda m: console.print(
+        m, markup=False, highlight=False)))
+    data = json.dumps(cal, indent=1)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(data)
+        where = str(out)
+    else:
+        st.put_bytes(calibration_key(model), data.encode())
+        where = st.path(calibration_key(model))
+    whole = sum(b["ms_per_image"] for b in cal["blocks"])
+    console.print(f"{len(cal['blocks'])} blocks; whole model {whole:.1f} ms/image at 1 vCPU "
+                  f"(micro-batch {cal['calibration_batch']}), decode "
+                  f"{cal['decode_ms_per_image']:.1f} ms/image; CPU: {cal['cpu_control']}",
+                  markup=False, highlight=False)
+    console.print(f"calibrated in {cal['seconds']:.1f} s; wrote {where}", markup=False,
+                  highlight=False)
+
+
+def _sim_table(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("plan", "cuts", "memory MB", "per rec", "batch", "C",
+                "wall s", "$", "$/1M", "cold", "throttles"):
+        table.add_column(col, no_wrap=col in ("plan", "memory MB"))
+    for name, plan, s in rows:
+        table.add_row(name, ",".join(plan["cuts"]) or "(whole model)",
+                      "/".join(map(str, plan["memory"])), str(plan["images_per_record"]),
+                      str(plan["micro_batch"]), str(plan["concurrency"]), f"{s['wall_s']:,.1f}",
+                      f"{s['cost']:.4f}", f"{s['per_million']:.3f}" if s["per_million"] else "-",
+                      str(s["cold_starts"]), str(s["throttles"]))
+    return table
+
+
+@app.command("plan", rich_help_panel=PANEL,
+             short_help="Cheapest plan within a deadline, or fastest within a budget")
+def plan_cmd(
+    model: Annotated[str, typer.Argument(help="built-in name or .onnx path")],
+    images: Annotated[int, typer.Option(help="images in the job")],
+    out: Annotated[Path, typer.Option(help="where to write plan.json")],
+    deadline: Annotated[float | None, typer.Option(help="seconds: cheapest plan within")] = None,
+    budget: Annotated[float | None, typer.Option(help="dollars: fastest plan within")] = None,
+    target: TargetOpt = "lambda",
+    arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
+    max_concurrency: Annotated[int | None, typer.Option(
+        "--max-concurrency", help="most invocations in flight")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="calibration JSON")] = None,
+    memory_step: Annotated[int, typer.Option(
+        "--memory-step", help="MB between memory sizes searched")] = 64,
+    cpu_factor: CpuFactorOpt = 1.0,
+    platform_init_ms: PlatformInitOpt = None,
+    bandwidth: BandwidthOpt = None,
+    concurrency_limit: LimitOpt = None,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+) -> None:
+    """Cheapest plan within a deadline (or fastest within a budget), with presets beside it."""
+    from ..plan import (
+        PAPER_MEM_MAX,
+        PAPER_MEM_MIN,
+        make_plan,
+        plot_pareto,
+        search,
+    )
+    from ..simulate import simulate
+
+    if (deadline is None) == (budget is None):
+        fail("give exactly one of --deadline SECONDS or --budget DOLLARS")
+    cal = _load_cal(calibration, model, store, store_option)
+    tgt = _target(target, cal, cpu_factor, platform_init_ms, bandwidth, concurrency_limit)
+    t0 = time.perf_counter()
+    res = _guard(lambda: search(cal, images, tgt, arch, deadline, budget, max_concurrency,
+                                memory_step))
+    planner_s = time.perf_counter() - t0
+    if res.best is None:
+        f = res.fastest
+        if deadline is not None:
+            fail(f"no plan finishes {images:,} images within {deadline:g} s on {target}: the "
+                  f"fastest achievable is {f.wall_s:,.1f} s (cuts "
+                  f"{','.join(f.cuts) or 'none'}, memory {'/'.join(map(str, f.memory))} MB, "
+                  f"C={f.concurrency}, ${f.cost:.2f})")
+        fail(f"no plan fits a budget of ${budget:g}: the cheapest plan within the search "
+              "costs more")
+    request = {"deadline_s": deadline, "budget": budget, "memory_step": memory_step,
+               "max_concurrency": max_concurrency}
+    plan = make_plan(cal, res.best, images, tgt, arch, request)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(plan, indent=1))
+    b = res.best
+    rows = [("chosen", plan)]
+    base = {"images_per_record": b.per_record, "micro_batch": b.micro_batch,
+            "concurrency": b.concurrency, "images": images, "arch": arch}
+    from ..models import PAPER_PRESET
+
+    preset = list(PAPER_PRESET.get(str(cal["model"]).lower(), []))
+    if all(c in cal["boundaries"] for c in preset):
+        rows.append(("memMax",
+                     {**base, "cuts": preset, "memory": [PAPER_MEM_MAX] * (len(preset) + 1)}))
+        if preset and str(cal["model"]).lower() in PAPER_MEM_MIN:
+            rows.append(("memMin", {**base, "cuts": preset,
+                                    "memory": PAPER_MEM_MIN[str(cal["model"]).lower()]}))
+    f = res.fastest
+    rows.append(("fastest", {**base, "cuts": f.cuts, "memory": f.memory,
+                             "images_per_record": f.per_record, "micro_batch": f.micro_batch,
+                             "concurrency": f.concurrency}))
+    sims = [(name, p, _guard(lambda p=p: simulate(p, cal, tgt, keep_rows=False)).summary())
+            for name, p in rows]
+    console.print(f"chosen plan: cuts {','.join(b.cuts) or '(whole model)'}; memory "
+                  f"{'/'.join(map(str, b.memory))} MB; {b.per_record} images per record; "
+                  f"micro-batch {b.micro_batch}; concurrency {b.concurrency}", markup=False,
+                  highlight=False)
+    console.print(f"planner model: wall {b.wall_s:,.1f} s, ${b.cost:.4f} "
+                  f"(${b.cost / images * 1e6:.3f} per 1M images, {arch}); predicted peaks "
+                  f"{'/'.join(f'{p:.0f}' for p in plan['predicted']['peak_mb'])} MB",
+                  markup=False, highlight=False)
+    console.print(_sim_table(sims, f"simulated on {target} (CPU speed factor {cpu_factor:g}), "
+                                   f"{images:,} images, {arch}"))
+    console.print("memMax = the paper's stages at 3008 MB each; memMin = the paper's "
+                  "2048/1280/1024/768 MB; both at the chosen plan's records and concurrency",
+                  markup=False, highlight=False)
+    chosen = sims[0][2]
+    if deadline is not None and chosen["wall_s"] > deadline:
+        console.print(f"warning: the simulation of the chosen plan takes {chosen['wall_s']:,.1f} s,"
+                      f" over the deadline of {deadline:g} s (the planner's model is simpler); "
+                      "plan again with a shorter --deadline", markup=False, highlight=False)
+    marks = {name: (s["wall_s"], s["cost"]) for name, _p, s in sims}
+    png = plot_pareto(res.front, marks, images, out.with_suffix(".pareto.png"),
+                      f"{cal['model']}, {images:,} images on {target} ({arch})")
+    console.print(f"searched {res.configs_searched} of {res.configs} configurations exactly "
+                  f"(memory step {memory_step} MB, the others pruned by bounds) in "
+                  f"{res.seconds:.2f} s (+{res.front_seconds:.2f} s for the Pareto front; "
+                  f"{planner_s:.2f} s in all); wrote {out} and {png}", markup=False,
+                  highlight=False)
+
+
+@app.command("simulate", rich_help_panel=PANEL,
+             short_help="Simulate a plan's whole job on Lambda or this machine")
+def simulate_cmd(
+    plan: Annotated[Path, typer.Option(help="plan.json from `serveless plan`")],
+    target: TargetOpt = "lambda",
+    images: Annotated[int | None, typer.Option(help="override the plan's image count")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    timeline: Annotated[Path | None, typer.Option(help="timeline PNG (default beside plan)")]
+    = None,
+    cpu_factor: CpuFactorOpt = 1.0,
+    platform_init_ms: PlatformInitOpt = None,
+    bandwidth: BandwidthOpt = None,
+    concurrency_limit: LimitOpt = None,
+) -> None:
+    """Simulate a plan's whole job on Lambda or on this machine (labelled simulated)."""
+    from ..plan import load_plan
+    from ..simulate import plot_timeline, simulate, title
+
+    p = _guard(lambda: load_plan(plan))
+    cal = p["calibration"]
+    tgt = _target(target, cal, cpu_factor, platform_init_ms, bandwidth, concurrency_limit)
+    res = _guard(lambda: simulate(p, cal, tgt, images))
+    summary = res.summary()
+    png = timeline or plan.with_suffix(f".{target}.timeline.png")
+    if res.rows:
+        plot_timeline(res.rows, png, title(p, res))
+    if as_json:
+        print(json.dumps({**summary, "timeline": str(png)}, indent=1))
+        return
+    console.print(_sim_table([("plan", p, summary)], title(p, res)))
+    per = " · ".join(f"stage {s['stage']}: {s['invocations']} inv, {s['cold_starts']} cold, "
+                     f"{s['gb_s']:,.0f} GB-s" for s in summary["per_stage"])
+    console.print(f"simulated: {per}; GB-s {summary['gb_s']:,.0f}; timeouts "
+                  f"{summary['timeouts']}; failed records {summary['failed_records']}; CPU "
+                  f"speed factor {tgt.cpu_factor:g}; timeline {png}", markup=False,
+                  highlight=False)
+
+
+def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
+                    per_record: int, micro_batch: int, levels: list[int], target: str,
+                    arch: str, out: Path, calibration: Path | None, store: str,
+                    store_option: list[str] | None, cpu_factor: float = 1.0,
+                    measured: Path | None = None) -> dict[str, Any]:
+    """Fig. 5 simulated: wall and cost per concurrency, the paper's GPU time as a reference,
+    and measured local points (a sweep.json of `serveless sweep`) drawn apart."""
+    from matplotlib.figure import Figure
+
+    from ..plots import _save
+    from ..simulate import simulate
+
+    cal = _load_cal(calibration, model, store, store_option)
+    limit = max(levels) if target == "lambda" else None
+    tgt = _target(target, cal, cpu_factor, None, None, max(1000, limit or 0) or None)
+    points = []
+    for c in levels:
+        p = {"cuts": cuts, "memory": memory, "images_per_record": per_record,
+             "micro_batch": micro_batch, "concurrency": c, "images": images, "arch": arch}
+        s = _guard(lambda p=p: simulate(p, cal, tgt, keep_rows=False)).summary()
+        points.append({"concurrency": c, "wall_s": s["wall_s"], "cost": s["cost"],
+                       "per_million": s["per_million"], "cold_starts": s["cold_starts"],
+                       "throttles": s["throttles"]})
+    local_pts = []
+    if measured is not None and measured.is_file():
+        local_pts = json.loads(measured.read_text()).get("points", [])
+    result = {"kind": "serveless-sweep-simulated", "label": "simulated", "model": model,
+              "cuts": cuts, "memory": memory, "images": images, "per_record": per_record,
+              "target": tgt.to_dict(), "cpu_factor": cpu_factor, "arch": arch,
+              "points": points, "paper_gpu_s_100k": 902.0, "measured_local": local_pts}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(result, indent=1))
+    fig = Figure(figsize=(8, 4.8))
+    ax = fig.subplots()
+    xs = [p["concurrency"] for p in points]
+    ax.plot(xs, [p["wall_s"] for p in points], "o-", label="wall s (simulated)")
+    gpu = 902.0 * images / 100_000
+    ax.axhline(gpu, color="gray", linestyle="--",
+               label=f"paper's GPU: 902 s per 100k images (= {gpu:,.0f} s here)")
+    if local_pts:
+        ax.plot([p["concurrency"] for p in local_pts], [p["wall_s"] for p in local_pts], "s",
+                mfc="none", label="measured on this machine (its own image count)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrency")
+    ax.set_ylabel("wall time (s)")
+    ax2 = ax.twinx()
+    ax2.plot(xs, [p["per_million"] for p in points], "^:", color="#c44",
+             label="$ per 1M images (simulated)")
+    ax2.set_ylabel("USD per 1M images")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8)
+    ax.set_title(f"simulated on {target} (CPU speed factor {cpu_factor:g}): {images:,} images, "
+                 f"{'/'.join(map(str, memory))} MB", fontsize=10)
+    fig.tight_layout()
+    _save(fig, out / "sweep.png")
+    lines = [f"# Time and cost against concurrency, simulated on {target} (Fig. 5)", "",
+             f"{images:,} images of {model} in records of {per_record}, cuts "
+             f"{','.join(cuts) or 'none'}, memory {'/'.join(map(str, memory))} MB, {arch}. "
+             f"Simulated (calibration {cal.get('measured', '?')}, CPU speed factor "
+             f"{cpu_factor:g}); not a measurement. Account concurrency limit "
+             f"{tgt.concurrency_limit} (raised to the largest concurrency asked). Reference: "
+             "the paper's GPU time, 902 s per 100k images.", "", "![sweep](sweep.png)", "",
+             "| concurrency | wall s (simulated) | $ (simulated) | $ per 1M | cold starts | "
+             "throttles |", "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {p['concurrency']} | {p['wall_s']:,.1f} | {p['cost']:.4f} | "
+              f"{p['per_million']:.3f} | {p['cold_starts']} | {p['throttles']} |"
+              for p in points]
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    return result
+
+
+def apply_plan(path: Path, records: str | None) -> tuple[str, str, str, int, int, str | None]:
+    """`run --plan`: the plan checked (refused before any invocation if a stage would not
+    fit), and its settings as run's options; records repacked to the plan's size."""
+    import tempfile
+
+    from ..plan import check_plan, load_plan
+
+    p = _guard(lambda: load_plan(path))
+    _guard(lambda: check_plan(p))
+    if records is not None:
+        records = _guard(lambda: _repack(records, int(p["images_per_record"]),
+                                         tempfile.mkdtemp(prefix="serveless-plan-")))
+    return (p["model"], ",".join(p["cuts"]), ",".join(map(str, p["memory"])),
+            int(p["micro_batch"]), int(p["concurrency"]), records)
+
+
+def _repack(records: str, per_record: int, tmp: str) -> str:
+    """The records as they are when they already hold `per_record` images (the last may be
+    short); else the same images repacked into records of `per_record`."""
+    from ..experiments import load_pool, pack_split
+    from ..pipeline import find_records
+    from ..records import count_examples
+
+    files = find_records(records)
+    counts = []
+    for f in files:
+        with open(f, "rb") as fh:
+            counts.append(count_examples(fh, f))  # type: ignore[arg-type]
+    if all(c == per_record for c in counts[:-1]) and counts[-1] <= per_record:
+        return records
+    pool = load_pool(records, None, 1, Path(tmp))
+    dest = Path(tmp) / "records"
+    pack_split(pool, per_record, dest, "p")
+    console.print(f"repacked {len(pool)} images into records of {per_record} (the plan's size)",
+                  markup=False, highlight=False)
+    return str(dest)

@@ -1,0 +1,378 @@
+"""A discrete-event simulation of a whole job: the one place that knows Lambda's limits.
+
+Given a plan (cuts, memory per stage, images per record, micro-batch, concurrency) and a
+calibration, it replays what the driver (`pipeline.run_job`) does: at most C invocations in
+flight, the deepest ready stage first, a warm instance reused while it is kept alive, else a
+cold start. Target `lambda` adds the platform's limits: the account's concurrency limit, the
+scaling ramp of each function (1,000 more execution environments per 10 s), throttled
+invocations retried with backoff, cold start = platform init + model download + measured
+model load, S3 request rates per prefix, a per-function network bandwidth, the 900 s
+timeout, and a CPU speed factor (Lambda's processors are not this machine's). Target
+`local` models this machine's backend instead: its cores shared by the instances in flight
+and the store's measured bandwidth.
+
+Every invocation becomes a log row like the driver's, billed through `cost.py`; the result
+is labelled simulated everywhere it is shown.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+import random
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .calibrate import StageModel, stage_models
+from .cost import LAMBDA_GB_SECOND, bill, billed_ms, vcpus
+
+READ_BLOCK = 64 << 20  # as function.READ_BLOCK: one GET per 64 MiB
+SIMULATED = "simulated"
+
+
+class SimulationError(ValueError):
+    """The plan or the target cannot be simulated (bad values)."""
+
+
+@dataclass
+class Target:
+    """Where the job runs. Defaults for `lambda` are documented assumptions, each settable.
+
+    - concurrency_limit: the account's default concurrent executions (AWS: 1,000).
+    - ramp_per_10s: new execution environments per function per 10 s (AWS since 2023: 1,000).
+    - platform_init_ms: runtime start before our code runs (Python with numpy and
+      onnxruntime: an assumption of 800 ms; the model download and load come on top).
+    - bandwidth_mb_s: network throughput of one function to S3 (an assumption of 80 MB/s).
+    - request_ms: latency of one S3 GET or PUT (an assumption of 20 ms).
+    - s3_get_per_s / s3_put_per_s: per prefix (AWS: 5,500 GET/s and 3,500 PUT/s).
+    - invoke_ms: invocation overhead per call (an assumption of 30 ms).
+    - keep_alive_s: idle time before an environment is reclaimed (undocumented by AWS; 600 s).
+    - timeout_s: the function timeout (Lambda's maximum, 900 s).
+    - tmp_mb: /tmp size, which must hold a stage's model files (Lambda's default 512 MB).
+    - cpu_factor: this machine's time per image / Lambda's (1.0 = same speed).
+    """
+
+    name: str = "lambda"
+    concurrency_limit: int | None = 1000
+    ramp_per_10s: int | None = 1000
+    platform_init_ms: float = 800.0
+    bandwidth_mb_s: float = 80.0
+    request_ms: float = 20.0
+    s3_get_per_s: float | None = 5500.0
+    s3_put_per_s: float | None = 3500.0
+    invoke_ms: float = 30.0
+    keep_alive_s: float = 600.0
+    timeout_s: float = 900.0
+    tmp_mb: int = 512
+    cpu_factor: float = 1.0
+    cores: float | None = None  # local: instances share this many cores
+    throttle_backoff_max_s: float = 20.0
+
+    @classmethod
+    def make(cls, name: str, cal: dict[str, Any] | None = None, **overrides: Any) -> Target:
+        """`lambda` with AWS's limits, or `local` with this machine's measured figures."""
+        if name == "lambda":
+            t = cls()
+        elif name == "local":
+            store = (cal or {}).get("store", {})
+            t = cls(name="local", concurrency_limit=None, ramp_per_10s=None,
+                    platform_init_ms=float((cal or {}).get("start_ms", 300.0)),
+                    bandwidth_mb_s=float(min(store.get("read_mb_s", 1000.0),
+                                             store.get("write_mb_s", 1000.0))),
+                    request_ms=float(store.get("request_ms", 1.0)), s3_get_per_s=None,
+                    s3_put_per_s=None, invoke_ms=5.0, keep_alive_s=300.0, tmp_mb=10**6,
+                    cores=float(os.cpu_count() or 1))
+        else:
+            raise SimulationError(f"target must be lambda or local, got {name!r}")
+        for key, value in overrides.items():
+            if key not in cls.__dataclass_fields__:
+                raise SimulationError(f"unknown target setting {key!r}")
+            setattr(t, key, value)
+        if t.cpu_factor <= 0 or t.bandwidth_mb_s <= 0:
+            raise SimulationError("cpu_factor and bandwidth must be > 0")
+        return t
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Env:
+    id: str
+    stage: int
+    last_used: float
+
+
+@dataclass
+class SimResult:
+    target: dict[str, Any]
+    wall_s: float
+    rows: list[dict[str, Any]]
+    images: int
+    throttles: int
+    timeouts: int
+    failed_records: int
+    arch: str
+    per_stage: list[dict[str, Any]] = field(default_factory=list)
+    cost: float = 0.0
+    gb_s: float = 0.0
+    invocations: int = 0
+    cold_starts: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON form: what was simulated, on which assumptions, and its figures."""
+        return {
+            "label": SIMULATED, "target": self.target, "cpu_factor": self.target["cpu_factor"],
+            "wall_s": self.wall_s, "images": self.images, "cost": self.cost,
+            "per_million": self.cost / self.images * 1e6 if self.images else None,
+            "gb_s": self.gb_s, "invocations": self.invocations,
+            "cold_starts": self.cold_starts,
+            "throttles": self.throttles, "timeouts": self.timeouts,
+            "failed_records": self.failed_records, "arch": self.arch,
+            "per_stage": self.per_stage,
+        }
+
+
+def _gets(nbytes: float) -> int:
+    return max(1, math.ceil(nbytes / READ_BLOCK))
+
+
+def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
+             images: int | None = None, retries: int = 3, seed: int = 0,
+             keep_rows: bool = True) -> SimResult:
+    """Simulate the plan's job; `images` overrides the plan's image count."""
+    n_images = int(images if images is not None else plan["images"])
+    per_record = int(plan["images_per_record"])
+    conc = int(plan["concurrency"])
+    memory = [int(m) for m in plan["memory"]]
+    micro_batch = int(plan["micro_batch"])
+    if n_images < 1 or per_record < 1 or conc < 1 or micro_batch < 1:
+        raise SimulationError("images, images per record, concurrency and micro-batch "
+                              "must be >= 1")
+    stages: list[StageModel] = stage_models(cal, list(plan["cuts"]), micro_batch)
+    if len(memory) != len(stages):
+        raise SimulationError(f"{len(memory)} memory sizes for {len(stages)} stages")
+    arch = plan.get("arch", "x86_64")
+    if arch not in LAMBDA_GB_SECOND:
+        raise SimulationError(f"arch must be one of {sorted(LAMBDA_GB_SECOND)}")
+    n_rec = math.ceil(n_images / per_record)
+    sizes = [per_record] * (n_rec - 1) + [n_images - per_record * (n_rec - 1)]
+    k_last = len(stages) - 1
+    v = [vcpus(m) for m in memory]
+    ms_img = [float(s.ms_per_image(v[k], target.cpu_factor)) for k, s in enumerate(stages)]
+    load = [float(s.load_ms(v[k], target.cpu_factor)) for k, s in enumerate(stages)]
+    bw = target.bandwidth_mb_s * 2**20 / 1000  # bytes per ms
+    rng = random.Random(seed)
+
+    idle: list[deque[_Env]] = [deque() for _ in stages]  # oldest first
+    busy = [0] * len(stages)
+    first_call: list[float | None] = [None] * len(stages)
+    env_ids = [0] * len(stages)
+    next_free: dict[str, float] = {}
+    cpu_demand = 0.0  # local: vCPUs of the invocations in flight
+    ready: list[tuple[int, int, int]] = [(0, r, 0) for r in range(n_rec)]  # (-stage, rec, try)
+    delayed: list[tuple[float, int, int, int]] = []  # (not_before, -stage, record, attempt)
+    throttled: dict[tuple[int, int], int] = {}
+    events: list[tuple[float, int, str, Any]] = []
+    seq = 0
+    rows: list[dict[str, Any]] = []
+    stats = {"throttles": 0, "timeouts": 0, "failed": 0}
+    inflight = 0
+    now = 0.0
+
+    def push(t: float, kind: str, data: Any) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (t, seq, kind, data))
+
+    def rate_delay(prefix: str, count: int, rate: float | None, t: float) -> float:
+        """Seconds the requests wait for the prefix's request rate."""
+        if rate is None:
+            return 0.0
+        start = max(t, next_free.get(prefix, 0.0))
+        next_free[prefix] = start + count / rate
+        return start - t
+
+    def start(stage: int, rec: int, attempt: int, t: float) -> bool:
+        """Begin an invocation at t; False when the platform throttles it."""
+        nonlocal cpu_demand
+        env = None
+        pool = idle[stage]
+        while pool and t - pool[0].last_used > target.keep_alive_s:
+            pool.popleft()  # reclaimed after the keep-alive
+        if pool:
+            env = pool.pop()
+        total_busy = sum(busy)
+        if target.concurrency_limit is not None and total_busy >= target.concurrency_limit:
+            if env is not None:
+                pool.append(env)
+            return False
+        if env is None and target.ramp_per_10s is not None:
+            t0 = first_call[stage] if first_call[stage] is not None else t
+            cap = target.ramp_per_10s * (1 + math.floor((t - t0) / 10.0))
+            if busy[stage] >= cap:
+                return False
+        if first_call[stage] is None:
+            first_call[stage] = t
+        cold = env is None
+        if cold:
+            env_ids[stage] += 1
+            env = _Env(f"stage{stage}-{memory[stage]}mb-{env_ids[stage]}", stage, t)
+        busy[stage] += 1
+        s = stages[stage]
+        n = sizes[rec]
+        stretch = 1.0
+        if target.cores is not None:
+            cpu_demand += v[stage]
+            stretch = max(1.0, cpu_demand / target.cores)
+        init_ms = 0.0
+        gets = puts = 0
+        if cold:
+            dl = 0.0 if target.name == "local" else s.model_bytes / bw + target.request_ms
+            init_ms = target.platform_init_ms + dl + load[stage] * stretch
+            gets += _gets(s.model_bytes)
+        b_in = n * s.bytes_in_per_image
+        b_out = n * s.bytes_out_per_image
+        g_in = _gets(b_in) + (1 if stage == k_last and stage > 0 else 0)
+        p_out = 1 + (1 if stage == 0 and stage != k_last else 0)
+        gets += g_in
+        puts += p_out
+        tt = t + init_ms / 1000
+        src = "records" if stage == 0 else f"stage-{stage - 1}"
+        read_ms = b_in / bw + target.request_ms * g_in + 1000 * rate_delay(
+            src + ":get", g_in, target.s3_get_per_s, tt)
+        compute_ms = n * ms_img[stage] * stretch
+        write_at = tt + (read_ms + compute_ms) / 1000
+        write_ms = b_out / bw + target.request_ms * p_out + 1000 * rate_delay(
+            f"stage-{stage}:put", p_out, target.s3_put_per_s, write_at)
+        duration = target.invoke_ms + read_ms + compute_ms + write_ms
+        error = None
+        if (init_ms + duration) / 1000 > target.timeout_s:
+            error = {"type": "Timeout", "message": f"ran past {target.timeout_s:.0f} s"}
+            duration = max(0.0, target.timeout_s * 1000 - init_ms)
+            stats["timeouts"] += 1
+        row = {"stage": stage, "record": f"r{rec:06d}", "attempt": attempt,
+               "started": round(t, 6), "memory_mb": memory[stage], "vcpus": round(v[stage], 3),
+               "cold": cold, "init_ms": round(init_ms, 3), "duration_ms": round(duration, 3),
+               "billed_ms": billed_ms(duration, init_ms), "images": n, "image_errors": 0,
+               "read_ms": round(read_ms, 3), "compute_ms": round(compute_ms, 3),
+               "write_ms": round(write_ms, 3), "bytes_in": int(b_in), "bytes_out": int(b_out),
+               "gets": gets, "puts": puts, "instance": env.id, "error": error,
+               "label": SIMULATED}
+        push(t + (init_ms + duration) / 1000, "end", (row, env, rec, attempt))
+        return True
+
+    def fill(t: float) -> None:
+        nonlocal inflight
+        while delayed and delayed[0][0] <= t:
+            _, neg_stage, rec, attempt = heapq.heappop(delayed)
+            heapq.heappush(ready, (neg_stage, rec, attempt))
+        while ready and inflight < conc:
+            neg_stage, rec, attempt = heapq.heappop(ready)
+            if start(-neg_stage, rec, attempt, t):
+                inflight += 1
+            else:  # throttled (429): the caller backs off and tries again
+                stats["throttles"] += 1
+                n = throttled[(neg_stage, rec)] = throttled.get((neg_stage, rec), 0) + 1
+                delay = min(target.throttle_backoff_max_s, 0.2 * 2 ** min(n - 1, 10))
+                delay *= 0.5 + rng.random()  # throttles do not use up the retries
+                heapq.heappush(delayed, (t + delay, neg_stage, rec, attempt))
+                push(t + delay, "wake", None)
+
+    fill(0.0)
+    while events:
+        now, _, kind, data = heapq.heappop(events)
+        if kind == "end":
+            row, env, rec, attempt = data
+            stage = row["stage"]
+            inflight -= 1
+            busy[stage] -= 1
+            if target.cores is not None:
+                cpu_demand -= v[stage]
+            env.last_used = now
+            if row["error"] is None:
+                idle[stage].append(env)
+            rows.append(row)
+            if row["error"] is None:
+                if stage < k_last:
+                    heapq.heappush(ready, (-(stage + 1), rec, 0))
+            elif attempt < retries:
+                heapq.heappush(delayed, (now + 0.2 * 2 ** attempt, -stage, rec, attempt + 1))
+                push(now + 0.2 * 2 ** attempt, "wake", None)
+            else:
+                stats["failed"] += 1
+        fill(now)
+    wall = max((r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows),
+               default=0.0)
+    bills = bill(rows, arch)
+    per_stage = []
+    for k in range(len(stages)):
+        b = bills.get(k)
+        ks = [r for r in rows if r["stage"] == k]
+        per_stage.append({
+            "stage": k, "memory_mb": memory[k], "vcpus": round(v[k], 3),
+            "invocations": len(ks), "cold_starts": sum(1 for r in ks if r["cold"]),
+            "gb_s": b.gb_s if b else 0.0, "cost": b.total if b else 0.0,
+            "mean_duration_s": (sum(r["duration_ms"] for r in ks) / len(ks) / 1000) if ks else 0,
+            "peak_mb_predicted": round(stages[k].peak_mb(), 1),
+        })
+    done = sum(r["images"] for r in rows if r["stage"] == k_last and r["error"] is None)
+    return SimResult(target=target.to_dict(), wall_s=wall, rows=rows if keep_rows else [],
+                     images=done, throttles=stats["throttles"], timeouts=stats["timeouts"],
+                     failed_records=stats["failed"], arch=arch, per_stage=per_stage,
+                     cost=bills["total"].total, gb_s=bills["total"].gb_s,
+                     invocations=len(rows), cold_starts=sum(1 for r in rows if r["cold"]))
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def title(plan: dict[str, Any], res: SimResult) -> str:
+    t = res.target
+    return (f"simulated on {t['name']} (CPU speed factor {t['cpu_factor']:g}): "
+            f"{res.images:,} images, {len(plan['memory'])} stages, "
+            f"C={plan['concurrency']}, {plan['images_per_record']} per record")
+
+
+def plot_timeline(rows: list[dict[str, Any]], path: str | Path, title_text: str,
+                  max_lanes: int = 60) -> Path:
+    """Instances as lanes (like the report's timeline) when few; else invocations in flight
+    per stage over time. The title always says simulated."""
+    from matplotlib.figure import Figure
+
+    from .plots import _save, _stage_color
+
+    if not title_text.startswith(SIMULATED):
+        title_text = f"{SIMULATED}: {title_text}"
+    instances = {r["instance"] for r in rows}
+    if len(instances) <= max_lanes:
+        from .plots import plot_timeline as lanes
+
+        return lanes(rows, path, title_text)
+    fig = Figure(figsize=(10, 4.2))
+    ax = fig.subplots()
+    for k in sorted({r["stage"] for r in rows}):
+        deltas: list[tuple[float, int]] = []
+        for r in rows:
+            if r["stage"] == k:
+                deltas.append((r["started"], 1))
+                deltas.append((r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000, -1))
+        deltas.sort()
+        xs, ys, level = [0.0], [0], 0
+        for x, d in deltas:
+            xs.append(x)
+            ys.append(level)
+            level += d
+            xs.append(x)
+            ys.append(level)
+        ax.plot(xs, ys, color=_stage_color(k), label=f"stage {k}", linewidth=1)
+    ax.set_xlabel("time since the job started (s)")
+    ax.set_ylabel("invocations in flight")
+    ax.set_title(title_text, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)

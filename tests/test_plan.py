@@ -1,0 +1,317 @@
+"""Calibrate, plan, simulate, run --plan (issue 10)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from serveless.calibrate import CALIBRATION_KIND, StageModel, speedup, stage_ranges, validate
+from serveless.cli import app
+from serveless.cost import bill
+from serveless.plan import PlanError, brute_force, check_plan, search
+from serveless.simulate import SIMULATED, Target, simulate
+
+DATA = Path(__file__).parent / "data"
+runner = CliRunner()
+
+
+def synthetic_calibration(blocks: int = 4) -> dict:
+    """A made-up 4-block model: heavy early blocks with big outputs, a heavy classifier."""
+    ms = [12.0, 6.0, 4.0, 2.0][:blocks]
+    weights = [5.0, 20.0, 40.0, 250.0][:blocks]
+    out = [600_000, 150_000, 40_000, 260][:blocks]
+    return {
+        "kind": CALIBRATION_KIND, "version": 1, "model": "synthetic", "input_hw": [224, 224],
+        "boundaries": [f"b{k}" for k in range(blocks - 1)],
+        "blocks": [{"index": k, "end": f"b{k}", "ms_per_image_b1": ms[k] * 1.5,
+                    "ms_per_image": ms[k], "speedup_2vcpu": 1.2 + 0.2 * k,
+                    "weights_mb": weights[k], "act_mb_base": 2.0, "act_mb_per_image": 1.5,
+                    "bytes_out_per_image": out[k], "load_ms": weights[k],
+                    "model_bytes": int(weights[k] * 2**20), "load_peak_mb": weights[k] * 1.2}
+                   for k in range(blocks)],
+        "input_bytes_per_image": 100_000, "decode_ms_per_image": 5.0, "runtime_mb": 70.0,
+        "start_ms": 300.0, "load_ms_fixed": 5.0, "load_ms_per_mb": 1.0,
+        "store": {"read_mb_s": 500.0, "write_mb_s": 500.0, "request_ms": 1.0},
+        "calibration_batch": 16,
+    }
+
+
+def tiny_residual_model(path: Path) -> Path:
+    """Conv -> ReLU -> [Conv + skip] -> ReLU -> GAP -> Gemm -> Softmax, 3×32×32 input."""
+    rng = np.random.default_rng(0)
+
+    def init(name: str, *shape: int) -> TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype(np.float32),
+                                       name)
+
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["conv1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv1"], ["relu1"]),
+        helper.make_node("Conv", ["relu1", "w2", "b2"], ["conv2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["conv2", "relu1"], ["add"]),
+        helper.make_node("Relu", ["add"], ["relu2"]),
+        helper.make_node("GlobalAveragePool", ["relu2"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny-residual",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        [init("w1", 8, 3, 3, 3), init("b1", 8), init("w2", 8, 8, 3, 3), init("b2", 8),
+         init("w3", 10, 8), init("b3", 10)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    return path
+
+
+# -- the performance model ----------------------------------------------------------------
+
+
+def test_speedup_is_proportional_below_one_vcpu_and_matches_the_measured_two():
+    assert float(speedup(0.5, 1.6)) == pytest.approx(0.5)
+    assert float(speedup(2.0, 1.6)) == pytest.approx(1.6)
+    assert 1.6 < float(speedup(4.0, 1.6)) < 4.0
+
+
+def test_stage_model_adds_blocks_and_grows_memory_with_micro_batch():
+    cal = synthetic_calibration()
+    assert stage_ranges(cal, ["b1"]) == [(0, 1), (2, 3)]
+    small, big = StageModel(cal, 0, 1, 1), StageModel(cal, 0, 1, 32)
+    assert big.peak_mb() > small.peak_mb()
+    assert big.bytes_out_per_image == 150_000 and big.bytes_in_per_image == 100_000
+    # micro-batch 32 amortises the per-call part: faster per image than batch 1
+    assert float(big.ms_per_image(1.0)) < float(small.ms_per_image(1.0))
+
+
+# -- the planner -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["lambda", "local"])
+def test_planner_optimum_equals_brute_force(target):
+    cal = synthetic_calibration()
+    tgt = Target.make(target, cal)
+    kw = {"per_record": [50, 200], "micro_batch": [1, 16], "concurrency": [1, 4]}
+    step = 1536  # 8 sizes per stage: brute force stays small
+    fastest = search(cal, 2000, tgt, "x86_64", deadline_s=1e9, memory_step=step, **kw).fastest
+    for deadline in (fastest.wall_s * 1.2, fastest.wall_s * 3, fastest.wall_s * 30):
+        got = search(cal, 2000, tgt, "x86_64", deadline_s=deadline, memory_step=step, **kw).best
+        ref = brute_force(cal, 2000, tgt, "x86_64", deadline, step, **kw)
+        assert got is not None and ref is not None
+        assert got.cost == pytest.approx(ref.cost, rel=1e-12)
+        assert got.wall_s <= deadline
+
+
+def test_budget_mode_is_fastest_within_budget():
+    cal = synthetic_calibration()
+    tgt = Target.make("lambda")
+    kw = {"per_record": [100], "micro_batch": [16], "concurrency": [1, 8]}
+    cheap = search(cal, 2000, tgt, deadline_s=1e9, memory_step=256, **kw).best
+    res = search(cal, 2000, tgt, budget=cheap.cost * 1.5, memory_step=256, **kw)
+    assert res.best.cost <= cheap.cost * 1.5
+    assert res.best.wall_s <= cheap.wall_s
+
+
+def test_deadline_below_fastest_plan_is_refused(tmp_path):
+    cal_file = tmp_path / "cal.json"
+    cal_file.write_text(json.dumps(synthetic_calibration()))
+    res = runner.invoke(app, ["plan", "synthetic", "--images", "100000", "--deadline", "0.5",
+                              "--calibration", str(cal_file), "--out", str(tmp_path / "p.json")])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())  # the error console may wrap
+    assert "fastest achievable is" in text and "within 0.5 s" in text
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_plan_command_writes_plan_with_presets_and_pareto(tmp_path):
+    cal_file = tmp_path / "cal.json"
+    cal_file.write_text(json.dumps(synthetic_calibration()))
+    out = tmp_path / "plan.json"
+    res = runner.invoke(app, ["plan", "synthetic", "--images", "20000", "--deadline", "300",
+                              "--calibration", str(cal_file), "--out", str(out),
+                              "--memory-step", "256"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(out.read_text())
+    assert plan["predicted"]["wall_s"] <= 300
+    text = " ".join(res.output.split())
+    assert "simulated on lambda" in text and "fastest" in text
+    assert out.with_suffix(".pareto.png").stat().st_size > 0
+    check_plan(plan)  # the planner never proposes a plan run --plan would refuse
+
+
+# -- the simulator ---------------------------------------------------------------------------
+
+
+def test_simulator_replays_a_recorded_local_job_within_tolerance():
+    """tests/data: a measured local job (bench/record_replay.py) and the calibration made
+    just before it on the same machine."""
+    cal = validate(json.loads((DATA / "replay-calibration.json").read_text()))
+    rows = [json.loads(x) for x in (DATA / "replay-invocations.jsonl").read_text().splitlines()]
+    ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
+    measured_wall = max(ends) - min(r["started"] for r in rows)
+    measured_cost = bill(rows)["total"].total
+    plan = {"cuts": ["pool5"], "memory": [1769, 1769], "images_per_record": 25,
+            "micro_batch": 25, "concurrency": 1, "images": 100}
+    sim = simulate(plan, cal, Target.make("local", cal))
+    assert sim.images == 100 and len(sim.rows) == len(rows)
+    assert sum(r["cold"] for r in sim.rows) == sum(r["cold"] for r in rows) == 2
+    assert sim.wall_s == pytest.approx(measured_wall, rel=0.15)
+    assert sim.cost == pytest.approx(measured_cost, rel=0.05)
+    assert all(r["label"] == SIMULATED for r in sim.rows)
+
+
+def test_lambda_ramp_shows_in_a_5000_way_job():
+    cal = synthetic_calibration()
+    plan = {"cuts": [], "memory": [2048], "images_per_record": 100, "micro_batch": 16,
+            "concurrency": 5000, "images": 500_000}
+    ramped = simulate(plan, cal, Target.make("lambda", concurrency_limit=10_000),
+                      keep_rows=False)
+    free = simulate(plan, cal, Target.make("lambda", concurrency_limit=10_000,
+                                           ramp_per_10s=None), keep_rows=False)
+    assert free.throttles == 0 and ramped.throttles > 0
+    # 5,000 environments need 4 more 10 s steps after the first 1,000
+    assert ramped.wall_s >= free.wall_s + 20 and ramped.wall_s > 3 * free.wall_s
+    assert ramped.images == free.images == 500_000
+    # the default account limit (1,000 at a time) holds it back too
+    capped = simulate(plan, cal, Target.make("lambda"), keep_rows=False)
+    assert capped.wall_s > free.wall_s + 20 and capped.throttles > 0
+
+
+def test_timeout_fails_records_and_is_billed_at_900_s():
+    cal = synthetic_calibration()
+    plan = {"cuts": [], "memory": [128], "images_per_record": 5000, "micro_batch": 1,
+            "concurrency": 2, "images": 5000}
+    sim = simulate(plan, cal, Target.make("lambda"), retries=1)
+    assert sim.timeouts == 2 and sim.failed_records == 1 and sim.images == 0
+    assert all(r["init_ms"] + r["duration_ms"] == pytest.approx(900_000) for r in sim.rows)
+
+
+def test_simulate_command_json_is_labelled(tmp_path):
+    cal = synthetic_calibration()
+    plan_file = tmp_path / "plan.json"
+    res = runner.invoke(app, ["plan", "synthetic", "--images", "5000", "--deadline", "600",
+                              "--calibration", _write(tmp_path / "c.json", cal), "--out",
+                              str(plan_file), "--memory-step", "512"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["simulate", "--plan", str(plan_file), "--json",
+                              "--cpu-factor", "2"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["label"] == SIMULATED and out["cpu_factor"] == 2
+    assert out["images"] == 5000 and Path(out["timeline"]).stat().st_size > 0
+
+
+def _write(path: Path, data: dict) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+# -- any model, calibrate and run --plan ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_residual_model(root / "tiny.onnx")
+    store = root / "store"
+    res = runner.invoke(app, ["calibrate", str(model), "--out", str(root / "cal.json"),
+                              "--store", str(store)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["plan", str(model), "--images", "60", "--deadline", "3600",
+                              "--target", "local", "--max-concurrency", "2", "--calibration",
+                              str(root / "cal.json"), "--out", str(root / "plan.json"),
+                              "--memory-step", "256"])
+    assert res.exit_code == 0, res.output
+    return root, json.loads((root / "plan.json").read_text())
+
+
+def test_calibration_of_a_residual_model_never_cuts_the_skip(tiny_plan):
+    root, plan = tiny_plan
+    cal = validate(json.loads((root / "cal.json").read_text()))
+    assert "conv2" not in cal["boundaries"] and "relu1" in cal["boundaries"]
+    assert len(cal["blocks"]) == len(cal["boundaries"]) + 1
+    assert cal["decode_ms_per_image"] > 0 and cal["store"]["read_mb_s"] > 0
+    assert all(b["ms_per_image"] > 0 for b in cal["blocks"][:2])
+
+
+def test_plan_round_trips_into_run_plan(tiny_plan, records_dir, tmp_path):
+    root, plan = tiny_plan
+    store = tmp_path / "store"
+    res = runner.invoke(app, ["run", "--plan", str(root / "plan.json"), "--records",
+                              str(records_dir), "--store", str(store), "--job", "planned"])
+    assert res.exit_code == 0, res.output
+    spec = json.loads((store / "planned" / "job.json").read_text())
+    assert spec["cuts"] == plan["cuts"] and spec["micro_batch"] == plan["micro_batch"]
+    assert spec["model"] == plan["model"]
+    rows = [json.loads(x) for x in (store / "planned" / "invocations.jsonl").read_text()
+            .splitlines()]
+    per = plan["images_per_record"]
+    assert len(spec["records"]) == math.ceil(60 / per)  # repacked to the plan's size
+    assert {r["memory_mb"] for r in rows if r["stage"] == 0} == {plan["memory"][0]}
+
+
+def test_plan_with_a_stage_over_its_memory_is_refused_before_any_invocation(
+        tiny_plan, records_dir, tmp_path):
+    root, plan = tiny_plan
+    bad = copy.deepcopy(plan)
+    bad["calibration"]["blocks"][0]["weights_mb"] = 4000.0
+    bad["calibration"]["blocks"][0]["load_peak_mb"] = 4000.0
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(PlanError, match="stage 0: predicted peak"):
+        check_plan(bad)
+    store = tmp_path / "store"
+    res = runner.invoke(app, ["run", "--plan", str(path), "--records", str(records_dir),
+                              "--store", str(store), "--job", "refused"])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "stage 0" in text and f"exceeds its memory {plan['memory'][0]} MB" in text
+    assert not (store / "refused").exists()
+
+
+def test_plan_with_a_record_over_the_timeout_is_refused(tiny_plan):
+    _root, plan = tiny_plan
+    bad = copy.deepcopy(plan)
+    bad["images_per_record"] = 10_000_000
+    with pytest.raises(PlanError, match="over the 900 s timeout"):
+        check_plan(bad)
+
+
+def test_calibration_defaults_to_the_store_where_plan_finds_it(tmp_path):
+    model = tiny_residual_model(tmp_path / "m.onnx")
+    store = tmp_path / "store"
+    res = runner.invoke(app, ["calibrate", str(model), "--store", str(store)])
+    assert res.exit_code == 0, res.output
+    assert (store / "calibration" / "m.json").is_file()
+    res = runner.invoke(app, ["plan", str(model), "--images", "1000", "--deadline", "600",
+                              "--store", str(store), "--out", str(tmp_path / "p.json"),
+                              "--memory-step", "512"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["plan", "alexnet", "--images", "1000", "--deadline", "600",
+                              "--store", str(store), "--out", str(tmp_path / "q.json")])
+    assert res.exit_code == 2 and "serveless calibrate alexnet" in " ".join(res.output.split())
+
+
+def test_sweep_simulate_writes_labelled_figure_and_table(tmp_path):
+    cal = _write(tmp_path / "c.json", synthetic_calibration())
+    out = tmp_path / "fig5"
+    res = runner.invoke(app, ["sweep", "--simulate", "--target", "lambda", "--images", "20000",
+                              "--per-record", "100", "--concurrency", "1,8,64,1000",
+                              "--cuts", "b1", "--memory", "1769", "--calibration", cal,
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["label"] == SIMULATED and data["paper_gpu_s_100k"] == 902.0
+    walls = [p["wall_s"] for p in data["points"]]
+    assert [p["concurrency"] for p in data["points"]] == [1, 8, 64, 1000]
+    assert walls[0] > walls[1] > walls[2] and walls[3] <= walls[2]  # 200 records: flat past 200
+    assert "simulated" in (out / "sweep.md").read_text() and (out / "sweep.png").is_file()
