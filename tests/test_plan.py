@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -243,12 +244,16 @@ def test_calibration_of_a_residual_model_never_cuts_the_skip(tiny_plan):
     assert all(b["ms_per_image"] > 0 for b in cal["blocks"][:2])
 
 
-def test_plan_round_trips_into_run_plan(tiny_plan, records_dir, tmp_path):
+def test_plan_round_trips_into_run_plan(tiny_plan, records_dir, tmp_path, monkeypatch):
     root, plan = tiny_plan
     store = tmp_path / "store"
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     res = runner.invoke(app, ["run", "--plan", str(root / "plan.json"), "--records",
                               str(records_dir), "--store", str(store), "--job", "planned"])
     assert res.exit_code == 0, res.output
+    assert not list(temp.glob("serveless-plan-*")), "the repacked records were left behind"
     spec = json.loads((store / "planned" / "job.json").read_text())
     assert spec["cuts"] == plan["cuts"] and spec["micro_batch"] == plan["micro_batch"]
     assert spec["model"] == plan["model"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -300,10 +301,17 @@ def run(
     from ..pipeline import DEFAULT_CONCURRENCY, find_records, prepare_job
     from ..tensors import TensorFormat
 
+    source, repacked = records, None  # a plan may repack the records in a temporary folder
     if plan is not None:
         from .plan import apply_plan
 
-        model, cuts, memory, micro_batch, concurrency, records = apply_plan(plan, records)
+        repacked = tempfile.mkdtemp(prefix="serveless-plan-")
+        try:
+            model, cuts, memory, micro_batch, concurrency, records = apply_plan(
+                plan, records, repacked)
+        except BaseException:
+            shutil.rmtree(repacked, ignore_errors=True)
+            raise
     if job is None and records is None:
         fail("give --records DIR to start a job (or --job NAME to resume one)")
     _check_precision(quantize, weights, calibration_images)
@@ -314,15 +322,19 @@ def run(
     st, runner = _start(store, store_option, backend, backend_option,
                         concurrency or DEFAULT_CONCURRENCY, max_instances, keep_alive)
     if job is None:
-        job = new_job_name(st, records or "job")
+        job = new_job_name(st, source or "job")
         say(f"job {job}", err=True)
     fmt = None
     if float16 is not None or compress is not None:
         fmt = TensorFormat("float16" if float16 else "float32", bool(compress))
-    spec = _prepare(st, runner, job, lambda: prepare_job(
-        st, job, model, cuts, preset, memory, micro_batch, records, fmt,
-        concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True),
-        quantize=quantize, weights=weights, calibration_images=calibration_images))
+    try:
+        spec = _prepare(st, runner, job, lambda: prepare_job(
+            st, job, model, cuts, preset, memory, micro_batch, records, fmt,
+            concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True),
+            quantize=quantize, weights=weights, calibration_images=calibration_images))
+    finally:
+        if repacked:  # the job holds its own copy of the records now
+            shutil.rmtree(repacked, ignore_errors=True)
     result = _execute(st, spec, runner, arch, keep_intermediates=keep_intermediates)
     if not result.ok:
         raise typer.Exit(1)

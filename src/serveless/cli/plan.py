@@ -335,18 +335,17 @@ def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
     return result
 
 
-def apply_plan(path: Path, records: str | None) -> tuple[str, str, str, int, int, str | None]:
+def apply_plan(path: Path, records: str | None,
+               tmp: str) -> tuple[str, str, str, int, int, str | None]:
     """`run --plan`: the plan checked (refused before any invocation if a stage would not
-    fit), and its settings as run's options; records repacked to the plan's size."""
-    import tempfile
-
+    fit), and its settings as run's options; records repacked to the plan's size in `tmp`
+    (the caller removes it)."""
     from ..plan import check_plan, load_plan
 
     p = _guard(lambda: load_plan(path))
     _guard(lambda: check_plan(p))
     if records is not None:
-        records = _guard(lambda: _repack(records, int(p["images_per_record"]),
-                                         tempfile.mkdtemp(prefix="serveless-plan-")))
+        records = _guard(lambda: _repack(records, int(p["images_per_record"]), tmp))
     return (p["model"], ",".join(p["cuts"]), ",".join(map(str, p["memory"])),
             int(p["micro_batch"]), int(p["concurrency"]), records)
 
