@@ -156,29 +156,10 @@ def test_preprocess_writes_into_the_given_row():
 # -- in a job: stage 0 decodes on the function's vCPUs, and refused JPEGs still get rows ------
 
 
-def _tiny_model(h: int = 32, w: int = 32):
-    """Conv, relu, global pool, linear, softmax: a classifier small enough to run anywhere."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(9)
-    inits = [numpy_helper.from_array(rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.standard_normal((6, 7)).astype(np.float32), "w2")]
-    nodes = [helper.make_node("Conv", ["img", "w1"], ["c1"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("GlobalAveragePool", ["r1"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("MatMul", ["f", "w2"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["p"], axis=1)]
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, h, w])],
-        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 7])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_refused_jpegs_get_prediction_rows_and_decode_threads_agree(tmp_path):
     import onnx
     import onnxruntime as ort
-    from helpers import rows_of
+    from helpers import rows_of, tiny_conv_classifier
 
     from serveless.backends.local import LocalBackend
     from serveless.pipeline import prepare_job, run_job
@@ -196,7 +177,7 @@ def test_refused_jpegs_get_prediction_rows_and_decode_threads_agree(tmp_path):
     (tmp_path / "recs").mkdir()
     with open(tmp_path / "recs" / "mixed.tfrecord", "wb") as f:
         write_record(f, examples)
-    model = _tiny_model()
+    model = tiny_conv_classifier()
     onnx.save(model, tmp_path / "tiny.onnx")
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     probs = {}

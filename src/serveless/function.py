@@ -51,6 +51,7 @@ class Event:
     max_pixels: int = MAX_PIXELS
     size: list[int] = field(default_factory=lambda: [224, 224])  # the model's input H, W
     preprocess: dict[str, Any] = field(default_factory=dict)  # models.preprocessing(): resize
+    model: str = ""  # the stage model's key; "" = <job>/model/stage-<k>.onnx (older jobs)
 
     @classmethod
     def parse(cls, event: dict[str, Any]) -> Event:
@@ -180,7 +181,8 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
     fmt = TensorFormat.from_dict(ev.format)
     c = _Counters()
 
-    session, init_ms, model_bytes = load_stage(store, layout.stage_model(ev.stage), ev.threads)
+    model_key = ev.model or layout.stage_model(ev.stage)
+    session, init_ms, model_bytes = load_stage(store, model_key, ev.threads)
     if model_bytes:
         c.got(model_bytes)
     input_name = session.get_inputs()[0].name
