@@ -50,6 +50,7 @@ def jpeg_std() -> tuple[float, ...]:
 @pytest.mark.parametrize("w,h,k", [
     (120, 90, 1),      # smaller than the target: upsampled
     (320, 240, 1),
+    (341, 256, 1),     # already at the resize target: a plain crop, no resampling
     (500, 375, 1),     # the sample photos' size
     (375, 500, 1),     # portrait
     (1200, 900, 2),    # at least twice the target: decoded at 1/2 in the DCT domain
