@@ -240,7 +240,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
 
 def _image_blocks(
     src: IO[bytes], key: str, ev: Event, c: _Counters
-) -> tuple[int, Iterator[np.ndarray]]:
+) -> tuple[int, Iterator[np.ndarray], dict[str, Any]]:
     """Decode a record's images micro-batch by micro-batch; broken images become zero rows.
 
     The images of a micro-batch are decoded on `ev.threads` threads (the function's vCPUs):
