@@ -10,7 +10,7 @@ import sys
 
 import onnx
 import pytest
-from helpers import rows_of, tiny_classifier
+from helpers import rows_of, tiny_conv_classifier
 
 from serveless.backends.local import LocalBackend
 from serveless.cost import LAMBDA_GB_SECOND, LAMBDA_REQUEST, S3_GET, S3_PUT
@@ -33,7 +33,7 @@ def jobs(tmp_path_factory, records_dir):
     """'labelled': the shared records plus one with a broken image; 'unlabelled': no labels."""
     root = tmp_path_factory.mktemp("report")
     model = root / "tiny.onnx"
-    onnx.save(tiny_classifier(), model)
+    onnx.save(tiny_conv_classifier(), model)
     labelled = root / "labelled"
     shutil.copytree(records_dir, labelled)
     with open(labelled / "extra.tfrecord", "wb") as f:
