@@ -104,6 +104,8 @@ def test_other_preprocessing_parameters_are_honoured():
     assert fast.shape == (3, 299, 299)
     assert float(np.abs(fast - slow).max()) <= TOLERANCE * 0.5 / 0.229  # std 0.5: units grow
     assert -1.0 <= fast.min() and fast.max() <= 1.0
+    whole, whole_slow = _both(data, size=224, resize=224)  # the crop is the whole short side
+    assert float(np.abs(whole - whole_slow).max()) <= TOLERANCE
     raw, raw_slow = _both(data, size=(64, 48), resize=64, mean=(0, 0, 0), std=(1, 1, 1))
     assert raw.shape == (3, 64, 48) and 0.0 <= raw.min() and raw.max() <= 1.0
     assert float(np.abs(raw - raw_slow).max()) <= 2 / 255

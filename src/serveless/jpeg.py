@@ -40,10 +40,6 @@ class FastPathRefused(Exception):
     """This image is not for the fast path; the Pillow path serves it (or reports why not)."""
 
 
-def available() -> bool:
-    return simplejpeg is not None
-
-
 def preprocess_jpeg(
     data: bytes,
     out_hw: tuple[int, int],
@@ -55,8 +51,8 @@ def preprocess_jpeg(
 ) -> np.ndarray:
     """JPEG bytes -> normalised float32 (3, H, W), written into `out` when given.
 
-    Raises FastPathRefused (never anything else) when the Pillow path must serve the image,
-    and ValueError subclasses only through the caller's max_pixels check.
+    Raises FastPathRefused, and nothing else, when the Pillow path must serve the image
+    (including images over `max_pixels`: the Pillow path words that error).
     """
     if simplejpeg is None or data[:2] != b"\xff\xd8":
         raise FastPathRefused("not a JPEG")
@@ -82,8 +78,10 @@ def preprocess_jpeg(
     swap = orientation >= 5  # the oriented image is the source transposed
     ow, oh = (src_h, src_w) if swap else (src_w, src_h)
     box = crop_box(ow, oh, resize, out_h, out_w)
-    if box[0] < 0 or box[1] < 0 or box[2] > ow or box[3] > oh:
-        raise FastPathRefused("crop larger than the resized image")
+    slack = 1e-6  # (left + out_w) * w / rw can land a hair past w when the crop is whole
+    if box[0] < -slack or box[1] < -slack or box[2] > ow + slack or box[3] > oh + slack:
+        raise FastPathRefused("crop larger than the resized image")  # Pillow pads it
+    box = (max(0.0, box[0]), max(0.0, box[1]), min(float(ow), box[2]), min(float(oh), box[3]))
     src_box = _unorient_box(box, src_w, src_h, orientation)
     size = (out_h, out_w) if swap else (out_w, out_h)
     small = _resize_box(pixels, mode, src_box, size)
