@@ -68,18 +68,23 @@ def plain(model_bytes: bytes, files: list[Path], batch: int = BATCH) -> float:
         preprocess(path.read_bytes(), out=x[j])
 
     def decode_all(pool: ThreadPoolExecutor) -> None:
-        for i in range(0, len(files), batch):
-            chunk = files[i:i + batch]
-            x = np.empty((len(chunk), 3, 224, 224), np.float32)
-            list(pool.map(decode_into, [x] * len(chunk), range(len(chunk)), chunk))
-            batches.put(x)
-        batches.put(None)
+        try:
+            for i in range(0, len(files), batch):
+                chunk = files[i:i + batch]
+                x = np.empty((len(chunk), 3, 224, 224), np.float32)
+                list(pool.map(decode_into, [x] * len(chunk), range(len(chunk)), chunk))
+                batches.put(x)
+            batches.put(None)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            batches.put(exc)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(cores) as pool:
         producer = threading.Thread(target=decode_all, args=(pool,), daemon=True)
         producer.start()
         while (x := batches.get()) is not None:
+            if isinstance(x, BaseException):
+                raise x
             (probs,) = sess.run(None, {"input": x})
             np.argsort(-probs, axis=1)[:, :5]
         producer.join()
