@@ -142,6 +142,7 @@ def test_jpegs_the_fast_path_refuses_are_served_by_pillow():
             preprocess_jpeg(data, (224, 224), 256, jpeg_mean(), jpeg_std(), 10**8)
         x = preprocess(data)
         assert x.shape == (3, 224, 224) and np.isfinite(x).all() and float(x.std()) > 0.1
+        np.testing.assert_array_equal(x, preprocess(data, fast=False))  # Pillow served it
     png = io.BytesIO()
     _photo(300, 200).save(png, "PNG")
     with pytest.raises(FastPathRefused):
