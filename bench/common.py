@@ -30,18 +30,32 @@ def workload(images: int, per_record: int, seed: int = 0) -> tuple[Path, Path]:
     return img_dir, rec_dir
 
 
-def machine() -> str:
-    cpu = platform.processor() or "?"
+# The instruction sets that change onnxruntime's kernels (and so every figure) most.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_tile", "amx_int8", "amx_bf16", "asimd", "sve")
+
+
+def cpu() -> str:
+    """The processor and its relevant flags: figures from different CPUs are not comparable."""
+    model, flags = platform.processor() or "?", set()
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name":
+                model = value.strip()
+            elif key in ("flags", "Features") and not flags:
+                flags = set(value.split())
     except OSError:
         pass
+    have = [f for f in CPU_FLAGS if f in flags]
+    return f"{model} [{' '.join(have) or 'no listed flags'}]"
+
+
+def machine() -> str:
     import onnxruntime
 
-    return (f"{cpu}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+    return (f"{cpu()}, {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
             f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}")
 
 

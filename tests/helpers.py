@@ -58,3 +58,27 @@ def tiny_classifier(classes: int = 10, seed: int = 0) -> Any:
         [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", classes])],
         initializer=[w])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def tiny_conv_classifier(h: int = 32, w: int = 32, channels: int = 16) -> Any:
+    """Conv, relu, global pool, linear, softmax on N×3×h×w: a user model that runs anywhere.
+
+    Cut at "r1" it makes two stages; its conv weights (channels×27 floats) are above the
+    1 KB threshold, so stage 0 stores them as external data like a real model's.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    w1 = rng.standard_normal((channels, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((channels, 7)).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")]
+    nodes = [helper.make_node("Conv", ["img", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "w2"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["p"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, h, w])],
+        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 7])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

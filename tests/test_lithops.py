@@ -87,7 +87,7 @@ def test_lithops_job_gives_one_row_per_image_equal_to_the_whole_model(
     assert spec.stages == 4 and result.ok and result.images == 20
     check_predictions(store, "lj", small_records, alexnet, 20)
     check_layout_in_bucket(s3_server.keys("lithops/"), "lithops", "lj", spec.records,
-                           spec.stages)
+                           spec.stages, spec.models)
 
 
 def test_lithops_job_logs_each_call_with_its_stats(lithops_job):

@@ -26,11 +26,10 @@ def job(tmp_path_factory, records_dir):
 
 
 def _call(backend, store, spec, stage=0, record="00000", memory=1769):
-    lay = JobLayout(spec.job)
-    fn = FunctionSpec(stage=stage, memory_mb=memory, model_key=lay.stage_model(stage),
+    fn = FunctionSpec(stage=stage, memory_mb=memory, model_key=spec.stage_model_key(stage),
                       store=store.spec(), threads=1)
     event = {"store": store.spec(), "job": spec.job, "stage": stage, "stages": spec.stages,
-             "record": record, "memory_mb": memory, "threads": 1}
+             "record": record, "memory_mb": memory, "threads": 1, "model": fn.model_key}
     return backend.invoke(fn, event)
 
 

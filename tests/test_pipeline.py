@@ -71,8 +71,10 @@ def test_store_layout_matches_design(finished_job):
     store, spec, _ = finished_job
     lay = JobLayout("e2e")
     assert store.exists(lay.spec)
+    assert spec.models.startswith("models/")  # shared by jobs of the same model and cuts
     for k in range(4):
-        assert store.exists(lay.stage_model(k))
+        assert store.exists(spec.stage_model_key(k))
+        assert spec.stage_model_key(k).startswith(spec.models + "/")
     for rec in spec.records:
         assert store.exists(lay.record(rec)) and store.exists(lay.predictions(rec))
         for k in range(3):

@@ -17,7 +17,7 @@ from serveless.cli import app
 from serveless.partition import split
 from serveless.pipeline import JobError, JobSpec, prepare_job, run_job
 from serveless.records import Example
-from serveless.store import JobLayout, Store
+from serveless.store import Store
 
 runner = CliRunner()
 
@@ -43,7 +43,7 @@ def test_int8_stages_chain_and_run_end_to_end(int8_job, digits_model):
     assert_one_row_per_image(rows, 120)
     assert all(r["error"] is None and len(r["top5"]) == 5 for r in rows)
     for k in range(2):  # the stored stages are the int8 ones, float at their boundaries
-        stage = onnx.load(store.local_path(JobLayout("q8").stage_model(k)))
+        stage = onnx.load(store.local_path(spec.stage_model_key(k)))
         assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(stage)
         assert stage.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
         assert stage.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -74,10 +74,7 @@ def test_second_job_reuses_the_cached_stages(int8_job, digits_records):
     assert again.quantize["cache_hit"] is True
     assert again.quantize["cache"] == spec.quantize["cache"]
     assert again.quantize["fidelity"] == spec.quantize["fidelity"]
-    for k in range(2):
-        a = store.get_bytes(JobLayout("q8").stage_model(k))
-        b = store.get_bytes(JobLayout("q8-again").stage_model(k))
-        assert a == b
+    assert again.models == spec.models  # the same stored int8 stages, shared
     other = prepare_job(store, "q8-other", "digits", cuts="pool1", records=str(digits_records),
                         quantize="int8", calibration_images=16)  # another calibration set
     assert other.quantize["cache_hit"] is False
@@ -88,10 +85,11 @@ def test_resume_keeps_the_precision_and_refuses_another(int8_job, digits_records
     store, spec, _ = int8_job
     with pytest.raises(JobError, match="--quantize int8"):
         prepare_job(store, "q8", "digits", cuts="pool1", weights="float16")
-    before = store.get_bytes(JobLayout("q8").stage_model(1))
+    before = store.get_bytes(spec.stage_model_key(1))
     resumed = prepare_job(store, "q8")  # options left out: as the job has them
     assert resumed.precision == "int8" and resumed.quantize == spec.quantize
-    assert store.get_bytes(JobLayout("q8").stage_model(1)) == before  # the same int8 stages
+    assert resumed.models == spec.models  # the same int8 stages
+    assert store.get_bytes(resumed.stage_model_key(1)) == before
 
 
 def test_fidelity_figures_recompute(digits_model, digits_records):

@@ -41,12 +41,13 @@ def check_predictions(store: Store, job: str, records_dir: Path, model: Any, ima
 
 
 def check_layout_in_bucket(keys: list[str], prefix: str, job: str, records: list[str],
-                           stages: int) -> None:
+                           stages: int, models: str) -> None:
     """Everything of the job is in the bucket, as DESIGN.md lays it out; nothing else."""
     names = {k.removeprefix(f"{prefix}/{job}/") for k in keys}
     assert "job.json" in names and "invocations.jsonl" in names
-    for k in range(stages):
-        assert f"model/stage-{k}.onnx" in names
+    assert models.startswith("models/") and f"{prefix}/{models}/manifest.json" in keys
+    for k in range(stages):  # shared by the jobs of the same model and cuts in this store
+        assert f"{prefix}/{models}/stage-{k}.onnx" in keys
     for rec in records:
         assert f"records/{rec}.tfrecord" in names and f"predictions/{rec}.jsonl" in names
         assert f"stage-0/{rec}.meta.json" in names
@@ -80,7 +81,8 @@ def test_job_on_s3_gives_one_row_per_image_equal_to_the_whole_model(
 
 def test_job_on_s3_keeps_everything_in_the_bucket(s3_job, s3_server):
     store, spec, _ = s3_job
-    check_layout_in_bucket(s3_server.keys("e2e/"), "e2e", "e2e", spec.records, spec.stages)
+    check_layout_in_bucket(s3_server.keys("e2e/"), "e2e", "e2e", spec.records, spec.stages,
+                           spec.models)
     log = load_log(store, "e2e")
     assert len(log) == 3 * 4 and all(r["error"] is None for r in log)
     assert all(r["bytes_in"] > 0 and r["bytes_out"] > 0 for r in log)

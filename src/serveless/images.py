@@ -2,6 +2,7 @@
 
 Preprocessing is the standard ImageNet evaluation transform: EXIF orientation, RGB,
 shorter side to 256, center crop 224, scale to [0, 1], normalize with ImageNet mean/std.
+JPEGs go through the libjpeg-turbo fast path of `jpeg.py`; Pillow serves everything else.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import functools
 import io
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
+
+from .jpeg import FastPathRefused, normalize_into, preprocess_jpeg
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -29,15 +33,38 @@ def preprocess(
     size: int | tuple[int, int] | list[int] = 224,
     resize: int | None = None,
     max_pixels: int = MAX_PIXELS,
+    mean: Sequence[float] = MEAN,
+    std: Sequence[float] = STD,
+    out: np.ndarray | None = None,
+    fast: bool = True,
 ) -> np.ndarray:
     """Encoded image bytes -> normalized float32 array of shape (3, H, W).
 
     `size` is the model's input (H, W) (an int for square); the shorter side is first
     resized to `resize`, by default in the ImageNet ratio 256/224 of the larger of H, W.
+    JPEGs take the libjpeg-turbo fast path (`jpeg.py`); PNG, CMYK and whatever it refuses
+    take the Pillow path, which gives the same pixels to within rounding. The result is
+    written into `out` (a (3, H, W) float32 array, e.g. a row of a batch) when given.
     """
     out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if resize is None:
         resize = round(max(out_h, out_w) * 256 / 224)
+    if fast:
+        try:
+            return preprocess_jpeg(data, (out_h, out_w), resize, mean, std, max_pixels, out)
+        except FastPathRefused:
+            pass
+    arr = preprocess_pillow(data, out_h, out_w, resize, max_pixels)
+    if out is None:
+        out = np.empty((3, out_h, out_w), np.float32)
+    normalize_into(arr, mean, std, out)
+    return out
+
+
+def preprocess_pillow(
+    data: bytes, out_h: int, out_w: int, resize: int, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """The Pillow path: any format Pillow reads -> uint8 (out_h, out_w, 3), not normalised."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
@@ -55,17 +82,13 @@ def preprocess(
             img = _to_rgb(img)
             img = _resize_shorter(img, resize)
             img = _center_crop(img, out_h, out_w)
-            arr = np.asarray(img, dtype=np.float32)
+            return np.asarray(img)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression bomb refused: {exc}") from exc
     except Exception as exc:  # Pillow raises many types for broken files
         raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
-    arr = arr * np.float32(1 / 255)
-    arr -= MEAN
-    arr /= STD
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

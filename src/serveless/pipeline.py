@@ -37,7 +37,7 @@ DEFAULT_MODEL = "alexnet"
 # job.json must match (outputs in the store were made with it); `records` may grow.
 MAY_CHANGE_ON_RESUME = ("memory", "concurrency", "retries")
 NOT_ASKED = ("job", "records", "version", "input_hw",  # named, added to, or derived
-             "preprocess", "quantize")
+             "preprocess", "quantize", "models")
 OOM_RAISE = 1.5
 
 
@@ -62,11 +62,18 @@ class JobSpec:
     preprocess: dict[str, Any] = field(default_factory=dict)  # what the model declares
     precision: str = "fp32"  # or "int8", "fp16-weights" (serveless.quantize.mode_name)
     quantize: dict[str, Any] = field(default_factory=dict)  # quantize.prepare's info
+    models: str = ""  # models/<digest>: the shared stage models; "" = <job>/model/ (older jobs)
     version: str = __version__
 
     @property
     def stages(self) -> int:
         return len(self.cuts) + 1
+
+    def stage_model_key(self, k: int) -> str:
+        """Where stage k's graph is (its weights beside it, + .data)."""
+        if self.models:
+            return f"{self.models}/stage-{k}.onnx"
+        return JobLayout(self.job).stage_model(k)
 
     def save(self, store: Store) -> None:
         store.put_bytes(JobLayout(self.job).spec, json.dumps(asdict(self), indent=2).encode())
@@ -152,10 +159,15 @@ def prepare_job(
     With `quantize` ('int8') or `weights` ('float16') the stages are reduced in precision
     (serveless.quantize), calibrated on the job's own records, and their fidelity to the
     fp32 model is recorded in job.json.
+
+    The stage models are shared by every job of the same model and cuts in this store
+    (`stagestore.py`): the first job partitions, checks and uploads them, later ones reuse
+    them.
     """
     from . import quantize as q
     from .models import input_hw, load_model, preprocessing
     from .partition import partition, resolve_cuts
+    from .stagestore import ensure_stage_models
 
     say = say or _quiet
     layout = JobLayout(job)
@@ -206,26 +218,40 @@ def prepare_job(
     if not record_files and not existing:
         raise JobError(f"job {job!r} has no records: pass --records")
     where = f"at {','.join(cut_list)}" if cut_list else "as one stage (no cuts)"
-    say(f"partitioning {model} {where} and checking the chained stages against it…")
-    stages = partition(onnx_model, cut_list)  # checks equivalence before anything is written
+    label = f"{model} {where}"
     new = [src for name, src in by_name.items() if name not in existing]
     record_mb = sum(os.path.getsize(src) for src in new) / 1e6
     asked.records = sorted(set(existing) | set(by_name))
-    if asked.precision != "fp32":  # calibration reads the job's records: upload them first
+    if asked.precision == "fp32":
+        # shared by jobs of the same model and cuts: partitioned (which checks equivalence
+        # before anything is written) and uploaded once per store
+        models = ensure_stage_models(store, onnx_model, cut_list, partition, say=say,
+                                     label=label)
+    else:  # calibration reads the job's records: upload them first
         if new:
             say(f"uploading {len(new)} records ({record_mb:,.1f} MB)…")
         for name, src in by_name.items():
             if name not in existing:
                 store.put_file(src, layout.record(name))
         new = []
+        say(f"partitioning {label} and checking the chained stages against it…")
+        stages = partition(onnx_model, cut_list)
         stages, asked.quantize = _reduce_precision(store, layout, old, asked, onnx_model,
                                                    stages, calibration_images, say)
-    stage_mb = _store_stages(store, layout, stages)
-    say(f"uploaded {len(stages)} stage models ({stage_mb:,.1f} MB)"
+        # stored like fp32 stages, content-addressed by their calibrated cache key too
+        models = ensure_stage_models(
+            store, onnx_model, cut_list, lambda *_: stages,
+            extra={"precision": asked.precision, "cache": asked.quantize.get("cache")})
+    if old is not None and old.models and old.models != models.prefix:
+        raise JobError(f"job {job!r} was made with other stage models ({old.models}): the "
+                       f"model {model} changed since; use a new --job")
+    say(f"{'reused' if models.reused else 'uploaded'} {models.stages} stage models "
+        f"({models.size / 1e6:,.1f} MB)"
         + (f"; uploading {len(new)} records ({record_mb:,.1f} MB)…" if new else ""))
     for name, src in by_name.items():
         if name not in existing and src in new:
             store.put_file(src, layout.record(name))
+    asked.models = models.prefix
     asked.save(store)
     return asked
 
@@ -289,33 +315,6 @@ def check_resumable(old: JobSpec, asked: JobSpec) -> None:
                 f"job {old.job!r} was started with {_flag(name, before)}, not "
                 f"{_flag(name, now)}: resume it with {_flag(name, before)} (or leave the "
                 "option out), or give a new --job")
-
-
-def _store_stages(store: Store, layout: JobLayout, stages: list[Any]) -> float:
-    """Each stage as a graph plus its weights as external data, so that onnxruntime maps
-    the weights instead of copying them out of a parsed protobuf: a lower peak at load
-    (AlexNet's classifier: about 360 MB instead of 420 MB)."""
-    import tempfile
-
-    import onnx
-
-    from .function import DATA_SUFFIX
-
-    size = 0
-    with tempfile.TemporaryDirectory(prefix="serveless-stages-") as tmp:
-        for k, stage in enumerate(stages):
-            key = layout.stage_model(k)
-            name = key.rsplit("/", 1)[-1]
-            path = os.path.join(tmp, name)
-            onnx.save_model(stage, path, save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=name + DATA_SUFFIX,
-                            size_threshold=1024)
-            if os.path.exists(path + DATA_SUFFIX):
-                store.put_file(path + DATA_SUFFIX, key + DATA_SUFFIX)
-                size += os.path.getsize(path + DATA_SUFFIX)
-            store.put_file(path, key)
-            size += os.path.getsize(path)
-    return size / 1e6
 
 
 # -- the invocation log -----------------------------------------------------------------------
@@ -475,7 +474,7 @@ def run_job(
 
     def fn_for(stage: int) -> FunctionSpec:
         mem = memory[stage]
-        return FunctionSpec(stage=stage, memory_mb=mem, model_key=layout.stage_model(stage),
+        return FunctionSpec(stage=stage, memory_mb=mem, model_key=spec.stage_model_key(stage),
                             store=store.spec(), threads=_threads(mem))
 
     def invoke(task: _Task, fn: FunctionSpec) -> tuple[InvocationResult, float]:
@@ -483,7 +482,7 @@ def run_job(
         event = {"store": store.spec(), "job": spec.job, "stage": task.stage,
                  "stages": spec.stages, "record": task.record, "memory_mb": fn.memory_mb,
                  "micro_batch": spec.micro_batch, "threads": fn.threads, "format": fmt.to_dict(),
-                 "size": spec.input_hw, "preprocess": spec.preprocess}
+                 "size": spec.input_hw, "preprocess": spec.preprocess, "model": fn.model_key}
         return backend.invoke(fn, event), started
 
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="serveless-invoke")

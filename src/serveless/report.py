@@ -56,16 +56,18 @@ def summarize(rows: list[dict[str, Any]], arch: str = "x86_64") -> dict[str, Any
             cost=b.total, compute=b.compute, requests=b.requests, store_ops=b.store_ops,
         ))
     last = max(by_stage) if by_stage else 0
-    images = 0
+    images = failed_images = 0
     finals = {r["record"] for r in by_stage.get(last, []) if r.get("error") is None}
     for r in by_stage.get(0, []):
         if r.get("error") is None and r["record"] in finals:
             images += int(r.get("images") or 0)
+            failed_images += int(r.get("image_errors") or 0)
             finals.discard(r["record"])
     total = bills["total"]
     return {
         "stages": stages,
         "images": images,
+        "failed_images": failed_images,
         "gb_s": total.gb_s,
         "cost": total.total,
         "compute": total.compute,
@@ -111,6 +113,58 @@ def job_notes(store: Any, job: str, precision: dict[str, Any] | None = None) -> 
         notes.append(f"accuracy on {acc['labelled']} labelled images: top-1 {acc['top1']:.2%}, "
                      f"top-5 {acc['top5']:.2%}")
     return notes + summary_lines(precision)
+
+
+def log_wall_s(rows: list[dict[str, Any]]) -> float:
+    """First start to last end in the log (a resumed job's span includes the pause)."""
+    if not rows:
+        return 0.0
+    starts = [r["started"] for r in rows]
+    ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
+    return max(ends) - min(starts)
+
+
+def summary_json(
+    rows: list[dict[str, Any]],
+    arch: str = "x86_64",
+    spec: dict[str, Any] | None = None,
+    acc: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`report --json`: the summary as plain JSON, every number from the log (accuracy from
+    the prediction rows, `accuracy()`; precision from job.json)."""
+    s = summarize(rows, arch)
+    wall = log_wall_s(rows)
+    spec = spec or {}
+    info = spec.get("quantize") or {}
+    return {
+        "job": spec.get("job"),
+        "arch": arch,
+        "images": s["images"],
+        "failed_images": s["failed_images"],
+        "wall_s": round(wall, 3),
+        "images_per_s": round(s["images"] / wall, 3) if wall > 0 else None,
+        "gb_s": s["gb_s"],
+        "cost_usd": s["cost"],
+        "cost_per_million": s["per_million"],
+        "accuracy_top1": acc["top1"] if acc else None,
+        "accuracy_top5": acc["top5"] if acc else None,
+        "labelled_images": acc["labelled"] if acc else 0,
+        "quantize": info.get("mode"),  # "int8", "fp16-weights", or null (fp32)
+        "fidelity": info.get("fidelity"),
+        "prices_as_of": PRICES_AS_OF,
+        "stages": [{
+            "stage": st.stage,
+            "memory_mb": max(st.memory_mb),  # the size at the end (after any OOM raise)
+            "memory_sizes_mb": st.memory_mb,
+            "invocations": st.invocations,
+            "errors": st.errors,
+            "cold": st.cold,
+            "mean_duration_ms": st.mean_duration_ms,
+            "peak_mb": st.peak_mb,
+            "gb_s": st.gb_s,
+            "cost_usd": st.cost,
+        } for st in s["stages"]],
+    }
 
 
 def print_summary(

@@ -37,6 +37,8 @@ DEFAULT_STORE = "./serveless-store"
 # Fault injection for resilience tests and drills: flaky://<path> fails a share of requests.
 fsspec.register_implementation("flaky", "serveless.faults.FlakyFileSystem", clobber=True)
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MODELS_PREFIX = "models"  # <store>/models/<digest>/: stage models shared by jobs
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _S3_PROTOCOLS = {"s3", "s3a"}
 S3_MAX_PUT = 5 << 30  # S3's limit for one PUT; larger objects go multipart
 S3_PART_SIZE = 64 << 20  # multipart part size (above S3_MAX_PUT only)
@@ -80,6 +82,8 @@ def validate_job_name(job: str) -> str:
             f"invalid job name {job!r}: use letters, digits, '_', '-', '.', no path separators "
             "and no '..'"
         )
+    if job == MODELS_PREFIX:
+        raise ValueError(f"invalid job name {job!r}: the store keeps shared stage models there")
     return job
 
 
@@ -363,3 +367,25 @@ class JobLayout:
 
     def predictions(self, record: str) -> str:
         return self.key("predictions", f"{record}.jsonl")
+
+
+class ModelLayout:
+    """Object keys of one set of stage models, content-addressed: models/<digest>/.
+
+    The digest covers the model's bytes, the cuts and whatever else changes the stages, so
+    jobs of the same model and cuts share one copy (partitioned, checked and uploaded once).
+    """
+
+    def __init__(self, digest: str):
+        if not _DIGEST.match(digest):
+            raise ValueError(f"invalid stage-model digest {digest!r}: 64 lowercase hex digits")
+        self.digest = digest
+        self.prefix = f"{MODELS_PREFIX}/{digest}"
+
+    def stage(self, k: int) -> str:
+        return f"{self.prefix}/stage-{k}.onnx"
+
+    @property
+    def manifest(self) -> str:
+        """Written last: the files, sizes and SHA-256 of a complete set."""
+        return f"{self.prefix}/manifest.json"

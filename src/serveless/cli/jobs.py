@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -440,11 +441,23 @@ def report(
     arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
     out: Annotated[Path | None, typer.Option(
         help="write DIR/report.md with tables, plots, machine and versions")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="print the summary as JSON on stdout (a list for several jobs)")] = False,
 ) -> None:
     """Re-print jobs' summaries from their invocation logs alone (or write a report)."""
     from ..pipeline import JobSpec, load_log
-    from ..report import job_notes, print_summary
+    from ..report import job_notes, log_wall_s, print_summary
 
+    if as_json:
+        from ..report import summary_json
+
+        st = open_store(store, store_option)
+        found = []
+        for job in jobs:
+            rows, spec, acc = guarded(lambda job=job: _report_inputs(st, job, store))
+            found.append(guarded(lambda r=rows, s=spec, a=acc: summary_json(r, arch, s, a)))
+        typer.echo(json.dumps(found[0] if len(found) == 1 else found, indent=2))
+        return
     if out is not None:
         from .experiments import write_report_dir
 
@@ -456,11 +469,22 @@ def report(
         rows = guarded(lambda job=job: load_log(st, JobLayout(job).job))
         if not rows:
             fail(f"no invocation log for job {job!r} in {store}")
-        starts = [r["started"] for r in rows]  # a resumed job's span includes the pause
-        ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
         if len(jobs) > 1:
             console.print(f"[bold]job {job}[/bold]")
         spec = guarded(lambda job=job: JobSpec.load(st, job) if st.exists(
             JobLayout(job).spec) else None)
         notes = job_notes(st, job, spec.quantize if spec else None)
-        print_summary(rows, max(ends) - min(starts), arch, console, notes)
+        print_summary(rows, log_wall_s(rows), arch, console, notes)
+
+
+def _report_inputs(st: Store, job: str, store: str) -> tuple[list, dict, dict | None]:
+    """(log rows, job.json, accuracy of the labelled predictions) of a job, for --json."""
+    from ..pipeline import load_log
+    from ..report import accuracy
+
+    layout = JobLayout(job)
+    rows = load_log(st, layout.job)
+    if not rows:
+        fail(f"no invocation log for job {job!r} in {store}")
+    spec = json.loads(st.get_bytes(layout.spec)) if st.exists(layout.spec) else {"job": job}
+    return rows, spec, accuracy(st, job)

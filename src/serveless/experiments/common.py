@@ -119,7 +119,8 @@ class Setup:
     """What all jobs of an experiment share: store, model and cuts, how they are run.
 
     The model is partitioned (and checked against the whole model) once, for the first
-    job; later jobs copy its stage models, which for AlexNet saves seconds per job.
+    job; later jobs run the same shared stage models, which for AlexNet saves seconds per
+    job.
     """
 
     store: Store
@@ -149,11 +150,9 @@ class Setup:
                                self.micro_batch, str(records_dir), self.fmt)
             self._template = job
             return spec
-        # Everything under model/ (graphs and their external weight files, whatever the
-        # layout), so the copy stays complete if prepare_job stores more.
-        src_prefix = JobLayout(self._template).key("model")
-        for key in self.store.list(src_prefix):
-            self._copy(key, layout.key("model", key.rsplit("/", 1)[-1]))
+        # The stage models are shared in the store (models/<digest>/): later jobs point at
+        # the first job's, and skip loading and hashing the model again.
+        template = JobSpec.load(self.store, self._template)
         names = []
         for path in sorted(records_dir.glob("*.tfrecord")):
             name = path.name.removesuffix(".tfrecord")
@@ -162,15 +161,10 @@ class Setup:
         if not names:
             raise JobError(f"no records in {records_dir}")
         spec = JobSpec(job=job, model=self.model, cuts=list(self.cuts), memory=memory,
-                       micro_batch=self.micro_batch, format=self.fmt.to_dict(), records=names)
+                       micro_batch=self.micro_batch, format=self.fmt.to_dict(), records=names,
+                       input_hw=list(template.input_hw), models=template.models)
         spec.save(self.store)
         return spec
-
-    def _copy(self, src: str, dest: str) -> None:
-        try:
-            self.store.fs.copy(self.store.path(src), self.store.path(dest))
-        except (NotImplementedError, OSError):
-            self.store.put_bytes(dest, self.store.get_bytes(src))
 
     def run(self, spec: JobSpec, concurrency: int) -> list[dict[str, Any]]:
         """Run the job to the end on a fresh backend; return its invocation log."""
