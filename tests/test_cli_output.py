@@ -49,7 +49,9 @@ def long_job(tmp_path_factory) -> Path:
     write_record(buf, good)
     data = bytearray(buf.getvalue())
     data[len(data) // 2] ^= 0x40  # inside some image's bytes: a data CRC mismatch
-    (recs / "00001.tfrecord").write_bytes(bytes(data))
+    bad = base / "bad"  # refused before anything runs (issue 11): a run of its own
+    bad.mkdir()
+    (bad / "00001.tfrecord").write_bytes(bytes(data))
     return base
 
 
@@ -59,15 +61,21 @@ def test_piped_errors_are_whole_lines(long_job: Path, tmp_path: Path, columns: s
     if columns is not None:
         env["COLUMNS"] = columns
     store = long_job / f"store-{columns}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "serveless.cli", "run", "--store", str(store), "--job", "j",
-         "--records", str(long_job / "recs"), "--model", str(long_job / "tiny.onnx"),
-         "--concurrency", "1"],
-        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300)
+
+    def run(folder: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "serveless.cli", "run", "--store", str(store), "--job", folder,
+             "--records", str(long_job / folder), "--model", str(long_job / "tiny.onnx"),
+             "--concurrency", "1"],
+            capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=300)
+
+    bad = run("bad")
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    record = re.compile(re.escape(str(long_job)) + r"\S*/00001\.tfrecord\b.*\bbyte \d+")
+    assert any(record.search(line) for line in bad.stderr.splitlines()), bad.stderr
+    proc = run("recs")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stderr.splitlines()
-    record = re.compile(re.escape(str(long_job)) + r"\S*/00001\.tfrecord\b.*\bbyte \d+")
-    assert any(record.search(line) for line in lines), proc.stderr
     image = [line for line in lines if LONG_NAME in line]
     assert image and re.search(r"\b(truncat|broken|image file)", image[0], re.I), proc.stderr
     # the summary table keeps every column on one header line, and the total one line

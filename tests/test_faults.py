@@ -165,7 +165,8 @@ def test_bad_images_get_error_rows(tmp_path):
     assert not result.ok and result.image_errors == 4
 
 
-def test_corrupt_record_fails_alone(tmp_path, records_dir):
+def test_corrupt_record_is_refused_before_anything_runs(tmp_path, records_dir):
+    """A flipped bit in the user's file: named (their path, byte offset), nothing invoked."""
     rec_dir = tmp_path / "recs"
     rec_dir.mkdir()
     for p in sorted(records_dir.glob("*.tfrecord")):
@@ -179,9 +180,26 @@ def test_corrupt_record_fails_alone(tmp_path, records_dir):
     proc = _run_cli("run", "--store", str(store_dir), "--job", "crc", "--records",
                     str(rec_dir), "--preset", "paper")
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 1, out + err
-    assert "00001" in err and "CRC" in err and "byte" in err and "00001.tfrecord" in err
-    rows = rows_of(Store(str(store_dir)), "crc")
+    assert proc.returncode == 2, out + err
+    flat = " ".join(err.split()).replace(" ", "")
+    assert f"{rec_dir / '00001.tfrecord'}:byte" in flat and "dataCRCmismatch" in flat
+    assert not (store_dir / "crc" / "invocations.jsonl").exists()
+
+
+def test_record_corrupted_in_the_store_fails_alone(tmp_path, records_dir):
+    """Checked on the way in, a record can still rot in the store: that record fails, the
+    others are served."""
+    store = Store(str(tmp_path / "store"))
+    spec = prepare_job(store, "crc", "alexnet", preset="paper", records=str(records_dir))
+    copy = tmp_path / "store" / "crc" / "records" / "00001.tfrecord"
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    copy.write_bytes(bytes(data))
+    with LocalBackend() as backend:
+        result = run_job(store, spec, backend, concurrency=2, progress=False)
+    assert set(result.failed_records) == {"00001"}
+    assert "CRC" in result.failed_records["00001"]
+    rows = rows_of(store, "crc")
     assert {r["record"] for r in rows} == {"00000", "00002"}
     assert_one_row_per_image(rows, 35)
 

@@ -10,6 +10,7 @@ ever go through the store.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -32,6 +33,8 @@ from .tensors import TensorFormat, TensorReader, TensorWriter
 
 READ_BLOCK = 64 << 20  # one GET per 64 MiB of an object, as a ranged reader on S3 would do
 TOP_K = 5
+MAX_FAILED_LISTED = 10  # failed images (filename, reason) a record's metrics carry
+SCORES = ("probs", "softmax(logits)", "logits")
 DATA_SUFFIX = ".data"  # a stage's weights, stored beside its graph as ONNX external data
 
 
@@ -52,6 +55,10 @@ class Event:
     size: list[int] = field(default_factory=lambda: [224, 224])  # the model's input H, W
     preprocess: dict[str, Any] = field(default_factory=dict)  # models.preprocessing(): resize
     model: str = ""  # the stage model's key; "" = <job>/model/stage-<k>.onnx (older jobs)
+    transform: dict[str, Any] = field(default_factory=dict)  # images.make_transform(); {}: ImageNet
+    scores: str = "probs"  # what the model outputs: probs, softmax(logits) (applied here), logits
+    classes: bool = False  # the job has <job>/labels.json: rows get class_name
+    save_scores: bool = False  # also write every image's whole score row (run --save-scores)
 
     @classmethod
     def parse(cls, event: dict[str, Any]) -> Event:
@@ -70,6 +77,8 @@ class Event:
         if set(ev.preprocess) - {"resize"} or not (
                 resize is None or (isinstance(resize, int) and resize >= 1)):
             raise ValueError(f"preprocess must be {{'resize': int >= 1}}, got {ev.preprocess!r}")
+        if ev.scores not in SCORES:
+            raise ValueError(f"scores must be one of {SCORES}, got {ev.scores!r}")
         return ev
 
 
@@ -200,14 +209,29 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         else:
             n, blocks = _tensor_blocks(src, fmt, ev, c)
             meta = None
-        outputs = _run(session, input_name, _prefetch(blocks), c)
+        fixed = session.get_inputs()[0].shape[0]
+        outputs = _run(session, input_name, _prefetch(blocks), c,
+                       fixed if isinstance(fixed, int) and fixed > 0 else None)
+        quality: dict[str, Any] = {}
         if last:
             if meta is None:
                 raw = store.get_bytes(layout.record_meta(ev.record))
                 c.got(len(raw))
                 meta = json.loads(raw)
+            classes = None
+            if ev.classes:
+                raw = store.get_bytes(layout.key("labels.json"))
+                c.got(len(raw))
+                classes = json.loads(raw)
             out_key = layout.predictions(ev.record)
-            written = _write_predictions(store, out_key, ev.record, outputs, meta, c)
+            kept: list[np.ndarray] | None = [] if ev.save_scores else None
+            written, quality = _write_predictions(store, out_key, ev.record, outputs, meta, c,
+                                                  ev.scores, classes, kept)
+            if kept is not None:
+                buf = io.BytesIO()
+                np.save(buf, np.concatenate(kept) if kept else np.zeros((0, 0), np.float32))
+                store.put_bytes(scores_key(layout, ev.record), buf.getvalue())
+                c.put(buf.tell())
         else:
             out_key = layout.stage_output(ev.stage, ev.record, fmt.suffix)
             written = _write_tensor(store, out_key, n, outputs, fmt, c)
@@ -235,6 +259,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         "puts": c.puts,
         "peak_mb": round(peak_mb(), 1),
         "output": written,
+        **quality,
     }
 
 
@@ -251,11 +276,14 @@ def _image_blocks(
     n = count_examples(src, key)
     src.seek(0)
     meta: dict[str, Any] = {"n": n, "filenames": [], "labels": [], "errors": {}}
+    tf = ev.transform or {}
+    mean, std = tf.get("mean"), tf.get("std")
+    resize = tf.get("resize") or ev.preprocess.get("resize")  # asked, else the model's own
 
     def decode(batch: np.ndarray, row: int, data: bytes) -> dict[str, str] | None:
         try:
-            preprocess(data, ev.size, resize=ev.preprocess.get("resize"),
-                       max_pixels=ev.max_pixels, out=batch[row])
+            preprocess(data, ev.size, resize=resize, max_pixels=ev.max_pixels, mean=mean,
+                       std=std, out=batch[row])
             return None
         except ValueError as exc:
             batch[row] = 0.0
@@ -357,11 +385,26 @@ def _prefetch(blocks: Iterator[np.ndarray], depth: int = 1) -> Iterator[np.ndarr
 
 
 def _run(
-    session: Any, input_name: str, blocks: Iterator[np.ndarray], c: _Counters
+    session: Any, input_name: str, blocks: Iterator[np.ndarray], c: _Counters,
+    fixed: int | None = None,
 ) -> Iterator[np.ndarray]:
+    """Run each block; a model with a fixed batch size gets chunks of exactly that size
+    (the last one zero-padded, its padding rows dropped from the output)."""
     for block in blocks:
         t = time.perf_counter()
-        (out,) = session.run(None, {input_name: block})
+        if fixed is None or len(block) == fixed:
+            (out,) = session.run(None, {input_name: block})
+        else:
+            parts = []
+            for start in range(0, len(block), fixed):
+                chunk = block[start:start + fixed]
+                rows = len(chunk)
+                if rows < fixed:
+                    pad = np.zeros((fixed - rows, *chunk.shape[1:]), chunk.dtype)
+                    chunk = np.concatenate([chunk, pad])
+                (part,) = session.run(None, {input_name: chunk})
+                parts.append(part[:rows])
+            out = np.concatenate(parts)
         c.compute_ms += (time.perf_counter() - t) * 1000
         yield out
 
@@ -406,26 +449,51 @@ def _write_tensor(
     return {"key": key, "size": hw.size, "sha256": hw.sha.hexdigest()}
 
 
+def scores_key(layout: JobLayout, record: str) -> str:
+    """<job>/scores/<record>.npy: every image's whole score row (run --save-scores)."""
+    return layout.key("scores", f"{record}.npy")
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (logits of 15 or 1000 must not overflow)."""
+    z = x.astype(np.float64) - x.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
 def _write_predictions(
     store: Store, key: str, record: str, outputs: Iterator[np.ndarray], meta: dict[str, Any],
-    c: _Counters,
-) -> dict[str, Any]:
+    c: _Counters, scores: str = "probs", classes: list[str] | None = None,
+    kept: list[np.ndarray] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One JSONL row per image; returns (the object written, the failed images listed up to
+    MAX_FAILED_LISTED with their reasons, for the log and the summary)."""
     errors = meta.get("errors", {})
     filenames, labels = meta["filenames"], meta["labels"]
     index = 0
+    failed: list[list[str]] = []
     with store.writer(key) as f:
         hw = _HashingWriter(f)
-        for probs in outputs:
+        for out in outputs:
             t = time.perf_counter()
-            probs = probs.reshape(len(probs), -1)
-            k = min(TOP_K, probs.shape[1])
-            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            values = out.reshape(len(out), -1)
+            if scores == "softmax(logits)":
+                values = softmax(values)
+            if kept is not None:
+                kept.append(values.astype(np.float32))
+            k = min(TOP_K, values.shape[1])
+            top = np.argsort(-values, axis=1, kind="stable")[:, :k]
             lines = []
-            for row in range(len(probs)):
+            for row in range(len(values)):
                 err = errors.get(str(index))
+                label = labels[index]
+                if err and len(failed) < MAX_FAILED_LISTED:
+                    failed.append([filenames[index], err["message"]])
                 lines.append(json.dumps(_prediction_row(
-                    record, index, filenames[index], labels[index],
-                    None if err else top[row], None if err else probs[row, top[row]], err,
+                    record, index, filenames[index], label,
+                    None if err else top[row], None if err else values[row, top[row]], err,
+                    scores, classes,
                 )))
                 index += 1
             hw.write(("\n".join(lines) + "\n").encode())
@@ -433,20 +501,28 @@ def _write_predictions(
     if index != meta["n"]:
         raise RuntimeError(f"record {record}: {index} predictions for {meta['n']} images")
     c.put(hw.size)
-    return {"key": key, "size": hw.size, "sha256": hw.sha.hexdigest()}
+    quality = {"failed_images": failed}
+    return {"key": key, "size": hw.size, "sha256": hw.sha.hexdigest()}, quality
 
 
 def _prediction_row(
     record: str, index: int, filename: str, label: int, top: np.ndarray | None,
-    probs: np.ndarray | None, error: dict[str, str] | None,
+    values: np.ndarray | None, error: dict[str, str] | None, scores: str = "probs",
+    classes: list[str] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """A row; values go under "probs" when they are probabilities, else under "logits"."""
+    row: dict[str, Any] = {
         "record": record,
         "index": index,
         "filename": filename,
         "label": None if label < 0 else int(label),
-        "top5": None if top is None else [int(i) for i in top],
-        "probs": None if probs is None else [float(p) for p in probs],
-        "error": error,
     }
+    if classes is not None:
+        row["class_name"] = classes[label] if 0 <= label < len(classes) else None
+    row["top5"] = None if top is None else [int(i) for i in top]
+    row["probs" if scores != "logits" else "logits"] = (
+        None if values is None else [float(p) for p in values])
+    row["scores"] = scores
+    row["error"] = error
+    return row
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,25 +29,119 @@ class ImageDecodeError(ValueError):
     """One image could not be served; its prediction row carries this error."""
 
 
+# -- what an image is, and why it could not be read (messages users see in their rows) ------
+
+EMPTY_FILE = "empty file (0 bytes)"
+NOT_AN_IMAGE = "not an image (unrecognised format)"
+#: Formats stage 0 decodes (GIF and multi-page TIFF: the first frame), by leading bytes.
+IMAGE_SIGNATURES: tuple[tuple[str, bytes, int], ...] = (
+    ("JPEG", b"\xff\xd8\xff", 0), ("PNG", b"\x89PNG\r\n\x1a\n", 0), ("GIF", b"GIF87a", 0),
+    ("GIF", b"GIF89a", 0), ("WebP", b"WEBP", 8), ("BMP", b"BM", 0), ("TIFF", b"II*\x00", 0),
+    ("TIFF", b"MM\x00*", 0),
+)
+IMAGE_FORMATS = ("JPEG", "PNG", "WebP", "BMP", "TIFF", "GIF")
+
+
+def sniff_image(head: bytes) -> str | None:
+    """The image format of a file from its first 16 bytes, or None: content, not the name."""
+    for name, magic, at in IMAGE_SIGNATURES:
+        if head[at : at + len(magic)] == magic and (name != "WebP" or head[:4] == b"RIFF"):
+            return name
+    return None
+
+
+def describe_decode_error(data: bytes, exc: BaseException) -> str:
+    """One readable line for a failed decode; never Pillow's `<_io.BytesIO object at 0x…>`."""
+    if not data:
+        return EMPTY_FILE
+    fmt = sniff_image(bytes(data[:16]))
+    if fmt is None:
+        return NOT_AN_IMAGE
+    text = str(exc)
+    if "truncated" in text.lower() or isinstance(exc, EOFError) or (
+            fmt == "WebP" and "decoder" in text):
+        return f"truncated {fmt} file (the image data ends early)"
+    if "cannot identify image file" in text:
+        return f"corrupt {fmt} file (its header cannot be read)"
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the image", text)
+    return f"cannot decode {fmt}: {text or type(exc).__name__}"
+
+
+# -- the transform a job applies (--preprocess), recorded in job.json -------------------------
+
+#: name -> (mean, std) on [0, 1] pixels: ImageNet's statistics, Inception's [-1, 1], raw [0, 1].
+TRANSFORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": (tuple(float(v) for v in MEAN), tuple(float(v) for v in STD)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "raw": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+
+
+def make_transform(
+    name: str = "imagenet",
+    resize: int | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> dict[str, object]:
+    """The preprocessing of a job as JSON (job.json, events): a named preset, or explicit.
+
+    `resize` is the shorter side before the center crop (None: crop x 256/224, as all three
+    presets do); explicit mean/std replace the preset's and make the name "custom".
+    """
+    if name not in TRANSFORMS:
+        raise ValueError(f"--preprocess must be one of {', '.join(TRANSFORMS)}, got {name!r}")
+    p_mean, p_std = TRANSFORMS[name]
+    out_mean = [float(v) for v in (mean if mean is not None else p_mean)]
+    out_std = [float(v) for v in (std if std is not None else p_std)]
+    for what, values in (("--mean", out_mean), ("--std", out_std)):
+        if len(values) != 3:
+            raise ValueError(f"{what} needs 3 values (R,G,B), got {len(values)}")
+    if any(v <= 0 for v in out_std):
+        raise ValueError(f"--std values must be > 0, got {out_std}")
+    if resize is not None and resize < 1:
+        raise ValueError(f"--resize must be >= 1, got {resize}")
+    custom = mean is not None or std is not None
+    return {"name": "custom" if custom else name, "resize": resize, "mean": out_mean,
+            "std": out_std}
+
+
+def describe_transform(transform: dict[str, object], size: list[int] | tuple[int, int]) -> str:
+    """One line for the summary: what was done to every image before the model saw it."""
+    h, w = int(size[0]), int(size[1])
+    resize = transform.get("resize") or round(max(h, w) * 256 / 224)
+    fmt = ", ".join
+
+    def nums(key: str) -> str:
+        return fmt(f"{float(v):g}" for v in transform[key])  # type: ignore[attr-defined]
+
+    return (f"preprocess: {transform['name']} (shorter side {resize}, center crop {h}x{w}, "
+            f"[0, 1] pixels, mean [{nums('mean')}], std [{nums('std')}])")
+
+
 def preprocess(
     data: bytes,
     size: int | tuple[int, int] | list[int] = 224,
     resize: int | None = None,
     max_pixels: int = MAX_PIXELS,
-    mean: Sequence[float] = MEAN,
-    std: Sequence[float] = STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     out: np.ndarray | None = None,
     fast: bool = True,
 ) -> np.ndarray:
     """Encoded image bytes -> normalized float32 array of shape (3, H, W).
 
     `size` is the model's input (H, W) (an int for square); the shorter side is first
-    resized to `resize`, by default in the ImageNet ratio 256/224 of the larger of H, W.
+    resized to `resize`, by default in the ImageNet ratio 256/224 of the larger of H, W;
+    pixels in [0, 1] are then normalised by `mean`/`std` (ImageNet's by default).
     JPEGs take the libjpeg-turbo fast path (`jpeg.py`); PNG, CMYK and whatever it refuses
     take the Pillow path, which gives the same pixels to within rounding. The result is
     written into `out` (a (3, H, W) float32 array, e.g. a row of a batch) when given.
     """
+    mean = MEAN if mean is None else mean
+    std = STD if std is None else std
     out_h, out_w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if not data:
+        raise ImageDecodeError(EMPTY_FILE)
     if resize is None:
         resize = round(max(out_h, out_w) * 256 / 224)
     if fast:
@@ -88,7 +183,7 @@ def preprocess_pillow(
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"decompression bomb refused: {exc}") from exc
     except Exception as exc:  # Pillow raises many types for broken files
-        raise ImageDecodeError(f"{type(exc).__name__}: {exc}") from exc
+        raise ImageDecodeError(describe_decode_error(data, exc)) from exc
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -248,3 +248,75 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+# -- models as users export them ---------------------------------------------------------------
+
+#: Ops that pass a distribution through unchanged in value (only its shape or type).
+_SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast"}
+
+
+def output_is_distribution(model: onnx.ModelProto) -> bool:
+    """Whether the output comes from a Softmax (through shape-only ops): probabilities.
+
+    Anything else (a Gemm's logits, a LogSoftmax) is not a distribution; top-k scores of
+    such a model are softmax(outputs) under --softmax auto.
+    """
+    producer = {out: node for node in model.graph.node for out in node.output}
+    name = model.graph.output[0].name
+    for _ in range(len(model.graph.node) + 1):
+        node = producer.get(name)
+        if node is None:
+            return False
+        if node.op_type == "Softmax":
+            return True
+        if node.op_type not in _SHAPE_ONLY or not node.input:
+            return False
+        name = node.input[0]
+    return False
+
+
+def batch_size_of(model: onnx.ModelProto) -> int | None:
+    """The input's fixed batch size, or None when the batch dimension is symbolic."""
+    _, dims = _describe_type(_real_input(model))
+    return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+
+
+def _real_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    g = model.graph
+    consts = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
+    return next(vi for vi in g.input if vi.name not in consts)
+
+
+def make_batch_dynamic(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int | None]:
+    """A model exported with a fixed batch size (often 1), made to take any batch if it can.
+
+    The input's and outputs' first dims become the symbolic 'N' and stale inferred shapes
+    are dropped; the result must then run on a batch of fixed+1 and answer fixed+1 rows
+    (a Reshape to a constant [1, -1] does not, for one). Returns (model, None) when that
+    works, else (the model unchanged, its fixed batch size): it is then served in
+    micro-batches of exactly that size.
+    """
+    fixed = batch_size_of(model)
+    if fixed is None:
+        return model, None
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(model)
+    g = dynamic.graph
+    del g.value_info[:]
+    for vi in [_real_input(dynamic), *g.output]:
+        shape = vi.type.tensor_type.shape
+        if shape.dim:
+            shape.dim[0].Clear()
+            shape.dim[0].dim_param = BATCH_DIM
+    try:
+        from .partition import _random_feeds, _session
+
+        sess = _session(dynamic)
+        feeds = _random_feeds(dynamic, fixed + 1, seed=0)
+        outs = sess.run(None, feeds)
+        if any(o.ndim == 0 or o.shape[0] != fixed + 1 for o in outs):
+            return model, fixed
+    except Exception:  # onnxruntime refuses the graph or its run: keep the fixed batch
+        return model, fixed
+    return dynamic, None

@@ -405,6 +405,8 @@ def _random_feeds(model: onnx.ModelProto, batch: int, seed: int) -> dict[str, np
         if any(d is None for d in dims[1:]):
             raise PartitionError(f"input {vi.name!r} needs static dims after the batch dim "
                                  "to check the stages")
+        if dims and dims[0] is not None:  # a fixed batch size (a model that keeps one)
+            batch = dims[0]
         shape = [batch, *dims[1:]] if dims else []
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         feeds[vi.name] = rng.standard_normal(shape).astype(dtype)

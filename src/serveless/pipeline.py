@@ -8,7 +8,6 @@ most `concurrency` in flight, retries failures, and logs one line per invocation
 from __future__ import annotations
 
 import contextlib
-import glob
 import heapq
 import json
 import math
@@ -36,8 +35,10 @@ DEFAULT_MODEL = "alexnet"
 # What a resumed job may change: how it runs, not what it computes. Everything else in
 # job.json must match (outputs in the store were made with it); `records` may grow.
 MAY_CHANGE_ON_RESUME = ("memory", "concurrency", "retries")
-NOT_ASKED = ("job", "records", "version", "input_hw",  # named, added to, or derived
-             "preprocess", "quantize", "models")
+# named, added to, or derived (from the model, from the stage store, or from labels found
+# with the inputs)
+NOT_ASKED = ("job", "records", "version", "input_hw", "preprocess", "quantize", "models",
+             "classes", "fixed_batch")
 OOM_RAISE = 1.5
 
 
@@ -63,6 +64,11 @@ class JobSpec:
     precision: str = "fp32"  # or "int8", "fp16-weights" (serveless.quantize.mode_name)
     quantize: dict[str, Any] = field(default_factory=dict)  # quantize.prepare's info
     models: str = ""  # models/<digest>: the shared stage models; "" = <job>/model/ (older jobs)
+    transform: dict[str, Any] = field(default_factory=dict)  # images.make_transform(); {}: ImageNet
+    scores: str = "probs"  # probs | softmax(logits) | logits (see function.SCORES)
+    classes: bool = False  # <job>/labels.json holds the class names of the labels
+    fixed_batch: int | None = None  # the model's batch size when it could not be made dynamic
+    save_scores: bool = False  # the last stage also writes <job>/scores/<r>.npy
     version: str = __version__
 
     @property
@@ -117,19 +123,28 @@ def parse_memory(memory: str | list[int] | None, stages: int) -> list[int]:
 
 
 def find_records(source: str) -> list[str]:
-    """Local .tfrecord files named by a folder or a glob, sorted."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        files = sorted(str(p) for p in path.iterdir() if p.suffix == ".tfrecord")
-    elif any(ch in source for ch in "*?["):
-        files = sorted(glob.glob(os.path.expanduser(source)))
-    elif path.is_file():
-        files = [str(path)]
-    else:
-        raise JobError(f"no records at {source!r}: give a folder of .tfrecord files or a glob")
-    if not files:
-        raise JobError(f"no .tfrecord files at {source!r}")
-    return files
+    """Local record files named by a folder or a glob, found by content, sorted."""
+    from .sources import SourceError, scan_inputs
+
+    try:
+        inputs = scan_inputs(source)
+    except SourceError as exc:
+        raise JobError(str(exc)) from exc
+    if not inputs.records:
+        raise JobError(f"no records at {source!r} (it holds images: use run --input)")
+    return [f.path for f in inputs.records]
+
+
+def resolve_scores(model: Any, softmax: str) -> str:
+    """--softmax auto|always|never -> what rows say their scores are (function.SCORES)."""
+    from .models import output_is_distribution
+
+    if softmax not in ("auto", "always", "never"):
+        raise JobError(f"--softmax must be auto, always or never, got {softmax!r}")
+    probs = output_is_distribution(model)
+    if softmax == "always" or (softmax == "auto" and not probs):
+        return "softmax(logits)"
+    return "probs" if probs else "logits"
 
 
 def prepare_job(
@@ -148,6 +163,13 @@ def prepare_job(
     quantize: str | None = None,
     weights: str | None = None,
     calibration_images: int = 64,
+    *,
+    per_record: int = 1000,
+    input_options: dict[str, Any] | None = None,
+    transform: dict[str, Any] | None = None,
+    softmax: str | None = None,
+    save_scores: bool | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> JobSpec:
     """Validate everything, partition the model, and lay the job out in the store.
 
@@ -163,10 +185,24 @@ def prepare_job(
     The stage models are shared by every job of the same model and cuts in this store
     (`stagestore.py`): the first job partitions, checks and uploads them, later ones reuse
     them.
+
+    `records` (run --input) is a folder, glob or URL of records or of plain images, told
+    apart by content (sources.py); images are packed into the job's own records of
+    `per_record`. Every record's framing is checked before anything is written.
     """
     from . import quantize as q
-    from .models import input_hw, load_model, preprocessing
+    from .images import make_transform
+    from .models import input_hw, load_model, make_batch_dynamic, preprocessing
     from .partition import partition, resolve_cuts
+    from .sources import (
+        SourceError,
+        check_records,
+        copy_record,
+        labels_json,
+        pack_images,
+        read_labels,
+        scan_inputs,
+    )
     from .stagestore import ensure_stage_models
 
     say = say or _quiet
@@ -177,12 +213,25 @@ def prepare_job(
     store.check()
     old = JobSpec.load(store, job) if store.exists(layout.spec) else None
     model = model or (old.model if old else DEFAULT_MODEL)
-    onnx_model = load_model(model)
+    onnx_model, fixed_batch = make_batch_dynamic(load_model(model))
     if cuts is None and preset is None and old is not None:
         cut_list = list(old.cuts)  # not asked again: as before, whatever named them then
     else:
         cut_list = resolve_cuts(model, cuts, preset)
     memory_list = None if memory in (None, "") else parse_memory(memory, len(cut_list) + 1)
+    hw = list(input_hw(onnx_model))
+    transform = dict(transform) if transform is not None else None
+    crop = transform.pop("crop", None) if transform is not None else None
+    if crop is not None and list(crop) != hw:
+        raise JobError(f"--crop {crop[0]},{crop[1]} differs from the model's input "
+                       f"{hw[0]}x{hw[1]}; the crop is the model's input size")
+    default_transform = make_transform()
+    if old is not None and not old.transform:
+        old.transform = default_transform  # a job from before --preprocess: ImageNet's
+    if softmax is None and old is not None:
+        scores = old.scores
+    else:
+        scores = resolve_scores(onnx_model, softmax or "auto")
     asked = JobSpec(
         job=job, model=model, cuts=cut_list,
         memory=memory_list or (old.memory if old and len(old.memory) == len(cut_list) + 1
@@ -194,6 +243,9 @@ def prepare_job(
         retries=_given(retries, old, "retries", DEFAULT_RETRIES),
         preprocess=preprocessing(onnx_model),
         precision=_given(q.mode_name(quantize, weights), old, "precision", "fp32"),
+        transform=_given(transform, old, "transform", default_transform),
+        scores=scores, fixed_batch=fixed_batch,
+        save_scores=_given(save_scores, old, "save_scores", False),
     )
     if old is not None:
         check_resumable(old, asked)
@@ -201,27 +253,54 @@ def prepare_job(
             before, now = getattr(old, what), getattr(asked, what)
             if before != now:
                 say(f"resuming with {_flag(what, now)} (was {_flag(what, before)})")
-    record_files = find_records(records) if records else []
-    by_name: dict[str, str] = {}
-    for src in record_files:
-        name = Path(src).name.removesuffix(".tfrecord")
-        if name in by_name:  # records are named by file name in the job
-            raise JobError(f"two records named {name!r}: {by_name[name]} and {src}; "
-                           "records of one job need distinct file names")
-        by_name[name] = src
-    existing = [Path(k).name.removesuffix(".tfrecord")
-                for k in store.list(layout.records_prefix, ".tfrecord")]
-    for name, src in by_name.items():
-        if name in existing and store.size(layout.record(name)) != os.path.getsize(src):
+    try:
+        inputs = scan_inputs(records, input_options) if records else None
+        counts = check_records(inputs.records) if inputs else {}
+    except SourceError as exc:
+        raise JobError(str(exc)) from exc
+    if inputs and inputs.skipped:
+        say(f"skipped {len(inputs.skipped)} files of {records} (neither records nor images):")
+        for name, reason in inputs.skipped:
+            say(f"  {name}: {reason}")
+    existing = {Path(k).name.removesuffix(".tfrecord")
+                for k in store.list(layout.records_prefix, ".tfrecord")}
+
+    def same(key: str, size: int) -> bool:
+        """A record already in the job: fine if it is the same size, refused if not."""
+        name = Path(key).name.removesuffix(".tfrecord")
+        if name not in existing:
+            return False
+        if store.size(key) != size:
             raise JobError(f"job {job!r} already has a different record {name!r}; "
                            "use a new --job name")
-    if not record_files and not existing:
-        raise JobError(f"job {job!r} has no records: pass --records")
+        return True
+
+    new = []
+    if inputs:
+        new = [f for f in inputs.records if not same(layout.record(f.record_name), f.size)]
+    if not counts and not (inputs and inputs.images) and not existing:
+        raise JobError(f"job {job!r} has no records: pass --input")
     where = f"at {','.join(cut_list)}" if cut_list else "as one stage (no cuts)"
     label = f"{model} {where}"
-    new = [src for name, src in by_name.items() if name not in existing]
-    record_mb = sum(os.path.getsize(src) for src in new) / 1e6
-    asked.records = sorted(set(existing) | set(by_name))
+    record_mb = sum(f.size for f in new) / 1e6
+    names = set(existing)
+    classes: list[str] | None = None
+
+    def upload_inputs() -> None:
+        """The job's records: the user's copied (every CRC checked), or their images packed."""
+        nonlocal names, classes
+        if inputs and inputs.records:
+            for f in new:
+                copy_record(f, store, layout.record(f.record_name))
+            names |= set(counts)
+            if inputs.labels_file is not None:
+                classes = read_labels(inputs.labels_file.read(), inputs.labels_file.shown)
+        elif inputs and inputs.images:
+            say(f"packing {len(inputs.images)} images into records of {per_record}…")
+            names |= set(pack_images(inputs.images, store, layout.records_prefix, per_record,
+                                     progress=progress, exists=same))
+            classes = inputs.classes or None
+
     if asked.precision == "fp32":
         # shared by jobs of the same model and cuts: partitioned (which checks equivalence
         # before anything is written) and uploaded once per store
@@ -230,10 +309,9 @@ def prepare_job(
     else:  # calibration reads the job's records: upload them first
         if new:
             say(f"uploading {len(new)} records ({record_mb:,.1f} MB)…")
-        for name, src in by_name.items():
-            if name not in existing:
-                store.put_file(src, layout.record(name))
+        upload_inputs()
         new = []
+        asked.records = sorted(names)
         say(f"partitioning {label} and checking the chained stages against it…")
         stages = partition(onnx_model, cut_list)
         stages, asked.quantize = _reduce_precision(store, layout, old, asked, onnx_model,
@@ -248,9 +326,12 @@ def prepare_job(
     say(f"{'reused' if models.reused else 'uploaded'} {models.stages} stage models "
         f"({models.size / 1e6:,.1f} MB)"
         + (f"; uploading {len(new)} records ({record_mb:,.1f} MB)…" if new else ""))
-    for name, src in by_name.items():
-        if name not in existing and src in new:
-            store.put_file(src, layout.record(name))
+    if asked.precision == "fp32":
+        upload_inputs()
+    if classes is not None:
+        store.put_bytes(layout.key("labels.json"), labels_json(classes))
+    asked.classes = classes is not None or bool(old and old.classes)
+    asked.records = sorted(names)
     asked.models = models.prefix
     asked.save(store)
     return asked
@@ -292,6 +373,15 @@ def _flag(name: str, value: Any) -> str:
     if name == "precision":
         return {"int8": "--quantize int8", "fp16-weights": "--weights float16"}.get(
             value, "no --quantize or --weights (fp32)")
+    if name == "transform":
+        nums = ",".join
+        return (f"--preprocess {value['name']}" if value.get("name") != "custom" else
+                f"--resize {value.get('resize')} --mean {nums(map(str, value['mean']))} "
+                f"--std {nums(map(str, value['std']))}")
+    if name == "scores":
+        return f"--softmax giving {value}"
+    if name == "save_scores":
+        return "--save-scores" if value else "--no-save-scores"
     if name == "format":
         fmt = TensorFormat.from_dict(value)
         return " ".join([f"--{'' if fmt.dtype == 'float16' else 'no-'}float16",
@@ -482,7 +572,9 @@ def run_job(
         event = {"store": store.spec(), "job": spec.job, "stage": task.stage,
                  "stages": spec.stages, "record": task.record, "memory_mb": fn.memory_mb,
                  "micro_batch": spec.micro_batch, "threads": fn.threads, "format": fmt.to_dict(),
-                 "size": spec.input_hw, "preprocess": spec.preprocess, "model": fn.model_key}
+                 "size": spec.input_hw, "preprocess": spec.preprocess, "model": fn.model_key,
+                 "transform": spec.transform, "scores": spec.scores, "classes": spec.classes,
+                 "save_scores": spec.save_scores}
         return backend.invoke(fn, event), started
 
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="serveless-invoke")
@@ -604,6 +696,7 @@ def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,
         "gets": m.get("gets", 0),
         "puts": m.get("puts", 0),
         "output": m.get("output"),
+        **({"failed_images": m["failed_images"]} if "failed_images" in m else {}),
         "instance": res.instance,
         "error": res.error,
     }

@@ -274,4 +274,40 @@ def summary_markdown(rows: list[dict[str, Any]], arch: str = "x86_64") -> str:
         f"cost ${s['cost']:.8f} = compute ${s['compute']:.8f} + requests ${s['requests']:.8f} "
         f"+ S3 requests ${s['store_ops']:.8f}; ${s['per_million']:.2f} per 1M images "
         f"(prices as of {PRICES_AS_OF}).\n"
-    )
+    ) + f"\nFailed images: {quality(rows)['failed']}.\n" + "".join(
+        f"\n    {line}" for line in failed_image_lines(rows)) + (
+        "\n" if failed_image_lines(rows) else "")
+
+
+# -- what came out: failed images (from the last stage's log rows) ----------------------------
+
+LISTED_FAILURES = 10
+
+
+def quality(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Failed images (count, the first few with reasons), from each record's last
+    successful final-stage invocation: no prediction object is read again."""
+    last_stage = max((int(r["stage"]) for r in rows), default=0)
+    final: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if int(r["stage"]) == last_stage and r.get("error") is None:
+            final[r["record"]] = r
+    ordered = [final[k] for k in sorted(final)]
+    failed = [f for r in ordered for f in r.get("failed_images") or []]
+    return {
+        "failed": sum(int(r.get("image_errors") or 0) for r in ordered),
+        "listed": failed[:LISTED_FAILURES],
+    }
+
+
+def failed_image_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The first failed images with their reasons, and how many more: plain lines."""
+    q = quality(rows)
+    if not q["failed"]:
+        return []
+    lines = [f"{q['failed']} images could not be served (their prediction rows carry the "
+             "error):"]
+    lines += [f"  {name}: {reason}" for name, reason in q["listed"]]
+    if q["failed"] > len(q["listed"]):
+        lines.append(f"  … and {q['failed'] - len(q['listed'])} more")
+    return lines

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..store import DEFAULT_STORE, JobLayout, Store, StoreError, validate_job_name
+from ..store import DEFAULT_STORE, JobLayout, Store, validate_job_name
 from . import common
 from .app import app, models_app
 from .common import (
@@ -29,7 +29,6 @@ from .common import (
     MicroBatchOpt,
     ModelOpt,
     PresetOpt,
-    RecordsOpt,
     RetriesOpt,
     StoreOpt,
     StoreOptions,
@@ -60,27 +59,40 @@ def _check_precision(quantize: str | None, weights: str | None, calibration: int
 
 @app.command()
 def pack(
-    src: Annotated[Path, typer.Argument(help="folder of JPEG/PNG images (subfolders = labels)")],
+    src: Annotated[str, typer.Argument(
+        help="folder, glob or URL of JPEG/PNG/WebP/BMP/TIFF/GIF images (subfolders = labels)")],
     dest: Annotated[str, typer.Argument(help="folder or fsspec URL for the .tfrecord files")],
     per_record: Annotated[int, typer.Option("--per-record", help="images per record")] = 1000,
+    overwrite: Annotated[bool, typer.Option(
+        help="delete the records already in DEST first (else they are refused)")] = False,
     store_option: StoreOptions = None,
 ) -> None:
-    """Pack a folder of images into TFRecord files."""
-    from rich.progress import Progress
+    """Pack images into TFRecord files, with labels.json (the class names) beside them."""
+    from ..sources import pack_source
 
-    from ..records import pack_folder, scan_images
-
-    def go() -> list[str]:
-        n = len(scan_images(src))
+    def go() -> Any:
         st = Store(dest, parse_options(store_option))
         st.check()
-        with Progress(console=console, transient=True) as prog:
-            task = prog.add_task("packing", total=n)
-            return pack_folder(src, st, "", per_record,
-                               progress=lambda k: prog.advance(task, k))
+        return pack_source(src, st, per_record, overwrite, options=parse_options(store_option))
 
-    names = guarded(go)
-    say(f"wrote {len(names)} records to {dest}")
+    print_packed(guarded(go), dest)
+
+
+def print_packed(done: Any, dest: str) -> None:
+    """What pack did: counts, the class -> label table, every skipped file and why."""
+    if done.removed:
+        say(f"removed {done.removed} old records/labels files from {dest}")
+    say(f"packed {done.images} images into {len(done.records)} records in {dest}")
+    if done.classes:
+        say(f"labels ({len(done.classes)} classes, written to labels.json):")
+        for label, name in enumerate(done.classes):
+            say(f"  {label}  {name}")
+    else:
+        say("no class subfolders: images are unlabelled (label -1)")
+    if done.skipped:
+        say(f"skipped {len(done.skipped)} files:")
+        for name, reason in done.skipped:
+            say(f"  {name}: {reason}")
 
 
 @models_app.command("export")
@@ -221,10 +233,18 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
         fail(str(exc))
     finally:
         backend.close()
+    from ..images import describe_transform, make_transform
+
     notes = [f"CPU share: {result.backend['cpu_share']}"]
     for stage, mem in sorted(result.raised.items()):
         notes.append(f"[yellow]stage {stage} ran out of memory; raised to {mem} MB[/yellow]")
     notes += job_notes(store, spec.job, spec.quantize)
+    transform = dict(spec.transform or make_transform())
+    transform["resize"] = transform.get("resize") or spec.preprocess.get("resize")
+    notes.append(describe_transform(transform, spec.input_hw))
+    notes.append(f"scores: {spec.scores}" + (
+        f"; the model's fixed batch size {spec.fixed_batch} could not be made dynamic: "
+        f"served in micro-batches of {spec.fixed_batch}" if spec.fixed_batch else ""))
     print_summary(result.rows, result.wall_s, arch, console, notes,
                   run_images=result.images_run)
     layout = JobLayout(spec.job)
@@ -239,30 +259,29 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
         for rec, why in sorted(result.failed_records.items()):
             say(f"  {rec}: {why}", err=True)
     if result.image_errors:
-        _print_failed_images(store, spec.job, result.image_errors)
+        _print_failed_images(result.rows)
     return result
 
 
-def _print_failed_images(store: Store, job: str, count: int) -> None:
-    from ..pipeline import failed_images
+def _print_failed_images(rows: list[dict[str, Any]]) -> None:
+    """The first failed images and why, from the log (the last stage lists them): no
+    prediction object is read again."""
+    from ..report import failed_image_lines
 
-    err_console.print(f"[yellow]{count} images could not be served "
-                      "(their prediction rows carry the error):[/yellow]")
-    try:
-        first, total = failed_images(store, job)
-    except (StoreError, OSError, ValueError) as exc:  # the summary must not fail on a read
-        say(f"  (could not read the predictions: {exc})", err=True)
-        return
-    for filename, why in first:
-        say(f"  {filename}: {why}", err=True)
-    if total > len(first):
-        err_console.print(f"  … and {total - len(first)} more")
+    for line in failed_image_lines(rows):
+        say(line, err=True)
 
 
 @app.command()
 def run(
     job: JobOpt = None,
-    records: RecordsOpt = None,
+    records: Annotated[str | None, typer.Option(
+        "--input", "--records", metavar="DIR|GLOB|URL",
+        help="records or images (told apart by content): a folder, a glob or an fsspec URL")]
+    = None,
+    per_record: Annotated[int, typer.Option(
+        "--per-record", min=1, metavar="N", help="images per record when --input holds images")]
+    = 1000,
     model: ModelOpt = None,
     preset: PresetOpt = None,
     cuts: CutsOpt = None,
@@ -270,6 +289,26 @@ def run(
     concurrency: ConcurrencyOpt = None,
     micro_batch: MicroBatchOpt = None,
     retries: RetriesOpt = None,
+    preprocess: Annotated[str | None, typer.Option(
+        metavar="NAME", help="imagenet, inception ([-1, 1]) or raw ([0, 1]) [default: imagenet]")]
+    = None,
+    resize: Annotated[int | None, typer.Option(
+        metavar="N", help="shorter side before the center crop [default: crop × 256/224]")]
+    = None,
+    crop: Annotated[str | None, typer.Option(metavar="H,W", help="the model's input size")]
+    = None,
+    mean: Annotated[str | None, typer.Option(metavar="R,G,B", help="mean of [0, 1] pixels")]
+    = None,
+    std: Annotated[str | None, typer.Option(metavar="R,G,B", help="std of [0, 1] pixels")]
+    = None,
+    softmax: Annotated[str | None, typer.Option(
+        metavar="auto|always|never",
+        help="softmax before top-k: auto = when the model does not end in one [default: auto]")]
+    = None,
+    save_scores: Annotated[bool | None, typer.Option(
+        "--save-scores/--no-save-scores", show_default=False,
+        help="keep every image's whole score vector, for export --with-scores [default: no]")]
+    = None,
     float16: Annotated[bool | None, typer.Option(
         "--float16/--no-float16", show_default=False,
         help="store intermediates as float16 [default: float32]")] = None,
@@ -299,7 +338,8 @@ def run(
     """Run a job: every record through every stage. Run it again with the same --job to
     resume; options left out are taken from the job, and only --memory, --concurrency and
     --retries may change."""
-    from ..pipeline import DEFAULT_CONCURRENCY, find_records, prepare_job
+    from ..pipeline import DEFAULT_CONCURRENCY, prepare_job
+    from ..sources import scan_inputs
     from ..tensors import TensorFormat
 
     source, repacked = records, None  # a plan may repack the records in a temporary folder
@@ -314,12 +354,13 @@ def run(
             shutil.rmtree(repacked, ignore_errors=True)
             raise
     if job is None and records is None:
-        fail("give --records DIR to start a job (or --job NAME to resume one)")
+        fail("give --input DIR to start a job (or --job NAME to resume one)")
     _check_precision(quantize, weights, calibration_images)
     if job is not None:
         guarded(lambda: validate_job_name(job))
-    if records is not None:
-        guarded(lambda: find_records(records))  # before a job is named or anything written
+    transform = guarded(lambda: _transform(preprocess, resize, crop, mean, std))
+    if records is not None:  # before a job is named or anything written
+        guarded(lambda: scan_inputs(records, parse_options(store_option)))
     st, runner = _start(store, store_option, backend, backend_option,
                         concurrency or DEFAULT_CONCURRENCY, max_instances, keep_alive)
     if job is None:
@@ -332,13 +373,41 @@ def run(
         spec = _prepare(st, runner, job, lambda: prepare_job(
             st, job, model, cuts, preset, memory, micro_batch, records, fmt,
             concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True),
-            quantize=quantize, weights=weights, calibration_images=calibration_images))
+            quantize=quantize, weights=weights, calibration_images=calibration_images,
+            per_record=per_record, input_options=parse_options(store_option),
+            transform=transform, softmax=softmax, save_scores=save_scores))
     finally:
         if repacked:  # the job holds its own copy of the records now
             shutil.rmtree(repacked, ignore_errors=True)
     result = _execute(st, spec, runner, arch, keep_intermediates=keep_intermediates)
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _transform(preset: str | None, resize: int | None, crop: str | None, mean: str | None,
+               std: str | None) -> dict[str, Any] | None:
+    """--preprocess and its explicit overrides as recorded in job.json; None if none given
+    (a new job then gets ImageNet's, a resumed one keeps its own)."""
+    from ..images import make_transform
+    from ..pipeline import parse_ints
+
+    if preset is None and resize is None and crop is None and mean is None and std is None:
+        return None
+    out: dict[str, Any] = make_transform(preset or "imagenet", resize, _floats(mean, "--mean"),
+                                         _floats(std, "--std"))
+    if crop is not None:
+        hw = parse_ints(crop, "--crop")
+        out["crop"] = hw * 2 if len(hw) == 1 else hw
+    return out
 
 
 def new_job_name(store: Store, records: str) -> str:
@@ -446,7 +515,7 @@ def report(
 ) -> None:
     """Re-print jobs' summaries from their invocation logs alone (or write a report)."""
     from ..pipeline import JobSpec, load_log
-    from ..report import job_notes, log_wall_s, print_summary
+    from ..report import failed_image_lines, job_notes, log_wall_s, print_summary
 
     if as_json:
         from ..report import summary_json
@@ -475,6 +544,8 @@ def report(
             JobLayout(job).spec) else None)
         notes = job_notes(st, job, spec.quantize if spec else None)
         print_summary(rows, log_wall_s(rows), arch, console, notes)
+        for line in failed_image_lines(rows):
+            say(line)
 
 
 def _report_inputs(st: Store, job: str, store: str) -> tuple[list, dict, dict | None]:

@@ -1,0 +1,141 @@
+"""A job's predictions as one table (Parquet, CSV or JSONL), as Ray Data users write them.
+
+One row per input image, in record then index order, with the same columns whatever the
+format: record, index, filename, label, class_name, top5 (class ids), top5_scores, scores
+(what the scores are: probs, softmax(logits), logits), error (the reason an image failed,
+else null); with `with_scores`, also `all_scores` (the model's whole output row, from the
+job's `scores/` objects, which `run --save-scores` writes).
+
+Parquet needs pyarrow, an optional dependency (`pip install 'serveless[parquet]'`): only the
+driver exports, and the functions' runtime (a Lambda image) should not carry ~100 MB it
+never uses; CSV and JSONL need nothing more.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .function import scores_key
+from .store import JobLayout, Store, StoreError
+
+FORMATS = ("parquet", "csv", "jsonl")
+COLUMNS = ("record", "index", "filename", "label", "class_name", "top5", "top5_scores",
+           "scores", "error")
+
+
+class ExportError(ValueError):
+    """The job cannot be exported as asked (no predictions, no saved scores, no pyarrow)."""
+
+
+def table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A prediction row (JSONL in the store) as a row of the merged table."""
+    err = row.get("error")
+    values = row.get("probs") if "probs" in row else row.get("logits")
+    return {
+        "record": row["record"],
+        "index": int(row["index"]),
+        "filename": row.get("filename"),
+        "label": row.get("label"),
+        "class_name": row.get("class_name"),
+        "top5": row.get("top5"),
+        "top5_scores": values,
+        "scores": row.get("scores", "probs"),
+        "error": err.get("message") if isinstance(err, dict) else err,
+    }
+
+
+def iter_rows(store: Store, job: str, with_scores: bool = False) -> Iterator[dict[str, Any]]:
+    """Every image's table row, record by record (records in name order)."""
+    layout = JobLayout(job)
+    keys = store.list(layout.key("predictions"), ".jsonl")
+    if not keys:
+        raise ExportError(f"job {job!r} has no predictions in {store.url} (run it first)")
+    for key in keys:
+        rows = [json.loads(line) for line in store.get_bytes(key).decode().splitlines()
+                if line.strip()]
+        rows.sort(key=lambda r: int(r["index"]))
+        scores = _scores(store, layout, key, len(rows)) if with_scores else None
+        for i, row in enumerate(rows):
+            out = table_row(row)
+            if scores is not None:
+                out["all_scores"] = None if out["error"] else [float(v) for v in scores[i]]
+            yield out
+
+
+def _saved_scores(store: Store, job: str) -> bool:
+    from .pipeline import JobSpec
+
+    return JobSpec.load(store, job).save_scores
+
+
+def _scores(store: Store, layout: JobLayout, pred_key: str, n: int) -> np.ndarray:
+    record = pred_key.rsplit("/", 1)[-1].removesuffix(".jsonl")
+    key = scores_key(layout, record)
+    try:
+        data = store.get_bytes(key)
+    except StoreError as exc:
+        raise ExportError(f"job {layout.job!r} has no saved scores for record {record!r}; "
+                          "run it with --save-scores to export --with-scores") from exc
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if len(arr) != n:
+        raise ExportError(f"{key}: {len(arr)} score rows for {n} predictions")
+    return arr.reshape(n, -1)
+
+
+def export(store: Store, job: str, fmt: str, out: str, with_scores: bool = False,
+           options: dict[str, Any] | None = None) -> int:
+    """Write the job's table to `out` (a path or fsspec URL); returns the number of rows."""
+    import fsspec
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if with_scores and not _saved_scores(store, job):
+        raise ExportError(f"job {job!r} was run without --save-scores; its whole score "
+                          "vectors were not kept")
+    rows = list(iter_rows(store, job, with_scores))
+    if fmt == "parquet":
+        data = _parquet(rows, with_scores)
+    elif fmt == "csv":
+        data = _csv(rows)
+    else:
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    with fsspec.open(out, "wb", **(options or {})) as f:
+        f.write(data)
+    return len(rows)
+
+
+def _csv(rows: list[dict[str, Any]]) -> bytes:
+    """Lists as JSON text ("[671, 239]"), nulls as empty cells."""
+    buf = io.StringIO()
+    names = list(rows[0]) if rows else list(COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, list) else ("" if v is None else v)
+                         for k, v in r.items()})
+    return buf.getvalue().encode()
+
+
+def _parquet(rows: list[dict[str, Any]], with_scores: bool) -> bytes:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ExportError("Parquet needs pyarrow: pip install 'serveless[parquet]'") from exc
+    fields = [("record", pa.string()), ("index", pa.int64()), ("filename", pa.string()),
+              ("label", pa.int64()), ("class_name", pa.string()),
+              ("top5", pa.list_(pa.int64())), ("top5_scores", pa.list_(pa.float64())),
+              ("scores", pa.string()), ("error", pa.string())]
+    if with_scores:
+        fields.append(("all_scores", pa.list_(pa.float32())))
+    schema = pa.schema(fields)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()

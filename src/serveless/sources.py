@@ -1,0 +1,380 @@
+"""A job's inputs as users have them: records or plain images, found by content, not by name.
+
+A source is a local folder, a glob, a single file or an fsspec URL (``s3://bucket/prefix``).
+Each file is classified by its first bytes: a TFRecord file is one whose first entry's
+length CRC is valid (TensorFlow's own shards, named ``train-00000-of-01024``, are records),
+an image is one whose signature is JPEG, PNG, WebP, BMP, TIFF or GIF, and anything else is
+skipped with its reason. Images in subfolders are labelled by folder, as in torchvision's
+ImageFolder (label = index of the subfolder among all subfolders sorted by name).
+
+Every record's framing is checked here, on the driver, before any function is invoked, and
+errors name the user's own file (not the store's copy), the byte offset and the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from .images import EMPTY_FILE, IMAGE_FORMATS, NOT_AN_IMAGE, sniff_image
+from .records import Example, RecordError, count_examples, iter_record, masked_crc32c, write_record
+
+if TYPE_CHECKING:
+    from .store import Store
+
+LABELS_FILE = "labels.json"
+RECORD_SUFFIX = ".tfrecord"
+_HEAD = 16
+NOT_A_RECORD = "not a TFRecord file (the first entry's length CRC does not match)"
+
+
+class SourceError(ValueError):
+    """The input cannot be used: nothing there, or a mix we do not guess about."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One file of the input, as the user names it (`shown`) and as fsspec reaches it."""
+
+    fs: Any
+    path: str
+    rel: str  # '/'-separated, relative to the input's root: the image's filename in rows
+    shown: str
+    size: int
+
+    def open(self) -> IO[bytes]:
+        return self.fs.open(self.path, "rb")
+
+    def read(self) -> bytes:
+        return bytes(self.fs.cat_file(self.path))
+
+    def head(self, n: int = _HEAD) -> bytes:
+        if self.size == 0:
+            return b""
+        with self.open() as f:
+            return bytes(f.read(n))
+
+    @property
+    def record_name(self) -> str:
+        """The record's name in the job: the file name without a .tfrecord suffix."""
+        return self.rel.rsplit("/", 1)[-1].removesuffix(RECORD_SUFFIX)
+
+
+@dataclass
+class Inputs:
+    """What a source holds, classified; labels index `classes`, -1 for unlabelled images."""
+
+    source: str
+    records: list[InputFile] = field(default_factory=list)
+    images: list[tuple[InputFile, int]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file as shown, reason)
+    labels_file: InputFile | None = None
+
+
+def is_record_head(head: bytes) -> bool:
+    """Whether bytes start like a TFRecord file: a length whose masked CRC32C follows it."""
+    if len(head) < 12:
+        return False
+    (crc,) = struct.unpack("<I", head[8:12])
+    return masked_crc32c(head[:8]) == crc
+
+
+def _is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+def _open_fs(source: str, options: dict[str, Any] | None) -> tuple[Any, str, bool]:
+    """(filesystem, path in it, is-local) for a local path or an fsspec URL."""
+    import fsspec
+
+    if "://" not in source:
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(source)), True
+    protocol = source.split("://", 1)[0]
+    opts = dict(options or {})
+    if protocol in {"s3", "s3a"}:
+        opts.setdefault("use_listings_cache", False)
+    try:
+        fs, path = fsspec.core.url_to_fs(source, **opts)
+    except (ImportError, ValueError, TypeError) as exc:
+        raise SourceError(f"cannot open input {source!r}: {exc}") from exc
+    return fs, path, protocol == "file"
+
+
+def _shown(source: str, root: str, rel: str, local: bool) -> str:
+    """The file as the user would write it: their folder or URL joined with the rest."""
+    if not rel:
+        return source
+    if local and "://" not in source:
+        return os.path.join(source, *rel.split("/"))
+    return f"{source.rstrip('/')}/{rel}"
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, int]]:
+    """(path, size) of every non-hidden file under root; symlinks followed, loops cut."""
+    seen: set[str] = set()
+    stack = [root]
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in seen:
+            continue
+        seen.add(real)
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    stack.append(entry.path)
+                elif entry.is_file():
+                    yield entry.path, entry.stat().st_size
+
+
+def _list(fs: Any, root: str, local: bool) -> tuple[list[tuple[str, str, int]], list[str]]:
+    """Files (path, rel, size) below a folder and its top-level subfolders (the classes)."""
+    if local:
+        files = [(p, Path(p).relative_to(root).as_posix(), s) for p, s in _walk_local(root)]
+        with os.scandir(root) as entries:
+            subs = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
+        return files, sorted(subs)
+    base = root.rstrip("/")
+    found = fs.find(base, detail=True)
+    files = []
+    subs: set[str] = set()
+    for path, info in found.items():
+        if info.get("type") == "directory":
+            continue
+        rel = path[len(base):].lstrip("/")
+        if not rel or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        files.append((path, rel, int(info.get("size") or 0)))
+        if "/" in rel:
+            subs.add(rel.split("/", 1)[0])
+    return files, sorted(subs)
+
+
+def scan_inputs(source: str, options: dict[str, Any] | None = None) -> Inputs:
+    """Classify every file of a source by content; raises SourceError if it holds nothing.
+
+    A file named ``*.tfrecord`` whose bytes are not a record is an error (the user meant it
+    as one), not a skipped file; so is a source holding both records and images.
+    """
+    fs, root, local = _open_fs(source, options)
+    out = Inputs(source)
+    try:
+        if _is_glob(source):
+            paths = sorted(fs.glob(root))
+            listing = [(p, p.rstrip("/").rsplit("/", 1)[-1], int(fs.size(p)))
+                       for p in paths if not fs.isdir(p)]
+            classes: list[str] = []
+            shown = {p: (p if local and "://" not in source else fs.unstrip_protocol(p))
+                     for p, _, _ in listing}
+        elif fs.isdir(root):
+            listing, classes = _list(fs, root, local)
+            listing.sort(key=lambda f: f[1].split("/"))
+            shown = {p: _shown(source, root, rel, local) for p, rel, _ in listing}
+        elif fs.isfile(root):
+            listing = [(root, root.rstrip("/").rsplit("/", 1)[-1], int(fs.size(root)))]
+            classes = []
+            shown = {root: source}
+        else:
+            raise SourceError(f"no records or images at {source}: no such file or folder")
+    except (FileNotFoundError, PermissionError, OSError) as exc:
+        if isinstance(exc, SourceError):
+            raise
+        raise SourceError(f"cannot list input {source!r}: {exc}") from exc
+    out.classes = classes
+    index = {name: i for i, name in enumerate(classes)}
+    for path, rel, size in listing:
+        f = InputFile(fs, path, rel, shown[path], size)
+        if rel == LABELS_FILE:
+            out.labels_file = f
+            continue
+        if size == 0:
+            out.skipped.append((f.shown, EMPTY_FILE))
+            continue
+        head = f.head()
+        if is_record_head(head):
+            out.records.append(f)
+        elif sniff_image(head) is not None:
+            label = index.get(rel.split("/", 1)[0], -1) if "/" in rel else -1
+            out.images.append((f, label))
+        elif rel.endswith(RECORD_SUFFIX):
+            raise RecordError(f.shown, 0, NOT_A_RECORD)
+        else:
+            out.skipped.append((f.shown, f"{NOT_AN_IMAGE} and not a TFRecord file"))
+    if out.records and out.images:
+        raise SourceError(f"{source} holds both records ({len(out.records)}) and images "
+                          f"({len(out.images)}); give a folder of one kind")
+    if not out.records and not out.images:
+        why = "; ".join(f"{name}: {reason}" for name, reason in out.skipped[:3])
+        raise SourceError(f"no records or images at {source} (images: "
+                          f"{', '.join(IMAGE_FORMATS)}, told apart by content)"
+                          + (f"; skipped {len(out.skipped)} files, e.g. {why}" if why else ""))
+    return out
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+def check_records(records: list[InputFile]) -> dict[str, int]:
+    """Every record's framing (lengths, their CRCs, truncation), before anything runs.
+
+    Returns images per record name; a RecordError names the user's file and byte offset.
+    Names must be distinct: they name the record's objects in the job.
+    """
+    counts: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for f in records:
+        name = f.record_name
+        if name in first:
+            raise SourceError(f"two records named {name!r}: {first[name]} and {f.shown}; "
+                              "records of one job need distinct file names")
+        first[name] = f.shown
+        with f.open() as src:
+            counts[name] = count_examples(src, f.shown)
+    return counts
+
+
+class _Tee:
+    """A reader that copies what it reads into a writer: check and upload in one pass."""
+
+    def __init__(self, src: IO[bytes], dst: IO[bytes]):
+        self.src, self.dst = src, dst
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.src.read(n)
+        if data:
+            self.dst.write(data)
+        return data
+
+    def tell(self) -> int:
+        return 0  # iter_frames starts its offsets here
+
+
+def copy_record(f: InputFile, store: Store, key: str) -> int:
+    """Copy a record into the store, checking every CRC and example on the way.
+
+    The object appears only if the whole file is sound; errors name the user's file.
+    """
+    with f.open() as src, store.writer(key) as out:
+        return sum(1 for _ in iter_record(_Tee(src, out), f.shown))  # type: ignore[arg-type]
+
+
+# -- images ----------------------------------------------------------------------------------
+
+
+def pack_images(
+    images: list[tuple[InputFile, int]],
+    store: Store,
+    prefix: str,
+    per_record: int,
+    progress: Callable[[int], None] | None = None,
+    exists: Callable[[str, int], bool] | None = None,
+) -> list[str]:
+    """Images, bytes as-is, into records ``<prefix>/<00000..>.tfrecord``; returns their names.
+
+    Packed to a local temporary file first, so `exists(key, size)` can tell that the same
+    record is already in the store (a re-run of the same command) and skip the upload.
+    """
+    import tempfile
+
+    if per_record < 1:
+        raise SourceError(f"--per-record must be >= 1, got {per_record}")
+    base = prefix.strip("/")
+    names: list[str] = []
+    for start in range(0, len(images), per_record):
+        chunk = images[start:start + per_record]
+        name = f"{len(names):05d}"
+        key = f"{base}/{name}{RECORD_SUFFIX}" if base else f"{name}{RECORD_SUFFIX}"
+        examples = (Example(f.read(), f.rel, label) for f, label in chunk)
+        fd, tmp = tempfile.mkstemp(prefix="serveless-pack-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                written = write_record(out, examples)
+            if exists is None or not exists(key, os.path.getsize(tmp)):
+                store.put_file(tmp, key)
+        finally:
+            os.unlink(tmp)
+        names.append(name)
+        if progress is not None:
+            progress(written)
+    return names
+
+
+def labels_json(classes: list[str]) -> bytes:
+    """labels.json: the class names, index = label (what `pack` writes beside the records)."""
+    return (json.dumps(classes, indent=1) + "\n").encode()
+
+
+def read_labels(data: bytes, where: str) -> list[str]:
+    """Class names from a labels.json: a JSON list of strings (index = label)."""
+    try:
+        classes = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{where}: not JSON: {exc}") from exc
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise SourceError(f"{where}: expected a JSON list of class names")
+    return classes
+
+
+@dataclass
+class Packed:
+    """What `pack` did, for it to say so."""
+
+    images: int
+    records: list[str]
+    classes: list[str]
+    skipped: list[tuple[str, str]]
+    removed: int = 0
+
+
+def records_in(store: Store) -> list[str]:
+    """Keys of the records (by name or by content) and labels.json directly in a store."""
+    found = []
+    for key in store.list(""):
+        name = key.rsplit("/", 1)[-1]
+        if name == LABELS_FILE or name.endswith(RECORD_SUFFIX):
+            found.append(key)
+            continue
+        try:
+            with store.open_read(key) as f:
+                if is_record_head(bytes(f.read(_HEAD))):
+                    found.append(key)
+        except (OSError, IsADirectoryError, ValueError):
+            continue  # a folder, or unreadable: not a record of ours
+    return found
+
+
+def pack_source(
+    src: str,
+    dest: Store,
+    per_record: int,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+    options: dict[str, Any] | None = None,
+) -> Packed:
+    """`serveless pack`: images into records of `dest`, plus labels.json; never mixes old
+    records with new ones (a destination holding records is refused unless `overwrite`,
+    which deletes them first)."""
+    if per_record < 1:
+        raise SourceError(f"--per-record must be >= 1, got {per_record}")
+    inputs = scan_inputs(src, options)
+    if inputs.records:
+        raise SourceError(f"{src} holds records, not images; a job reads them as they are "
+                          "(run --input)")
+    old = records_in(dest)
+    if old and not overwrite:
+        raise SourceError(f"{dest.url} already holds {len(old)} records or labels files; "
+                          "pass --overwrite to replace them (they are deleted first)")
+    for key in old:
+        dest.delete(key)
+    names = pack_images(inputs.images, dest, "", per_record, progress=progress)
+    if inputs.classes:
+        dest.put_bytes(LABELS_FILE, labels_json(inputs.classes))
+    return Packed(len(inputs.images), names, inputs.classes, inputs.skipped, len(old))
