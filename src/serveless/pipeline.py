@@ -464,13 +464,6 @@ def read_predictions(store: Store, job: str) -> list[dict[str, Any]]:
     return rows
 
 
-def failed_images(store: Store, job: str, limit: int = 10) -> tuple[list[tuple[str, str]], int]:
-    """The first `limit` images that could not be served, as (filename, reason), and the count."""
-    failed = [(r["filename"], f"{r['error']['type']}: {r['error']['message']}")
-              for r in read_predictions(store, job) if r.get("error")]
-    return failed[:limit], len(failed)
-
-
 def load_log(store: Store, job: str) -> list[dict[str, Any]]:
     key = JobLayout(job).log
     if not store.exists(key):
