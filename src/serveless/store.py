@@ -6,9 +6,13 @@ PUT on object stores), so a re-run stage never leaves a torn object behind.
 On S3 (s3fs) every object up to 5 GiB is one PUT whose body is streamed from a local
 file, so an upload holds a few MB, not the object (s3fs's own put_file reads the whole file,
 or 10 parts of 50 MiB, into memory: 400 MB more for a 200 MB tensor, measured) and counts as
-one request, as the cost model assumes. Larger objects use a multipart upload with bounded
-parts; that is just as atomic, since S3 shows the object only once CompleteMultipartUpload
-succeeds, and s3fs aborts the upload when a part fails. The endpoint and credentials come
+one request, as the cost model assumes. Each attempt of that PUT gets a fresh body that
+starts at its first byte (never the half-read file object of a failed attempt), sends its
+Content-Length and Content-MD5, and the write counts as done only once S3's reply confirms
+it (the ETag of a plain PUT is the MD5 of what S3 stored; under SSE-KMS/C a HEAD checks the
+size). Larger objects use a multipart upload with bounded parts, checked by size; that is
+just as atomic, since S3 shows the object only once CompleteMultipartUpload succeeds, and
+s3fs aborts the upload when a part fails. The endpoint and credentials come
 from the standard AWS environment (AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID, AWS_PROFILE,
 ...) or from the store options (`endpoint_url`, `key`, `secret`, ...), which travel with
 `spec()` to every function.
@@ -16,7 +20,9 @@ from the standard AWS environment (AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID, AWS
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import inspect
 import math
 import os
@@ -31,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import fsspec
+import fsspec.asyn
 
 T = TypeVar("T")
 DEFAULT_STORE = "./serveless-store"
@@ -167,7 +174,9 @@ class Store:
             with self.writer(key) as f:
                 f.write(data)
         elif self.s3 and len(data) <= S3_MAX_PUT:
-            _retrying(lambda: self._put_object(self.path(key), data), key)
+            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            _retrying(lambda: self._put_object(self.path(key), lambda: _Bytes(data),
+                                               len(data), md5), key)
         else:
             _retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
 
@@ -178,24 +187,85 @@ class Store:
             with open(local, "rb") as src, self.writer(key) as out:
                 shutil.copyfileobj(src, out, 1 << 22)
         else:
-            _retrying(lambda: self._upload(os.fspath(local), dest), key)
+            self._upload(os.fspath(local), dest, key)
 
-    def _upload(self, local: str, dest: str) -> None:
-        """One object from a finished local file: a PUT, or an atomic multipart upload."""
+    def _upload(self, local: str, dest: str, key: str) -> None:
+        """One object from a finished local file: a PUT, or an atomic multipart upload.
+
+        Every attempt sends the file from its first byte (a fresh file object per attempt,
+        whatever layer retries), and the object counts as written only once S3 confirmed
+        its size and checksum.
+        """
         size = os.path.getsize(local)
         if self.s3 and size <= S3_MAX_PUT:
-            with open(local, "rb") as body:
-                self._put_object(dest, body)
-        elif self.s3:
-            self.fs.put_file(local, dest, **_s3_upload_options(size))
-        else:
-            self.fs.put_file(local, dest)
+            md5 = _file_md5(local)
+            _retrying(lambda: self._put_object(dest, lambda: open(local, "rb"), size, md5), key)
+        elif self.s3:  # s3fs sends each part as bytes read for that part: re-sendable
+            def multipart() -> None:
+                self.fs.put_file(local, dest, **_s3_upload_options(size))
+                self._confirm_size(dest, size)
 
-    def _put_object(self, dest: str, body: bytes | IO[bytes]) -> None:
-        """One S3 PUT; a file body is streamed, and reopened by _retrying on a retry."""
+            _retrying(multipart, key)
+        else:
+            _retrying(lambda: self.fs.put_file(local, dest), key)
+
+    def _put_object(self, dest: str, open_body: Callable[[], Any], size: int,
+                    md5: str) -> None:
+        """One S3 PUT of exactly `size` bytes, confirmed; called once per attempt.
+
+        Not through s3fs's call_s3: its retry loop re-sends the same body object, which
+        after a failed attempt (botocore's own retries exhausted, e.g. by 503 SlowDown)
+        is read to its end, so S3 stores an empty or short object and reports success
+        (tests/test_s3.py reproduces it through a fault-injecting proxy). Here botocore
+        still retries within the call (it rewinds our fresh body to its start), and
+        `_retrying` makes each further attempt with a new body. Content-Length and
+        Content-MD5 are sent, so S3 itself refuses a body that is not the one meant.
+        """
         bucket, key, _ = self.fs.split_path(dest)
-        self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body)
+        with open_body() as body:
+            reply = self._s3_call("put_object", Bucket=bucket, Key=key, Body=body,
+                                  ContentLength=size,
+                                  ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode())
         self.fs.invalidate_cache(dest)
+        etag = str(reply.get("ETag", "")).strip('"')
+        plain = (reply.get("ServerSideEncryption") in (None, "AES256")
+                 and not reply.get("SSECustomerAlgorithm"))
+        if plain and re.fullmatch(r"[0-9a-f]{32}", etag):
+            if etag != md5:  # a plain PUT's ETag is the MD5 of what S3 stored
+                raise TransientStoreError(
+                    f"S3 stored {dest} with MD5 {etag}, not the {size} bytes sent (MD5 "
+                    f"{md5}): written again")
+        else:  # SSE-KMS/C ETags are not MD5s: check the size S3 stored
+            self._confirm_size(dest, size)
+
+    def _confirm_size(self, dest: str, size: int) -> None:
+        bucket, key, _ = self.fs.split_path(dest)
+        stored = int(self._s3_call("head_object", Bucket=bucket, Key=key)["ContentLength"])
+        if stored != size:
+            raise TransientStoreError(f"S3 stored {stored} bytes for {dest}, not {size}")
+
+    def _s3_call(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        """One botocore call (with botocore's own retries only); errors as OSErrors."""
+        fs = self.fs
+
+        async def call() -> dict[str, Any]:
+            await fs.set_session()
+            s3 = await fs.get_s3(kwargs.get("Bucket"))
+            fn = getattr(s3, method)
+            return await fn(**fs._get_s3_method_kwargs(fn, **kwargs))
+
+        try:
+            return fsspec.asyn.sync(fs.loop, call)
+        except OSError:
+            raise
+        except Exception as exc:
+            from botocore.exceptions import ClientError
+            from s3fs.errors import translate_boto_error
+
+            if isinstance(exc, ClientError):
+                raise translate_boto_error(exc) from exc
+            # connection resets, timeouts, a body cut short: worth another attempt
+            raise TransientStoreError(f"{type(exc).__name__}: {exc}") from exc
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[IO[bytes]]:
@@ -216,7 +286,7 @@ class Store:
             try:
                 with os.fdopen(fd, "wb") as f:
                     yield f
-                _retrying(lambda: self._upload(tmp, dest), key)
+                self._upload(tmp, dest, key)
             finally:
                 os.unlink(tmp)
 
@@ -323,6 +393,27 @@ def _takes(fs: Any, method: str) -> bool:
         return "max_concurrency" in inspect.signature(getattr(fs, method)).parameters
     except (AttributeError, TypeError, ValueError):
         return False
+
+
+class _Bytes:
+    """bytes as a context manager, like an open file: a body for `Store._put_object`."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __enter__(self) -> bytes:
+        return self.data
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _file_md5(path: str) -> str:
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            md5.update(chunk)
+    return md5.hexdigest()
 
 
 def _s3_upload_options(size: int) -> dict[str, int]:
