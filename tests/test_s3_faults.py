@@ -140,3 +140,37 @@ def test_job_through_a_faulty_network_loses_no_row_and_no_byte(
     for rec in spec.records:
         local = (small_records / f"{rec}.tfrecord").read_bytes()
         assert _direct_bytes(s3_server, f"faultyjob/fj/records/{rec}.tfrecord") == local
+
+
+# -- requests counted as the server sees them (item 3) -------------------------------------------
+
+
+def test_each_invocation_logs_the_requests_the_server_saw(s3_server, s3_proxy, small_records,
+                                                          monkeypatch):
+    """Stage 0 fetches its record once (one GET, even when the record spans many read
+    blocks), and every stage's gets/heads/puts equal the GETs/HEADs/PUTs on the wire."""
+    from serveless import function
+    from serveless import store as store_module
+
+    monkeypatch.setattr(store_module, "S3_READ_BLOCK", 64 << 10)  # records span ~10 blocks
+    st = _store(s3_server, s3_proxy, "counted")
+    spec = prepare_job(st, "cj", "alexnet", preset="paper", records=str(small_records))
+    record = spec.records[0]
+    assert st.size(f"cj/records/{record}.tfrecord") > 4 * (64 << 10)
+    monkeypatch.setattr(function, "_SESSIONS", {})  # a cold start: the model is fetched too
+    for stage in range(spec.stages):
+        s3_proxy.clear()
+        event = {"store": st.spec(), "job": "cj", "stage": stage, "stages": spec.stages,
+                 "record": record, "size": spec.input_hw, "format": spec.format}
+        metrics = function.handle(event)
+        function._SESSIONS.clear()
+        assert metrics["images"] == 10
+        assert metrics["gets"] == len(s3_proxy.seen("GET")), stage
+        assert metrics["heads"] == len(s3_proxy.seen("HEAD")), stage
+        assert metrics["puts"] == len(s3_proxy.seen("PUT")), stage
+        if stage == 0:
+            assert len(s3_proxy.seen("GET", f"/records/{record}.tfrecord")) == 1
+        else:
+            size = st.size(f"cj/stage-{stage - 1}/{record}.npy")
+            gets = len(s3_proxy.seen("GET", f"/stage-{stage - 1}/{record}.npy"))
+            assert 1 <= gets <= -(-size // (64 << 10))  # at most one per read block

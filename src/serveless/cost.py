@@ -49,6 +49,7 @@ class Bill:
     gb_s: float = 0.0
     gets: int = 0
     puts: int = 0
+    heads: int = 0  # HEAD requests: priced as GETs
     arch: str = "x86_64"
 
     @property
@@ -61,7 +62,7 @@ class Bill:
 
     @property
     def store_ops(self) -> float:
-        return self.gets * S3_GET + self.puts * S3_PUT
+        return (self.gets + self.heads) * S3_GET + self.puts * S3_PUT
 
     @property
     def total(self) -> float:
@@ -72,6 +73,7 @@ class Bill:
         self.gb_s += gb_seconds(row["memory_mb"], row["billed_ms"])
         self.gets += int(row.get("gets", 0))
         self.puts += int(row.get("puts", 0))
+        self.heads += int(row.get("heads", 0) or 0)
 
 
 def bill(rows: Iterable[dict[str, Any]], arch: str = "x86_64") -> dict[int | str, Bill]:

@@ -81,9 +81,16 @@ _invocations = 0
 
 def load_stage(store: Store, model_key: str, threads: int) -> tuple[Any, float, int]:
     """The stage's session, loaded once per instance: (session, init ms, bytes read)."""
+    session, init_ms, size, _ = _load_stage(store, model_key, threads)
+    return session, init_ms, size
+
+
+def _load_stage(store: Store, model_key: str,
+                threads: int) -> tuple[Any, float, int, int | None]:
+    """load_stage, and how many GETs it made (None: a local folder, no requests)."""
     cache_key = (store.url, model_key, threads)
     if cache_key in _SESSIONS:
-        return _SESSIONS[cache_key], 0.0, 0
+        return _SESSIONS[cache_key], 0.0, 0, 0
     import onnxruntime as ort
 
     t0 = time.perf_counter()
@@ -98,14 +105,16 @@ def load_stage(store: Store, model_key: str, threads: int) -> tuple[Any, float, 
         if not os.path.exists(local):
             raise StoreError(f"missing object {store.url}/{model_key}")
         size = os.path.getsize(local) + _size_or_zero(local + DATA_SUFFIX)
+        requests = None
         session = ort.InferenceSession(local, opts, providers=["CPUExecutionProvider"])
     else:
         # Weights are external data beside the graph; onnxruntime maps them from a local
         # file, so fetch both into a private folder (/tmp on Lambda) first.
         with tempfile.TemporaryDirectory(prefix="serveless-model-") as tmp:
             path = os.path.join(tmp, model_key.rsplit("/", 1)[-1])
-            size = 0
+            size = requests = 0
             for suffix in ("", DATA_SUFFIX):
+                requests += 1  # one GET per file (a missing one is a GET answered 404)
                 try:  # streamed, never whole in memory; transient errors are retried
                     store.get_file(model_key + suffix, path + suffix)
                 except StoreError:
@@ -116,7 +125,7 @@ def load_stage(store: Store, model_key: str, threads: int) -> tuple[Any, float, 
             session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     _SESSIONS.clear()  # an instance serves one stage; drop any other
     _SESSIONS[cache_key] = session
-    return session, (time.perf_counter() - t0) * 1000, size
+    return session, (time.perf_counter() - t0) * 1000, size, requests if store.s3 else None
 
 
 def _size_or_zero(path: str) -> int:
@@ -157,11 +166,14 @@ class _Counters:
     bytes_in: int = 0
     bytes_out: int = 0
     gets: int = 0
+    heads: int = 0
     puts: int = 0
 
-    def got(self, size: int) -> None:
+    def got(self, size: int, requests: int | None = None) -> None:
+        """Bytes read with `requests` GETs: counted where the store makes real requests
+        (S3), else modelled as one ranged GET per 64 MiB as an object store would serve."""
         self.bytes_in += size
-        self.gets += max(1, math.ceil(size / READ_BLOCK))
+        self.gets += max(1, math.ceil(size / READ_BLOCK)) if requests is None else requests
 
     def put(self, size: int) -> None:
         self.bytes_out += size
@@ -182,9 +194,9 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
     c = _Counters()
 
     model_key = ev.model or layout.stage_model(ev.stage)
-    session, init_ms, model_bytes = load_stage(store, model_key, ev.threads)
+    session, init_ms, model_bytes, model_gets = _load_stage(store, model_key, ev.threads)
     if model_bytes:
-        c.got(model_bytes)
+        c.got(model_bytes, model_gets)
     input_name = session.get_inputs()[0].name
     last = ev.stage == ev.stages - 1
 
@@ -192,19 +204,18 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         in_key = layout.record(ev.record)
     else:
         in_key = layout.stage_output(ev.stage - 1, ev.record, fmt.suffix)
-    c.got(store.size(in_key))
 
-    with store.open_read(in_key) as src:
+    with _Input(store, in_key, whole=ev.stage == 0) as src:
         if ev.stage == 0:
-            n, blocks, meta = _image_blocks(src, store.path(in_key), ev, c)
+            n, blocks, meta = _image_blocks(src.file, store.path(in_key), ev, c)
         else:
-            n, blocks = _tensor_blocks(src, fmt, ev, c)
+            n, blocks = _tensor_blocks(src.file, fmt, ev, c)
             meta = None
         outputs = _run(session, input_name, _prefetch(blocks), c)
         if last:
             if meta is None:
                 raw = store.get_bytes(layout.record_meta(ev.record))
-                c.got(len(raw))
+                c.got(len(raw), 1 if store.s3 else None)
                 meta = json.loads(raw)
             out_key = layout.predictions(ev.record)
             written = _write_predictions(store, out_key, ev.record, outputs, meta, c)
@@ -215,6 +226,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
                 data = json.dumps(meta).encode()
                 store.put_bytes(layout.record_meta(ev.record), data)
                 c.put(len(data))
+        src.count(c)
 
     errors = len(meta.get("errors", {})) if meta else 0
     duration_ms = (time.perf_counter() - t0) * 1000 - init_ms
@@ -232,10 +244,56 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         "bytes_in": c.bytes_in,
         "bytes_out": c.bytes_out,
         "gets": c.gets,
+        "heads": c.heads,
         "puts": c.puts,
         "peak_mb": round(peak_mb(), 1),
         "output": written,
     }
+
+
+class _Input:
+    """The input object of an invocation, opened so that it is fetched once, and counted.
+
+    A record (`whole`) is read twice, once to count its images (the output's shape needs
+    the count first) and once to decode them; from an object store that would fetch it
+    twice, so it is downloaded to local disk (/tmp on Lambda) with one streamed GET and
+    read there. A tensor is read once, front to back, through the store's ranged reader;
+    on S3 its GETs are counted from the reader's cache misses, one per fetched block.
+    """
+
+    def __init__(self, store: Store, key: str, whole: bool):
+        self.store, self.key, self.whole = store, key, whole
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.file: IO[bytes]
+
+    def __enter__(self) -> _Input:
+        if self.whole and self.store.local_path(self.key) is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="serveless-input-")
+            path = os.path.join(self._tmp.name, "input")
+            self.store.get_file(self.key, path)  # one GET, streamed to disk
+            self.file = open(path, "rb")  # noqa: SIM115 - closed in __exit__
+        else:
+            self.file = self.store.open_read(self.key)
+        return self
+
+    def count(self, c: _Counters) -> None:
+        """Add this input's bytes and requests to the counters, once it has been read."""
+        f = self.file
+        size = getattr(f, "size", None)
+        if size is None:
+            size = os.fstat(f.fileno()).st_size
+        if not self.store.s3:
+            c.got(int(size))
+        elif self._tmp is not None:
+            c.got(int(size), 1)
+        else:  # s3fs: one HEAD at open for the size, then one GET per cache miss
+            c.heads += 1
+            c.got(int(size), int(getattr(getattr(f, "cache", None), "miss_count", 1)))
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 def _image_blocks(
@@ -249,7 +307,7 @@ def _image_blocks(
     from .records import count_examples
 
     n = count_examples(src, key)
-    src.seek(0)
+    src.seek(0)  # a local file (see _Input): no second fetch
     meta: dict[str, Any] = {"n": n, "filenames": [], "labels": [], "errors": {}}
 
     def decode(batch: np.ndarray, row: int, data: bytes) -> dict[str, str] | None:

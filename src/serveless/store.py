@@ -14,8 +14,12 @@ size). Larger objects use a multipart upload with bounded parts, checked by size
 just as atomic, since S3 shows the object only once CompleteMultipartUpload succeeds, and
 s3fs aborts the upload when a part fails. The endpoint and credentials come
 from the standard AWS environment (AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID, AWS_PROFILE,
-...) or from the store options (`endpoint_url`, `key`, `secret`, ...), which travel with
-`spec()` to every function.
+...) or from the store options (`endpoint_url`, `key`, `secret`, ...).
+
+Credentials never travel: `spec()`, what goes into events, Lithops payloads and logs, holds
+the options that are not credentials and an opaque reference to the rest. The process that
+opened the store keeps them; its local workers get them through their environment
+(`credentials_env()`); remote functions use their own role or environment.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import base64
 import contextlib
 import hashlib
 import inspect
+import json
 import math
 import os
 import random
@@ -52,6 +57,76 @@ S3_PART_SIZE = 64 << 20  # multipart part size (above S3_MAX_PUT only)
 S3_UPLOAD_CONCURRENCY = 2  # parts in flight: at most 128 MiB buffered per upload
 S3_MAX_PARTS = 10_000  # S3's limit on parts per upload
 S3_READ_BLOCK = 64 << 20  # one ranged GET per 64 MiB, as function.READ_BLOCK counts them
+
+
+CREDENTIALS_ENV = "SERVELESS_STORE_CREDENTIALS"
+_CREDENTIAL_NAMES = {"key", "secret", "token", "profile", "password", "username",
+                     "credentials"}
+_CREDENTIAL_PARTS = ("secret", "token", "password", "credential", "access_key", "account_key",
+                     "key_id", "connection_string", "profile", "sas_")
+_credentials: dict[str, dict[str, Any]] = {}  # reference -> credential options, this process
+_refs: dict[str, str] = {}  # canonical JSON of credential options -> reference
+
+
+def is_credential(name: str) -> bool:
+    """Whether a store option is a credential (or names one, as a profile does)."""
+    low = name.lower()
+    return low in _CREDENTIAL_NAMES or any(part in low for part in _CREDENTIAL_PARTS)
+
+
+def split_credentials(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options without credentials, the credentials), also inside nested dicts such as
+    client_kwargs={'aws_access_key_id': ...}."""
+    public: dict[str, Any] = {}
+    secret: dict[str, Any] = {}
+    for name, value in options.items():
+        if is_credential(str(name)):
+            secret[name] = value
+        elif isinstance(value, dict):
+            pub, sec = split_credentials(value)
+            public[name] = pub
+            if sec:
+                secret[name] = sec
+        else:
+            public[name] = value
+    return public, secret
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for name, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(name), dict):
+            out[name] = _merge(out[name], value)
+        else:
+            out[name] = value
+    return out
+
+
+def _register(secret: dict[str, Any]) -> str:
+    """An opaque reference for credentials kept in this process (the same for the same ones)."""
+    canonical = json.dumps(secret, sort_keys=True, default=str)
+    if canonical not in _refs:
+        ref = uuid.uuid4().hex
+        _refs[canonical] = ref
+        _credentials[ref] = secret
+    return _refs[canonical]
+
+
+def _lookup(ref: str) -> dict[str, Any] | None:
+    if ref in _credentials:
+        return _credentials[ref]
+    try:
+        shared = json.loads(os.environ.get(CREDENTIALS_ENV) or "{}")
+    except json.JSONDecodeError:
+        return None
+    found = shared.get(ref) if isinstance(shared, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def credentials_env() -> dict[str, str]:
+    """Environment for a local worker process: the credentials of the stores this process
+    opened, under their references; {} when there are none."""
+    return {CREDENTIALS_ENV: json.dumps(_credentials, default=str)} if _credentials else {}
 
 
 class StoreError(Exception):
@@ -100,6 +175,9 @@ class Store:
     def __init__(self, url: str = DEFAULT_STORE, options: dict[str, Any] | None = None):
         self.url = url
         self.options = dict(options or {})
+        public, secret = split_credentials(self.options)
+        self._public = public
+        self._credentials_ref = _register(secret) if secret else None
         if "://" not in url:
             url = Path(url).expanduser().resolve().as_uri()
         fs_options = dict(self.options)
@@ -123,12 +201,23 @@ class Store:
         return f"Store({self.url!r})"
 
     def spec(self) -> dict[str, Any]:
-        """What a function needs to open the same store elsewhere (JSON-safe)."""
-        return {"url": self.url, "options": self.options}
+        """What a function needs to open the same store elsewhere (JSON-safe): no
+        credentials, only a reference to them that `from_spec` resolves where they were
+        handed over (this process, or a local worker's environment)."""
+        out: dict[str, Any] = {"url": self.url, "options": self._public}
+        if self._credentials_ref:
+            out["credentials"] = self._credentials_ref
+        return out
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Store:
-        return cls(spec["url"], spec.get("options"))
+        """The store of `spec()`; credentials from this process or its environment, and
+        where they are not there, the platform's (a Lambda function's role, AWS_* vars)."""
+        options = dict(spec.get("options") or {})
+        found = _lookup(str(spec["credentials"])) if spec.get("credentials") else None
+        if found:
+            options = _merge(options, found)
+        return cls(spec["url"], options)
 
     def path(self, key: str) -> str:
         key = key.strip("/")

@@ -237,6 +237,7 @@ class LithopsBackend:
             raise
         finally:
             child_sock.close()
+        self._sent_credentials: set[str] = set()
         self._sock = parent_sock  # for shutdown(): closing an fd wakes no recv blocked on it
         self._conn = Connection(os.dup(parent_sock.fileno()))
         # A backend never closed still ends its sidecar, at the latest when Python exits.
@@ -296,6 +297,7 @@ class LithopsBackend:
             if unreachable:
                 return self._failed("ValueError", unreachable, t0)  # final: no retries
             try:
+                self._hand_over_credentials(event)
                 self._send({"op": "invoke", "id": call_id, "memory": fn.memory_mb,
                             "event": event, "timeout": self.timeout_s})
             except OSError as exc:
@@ -309,6 +311,18 @@ class LithopsBackend:
         finally:
             with self._lock:
                 self._pending.pop(call_id, None)
+
+    def _hand_over_credentials(self, event: dict[str, Any]) -> None:
+        """On localhost, the store's credentials go to the sidecar's environment, which
+        Lithops' runner processes inherit: never into the call's payload. Functions on a
+        cloud engine take them from their own role or environment (docs/aws-lambda.md)."""
+        ref = (event.get("store") or {}).get("credentials")
+        if self.compute != "localhost" or not ref or ref in self._sent_credentials:
+            return
+        from ..store import credentials_env
+
+        self._send({"op": "env", "env": credentials_env()})
+        self._sent_credentials.add(ref)
 
     def close(self) -> None:
         """Stop every Lithops process and remove every file Lithops wrote; idempotent."""
@@ -665,6 +679,9 @@ def _sidecar(fd: int) -> None:
                 return
             if req.get("op") == "shutdown":
                 return
+            if req.get("op") == "env":  # before the calls that need it: same connection
+                os.environ.update(req["env"])
+                continue
             if req.get("op") == "invoke":
                 threading.Thread(target=engine.run, args=(req,), daemon=True,
                                  name=f"call-{req['id']}").start()

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from ..cost import vcpus
+from ..store import credentials_env
 from . import FunctionSpec, InvocationResult
 from .limits import InstanceLimits, Watchdog, cgroup_support, cleanup_stale
 
@@ -62,6 +63,7 @@ class _Instance:
         spec = {"store": fn.store, "model_key": fn.model_key, "threads": fn.threads}
         # A fresh interpreter (not fork: onnxruntime's threads; not multiprocessing's spawn:
         # it re-runs the caller's __main__, which fails from stdin or notebooks).
+        # The store's credentials go through the environment, never argv or events.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno()),
              json.dumps(spec)],
@@ -69,6 +71,7 @@ class _Instance:
             # Out of the terminal's process group: Ctrl-C reaches the driver alone, which
             # stops its instances; one still importing would print a KeyboardInterrupt.
             start_new_session=True,
+            env={**os.environ, **credentials_env()},
         )
         theirs.close()  # the instance holds the only other end: its death reads as EOF
         self.conn = mpc.Connection(ours.detach())
