@@ -209,7 +209,9 @@ def test_calls_end_with_a_result_whatever_happens_to_them():
     assert ok.ok and ok.metrics["echo"] == {"do": "ok"}
     assert ok.extra["lithops"]["runtime_memory"] == 512  # the stage's memory, as asked
     assert ok.extra["lithops"]["worker_exec_time"] > 0 and ok.duration_ms >= 1.0
-    assert results["raise"].error == {"type": "ValueError", "message": "bad record"}
+    raised = results["raise"].error
+    assert raised["type"] == "ValueError" and raised["message"] == "bad record"
+    assert raised["final"] and "deterministic" in raised["why"]  # not retried, and why
     assert results["sleep"].error["type"] == "Timeout"
     assert results["die"].error["type"] == "InstanceDied"
     assert results["hang"].error["type"] == "Timeout"

@@ -73,6 +73,42 @@ class Event:
         return ev
 
 
+# -- errors as the driver sees them ---------------------------------------------------------
+
+# Failures that come out the same on every attempt: the input, the graph or the event is
+# wrong. Retrying them costs an invocation each and cannot succeed.
+DETERMINISTIC = {
+    "RecordError": "the record is malformed",
+    "TensorFormatError": "the stage input is malformed",
+    "ValueError": "the event or an input is invalid",
+    "PredictionCountError": "the stage output does not match the record",
+    "InvalidArgument": "onnxruntime refused the input (shape or type)",
+    "InvalidGraph": "onnxruntime refused the stage graph",
+    "InvalidProtobuf": "the stage graph is not a valid ONNX file",
+    "NotImplemented": "onnxruntime cannot run an operator of the stage",
+}
+
+
+class PredictionCountError(RuntimeError):
+    """The last stage produced a different number of rows than the record has images."""
+
+
+def error_of(exc: BaseException) -> dict[str, Any]:
+    """An exception as an invocation error: a Python MemoryError (or onnxruntime failing to
+    allocate) is OutOfMemory, as an OOM kill would be; deterministic failures are marked
+    final, with why, so the driver does not retry them."""
+    name, text = type(exc).__name__, str(exc)
+    if isinstance(exc, MemoryError) or (
+            name in {"RuntimeException", "Fail"} and "alloc" in text.lower()):
+        return {"type": "OutOfMemory",
+                "message": f"{name} in the function: {text or 'out of memory'}"}
+    err: dict[str, Any] = {"type": name, "message": text}
+    if name in DETERMINISTIC:
+        err["final"] = True
+        err["why"] = f"deterministic: {DETERMINISTIC[name]}; a retry would fail the same way"
+    return err
+
+
 # -- warm state of this instance ------------------------------------------------------------
 
 _SESSIONS: dict[tuple[str, str, int], Any] = {}
@@ -471,7 +507,7 @@ def _write_predictions(
     errors = meta.get("errors", {})
     filenames, labels = meta["filenames"], meta["labels"]
     index = 0
-    with store.writer(key) as f:
+    with store.writer(key) as f:  # the object appears only if the whole block succeeds
         hw = _HashingWriter(f)
         for probs in outputs:
             t = time.perf_counter()
@@ -488,8 +524,9 @@ def _write_predictions(
                 index += 1
             hw.write(("\n".join(lines) + "\n").encode())
             c.write_ms += (time.perf_counter() - t) * 1000
-    if index != meta["n"]:
-        raise RuntimeError(f"record {record}: {index} predictions for {meta['n']} images")
+        if index != meta["n"]:  # inside the writer: a short predictions object is never made
+            raise PredictionCountError(
+                f"record {record}: {index} predictions for {meta['n']} images")
     c.put(hw.size)
     return {"key": key, "size": hw.size, "sha256": hw.sha.hexdigest()}
 

@@ -538,8 +538,10 @@ def run_job(
                     heapq.heappush(heap, _Task(task.priority, task.record, task.stage,
                                                task.attempt + 1, time.monotonic() + delay))
                 else:
-                    failed[task.record] = f"stage {task.stage}: {err.get('type')}: " \
-                                          f"{err.get('message')}"
+                    why = (f" (not retried: {err.get('why') or 'deterministic'})"
+                           if not _retryable(err) else f" (after {task.attempt + 1} attempts)")
+                    failed[task.record] = (f"stage {task.stage}: {err.get('type')}: "
+                                           f"{err.get('message')}{why}")
                     finished += 1
                     bar.advance(images_run)
     except BaseException:
@@ -574,8 +576,12 @@ def _threads(memory_mb: int) -> int:
 
 
 def _retryable(err: dict[str, Any]) -> bool:
-    """Bad input is final; everything else (deaths, OOM, throttling, store errors) retries."""
-    return err.get("type") not in {"RecordError", "ValueError", "TensorFormatError"}
+    """Deterministic failures (bad input, a graph onnxruntime refuses, a row count that
+    does not match: marked `final` by the function) are not retried; everything else
+    (deaths, OOM, throttling, store errors) is."""
+    from .function import DETERMINISTIC
+
+    return not err.get("final") and err.get("type") not in DETERMINISTIC
 
 
 def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,

@@ -586,15 +586,23 @@ class _Engine:
                 ex.fexec.__exit__(None, None, None)  # stops monitors, invokers, local jobs
 
 
-def _error_of(exc: BaseException | None) -> dict[str, str]:
+def _final_names() -> set[str]:
+    from ..function import DETERMINISTIC
+
+    return set(DETERMINISTIC)
+
+
+def _error_of(exc: BaseException | None) -> dict[str, Any]:
     """The error type the driver understands (its retry and OOM rules look at it)."""
     if exc is None:
         return {"type": "LithopsError", "message": "the call failed without an exception"}
+    from ..function import error_of
+
     text = str(exc)
     name = type(exc).__name__
-    if isinstance(exc, MemoryError):
-        name = "OutOfMemory"
-    elif isinstance(exc, TimeoutError) and "maximum time" in text:
+    if isinstance(exc, MemoryError) or type(exc).__name__ in _final_names():
+        return error_of(exc)
+    if isinstance(exc, TimeoutError) and "maximum time" in text:
         name = "Timeout"
     elif "exited with code" in text or "exited before" in text:
         name = "InstanceDied"
