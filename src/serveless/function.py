@@ -180,7 +180,35 @@ def reset_peak() -> None:
         pass
 
 
+def cgroup_peak_mb() -> float | None:
+    """The peak charge of this process's cgroup (v2 memory.peak, v1 max_usage_in_bytes)
+    when the cgroup holds only this process and its ancestors or descendants (a Lambda
+    sandbox, a local backend instance); None when shared with others (Lithops localhost
+    in a container) or unreadable. This is what the runtime's memory limit is held to."""
+    try:
+        import psutil
+
+        from .backends.limits import _procs, _v1_dir, _v2_dir
+    except ImportError:
+        return None
+    for d, name in ((_v2_dir(), "memory.peak"), (_v1_dir("memory"), "memory.max_usage_in_bytes")):
+        if d is None or not (d / name).exists():
+            continue
+        try:
+            me = psutil.Process()
+            family = {me.pid, *(p.pid for p in me.parents()),
+                      *(p.pid for p in me.children(recursive=True))}
+            procs = _procs(d)
+            if not procs or not set(procs) <= family:
+                return None
+            return int((d / name).read_text().split()[0]) / (1 << 20)
+        except (OSError, ValueError, IndexError, psutil.Error):
+            return None
+    return None
+
+
 def peak_mb() -> float:
+    """The process's RSS high-water mark (VmHWM) in MiB."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -265,6 +293,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         src.count(c)
 
     errors = len(meta.get("errors", {})) if meta else 0
+    rss_peak, cgroup_peak = peak_mb(), cgroup_peak_mb()
     duration_ms = (time.perf_counter() - t0) * 1000 - init_ms
     return {
         "stage": ev.stage,
@@ -282,7 +311,8 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         "gets": c.gets,
         "heads": c.heads,
         "puts": c.puts,
-        "peak_mb": round(peak_mb(), 1),
+        "peak_mb": round(max(rss_peak, cgroup_peak or 0.0), 1),
+        "peak_rss_mb": round(rss_peak, 1),
         "output": written,
     }
 

@@ -472,10 +472,14 @@ def run_job(
     t0 = time.perf_counter()
     bar = _Progress(total, finished, enabled=progress)
 
+    # the cores a function runs on: this machine's for local engines, None on a cloud,
+    # where each function has the vCPUs of its memory size whatever the driver has
+    cores = getattr(backend, "function_cores", lambda: os.cpu_count())()
+
     def fn_for(stage: int) -> FunctionSpec:
         mem = memory[stage]
         return FunctionSpec(stage=stage, memory_mb=mem, model_key=spec.stage_model_key(stage),
-                            store=store.spec(), threads=_threads(mem))
+                            store=store.spec(), threads=_threads(mem, cores))
 
     def invoke(task: _Task, fn: FunctionSpec) -> tuple[InvocationResult, float]:
         started = time.time()
@@ -570,9 +574,11 @@ def _drop_intermediates(store: Store, layout: JobLayout, spec: JobSpec, record: 
             store.delete(key)
 
 
-def _threads(memory_mb: int) -> int:
-    """onnxruntime intra-op threads = the function's vCPUs, rounded up, at most our cores."""
-    return max(1, min(math.ceil(vcpus(memory_mb)), os.cpu_count() or 1))
+def _threads(memory_mb: int, cores: int | None = None) -> int:
+    """onnxruntime intra-op threads = the function's vCPUs, rounded up, at most the cores
+    of the machine the function runs on (None: a cloud function, its vCPUs alone)."""
+    n = math.ceil(vcpus(memory_mb))
+    return max(1, min(n, cores) if cores else n)
 
 
 def _retryable(err: dict[str, Any]) -> bool:
@@ -599,7 +605,9 @@ def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,
         "init_ms": round(res.init_ms, 3),
         "duration_ms": round(duration, 3),
         "billed_ms": billed_ms(duration, res.init_ms),
-        "peak_mb": res.peak_mb,
+        "peak_mb": res.peak_mb,  # max(cgroup charge, RSS peak): what a limit is held to
+        "peak_rss_mb": m.get("peak_rss_mb"),
+        "peak_cgroup_mb": m.get("peak_cgroup_mb"),
         "images": m.get("images"),
         "image_errors": m.get("image_errors", 0),
         "read_ms": m.get("read_ms"),

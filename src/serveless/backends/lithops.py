@@ -272,6 +272,11 @@ class LithopsBackend:
                 "lithops_version": self.info.get("lithops_version"), "cpu_share": share,
                 "limits": "lithops", "cores": os.cpu_count()}
 
+    def function_cores(self) -> int | None:
+        """Localhost calls share this machine's cores; a cloud function has the vCPUs of
+        its memory size (Lambda: memory / 1769 MB, up to 6), whatever the driver has."""
+        return os.cpu_count() if self.compute == "localhost" else None
+
     def store_problem(self, url: str) -> str | None:
         """Why functions on this engine could not reach the store at url, or None."""
         if self.compute == "localhost":

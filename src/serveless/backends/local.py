@@ -24,7 +24,7 @@ from typing import Any
 from ..cost import vcpus
 from ..store import credentials_env
 from . import FunctionSpec, InvocationResult
-from .limits import InstanceLimits, Watchdog, cgroup_support, cleanup_stale
+from .limits import InstanceLimits, Watchdog, cleanup_stale, probe_limits
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 DEFAULT_TIMEOUT_S = 900.0  # Lambda's maximum
@@ -125,8 +125,9 @@ class _Instance:
                                                 f"{record}: {err['message']}"}
 
     def call(self, event: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if self.invocations:  # a cold invocation's peak includes its init, as on Lambda
+            self.limits.reset_peak()
         self.invocations += 1
-        self.limits.reset_peak()
         self.conn.send_bytes(json.dumps(event).encode())
         try:
             msg = self._wait(timeout)
@@ -182,17 +183,23 @@ class LocalBackend:
         self.watchdog = Watchdog()
         self.watchdog.start()
         cleanup_stale()  # cgroups of a driver that was SIGKILLed
-        self.mode, self.mode_reason = cgroup_support()
+        self.mode, self.mode_reason, self.cpu_exact = probe_limits()
 
     def describe(self) -> dict[str, Any]:
-        exact = self.mode != "watchdog"
-        return {
-            "backend": "local",
-            "limits": self.mode,
-            "cpu_share": "exact (cgroup CPU quota)" if exact else
-            "approximate (threads only; no cgroup: " + self.mode_reason + ")",
-            "cores": os.cpu_count(),
-        }
+        """'exact' only when every instance's CPU quota was written, else what was applied."""
+        if self.cpu_exact:
+            share = "exact (cgroup CPU quota)"
+        elif self.mode != "watchdog":
+            share = (f"approximate (threads only: memory capped by {self.mode}, no CPU quota: "
+                     f"{self.mode_reason})")
+        else:
+            share = "approximate (threads only; no cgroup: " + self.mode_reason + ")"
+        return {"backend": "local", "limits": self.mode, "cpu_share": share,
+                "cores": os.cpu_count()}
+
+    def function_cores(self) -> int | None:
+        """Instances run on this machine: threads are capped at its cores."""
+        return os.cpu_count()
 
     def _key(self, fn: FunctionSpec) -> tuple[int, int, str]:
         return (fn.stage, fn.memory_mb, fn.model_key)
@@ -223,6 +230,9 @@ class LocalBackend:
             raise
         with self._lock:
             self._busy.add(inst)
+            if self.cpu_exact and not inst.limits.cpu_exact:  # this one got no quota
+                self.cpu_exact = False
+                self.mode_reason = inst.limits.reason
         return inst, True
 
     def _release(self, inst: _Instance) -> None:
@@ -262,13 +272,22 @@ class LocalBackend:
         finally:
             self._release(inst)
         metrics = reply.get("ok")
+        # What the runtime enforces is the cgroup's charge (RSS, page cache, kernel memory),
+        # often above the process's RSS high-water mark. Here pages the driver already
+        # charged (shared libraries) are not charged again, as they would be in a fresh
+        # Lambda sandbox: peak_mb is the larger of the two, both are in the metrics.
+        cgroup_peak = inst.limits.peak_mb() if metrics else None
+        peak = None
+        if metrics:
+            metrics["peak_cgroup_mb"] = round(cgroup_peak, 1) if cgroup_peak else None
+            peak = max(float(metrics["peak_mb"]), cgroup_peak or 0.0)
         return InvocationResult(
             metrics=metrics,
             error=reply.get("error"),
             cold=cold,
             init_ms=init_ms,
             duration_ms=metrics["duration_ms"] if metrics else elapsed,
-            peak_mb=metrics["peak_mb"] if metrics else None,
+            peak_mb=round(peak, 1) if peak is not None else None,
             instance=inst.id,
         )
 
