@@ -25,7 +25,7 @@ from typing import Any
 from . import __version__
 from .backends import Backend, FunctionSpec, InvocationResult
 from .cost import MAX_MEMORY_MB, billed_ms, check_memory, vcpus
-from .store import JobLayout, Store, StoreError
+from .store import JobLayout, Store, StoreError, file_md5
 from .tensors import TensorFormat
 
 DEFAULT_MEMORY_MB = 1769
@@ -211,8 +211,9 @@ def prepare_job(
         by_name[name] = src
     existing = [Path(k).name.removesuffix(".tfrecord")
                 for k in store.list(layout.records_prefix, ".tfrecord")]
-    for name, src in by_name.items():
-        if name in existing and store.size(layout.record(name)) != os.path.getsize(src):
+    for name, src in by_name.items():  # by content: a changed record of the same size too
+        if name in existing and (store.size(layout.record(name)) != os.path.getsize(src)
+                                 or store.content_md5(layout.record(name)) != file_md5(src)):
             raise JobError(f"job {job!r} already has a different record {name!r}; "
                            "use a new --job name")
     if not record_files and not existing:
@@ -451,6 +452,7 @@ def run_job(
         raise JobError(problem)
     layout = JobLayout(spec.job)
     fmt = TensorFormat.from_dict(spec.format)
+    _remove_stale_temporaries(store, layout)
     log = InvocationLog(store, layout)
     rng = rng or random.Random()
     memory = list(spec.memory)
@@ -563,6 +565,15 @@ def run_job(
         image_errors=sum(int(r.get("image_errors") or 0) for r in final),
         memory=memory, raised=raised, backend=backend.describe(), retried=retried,
     )
+
+
+def _remove_stale_temporaries(store: Store, layout: JobLayout) -> None:
+    """`*.tmp-*` objects under the job are what writers killed mid-write left (a driver
+    runs its job alone, so none is being written now): remove them, never fail for it."""
+    with contextlib.suppress(OSError, StoreError):
+        for key in store.stale_temporaries(layout.job):
+            with contextlib.suppress(OSError, StoreError):
+                store.delete(key)
 
 
 def _drop_intermediates(store: Store, layout: JobLayout, spec: JobSpec, record: str,

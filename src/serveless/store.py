@@ -400,6 +400,36 @@ class Store:
         except FileNotFoundError:
             return 0
 
+    def content_md5(self, key: str) -> str:
+        """The object's MD5, hex: on S3 the ETag of a plain PUT (one HEAD, no download),
+        else computed by reading it."""
+        if self.s3:
+            bucket, k, _ = self.fs.split_path(self.path(key))
+            try:
+                head = _retrying(lambda: self._s3_call("head_object", Bucket=bucket, Key=k), key)
+            except FileNotFoundError as exc:
+                raise StoreError(f"missing object {self.url}/{key}") from exc
+            etag = str(head.get("ETag", "")).strip('"')
+            if (re.fullmatch(r"[0-9a-f]{32}", etag) and not head.get("SSECustomerAlgorithm")
+                    and head.get("ServerSideEncryption") in (None, "AES256")):
+                return etag
+        md5 = hashlib.md5(usedforsecurity=False)
+        with self.open_read(key) as f:
+            while chunk := f.read(1 << 22):
+                md5.update(chunk)
+        return md5.hexdigest()
+
+    def stale_temporaries(self, prefix: str) -> list[str]:
+        """Keys of `*.tmp-*` objects anywhere under a prefix: what killed writers left."""
+        base = self.path(prefix)
+        try:
+            found = _retrying(lambda: self.fs.find(base), prefix)
+        except FileNotFoundError:
+            return []
+        root = self.root + "/" if self.root else ""
+        return sorted(str(p).removeprefix(root) for p in found
+                      if ".tmp-" in str(p).rsplit("/", 1)[-1])
+
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             _retrying(lambda: self.fs.rm(self.path(key), recursive=True), key)
@@ -495,6 +525,11 @@ class _Bytes:
 
     def __exit__(self, *exc: object) -> None:
         pass
+
+
+def file_md5(path: str | os.PathLike[str]) -> str:
+    """MD5 of a local file, hex (what `Store.content_md5` gives for the same bytes)."""
+    return _file_md5(os.fspath(path))
 
 
 def _file_md5(path: str) -> str:
