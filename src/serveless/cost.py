@@ -82,6 +82,8 @@ def bill(rows: Iterable[dict[str, Any]], arch: str = "x86_64") -> dict[int | str
         raise ValueError(f"arch must be one of {sorted(LAMBDA_GB_SECOND)}, got {arch!r}")
     out: dict[int | str, Bill] = {"total": Bill(arch=arch)}
     for row in rows:
+        if row.get("throttled"):  # refused by the platform before running: not billed
+            continue
         out.setdefault(int(row["stage"]), Bill(arch=arch)).add(row)
         out["total"].add(row)
     return out

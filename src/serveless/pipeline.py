@@ -39,6 +39,8 @@ MAY_CHANGE_ON_RESUME = ("memory", "concurrency", "retries")
 NOT_ASKED = ("job", "records", "version", "input_hw",  # named, added to, or derived
              "preprocess", "quantize", "models")
 OOM_RAISE = 1.5
+THROTTLED = "TooManyRequests"  # Lambda's 429: the call was refused, never ran, is not billed
+MAX_THROTTLES = 200  # per invocation, before the record fails as throttled
 
 
 class JobError(ValueError):
@@ -406,6 +408,7 @@ class _Task:
     stage: int = field(compare=False)
     attempt: int = field(compare=False, default=0)
     not_before: float = field(compare=False, default=0.0)
+    throttles: int = field(compare=False, default=0)
 
 
 @dataclass
@@ -421,6 +424,7 @@ class JobResult:
     backend: dict[str, Any]
     retried: int = 0
     images_run: int = 0
+    throttled: int = 0
 
     @property
     def ok(self) -> bool:
@@ -470,6 +474,7 @@ def run_job(
         say(f"resuming: {finished} of {total} records done")
     failed: dict[str, str] = {}
     retried = 0
+    throttled = 0
     images_run = 0  # images served by this run (a resumed job has others before)
     t0 = time.perf_counter()
     bar = _Progress(total, finished, enabled=progress)
@@ -519,6 +524,15 @@ def run_job(
                         None, {"type": type(exc).__name__, "message": str(exc)}, False, 0.0,
                         0.0, None), time.time()
                 log.append(_log_row(task, fn, result, started))
+                err = result.error or {}
+                if err.get("type") == THROTTLED and task.throttles < MAX_THROTTLES:
+                    # backpressure: back off and ask again; not a failure, no retry spent
+                    throttled += 1
+                    delay = min(10.0, 0.05 * 2**min(task.throttles, 8)) * (0.5 + rng.random())
+                    heapq.heappush(heap, _Task(task.priority, task.record, task.stage,
+                                               task.attempt, time.monotonic() + delay,
+                                               task.throttles + 1))
+                    continue
                 if result.ok:
                     if task.stage == spec.stages - 1:
                         if not keep_intermediates:
@@ -531,7 +545,6 @@ def run_job(
                         heapq.heappush(heap, _Task((-nxt, order[task.record], 0.0),
                                                    task.record, nxt))
                     continue
-                err = result.error or {}
                 if (err.get("type") == "OutOfMemory" and fn.memory_mb == memory[task.stage]
                         and memory[task.stage] < MAX_MEMORY_MB):  # once per size, not per call
                     memory[task.stage] = min(MAX_MEMORY_MB, int(memory[task.stage] * OOM_RAISE))
@@ -542,7 +555,8 @@ def run_job(
                     retried += 1
                     delay = min(30.0, 0.2 * 2**task.attempt) * (0.5 + rng.random())
                     heapq.heappush(heap, _Task(task.priority, task.record, task.stage,
-                                               task.attempt + 1, time.monotonic() + delay))
+                                               task.attempt + 1, time.monotonic() + delay,
+                                               task.throttles))
                 else:
                     why = (f" (not retried: {err.get('why') or 'deterministic'})"
                            if not _retryable(err) else f" (after {task.attempt + 1} attempts)")
@@ -564,6 +578,7 @@ def run_job(
         failed_records=failed,
         image_errors=sum(int(r.get("image_errors") or 0) for r in final),
         memory=memory, raised=raised, backend=backend.describe(), retried=retried,
+        throttled=throttled,
     )
 
 
@@ -632,6 +647,7 @@ def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,
         "output": m.get("output"),
         "instance": res.instance,
         "error": res.error,
+        "throttled": (res.error or {}).get("type") == THROTTLED,  # refused: not billed
     }
 
 

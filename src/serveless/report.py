@@ -34,8 +34,10 @@ class StageSummary:
 def summarize(rows: list[dict[str, Any]], arch: str = "x86_64") -> dict[str, Any]:
     """Per-stage and total figures; every number here is recomputable from the log rows."""
     by_stage: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    throttled = sum(1 for r in rows if r.get("throttled"))
     for r in rows:
-        by_stage[int(r["stage"])].append(r)
+        if not r.get("throttled"):  # refused by the platform: no invocation, no bill
+            by_stage[int(r["stage"])].append(r)
     bills = bill(rows, arch)
     stages = []
     for k in sorted(by_stage):
@@ -75,6 +77,7 @@ def summarize(rows: list[dict[str, Any]], arch: str = "x86_64") -> dict[str, Any
         "store_ops": total.store_ops,
         "per_million": total.total / images * 1e6 if images else 0.0,
         "arch": arch,
+        "throttled": throttled,
     }
 
 
@@ -193,6 +196,9 @@ def print_summary(
         f"${s['requests']:.6f} + S3 ops ${s['store_ops']:.6f}; "
         f"[bold]${s['per_million']:.2f} per 1M images[/bold] (prices as of {PRICES_AS_OF})"
     )
+    if s["throttled"]:
+        console.print(f"throttled: {s['throttled']} invocations refused (429) and asked again "
+                      "with backoff; not billed, no retry spent")
     for note in notes or []:
         console.print(note)
     return s

@@ -607,7 +607,9 @@ def _error_of(exc: BaseException | None) -> dict[str, Any]:
     name = type(exc).__name__
     if isinstance(exc, MemoryError) or type(exc).__name__ in _final_names():
         return error_of(exc)
-    if isinstance(exc, TimeoutError) and "maximum time" in text:
+    if "TooManyRequests" in name or "TooManyRequests" in text or "Rate exceeded" in text:
+        name = "TooManyRequests"  # Lambda's 429: the driver backs off, no retry is spent
+    elif isinstance(exc, TimeoutError) and "maximum time" in text:
         name = "Timeout"
     elif "exited with code" in text or "exited before" in text:
         name = "InstanceDied"

@@ -14,6 +14,7 @@ import itertools
 import json
 import multiprocessing.connection as mpc
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -171,7 +172,15 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, max_instances: int | None = None,
-                 keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, timeout_s: float = DEFAULT_TIMEOUT_S):
+                 keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 throttle_rate: float = 0.0, throttle_seed: int | None = None):
+        """`throttle_rate`: the share of invocations refused as Lambda refuses them when
+        its concurrency is exhausted (429 TooManyRequests), to drill the driver's backoff."""
+        throttle_rate = float(throttle_rate)
+        if not 0.0 <= throttle_rate < 1.0:
+            raise ValueError(f"throttle_rate must be in [0, 1), got {throttle_rate}")
+        self.throttle_rate = throttle_rate
+        self._throttle_rng = random.Random(throttle_seed)
         self.max_instances = max_instances
         self.keep_alive_s = keep_alive_s
         self.timeout_s = timeout_s
@@ -257,6 +266,12 @@ class LocalBackend:
                 self._forget_locked(inst)
 
     def invoke(self, fn: FunctionSpec, event: dict[str, Any]) -> InvocationResult:
+        with self._lock:
+            throttled = self.throttle_rate and self._throttle_rng.random() < self.throttle_rate
+        if throttled:  # refused before any instance is touched: nothing ran, nothing billed
+            return InvocationResult(None, {"type": "TooManyRequests", "message": (
+                f"Rate exceeded for stage {fn.stage} (injected: throttle_rate "
+                f"{self.throttle_rate:g})")}, False, 0.0, 0.0, None)
         inst, cold = self._acquire(fn)  # waiting for a free instance is not billed
         record = str(event.get("record"))
         try:
