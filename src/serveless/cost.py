@@ -17,6 +17,14 @@ LAMBDA_REQUEST = 0.20 / 1_000_000
 S3_PUT = 0.005 / 1000
 S3_GET = 0.0004 / 1000
 
+def store_request_cost(counts: dict[str, int]) -> float:
+    """S3 request charges for counts by kind: GET and HEAD at the GET price, PUT and LIST
+    at the PUT price, DELETE free."""
+    reads = int(counts.get("get", 0)) + int(counts.get("head", 0))
+    writes = int(counts.get("put", 0)) + int(counts.get("list", 0))
+    return reads * S3_GET + writes * S3_PUT
+
+
 MIN_MEMORY_MB = 128
 MAX_MEMORY_MB = 10_240
 MB_PER_VCPU = 1769

@@ -176,6 +176,7 @@ def prepare_job(
     if micro_batch is not None and micro_batch < 1:
         raise JobError("--micro-batch must be >= 1")
     q.check_settings(quantize, weights, calibration_images)
+    requests_before = store.requests.copy()
     store.check()
     old = JobSpec.load(store, job) if store.exists(layout.spec) else None
     model = model or (old.model if old else DEFAULT_MODEL)
@@ -256,6 +257,7 @@ def prepare_job(
             store.put_file(src, layout.record(name))
     asked.models = models.prefix
     asked.save(store)
+    save_driver_requests(store, layout, requests_before)
     return asked
 
 
@@ -384,6 +386,30 @@ def failed_images(store: Store, job: str, limit: int = 10) -> tuple[list[tuple[s
     return failed[:limit], len(failed)
 
 
+def load_driver_requests(store: Store, job: str) -> dict[str, int]:
+    """The driver's store requests for a job, by kind ({} for jobs from before they were
+    counted)."""
+    key = JobLayout(job).driver
+    try:
+        data = json.loads(store.get_bytes(key)) if store.exists(key) else {}
+    except (StoreError, json.JSONDecodeError):
+        return {}
+    return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def save_driver_requests(store: Store, layout: JobLayout, before: Any) -> dict[str, int]:
+    """Add the requests this store object made since `before` (and the write of this
+    record itself) to the job's driver.json; returns the job's totals."""
+    old = load_driver_requests(store, layout.job)
+    store.requests["put"] += 1  # the write just below
+    total = dict(old)
+    for kind, n in (store.requests - before).items():
+        total[kind] = total.get(kind, 0) + n
+    store.put_bytes(layout.driver, json.dumps(total, sort_keys=True).encode())
+    store.requests["put"] -= 1  # counted once, by the put_bytes above
+    return total
+
+
 def load_log(store: Store, job: str) -> list[dict[str, Any]]:
     key = JobLayout(job).log
     if not store.exists(key):
@@ -425,6 +451,7 @@ class JobResult:
     retried: int = 0
     images_run: int = 0
     throttled: int = 0
+    driver_requests: dict[str, int] = field(default_factory=dict)  # the job's, all runs
 
     @property
     def ok(self) -> bool:
@@ -450,6 +477,7 @@ def run_job(
     """
     if concurrency < 1:
         raise JobError("--concurrency must be >= 1")
+    requests_before = store.requests.copy()
     store.check()
     problem = getattr(backend, "store_problem", lambda url: None)(store.url)
     if problem:
@@ -475,6 +503,7 @@ def run_job(
     failed: dict[str, str] = {}
     retried = 0
     throttled = 0
+    driver_requests: dict[str, int] = {}
     images_run = 0  # images served by this run (a resumed job has others before)
     t0 = time.perf_counter()
     bar = _Progress(total, finished, enabled=progress)
@@ -571,6 +600,8 @@ def run_job(
         pool.shutdown(wait=True, cancel_futures=True)
         log.flush()
         bar.close()
+        with contextlib.suppress(OSError, StoreError):
+            driver_requests = save_driver_requests(store, layout, requests_before)
     final = _final_rows(log.rows, spec)
     return JobResult(
         spec=spec, rows=log.rows, wall_s=time.perf_counter() - t0,
@@ -578,7 +609,7 @@ def run_job(
         failed_records=failed,
         image_errors=sum(int(r.get("image_errors") or 0) for r in final),
         memory=memory, raised=raised, backend=backend.describe(), retried=retried,
-        throttled=throttled,
+        throttled=throttled, driver_requests=driver_requests,
     )
 
 

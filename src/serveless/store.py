@@ -37,6 +37,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -178,6 +179,9 @@ class Store:
         public, secret = split_credentials(self.options)
         self._public = public
         self._credentials_ref = _register(secret) if secret else None
+        # Requests this Store object made, by S3 price class, one per call (retries not
+        # counted): the driver's share of the bill (the functions count their own).
+        self.requests: Counter[str] = Counter()
         if "://" not in url:
             url = Path(url).expanduser().resolve().as_uri()
         fs_options = dict(self.options)
@@ -224,15 +228,18 @@ class Store:
         return f"{self.root}/{key}" if key else self.root
 
     def exists(self, key: str) -> bool:
+        self.requests["head"] += 1
         return _retrying(lambda: bool(self.fs.exists(self.path(key))), key)
 
     def size(self, key: str) -> int:
+        self.requests["head"] += 1
         try:
             return _retrying(lambda: int(self.fs.size(self.path(key))), key)
         except FileNotFoundError as exc:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
     def get_bytes(self, key: str) -> bytes:
+        self.requests["get"] += 1
         kwargs = self._one_get["_cat_file"]
         try:
             return _retrying(lambda: self.fs.cat_file(self.path(key), **kwargs), key)
@@ -240,6 +247,8 @@ class Store:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
     def open_read(self, key: str) -> IO[bytes]:
+        self.requests["head"] += 1  # s3fs asks for the size first
+        self.requests["get"] += 1
         kwargs: dict[str, Any] = {"block_size": S3_READ_BLOCK} if self.s3 else {}
         try:
             return _retrying(lambda: self.fs.open(self.path(key), "rb", **kwargs), key)
@@ -248,6 +257,7 @@ class Store:
 
     def get_file(self, key: str, local: str | os.PathLike[str]) -> None:
         """Download an object to a local file, streaming: it is never whole in memory."""
+        self.requests["get"] += 1
         kwargs = self._one_get["_get_file"]
         try:
             _retrying(lambda: self.fs.get_file(self.path(key), os.fspath(local), **kwargs), key)
@@ -263,10 +273,12 @@ class Store:
             with self.writer(key) as f:
                 f.write(data)
         elif self.s3 and len(data) <= S3_MAX_PUT:
+            self.requests["put"] += 1
             md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
             _retrying(lambda: self._put_object(self.path(key), lambda: _Bytes(data),
                                                len(data), md5), key)
         else:
+            self.requests["put"] += 1
             _retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
 
     def put_file(self, local: str | os.PathLike[str], key: str) -> None:
@@ -276,6 +288,7 @@ class Store:
             with open(local, "rb") as src, self.writer(key) as out:
                 shutil.copyfileobj(src, out, 1 << 22)
         else:
+            self.requests["put"] += 1
             self._upload(os.fspath(local), dest, key)
 
     def _upload(self, local: str, dest: str, key: str) -> None:
@@ -359,6 +372,7 @@ class Store:
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[IO[bytes]]:
         """A file to write an object into; the object appears only if the block succeeds."""
+        self.requests["put"] += 1
         dest = self.path(key)
         if self.local:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -381,6 +395,7 @@ class Store:
 
     def list(self, prefix: str, suffix: str = "") -> list[str]:
         """Keys directly under a prefix ending in suffix, sorted; [] if the prefix is absent."""
+        self.requests["list"] += 1
         base = self.path(prefix)
         try:
             entries = _retrying(lambda: self.fs.ls(base, detail=False), prefix)
@@ -403,6 +418,7 @@ class Store:
     def content_md5(self, key: str) -> str:
         """The object's MD5, hex: on S3 the ETag of a plain PUT (one HEAD, no download),
         else computed by reading it."""
+        self.requests["head"] += 1
         if self.s3:
             bucket, k, _ = self.fs.split_path(self.path(key))
             try:
@@ -421,6 +437,7 @@ class Store:
 
     def stale_temporaries(self, prefix: str) -> list[str]:
         """Keys of `*.tmp-*` objects anywhere under a prefix: what killed writers left."""
+        self.requests["list"] += 1
         base = self.path(prefix)
         try:
             found = _retrying(lambda: self.fs.find(base), prefix)
@@ -431,6 +448,7 @@ class Store:
                       if ".tmp-" in str(p).rsplit("/", 1)[-1])
 
     def delete(self, key: str) -> None:
+        self.requests["delete"] += 1
         with contextlib.suppress(FileNotFoundError):
             _retrying(lambda: self.fs.rm(self.path(key), recursive=True), key)
 
@@ -446,6 +464,7 @@ class Store:
             self._check_local()
             return
         probe = self.path(f".serveless-check-{uuid.uuid4().hex}")
+        self.requests.update(put=1, get=1, delete=1)
         try:  # transient errors are retried as for any request; the rest are final
             _retrying(lambda: self.fs.pipe_file(probe, b"ok"), probe)
             if _retrying(lambda: self.fs.cat_file(probe), probe) != b"ok":
@@ -562,6 +581,11 @@ class JobLayout:
     @property
     def log(self) -> str:
         return self.key("invocations.jsonl")
+
+    @property
+    def driver(self) -> str:
+        """The driver's own store requests for this job, by kind, over all its runs."""
+        return self.key("driver.json")
 
     def stage_model(self, k: int) -> str:
         return self.key("model", f"stage-{k}.onnx")

@@ -226,6 +226,7 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
         notes.append(f"[yellow]stage {stage} ran out of memory; raised to {mem} MB[/yellow]")
     notes += job_notes(store, spec.job, spec.quantize)
     print_summary(result.rows, result.wall_s, arch, console, notes,
+                  driver=result.driver_requests,
                   run_images=result.images_run)
     layout = JobLayout(spec.job)
     say(f"predictions: {store.path(layout.key('predictions'))}/*.jsonl")
@@ -445,7 +446,7 @@ def report(
         "--json", help="print the summary as JSON on stdout (a list for several jobs)")] = False,
 ) -> None:
     """Re-print jobs' summaries from their invocation logs alone (or write a report)."""
-    from ..pipeline import JobSpec, load_log
+    from ..pipeline import JobSpec, load_driver_requests, load_log
     from ..report import job_notes, log_wall_s, print_summary
 
     if as_json:
@@ -474,7 +475,8 @@ def report(
         spec = guarded(lambda job=job: JobSpec.load(st, job) if st.exists(
             JobLayout(job).spec) else None)
         notes = job_notes(st, job, spec.quantize if spec else None)
-        print_summary(rows, log_wall_s(rows), arch, console, notes)
+        print_summary(rows, log_wall_s(rows), arch, console, notes,
+                      driver=load_driver_requests(st, job))
 
 
 def _report_inputs(st: Store, job: str, store: str) -> tuple[list, dict, dict | None]:
