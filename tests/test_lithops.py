@@ -149,7 +149,10 @@ def test_lithops_job_logs_each_call_with_its_stats(lithops_job):
         assert r["cold"] and r["init_ms"] > 0  # localhost v1: a fresh process per call
         assert r["peak_mb"] > 50 and r["billed_ms"] >= r["duration_ms"] > 0
         assert r["instance"].startswith("lithops:")
+        # a fresh process per call: the stage comes from the store or the disk cache
+        assert r["model_source"] in ("store", "disk")
     assert len({r["instance"] for r in log}) == len(log)
+    assert {r["stage"] for r in log if r["model_source"] == "store"} == set(range(4))
     assert wall < 120  # no hang
 
 

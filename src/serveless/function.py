@@ -113,20 +113,38 @@ def error_of(exc: BaseException) -> dict[str, Any]:
 
 _SESSIONS: dict[tuple[str, str, int], Any] = {}
 _invocations = 0
+_init_load: Any = None  # the last load from disk or store, until a call has reported it
+
+
+MODEL_CACHE_ENV = "SERVELESS_MODEL_CACHE"  # a folder, or "0" for no disk cache
+
+
+@dataclass
+class _Loaded:
+    session: Any
+    init_ms: float
+    bytes: int  # read from the store
+    gets: int | None  # GET requests (None: a local folder, no requests)
+    heads: int
+    source: str  # "memory": kept from an earlier call; "disk": the function's local cache;
+    # "store": read from the store
 
 
 def load_stage(store: Store, model_key: str, threads: int) -> tuple[Any, float, int]:
     """The stage's session, loaded once per instance: (session, init ms, bytes read)."""
-    session, init_ms, size, _ = _load_stage(store, model_key, threads)
-    return session, init_ms, size
+    loaded = _load_stage(store, model_key, threads)
+    return loaded.session, loaded.init_ms, loaded.bytes
 
 
-def _load_stage(store: Store, model_key: str,
-                threads: int) -> tuple[Any, float, int, int | None]:
-    """load_stage, and how many GETs it made (None: a local folder, no requests)."""
+def _load_stage(store: Store, model_key: str, threads: int) -> _Loaded:
+    """The session from memory (same process), else from the local disk cache, else the
+    store. Where calls do not share a process (Lithops runs each call in a fresh one),
+    the disk cache (/tmp on Lambda, kept while the container is warm) saves the download:
+    its entries are named by the objects' content hashes (S3 ETags, one HEAD each), so a
+    changed stage is never served stale."""
     cache_key = (store.url, model_key, threads)
     if cache_key in _SESSIONS:
-        return _SESSIONS[cache_key], 0.0, 0, 0
+        return _Loaded(_SESSIONS[cache_key], 0.0, 0, 0, 0, "memory")
     import onnxruntime as ort
 
     t0 = time.perf_counter()
@@ -137,31 +155,79 @@ def _load_stage(store: Store, model_key: str,
     # Spinning threads burn the CPU share that decoding on the other thread needs.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     local = store.local_path(model_key)
+    heads = 0
     if local is not None:
         if not os.path.exists(local):
             raise StoreError(f"missing object {store.url}/{model_key}")
         size = os.path.getsize(local) + _size_or_zero(local + DATA_SUFFIX)
-        requests = None
+        gets: int | None = None
+        source = "store"
         session = ort.InferenceSession(local, opts, providers=["CPUExecutionProvider"])
     else:
-        # Weights are external data beside the graph; onnxruntime maps them from a local
-        # file, so fetch both into a private folder (/tmp on Lambda) first.
-        with tempfile.TemporaryDirectory(prefix="serveless-model-") as tmp:
-            path = os.path.join(tmp, model_key.rsplit("/", 1)[-1])
-            size = requests = 0
-            for suffix in ("", DATA_SUFFIX):
-                requests += 1  # one GET per file (a missing one is a GET answered 404)
-                try:  # streamed, never whole in memory; transient errors are retried
-                    store.get_file(model_key + suffix, path + suffix)
-                except StoreError:
-                    if not suffix:
-                        raise
-                    continue  # a stage without external weights (all small)
-                size += os.path.getsize(path + suffix)
+        name = model_key.rsplit("/", 1)[-1]
+        cache = _cache_folder(store, model_key) if _cache_root() else None
+        if cache is not None:
+            folder, heads = cache
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                size, gets, source = 0, 0, "disk"
+            else:
+                os.makedirs(folder, exist_ok=True)
+                size, gets = _fetch_stage(store, model_key, path, into_place=True)
+                source = "store"
             session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        else:  # no cache: a private folder, gone once the session holds the weights
+            with tempfile.TemporaryDirectory(prefix="serveless-model-") as tmp:
+                path = os.path.join(tmp, name)
+                size, gets = _fetch_stage(store, model_key, path, into_place=False)
+                source = "store"
+                session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     _SESSIONS.clear()  # an instance serves one stage; drop any other
     _SESSIONS[cache_key] = session
-    return session, (time.perf_counter() - t0) * 1000, size, requests if store.s3 else None
+    global _init_load
+    _init_load = _Loaded(session, (time.perf_counter() - t0) * 1000, size,
+                         gets if store.s3 else None, heads, source)
+    return _init_load
+
+
+def _cache_root() -> str | None:
+    root = os.environ.get(MODEL_CACHE_ENV, "")
+    if root == "0":
+        return None
+    return root or os.path.join(tempfile.gettempdir(), "serveless-models")
+
+
+def _cache_folder(store: Store, model_key: str) -> tuple[str, int] | None:
+    """(the cache folder for this stage's current content, HEADs made), or None where the
+    store gives no content hash without reading the object (stores other than S3)."""
+    if not store.s3:
+        return None
+    tags = [store.etag(model_key), store.etag(model_key + DATA_SUFFIX)]
+    if tags[0] is None:
+        raise StoreError(f"missing object {store.url}/{model_key}")
+    digest = hashlib.sha256(json.dumps([model_key, *tags]).encode()).hexdigest()[:32]
+    return os.path.join(str(_cache_root()), digest), 2
+
+
+def _fetch_stage(store: Store, model_key: str, path: str, into_place: bool) -> tuple[int, int]:
+    """Download a stage's graph and weights to `path` (+ .data): (bytes, GETs). With
+    `into_place`, each file is written under a temporary name and renamed, weights first,
+    so a concurrent call sees either no graph or a complete stage."""
+    size = requests = 0
+    for suffix in (DATA_SUFFIX, ""):
+        requests += 1  # one GET per file (a missing one is a GET answered 404)
+        dest = path + suffix
+        part = f"{dest}.part-{os.getpid()}-{threading.get_ident()}" if into_place else dest
+        try:  # streamed, never whole in memory; transient errors are retried
+            store.get_file(model_key + suffix, part)
+        except StoreError:
+            if not suffix:
+                raise
+            continue  # a stage without external weights (all small)
+        size += os.path.getsize(part)
+        if into_place:
+            os.replace(part, dest)
+    return size, requests
 
 
 def _size_or_zero(path: str) -> int:
@@ -257,10 +323,17 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
     fmt = TensorFormat.from_dict(ev.format)
     c = _Counters()
 
+    global _init_load
     model_key = ev.model or layout.stage_model(ev.stage)
-    session, init_ms, model_bytes, model_gets = _load_stage(store, model_key, ev.threads)
-    if model_bytes:
-        c.got(model_bytes, model_gets)
+    loaded = _load_stage(store, model_key, ev.threads)
+    session, init_ms = loaded.session, loaded.init_ms
+    # The first call after an instance's init (the local backend loads the stage before
+    # the first event) reports that load: where the model came from, and its requests.
+    load, _init_load = (_init_load or loaded), None
+    model_source = load.source
+    if load.bytes:
+        c.got(load.bytes, load.gets)
+    c.heads += load.heads
     input_name = session.get_inputs()[0].name
     last = ev.stage == ev.stages - 1
 
@@ -301,6 +374,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         "images": n,
         "image_errors": errors,
         "cold": init_ms > 0,
+        "model_source": model_source,
         "handler_init_ms": round(init_ms, 3),
         "duration_ms": round(duration_ms, 3),
         "read_ms": round(c.read_ms, 3),

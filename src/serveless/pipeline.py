@@ -659,6 +659,7 @@ def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,
         "memory_mb": fn.memory_mb,
         "vcpus": round(vcpus(fn.memory_mb), 3),
         "cold": res.cold,
+        "model_source": m.get("model_source"),  # memory | disk | store
         "init_ms": round(res.init_ms, 3),
         "duration_ms": round(duration, 3),
         "billed_ms": billed_ms(duration, res.init_ms),

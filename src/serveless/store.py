@@ -415,6 +415,16 @@ class Store:
         except FileNotFoundError:
             return 0
 
+    def etag(self, key: str) -> str | None:
+        """The object's S3 ETag (one HEAD; a content hash), None if it does not exist."""
+        self.requests["head"] += 1
+        bucket, k, _ = self.fs.split_path(self.path(key))
+        try:
+            head = _retrying(lambda: self._s3_call("head_object", Bucket=bucket, Key=k), key)
+        except FileNotFoundError:
+            return None
+        return str(head.get("ETag", "")).strip('"') or None
+
     def content_md5(self, key: str) -> str:
         """The object's MD5, hex: on S3 the ETag of a plain PUT (one HEAD, no download),
         else computed by reading it."""

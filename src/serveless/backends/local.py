@@ -15,14 +15,17 @@ import json
 import multiprocessing.connection as mpc
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
 
 from ..cost import vcpus
+from ..function import MODEL_CACHE_ENV
 from ..store import credentials_env
 from . import FunctionSpec, InvocationResult
 from .limits import InstanceLimits, Watchdog, cleanup_stale, probe_limits
@@ -52,7 +55,7 @@ def instance_processes(parent: int | None = None) -> list[Any]:
 class _Instance:
     _ids = itertools.count(1)  # next() is atomic under the GIL: concurrent cold starts
 
-    def __init__(self, fn: FunctionSpec, watchdog: Watchdog):
+    def __init__(self, fn: FunctionSpec, watchdog: Watchdog, model_cache: str):
         self.id = f"stage{fn.stage}-{fn.memory_mb}mb-{next(_Instance._ids)}"
         self.fn = fn
         self.watchdog = watchdog
@@ -72,7 +75,7 @@ class _Instance:
             # Out of the terminal's process group: Ctrl-C reaches the driver alone, which
             # stops its instances; one still importing would print a KeyboardInterrupt.
             start_new_session=True,
-            env={**os.environ, **credentials_env()},
+            env={**os.environ, **credentials_env(), MODEL_CACHE_ENV: model_cache},
         )
         theirs.close()  # the instance holds the only other end: its death reads as EOF
         self.conn = mpc.Connection(ours.detach())
@@ -189,6 +192,9 @@ class LocalBackend:
         self._busy: set[_Instance] = set()
         self._count: dict[tuple[int, int, str], int] = {}
         self._closed = False
+        # The instances' disk cache of stage files (a Lambda container's /tmp), shared by
+        # the instances of this backend and removed with it.
+        self.model_cache = tempfile.mkdtemp(prefix="serveless-models-")
         self.watchdog = Watchdog()
         self.watchdog.start()
         cleanup_stale()  # cgroups of a driver that was SIGKILLed
@@ -232,7 +238,7 @@ class LocalBackend:
                     break
                 self._lock.wait(timeout=0.5)
         try:
-            inst = _Instance(fn, self.watchdog)
+            inst = _Instance(fn, self.watchdog, self.model_cache)
         except BaseException:
             with self._lock:
                 self._count[key] -= 1
@@ -315,6 +321,7 @@ class LocalBackend:
         for inst in instances:
             inst.stop()
         self.watchdog.stop()
+        shutil.rmtree(self.model_cache, ignore_errors=True)
 
     def __enter__(self) -> LocalBackend:
         return self
