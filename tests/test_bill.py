@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from serveless.backends.local import LocalBackend
-from serveless.cost import S3_GET, S3_PUT, bill, store_request_cost
+from serveless.cost import LAMBDA_EPHEMERAL_GB_SECOND, S3_GET, S3_PUT, bill, store_request_cost
 from serveless.pipeline import load_driver_requests, load_log, prepare_job, run_job
 from serveless.report import print_summary, summarize
 from serveless.store import Store
@@ -42,3 +42,25 @@ def test_the_bill_lists_the_drivers_requests_apart(tmp_path, records_dir):
     print_summary(rows, console=console, driver=driver)
     text = console.export_text()
     assert "driver store requests" in text and f"{driver['put']} PUT" in text
+
+
+def test_ephemeral_storage_above_512_mb_is_billed():
+    row = {"stage": 0, "memory_mb": 1024, "billed_ms": 2000, "gets": 0, "puts": 0}
+    plain = bill([row])["total"]
+    more = bill([{**row, "ephemeral_mb": 2560}])["total"]
+    assert plain.ephemeral == 0
+    # 2 GB above the free 512 MB for 2 s
+    assert more.ephemeral == pytest.approx(2 * 2 * LAMBDA_EPHEMERAL_GB_SECOND)
+    assert more.total == pytest.approx(plain.total + more.ephemeral)
+
+
+def test_lithops_on_lambda_reports_its_ephemeral_storage():
+    pytest.importorskip("lithops")
+    from serveless.backends.lithops import LithopsBackend
+
+    backend = object.__new__(LithopsBackend)  # no sidecar: only describe() is looked at
+    backend.compute, backend.storage, backend.info = "aws_lambda", "aws_s3", {}
+    backend.config = {"aws_lambda": {"ephemeral_storage": 2048}}
+    assert backend.describe()["ephemeral_mb"] == 2048
+    backend.config = {"aws_lambda": {}}
+    assert backend.describe()["ephemeral_mb"] == 512

@@ -14,6 +14,8 @@ from typing import Any
 PRICES_AS_OF = "2026-11 (us-east-1)"
 LAMBDA_GB_SECOND = {"x86_64": 0.0000166667, "arm64": 0.0000133334}
 LAMBDA_REQUEST = 0.20 / 1_000_000
+LAMBDA_EPHEMERAL_GB_SECOND = 0.0000000309  # /tmp above the free 512 MB, per GB-s
+FREE_EPHEMERAL_MB = 512
 S3_PUT = 0.005 / 1000
 S3_GET = 0.0004 / 1000
 
@@ -58,6 +60,7 @@ class Bill:
     gets: int = 0
     puts: int = 0
     heads: int = 0  # HEAD requests: priced as GETs
+    ephemeral_gb_s: float = 0.0  # configured /tmp above the free 512 MB, over billed time
     arch: str = "x86_64"
 
     @property
@@ -73,8 +76,12 @@ class Bill:
         return (self.gets + self.heads) * S3_GET + self.puts * S3_PUT
 
     @property
+    def ephemeral(self) -> float:
+        return self.ephemeral_gb_s * LAMBDA_EPHEMERAL_GB_SECOND
+
+    @property
     def total(self) -> float:
-        return self.compute + self.requests + self.store_ops
+        return self.compute + self.requests + self.store_ops + self.ephemeral
 
     def add(self, row: dict[str, Any]) -> None:
         self.invocations += 1
@@ -82,6 +89,9 @@ class Bill:
         self.gets += int(row.get("gets", 0))
         self.puts += int(row.get("puts", 0))
         self.heads += int(row.get("heads", 0) or 0)
+        extra_mb = int(row.get("ephemeral_mb") or FREE_EPHEMERAL_MB) - FREE_EPHEMERAL_MB
+        if extra_mb > 0:
+            self.ephemeral_gb_s += gb_seconds(extra_mb, row["billed_ms"])
 
 
 def bill(rows: Iterable[dict[str, Any]], arch: str = "x86_64") -> dict[int | str, Bill]:

@@ -511,6 +511,7 @@ def run_job(
     # the cores a function runs on: this machine's for local engines, None on a cloud,
     # where each function has the vCPUs of its memory size whatever the driver has
     cores = getattr(backend, "function_cores", lambda: os.cpu_count())()
+    ephemeral_mb = backend.describe().get("ephemeral_mb")  # configured /tmp, when billed
 
     def fn_for(stage: int) -> FunctionSpec:
         mem = memory[stage]
@@ -552,7 +553,10 @@ def run_job(
                     result, started = InvocationResult(
                         None, {"type": type(exc).__name__, "message": str(exc)}, False, 0.0,
                         0.0, None), time.time()
-                log.append(_log_row(task, fn, result, started))
+                row = _log_row(task, fn, result, started)
+                if ephemeral_mb:
+                    row["ephemeral_mb"] = int(ephemeral_mb)
+                log.append(row)
                 err = result.error or {}
                 if err.get("type") == THROTTLED and task.throttles < MAX_THROTTLES:
                     # backpressure: back off and ask again; not a failure, no retry spent

@@ -78,6 +78,7 @@ def summarize(rows: list[dict[str, Any]], arch: str = "x86_64",
         "compute": total.compute,
         "requests": total.requests,
         "store_ops": total.store_ops,
+        "ephemeral": total.ephemeral,
         "driver_requests": dict(driver or {}),
         "driver_store_ops": driver_ops,
         "per_million": (total.total + driver_ops) / images * 1e6 if images else 0.0,
@@ -199,7 +200,9 @@ def print_summary(
     console.print(
         f"total {s['gb_s']:,.2f} GB-s; modeled AWS Lambda ({s['arch']}) cost "
         f"[bold]${s['cost']:.6f}[/bold] = compute ${s['compute']:.6f} + requests "
-        f"${s['requests']:.6f} + S3 ops ${s['store_ops']:.6f} + driver S3 ops "
+        f"${s['requests']:.6f} + S3 ops ${s['store_ops']:.6f} + "
+        + (f"/tmp above 512 MB ${s['ephemeral']:.6f} + " if s["ephemeral"] else "")
+        + "driver S3 ops "
         f"${s['driver_store_ops']:.6f}; [bold]${s['per_million']:.2f} per 1M images[/bold] "
         f"(prices as of {PRICES_AS_OF})"
     )

@@ -268,9 +268,13 @@ class LithopsBackend:
                      "memory sizes are ignored)")
         else:
             share = f"as {self.compute} allots it for each memory size"
-        return {"backend": "lithops", "lithops_backend": self.compute, "storage": self.storage,
-                "lithops_version": self.info.get("lithops_version"), "cpu_share": share,
-                "limits": "lithops", "cores": os.cpu_count()}
+        out = {"backend": "lithops", "lithops_backend": self.compute, "storage": self.storage,
+               "lithops_version": self.info.get("lithops_version"), "cpu_share": share,
+               "limits": "lithops", "cores": os.cpu_count()}
+        if self.compute == "aws_lambda":  # /tmp above 512 MB is billed per GB-s
+            section = self.config.get("aws_lambda") or {}
+            out["ephemeral_mb"] = int(section.get("ephemeral_storage") or 512)
+        return out
 
     def function_cores(self) -> int | None:
         """Localhost calls share this machine's cores; a cloud function has the vCPUs of
