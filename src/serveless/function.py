@@ -248,12 +248,10 @@ def reset_peak() -> None:
 
 def cgroup_peak_mb() -> float | None:
     """The peak charge of this process's cgroup (v2 memory.peak, v1 max_usage_in_bytes)
-    when the cgroup holds only this process and its ancestors or descendants (a Lambda
-    sandbox, a local backend instance); None when shared with others (Lithops localhost
-    in a container) or unreadable. This is what the runtime's memory limit is held to."""
+    when the cgroup holds only this process and its ancestors (a Lambda sandbox, a local
+    backend instance); None when shared with others (Lithops localhost in a container) or
+    unreadable. This is what the runtime's memory limit is held to."""
     try:
-        import psutil
-
         from .backends.limits import _procs, _v1_dir, _v2_dir
     except ImportError:
         return None
@@ -261,16 +259,26 @@ def cgroup_peak_mb() -> float | None:
         if d is None or not (d / name).exists():
             continue
         try:
-            me = psutil.Process()
-            family = {me.pid, *(p.pid for p in me.parents()),
-                      *(p.pid for p in me.children(recursive=True))}
             procs = _procs(d)
-            if not procs or not set(procs) <= family:
+            if not procs or not set(procs) <= _self_and_ancestors():
                 return None
             return int((d / name).read_text().split()[0]) / (1 << 20)
-        except (OSError, ValueError, IndexError, psutil.Error):
+        except (OSError, ValueError, IndexError):
             return None
     return None
+
+
+def _self_and_ancestors() -> set[int]:
+    """This process and its ancestors, from /proc (a few small reads, no scan of all pids)."""
+    pids, pid = set(), os.getpid()
+    while pid > 0 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
 
 
 def peak_mb() -> float:
