@@ -9,6 +9,7 @@ ever go through the store.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -148,6 +149,7 @@ def _load_stage(store: Store, model_key: str, threads: int) -> _Loaded:
     import onnxruntime as ort
 
     t0 = time.perf_counter()
+    _peak_file()  # found during the init, not after the call's output is written
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -251,20 +253,30 @@ def cgroup_peak_mb() -> float | None:
     when the cgroup holds only this process and its ancestors (a Lambda sandbox, a local
     backend instance); None when shared with others (Lithops localhost in a container) or
     unreadable. This is what the runtime's memory limit is held to."""
+    found = _peak_file()
+    if found is None:
+        return None
+    folder, name = found
     try:
-        from .backends.limits import _procs, _v1_dir, _v2_dir
+        procs = [int(x) for x in (folder / "cgroup.procs").read_text().split()]
+        if not procs or not set(procs) <= _self_and_ancestors():
+            return None
+        return int((folder / name).read_text().split()[0]) / (1 << 20)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _peak_file() -> tuple[Any, str] | None:
+    """(this process's memory cgroup folder, its peak file), looked up once per process
+    (at the instance's init: the local backend places it in its cgroup before that)."""
+    try:
+        from .backends.limits import _v1_dir, _v2_dir
     except ImportError:
         return None
     for d, name in ((_v2_dir(), "memory.peak"), (_v1_dir("memory"), "memory.max_usage_in_bytes")):
-        if d is None or not (d / name).exists():
-            continue
-        try:
-            procs = _procs(d)
-            if not procs or not set(procs) <= _self_and_ancestors():
-                return None
-            return int((d / name).read_text().split()[0]) / (1 << 20)
-        except (OSError, ValueError, IndexError):
-            return None
+        if d is not None and (d / name).exists():
+            return d, name
     return None
 
 
