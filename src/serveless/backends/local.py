@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from typing import Any
 
 from ..cost import vcpus
@@ -194,7 +195,10 @@ class LocalBackend:
         self._closed = False
         # The instances' disk cache of stage files (a Lambda container's /tmp), shared by
         # the instances of this backend and removed with it.
-        self.model_cache = tempfile.mkdtemp(prefix="serveless-models-")
+        # Made by the first instance that caches a stage (S3 stores only), so a run on a
+        # local folder leaves no trace even if the driver is killed.
+        self.model_cache = os.path.join(tempfile.gettempdir(),
+                                        f"serveless-models-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.watchdog = Watchdog()
         self.watchdog.start()
         cleanup_stale()  # cgroups of a driver that was SIGKILLed
