@@ -30,7 +30,7 @@ from s3server import start_s3_server  # noqa: E402
 from serveless.backends import FunctionSpec, make_backend  # noqa: E402
 from serveless.function import MODEL_CACHE_ENV  # noqa: E402
 from serveless.pipeline import prepare_job  # noqa: E402
-from serveless.store import JobLayout, Store  # noqa: E402
+from serveless.store import Store  # noqa: E402
 
 
 def run_mode(store: Store, spec, stage: int, calls: int, cache: bool) -> list[dict]:
@@ -42,11 +42,11 @@ def run_mode(store: Store, spec, stage: int, calls: int, cache: bool) -> list[di
     backend = make_backend("lithops", {"backend": "localhost"})
     out = []
     try:
-        layout = JobLayout(spec.job)
         fn = FunctionSpec(stage=stage, memory_mb=spec.memory[stage],
-                          model_key=layout.stage_model(stage), store=store.spec())
+                          model_key=spec.stage_model_key(stage), store=store.spec())
         event = {"store": store.spec(), "job": spec.job, "stage": stage,
-                 "stages": spec.stages, "record": spec.records[0], "size": spec.input_hw}
+                 "stages": spec.stages, "record": spec.records[0], "size": spec.input_hw,
+                 "model": fn.model_key}
         for _ in range(calls):
             t0 = time.perf_counter()
             res = backend.invoke(fn, event)
@@ -79,7 +79,7 @@ def main() -> None:
         for k in range(args.stage):
             function.handle({"store": store.spec(), "job": spec.job, "stage": k,
                              "stages": spec.stages, "record": spec.records[0],
-                             "size": spec.input_hw})
+                             "size": spec.input_hw, "model": spec.stage_model_key(k)})
         results = {}
         for mode, cache in (("before (no disk cache)", False), ("after (disk cache)", True)):
             rows = run_mode(store, spec, args.stage, args.calls, cache)

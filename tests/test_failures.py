@@ -10,7 +10,7 @@ from serveless.backends import FunctionSpec
 from serveless.backends.local import LocalBackend
 from serveless.function import PredictionCountError, _Counters, _write_predictions, error_of
 from serveless.pipeline import load_log, prepare_job, run_job
-from serveless.store import JobLayout, Store
+from serveless.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +21,13 @@ def job(tmp_path_factory, records_dir):
 
 
 def test_a_memory_error_in_the_function_is_out_of_memory(job):
-    """A micro-batch too large to allocate raises MemoryError inside the instance: the
-    driver must see OutOfMemory (and raise the memory), as for an OOM kill."""
+    """A batch too large to allocate (an absurd input size) raises MemoryError inside the
+    instance: the driver must see OutOfMemory (and raise the memory), as for an OOM kill."""
     store, spec = job
-    layout = JobLayout("f")
-    fn = FunctionSpec(stage=0, memory_mb=1024, model_key=layout.stage_model(0),
+    fn = FunctionSpec(stage=0, memory_mb=1024, model_key=spec.stage_model_key(0),
                       store=store.spec())
     event = {"store": store.spec(), "job": "f", "stage": 0, "stages": spec.stages,
-             "record": spec.records[0], "micro_batch": 10**9, "size": spec.input_hw}
+             "record": spec.records[0], "size": [200_000, 200_000], "model": fn.model_key}
     with LocalBackend() as backend:
         result = backend.invoke(fn, event)
     assert result.error is not None and result.error["type"] == "OutOfMemory"

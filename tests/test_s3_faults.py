@@ -162,7 +162,8 @@ def test_each_invocation_logs_the_requests_the_server_saw(s3_server, s3_proxy, s
     for stage in range(spec.stages):
         s3_proxy.clear()
         event = {"store": st.spec(), "job": "cj", "stage": stage, "stages": spec.stages,
-                 "record": record, "size": spec.input_hw, "format": spec.format}
+                 "record": record, "size": spec.input_hw, "format": spec.format,
+                 "model": spec.stage_model_key(stage)}
         metrics = function.handle(event)
         function._SESSIONS.clear()
         assert metrics["images"] == 10
