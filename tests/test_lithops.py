@@ -3,10 +3,12 @@ the end-to-end job, calls that time out or die, config handling, and nothing lef
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,19 +72,66 @@ def lithops_job(s3_server, small_records):
                        memory="1024,1536,1024,2048")
     before = _snapshot()
     backend = make_backend("lithops", {"backend": "localhost"})
+    leaks = _CredentialWatch(backend, s3_server.secret)
     try:
         described = backend.describe()
         t0 = time.perf_counter()
         result = run_job(store, spec, backend, concurrency=2, progress=False)
         wall = time.perf_counter() - t0
     finally:
+        leaks.stop()
         backend.close()
-    return store, spec, result, described, wall, before, _snapshot()
+    return SimpleNamespace(store=store, spec=spec, result=result, described=described,
+                           wall=wall, before=before, after=_snapshot(), leaks=leaks)
+
+
+class _CredentialWatch:
+    """Where the store's secret shows up while a Lithops job runs: in a message to the
+    sidecar other than the environment hand-over, in any file under the backend's folder
+    (Lithops' storage: call payloads and results, and the sidecar's log)."""
+
+    def __init__(self, backend: LithopsBackend, secret: str):
+        self.secret = secret.encode()
+        self.found: list[str] = []
+        self.files_seen: set[str] = set()
+        self.messages = 0
+        self._root = backend._root
+        real_send = backend._send
+
+        def send(msg: dict[str, Any]) -> None:
+            self.messages += 1
+            if msg.get("op") != "env" and self.secret.decode() in json.dumps(msg):
+                self.found.append(f"message {msg.get('op')}")
+            real_send(msg)
+
+        backend._send = send  # type: ignore[method-assign]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._scan, daemon=True)
+        self._thread.start()
+
+    def _scan(self) -> None:
+        while not self._stop.wait(0.02):
+            self._pass()
+
+    def _pass(self) -> None:
+        for path in list(self._root.rglob("*")):
+            try:
+                if path.is_file() and self.secret in path.read_bytes():
+                    self.found.append(str(path))
+                self.files_seen.add(str(path.relative_to(self._root)))
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._pass()
 
 
 def test_lithops_job_gives_one_row_per_image_equal_to_the_whole_model(
         lithops_job, small_records, alexnet, s3_server):
-    store, spec, result, described, *_ = lithops_job
+    store, spec, result, described = (lithops_job.store, lithops_job.spec,
+                                      lithops_job.result, lithops_job.described)
     assert described["backend"] == "lithops" and described["lithops_backend"] == "localhost"
     assert spec.stages == 4 and result.ok and result.images == 20
     check_predictions(store, "lj", small_records, alexnet, 20)
@@ -91,7 +140,7 @@ def test_lithops_job_gives_one_row_per_image_equal_to_the_whole_model(
 
 
 def test_lithops_job_logs_each_call_with_its_stats(lithops_job):
-    store, spec, result, _, wall, *_ = lithops_job
+    store, spec, wall = lithops_job.store, lithops_job.spec, lithops_job.wall
     log = load_log(store, "lj")
     assert len(log) == 2 * 4 and {(r["record"], r["stage"]) for r in log} == {
         (rec, k) for rec in spec.records for k in range(4)}
@@ -100,13 +149,28 @@ def test_lithops_job_logs_each_call_with_its_stats(lithops_job):
         assert r["cold"] and r["init_ms"] > 0  # localhost v1: a fresh process per call
         assert r["peak_mb"] > 50 and r["billed_ms"] >= r["duration_ms"] > 0
         assert r["instance"].startswith("lithops:")
+        # a fresh process per call: the stage comes from the store or the disk cache
+        assert r["model_source"] in ("store", "disk")
     assert len({r["instance"] for r in log}) == len(log)
+    assert {r["stage"] for r in log if r["model_source"] == "store"} == set(range(4))
     assert wall < 120  # no hang
 
 
 def test_lithops_job_leaves_no_process_or_folder(lithops_job):
-    *_, before, after = lithops_job
-    _assert_nothing_left(before, after)
+    _assert_nothing_left(lithops_job.before, lithops_job.after)
+
+
+def test_lithops_job_sends_no_credentials(lithops_job, s3_server):
+    """The store's secret (given as a store option) is in no payload, message or log of
+    Lithops, nor in the bucket; the runners got it from the sidecar's environment."""
+    leaks = lithops_job.leaks
+    assert lithops_job.result.ok and leaks.found == []
+    assert leaks.messages > 8  # the watch saw the calls go out
+    assert any("storage" in f or "jobs" in f for f in leaks.files_seen), leaks.files_seen
+    client = s3_server.client()
+    for key in s3_server.keys("lithops/"):
+        body = client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read()
+        assert s3_server.secret.encode() not in body, key
 
 
 # -- calls that fail, time out, or lose their worker ------------------------------------------
@@ -148,7 +212,9 @@ def test_calls_end_with_a_result_whatever_happens_to_them():
     assert ok.ok and ok.metrics["echo"] == {"do": "ok"}
     assert ok.extra["lithops"]["runtime_memory"] == 512  # the stage's memory, as asked
     assert ok.extra["lithops"]["worker_exec_time"] > 0 and ok.duration_ms >= 1.0
-    assert results["raise"].error == {"type": "ValueError", "message": "bad record"}
+    raised = results["raise"].error
+    assert raised["type"] == "ValueError" and raised["message"] == "bad record"
+    assert raised["final"] and "deterministic" in raised["why"]  # not retried, and why
     assert results["sleep"].error["type"] == "Timeout"
     assert results["die"].error["type"] == "InstanceDied"
     assert results["hang"].error["type"] == "Timeout"

@@ -133,8 +133,15 @@ def _record_calls(monkeypatch, st: Store, fail_on: str | None = None) -> list[st
     def sync_spy(method, *args, **kwargs):
         return fsspec.asyn.sync(st.fs.loop, spy, method, *args, **kwargs)
 
+    real_direct = st._s3_call
+
+    def direct_spy(method, **kwargs):
+        calls.append(method)
+        return real_direct(method, **kwargs)
+
     monkeypatch.setattr(st.fs, "_call_s3", spy)  # what s3fs's own methods call
     monkeypatch.setattr(st.fs, "call_s3", sync_spy)  # its blocking twin
+    monkeypatch.setattr(st, "_s3_call", direct_spy)  # our single PUTs (and their checks)
     return calls
 
 
@@ -183,7 +190,8 @@ def test_multipart_upload_is_atomic_and_aborted_on_failure(s3_server, monkeypatc
     monkeypatch.setattr(store_module, "S3_PART_SIZE", 5 << 20)
     calls = _record_calls(monkeypatch, st)
     st.put_file(src, "o/big")
-    assert calls.count("upload_part") == 3 and calls[-1] == "complete_multipart_upload"
+    assert calls.count("upload_part") == 3 and calls[-2] == "complete_multipart_upload"
+    assert calls[-1] == "head_object"  # the size S3 stored, confirmed
     assert st.get_bytes("o/big") == data
 
 

@@ -14,8 +14,18 @@ from typing import Any
 PRICES_AS_OF = "2026-11 (us-east-1)"
 LAMBDA_GB_SECOND = {"x86_64": 0.0000166667, "arm64": 0.0000133334}
 LAMBDA_REQUEST = 0.20 / 1_000_000
+LAMBDA_EPHEMERAL_GB_SECOND = 0.0000000309  # /tmp above the free 512 MB, per GB-s
+FREE_EPHEMERAL_MB = 512
 S3_PUT = 0.005 / 1000
 S3_GET = 0.0004 / 1000
+
+def store_request_cost(counts: dict[str, int]) -> float:
+    """S3 request charges for counts by kind: GET and HEAD at the GET price, PUT and LIST
+    at the PUT price, DELETE free."""
+    reads = int(counts.get("get", 0)) + int(counts.get("head", 0))
+    writes = int(counts.get("put", 0)) + int(counts.get("list", 0))
+    return reads * S3_GET + writes * S3_PUT
+
 
 MIN_MEMORY_MB = 128
 MAX_MEMORY_MB = 10_240
@@ -49,6 +59,8 @@ class Bill:
     gb_s: float = 0.0
     gets: int = 0
     puts: int = 0
+    heads: int = 0  # HEAD requests: priced as GETs
+    ephemeral_gb_s: float = 0.0  # configured /tmp above the free 512 MB, over billed time
     arch: str = "x86_64"
 
     @property
@@ -61,17 +73,25 @@ class Bill:
 
     @property
     def store_ops(self) -> float:
-        return self.gets * S3_GET + self.puts * S3_PUT
+        return (self.gets + self.heads) * S3_GET + self.puts * S3_PUT
+
+    @property
+    def ephemeral(self) -> float:
+        return self.ephemeral_gb_s * LAMBDA_EPHEMERAL_GB_SECOND
 
     @property
     def total(self) -> float:
-        return self.compute + self.requests + self.store_ops
+        return self.compute + self.requests + self.store_ops + self.ephemeral
 
     def add(self, row: dict[str, Any]) -> None:
         self.invocations += 1
         self.gb_s += gb_seconds(row["memory_mb"], row["billed_ms"])
         self.gets += int(row.get("gets", 0))
         self.puts += int(row.get("puts", 0))
+        self.heads += int(row.get("heads", 0) or 0)
+        extra_mb = int(row.get("ephemeral_mb") or FREE_EPHEMERAL_MB) - FREE_EPHEMERAL_MB
+        if extra_mb > 0:
+            self.ephemeral_gb_s += gb_seconds(extra_mb, row["billed_ms"])
 
 
 def bill(rows: Iterable[dict[str, Any]], arch: str = "x86_64") -> dict[int | str, Bill]:
@@ -80,6 +100,8 @@ def bill(rows: Iterable[dict[str, Any]], arch: str = "x86_64") -> dict[int | str
         raise ValueError(f"arch must be one of {sorted(LAMBDA_GB_SECOND)}, got {arch!r}")
     out: dict[int | str, Bill] = {"total": Bill(arch=arch)}
     for row in rows:
+        if row.get("throttled"):  # refused by the platform before running: not billed
+            continue
         out.setdefault(int(row["stage"]), Bill(arch=arch)).add(row)
         out["total"].add(row)
     return out

@@ -9,6 +9,7 @@ ever go through the store.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -82,20 +83,82 @@ class Event:
         return ev
 
 
+# -- errors as the driver sees them ---------------------------------------------------------
+
+# Failures that come out the same on every attempt: the input, the graph or the event is
+# wrong. Retrying them costs an invocation each and cannot succeed.
+DETERMINISTIC = {
+    "RecordError": "the record is malformed",
+    "TensorFormatError": "the stage input is malformed",
+    "ValueError": "the event or an input is invalid",
+    "PredictionCountError": "the stage output does not match the record",
+    "InvalidArgument": "onnxruntime refused the input (shape or type)",
+    "InvalidGraph": "onnxruntime refused the stage graph",
+    "InvalidProtobuf": "the stage graph is not a valid ONNX file",
+    "NotImplemented": "onnxruntime cannot run an operator of the stage",
+}
+
+
+class PredictionCountError(RuntimeError):
+    """The last stage produced a different number of rows than the record has images."""
+
+
+def error_of(exc: BaseException) -> dict[str, Any]:
+    """An exception as an invocation error: a Python MemoryError (or onnxruntime failing to
+    allocate) is OutOfMemory, as an OOM kill would be; deterministic failures are marked
+    final, with why, so the driver does not retry them."""
+    name, text = type(exc).__name__, str(exc)
+    if isinstance(exc, MemoryError) or (
+            name in {"RuntimeException", "Fail"} and "alloc" in text.lower()):
+        return {"type": "OutOfMemory",
+                "message": f"{name} in the function: {text or 'out of memory'}"}
+    err: dict[str, Any] = {"type": name, "message": text}
+    if name in DETERMINISTIC:
+        err["final"] = True
+        err["why"] = f"deterministic: {DETERMINISTIC[name]}; a retry would fail the same way"
+    return err
+
+
 # -- warm state of this instance ------------------------------------------------------------
 
 _SESSIONS: dict[tuple[str, str, int], Any] = {}
 _invocations = 0
+_init_load: Any = None  # the last load from disk or store, until a call has reported it
+
+
+MODEL_CACHE_ENV = "SERVELESS_MODEL_CACHE"  # a folder, or "0" for no disk cache
+
+
+@dataclass
+class _Loaded:
+    session: Any
+    init_ms: float
+    bytes: int  # read from the store
+    gets: int | None  # GET requests (None: a local folder, no requests)
+    heads: int
+    source: str  # "memory": kept from an earlier call; "disk": the function's local cache;
+    # "store": read from the store
 
 
 def load_stage(store: Store, model_key: str, threads: int) -> tuple[Any, float, int]:
     """The stage's session, loaded once per instance: (session, init ms, bytes read)."""
+    loaded = _load_stage(store, model_key, threads)
+    return loaded.session, loaded.init_ms, loaded.bytes
+
+
+def _load_stage(store: Store, model_key: str, threads: int) -> _Loaded:
+    """The session from memory (same process), else from the local disk cache, else the
+    store. Where calls do not share a process (Lithops runs each call in a fresh one),
+    the disk cache (/tmp on Lambda, kept while the container is warm) saves the download:
+    its entries are named by the objects' content hashes (S3 ETags, one HEAD each), so a
+    changed stage is never served stale."""
     cache_key = (store.url, model_key, threads)
     if cache_key in _SESSIONS:
-        return _SESSIONS[cache_key], 0.0, 0
+        return _Loaded(_SESSIONS[cache_key], 0.0, 0, 0, 0, "memory")
     import onnxruntime as ort
 
     t0 = time.perf_counter()
+    _peak_file()  # found during the init, not after the call's output is written
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -103,29 +166,79 @@ def load_stage(store: Store, model_key: str, threads: int) -> tuple[Any, float, 
     # Spinning threads burn the CPU share that decoding on the other thread needs.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     local = store.local_path(model_key)
+    heads = 0
     if local is not None:
         if not os.path.exists(local):
             raise StoreError(f"missing object {store.url}/{model_key}")
         size = os.path.getsize(local) + _size_or_zero(local + DATA_SUFFIX)
+        gets: int | None = None
+        source = "store"
         session = ort.InferenceSession(local, opts, providers=["CPUExecutionProvider"])
     else:
-        # Weights are external data beside the graph; onnxruntime maps them from a local
-        # file, so fetch both into a private folder (/tmp on Lambda) first.
-        with tempfile.TemporaryDirectory(prefix="serveless-model-") as tmp:
-            path = os.path.join(tmp, model_key.rsplit("/", 1)[-1])
-            size = 0
-            for suffix in ("", DATA_SUFFIX):
-                try:  # streamed, never whole in memory; transient errors are retried
-                    store.get_file(model_key + suffix, path + suffix)
-                except StoreError:
-                    if not suffix:
-                        raise
-                    continue  # a stage without external weights (all small)
-                size += os.path.getsize(path + suffix)
+        name = model_key.rsplit("/", 1)[-1]
+        cache = _cache_folder(store, model_key) if _cache_root() else None
+        if cache is not None:
+            folder, heads = cache
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                size, gets, source = 0, 0, "disk"
+            else:
+                os.makedirs(folder, exist_ok=True)
+                size, gets = _fetch_stage(store, model_key, path, into_place=True)
+                source = "store"
             session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        else:  # no cache: a private folder, gone once the session holds the weights
+            with tempfile.TemporaryDirectory(prefix="serveless-model-") as tmp:
+                path = os.path.join(tmp, name)
+                size, gets = _fetch_stage(store, model_key, path, into_place=False)
+                source = "store"
+                session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     _SESSIONS.clear()  # an instance serves one stage; drop any other
     _SESSIONS[cache_key] = session
-    return session, (time.perf_counter() - t0) * 1000, size
+    global _init_load
+    _init_load = _Loaded(session, (time.perf_counter() - t0) * 1000, size,
+                         gets if store.s3 else None, heads, source)
+    return _init_load
+
+
+def _cache_root() -> str | None:
+    root = os.environ.get(MODEL_CACHE_ENV, "")
+    if root == "0":
+        return None
+    return root or os.path.join(tempfile.gettempdir(), "serveless-models")
+
+
+def _cache_folder(store: Store, model_key: str) -> tuple[str, int] | None:
+    """(the cache folder for this stage's current content, HEADs made), or None where the
+    store gives no content hash without reading the object (stores other than S3)."""
+    if not store.s3:
+        return None
+    tags = [store.etag(model_key), store.etag(model_key + DATA_SUFFIX)]
+    if tags[0] is None:
+        raise StoreError(f"missing object {store.url}/{model_key}")
+    digest = hashlib.sha256(json.dumps([model_key, *tags]).encode()).hexdigest()[:32]
+    return os.path.join(str(_cache_root()), digest), 2
+
+
+def _fetch_stage(store: Store, model_key: str, path: str, into_place: bool) -> tuple[int, int]:
+    """Download a stage's graph and weights to `path` (+ .data): (bytes, GETs). With
+    `into_place`, each file is written under a temporary name and renamed, weights first,
+    so a concurrent call sees either no graph or a complete stage."""
+    size = requests = 0
+    for suffix in (DATA_SUFFIX, ""):
+        requests += 1  # one GET per file (a missing one is a GET answered 404)
+        dest = path + suffix
+        part = f"{dest}.part-{os.getpid()}-{threading.get_ident()}" if into_place else dest
+        try:  # streamed, never whole in memory; transient errors are retried
+            store.get_file(model_key + suffix, part)
+        except StoreError:
+            if not suffix:
+                raise
+            continue  # a stage without external weights (all small)
+        size += os.path.getsize(part)
+        if into_place:
+            os.replace(part, dest)
+    return size, requests
 
 
 def _size_or_zero(path: str) -> int:
@@ -144,7 +257,53 @@ def reset_peak() -> None:
         pass
 
 
+def cgroup_peak_mb() -> float | None:
+    """The peak charge of this process's cgroup (v2 memory.peak, v1 max_usage_in_bytes)
+    when the cgroup holds only this process and its ancestors (a Lambda sandbox, a local
+    backend instance); None when shared with others (Lithops localhost in a container) or
+    unreadable. This is what the runtime's memory limit is held to."""
+    found = _peak_file()
+    if found is None:
+        return None
+    folder, name = found
+    try:
+        procs = [int(x) for x in (folder / "cgroup.procs").read_text().split()]
+        if not procs or not set(procs) <= _self_and_ancestors():
+            return None
+        return int((folder / name).read_text().split()[0]) / (1 << 20)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _peak_file() -> tuple[Any, str] | None:
+    """(this process's memory cgroup folder, its peak file), looked up once per process
+    (at the instance's init: the local backend places it in its cgroup before that)."""
+    try:
+        from .backends.limits import _v1_dir, _v2_dir
+    except ImportError:
+        return None
+    for d, name in ((_v2_dir(), "memory.peak"), (_v1_dir("memory"), "memory.max_usage_in_bytes")):
+        if d is not None and (d / name).exists():
+            return d, name
+    return None
+
+
+def _self_and_ancestors() -> set[int]:
+    """This process and its ancestors, from /proc (a few small reads, no scan of all pids)."""
+    pids, pid = set(), os.getpid()
+    while pid > 0 and pid not in pids:
+        pids.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
 def peak_mb() -> float:
+    """The process's RSS high-water mark (VmHWM) in MiB."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -166,11 +325,14 @@ class _Counters:
     bytes_in: int = 0
     bytes_out: int = 0
     gets: int = 0
+    heads: int = 0
     puts: int = 0
 
-    def got(self, size: int) -> None:
+    def got(self, size: int, requests: int | None = None) -> None:
+        """Bytes read with `requests` GETs: counted where the store makes real requests
+        (S3), else modelled as one ranged GET per 64 MiB as an object store would serve."""
         self.bytes_in += size
-        self.gets += max(1, math.ceil(size / READ_BLOCK))
+        self.gets += max(1, math.ceil(size / READ_BLOCK)) if requests is None else requests
 
     def put(self, size: int) -> None:
         self.bytes_out += size
@@ -190,10 +352,17 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
     fmt = TensorFormat.from_dict(ev.format)
     c = _Counters()
 
+    global _init_load
     model_key = ev.model or layout.stage_model(ev.stage)
-    session, init_ms, model_bytes = load_stage(store, model_key, ev.threads)
-    if model_bytes:
-        c.got(model_bytes)
+    loaded = _load_stage(store, model_key, ev.threads)
+    session, init_ms = loaded.session, loaded.init_ms
+    # The first call after an instance's init (the local backend loads the stage before
+    # the first event) reports that load: where the model came from, and its requests.
+    load, _init_load = (_init_load or loaded), None
+    model_source = load.source
+    if load.bytes:
+        c.got(load.bytes, load.gets)
+    c.heads += load.heads
     input_name = session.get_inputs()[0].name
     last = ev.stage == ev.stages - 1
 
@@ -201,13 +370,12 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         in_key = layout.record(ev.record)
     else:
         in_key = layout.stage_output(ev.stage - 1, ev.record, fmt.suffix)
-    c.got(store.size(in_key))
 
-    with store.open_read(in_key) as src:
+    with _Input(store, in_key, whole=ev.stage == 0) as src:
         if ev.stage == 0:
-            n, blocks, meta = _image_blocks(src, store.path(in_key), ev, c)
+            n, blocks, meta = _image_blocks(src.file, store.path(in_key), ev, c)
         else:
-            n, blocks = _tensor_blocks(src, fmt, ev, c)
+            n, blocks = _tensor_blocks(src.file, fmt, ev, c)
             meta = None
         fixed = session.get_inputs()[0].shape[0]
         outputs = _run(session, input_name, _prefetch(blocks), c,
@@ -216,7 +384,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         if last:
             if meta is None:
                 raw = store.get_bytes(layout.record_meta(ev.record))
-                c.got(len(raw))
+                c.got(len(raw), 1 if store.s3 else None)
                 meta = json.loads(raw)
             classes = None
             if ev.classes:
@@ -239,8 +407,10 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
                 data = json.dumps(meta).encode()
                 store.put_bytes(layout.record_meta(ev.record), data)
                 c.put(len(data))
+        src.count(c)
 
     errors = len(meta.get("errors", {})) if meta else 0
+    rss_peak, cgroup_peak = peak_mb(), cgroup_peak_mb()
     duration_ms = (time.perf_counter() - t0) * 1000 - init_ms
     return {
         "stage": ev.stage,
@@ -248,6 +418,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         "images": n,
         "image_errors": errors,
         "cold": init_ms > 0,
+        "model_source": model_source,
         "handler_init_ms": round(init_ms, 3),
         "duration_ms": round(duration_ms, 3),
         "read_ms": round(c.read_ms, 3),
@@ -256,11 +427,58 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         "bytes_in": c.bytes_in,
         "bytes_out": c.bytes_out,
         "gets": c.gets,
+        "heads": c.heads,
         "puts": c.puts,
-        "peak_mb": round(peak_mb(), 1),
+        "peak_mb": round(max(rss_peak, cgroup_peak or 0.0), 1),
+        "peak_rss_mb": round(rss_peak, 1),
         "output": written,
         **quality,
     }
+
+
+class _Input:
+    """The input object of an invocation, opened so that it is fetched once, and counted.
+
+    A record (`whole`) is read twice, once to count its images (the output's shape needs
+    the count first) and once to decode them; from an object store that would fetch it
+    twice, so it is downloaded to local disk (/tmp on Lambda) with one streamed GET and
+    read there. A tensor is read once, front to back, through the store's ranged reader;
+    on S3 its GETs are counted from the reader's cache misses, one per fetched block.
+    """
+
+    def __init__(self, store: Store, key: str, whole: bool):
+        self.store, self.key, self.whole = store, key, whole
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.file: IO[bytes]
+
+    def __enter__(self) -> _Input:
+        if self.whole and self.store.local_path(self.key) is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="serveless-input-")
+            path = os.path.join(self._tmp.name, "input")
+            self.store.get_file(self.key, path)  # one GET, streamed to disk
+            self.file = open(path, "rb")  # noqa: SIM115 - closed in __exit__
+        else:
+            self.file = self.store.open_read(self.key)
+        return self
+
+    def count(self, c: _Counters) -> None:
+        """Add this input's bytes and requests to the counters, once it has been read."""
+        f = self.file
+        size = getattr(f, "size", None)
+        if size is None:
+            size = os.fstat(f.fileno()).st_size
+        if not self.store.s3:
+            c.got(int(size))
+        elif self._tmp is not None:
+            c.got(int(size), 1)
+        else:  # s3fs: one HEAD at open for the size, then one GET per cache miss
+            c.heads += 1
+            c.got(int(size), int(getattr(getattr(f, "cache", None), "miss_count", 1)))
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 def _image_blocks(
@@ -274,7 +492,7 @@ def _image_blocks(
     from .records import count_examples
 
     n = count_examples(src, key)
-    src.seek(0)
+    src.seek(0)  # a local file (see _Input): no second fetch
     meta: dict[str, Any] = {"n": n, "filenames": [], "labels": [], "errors": {}}
     tf = ev.transform or {}
     mean, std = tf.get("mean"), tf.get("std")
@@ -473,7 +691,7 @@ def _write_predictions(
     filenames, labels = meta["filenames"], meta["labels"]
     index = 0
     failed: list[list[str]] = []
-    with store.writer(key) as f:
+    with store.writer(key) as f:  # the object appears only if the whole block succeeds
         hw = _HashingWriter(f)
         for out in outputs:
             t = time.perf_counter()
@@ -498,8 +716,9 @@ def _write_predictions(
                 index += 1
             hw.write(("\n".join(lines) + "\n").encode())
             c.write_ms += (time.perf_counter() - t) * 1000
-    if index != meta["n"]:
-        raise RuntimeError(f"record {record}: {index} predictions for {meta['n']} images")
+        if index != meta["n"]:  # inside the writer: a short predictions object is never made
+            raise PredictionCountError(
+                f"record {record}: {index} predictions for {meta['n']} images")
     c.put(hw.size)
     quality = {"failed_images": failed}
     return {"key": key, "size": hw.size, "sha256": hw.sha.hexdigest()}, quality

@@ -40,6 +40,8 @@ MAY_CHANGE_ON_RESUME = ("memory", "concurrency", "retries")
 NOT_ASKED = ("job", "records", "version", "input_hw", "preprocess", "quantize", "models",
              "classes", "fixed_batch")
 OOM_RAISE = 1.5
+THROTTLED = "TooManyRequests"  # Lambda's 429: the call was refused, never ran, is not billed
+MAX_THROTTLES = 200  # per invocation, before the record fails as throttled
 
 
 class JobError(ValueError):
@@ -210,6 +212,7 @@ def prepare_job(
     if micro_batch is not None and micro_batch < 1:
         raise JobError("--micro-batch must be >= 1")
     q.check_settings(quantize, weights, calibration_images)
+    requests_before = store.requests.copy()
     store.check()
     old = JobSpec.load(store, job) if store.exists(layout.spec) else None
     model = model or (old.model if old else DEFAULT_MODEL)
@@ -265,19 +268,21 @@ def prepare_job(
     existing = {Path(k).name.removesuffix(".tfrecord")
                 for k in store.list(layout.records_prefix, ".tfrecord")}
 
-    def same(key: str, size: int) -> bool:
-        """A record already in the job: fine if it is the same size, refused if not."""
+    def same(key: str, size: int, md5: Callable[[], str]) -> bool:
+        """A record already in the job: fine if it has the same bytes (size, then MD5: a
+        changed record of the same size too), refused if not."""
         name = Path(key).name.removesuffix(".tfrecord")
         if name not in existing:
             return False
-        if store.size(key) != size:
+        if store.size(key) != size or store.content_md5(key) != md5():
             raise JobError(f"job {job!r} already has a different record {name!r}; "
                            "use a new --job name")
         return True
 
     new = []
     if inputs:
-        new = [f for f in inputs.records if not same(layout.record(f.record_name), f.size)]
+        new = [f for f in inputs.records
+               if not same(layout.record(f.record_name), f.size, f.md5)]
     if not counts and not (inputs and inputs.images) and not existing:
         raise JobError(f"job {job!r} has no records: pass --input")
     where = f"at {','.join(cut_list)}" if cut_list else "as one stage (no cuts)"
@@ -334,6 +339,7 @@ def prepare_job(
     asked.records = sorted(names)
     asked.models = models.prefix
     asked.save(store)
+    save_driver_requests(store, layout, requests_before)
     return asked
 
 
@@ -464,6 +470,30 @@ def read_predictions(store: Store, job: str) -> list[dict[str, Any]]:
     return rows
 
 
+def load_driver_requests(store: Store, job: str) -> dict[str, int]:
+    """The driver's store requests for a job, by kind ({} for jobs from before they were
+    counted)."""
+    key = JobLayout(job).driver
+    try:
+        data = json.loads(store.get_bytes(key)) if store.exists(key) else {}
+    except (StoreError, json.JSONDecodeError):
+        return {}
+    return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def save_driver_requests(store: Store, layout: JobLayout, before: Any) -> dict[str, int]:
+    """Add the requests this store object made since `before` (and the write of this
+    record itself) to the job's driver.json; returns the job's totals."""
+    old = load_driver_requests(store, layout.job)
+    store.requests["put"] += 1  # the write just below
+    total = dict(old)
+    for kind, n in (store.requests - before).items():
+        total[kind] = total.get(kind, 0) + n
+    store.put_bytes(layout.driver, json.dumps(total, sort_keys=True).encode())
+    store.requests["put"] -= 1  # counted once, by the put_bytes above
+    return total
+
+
 def load_log(store: Store, job: str) -> list[dict[str, Any]]:
     key = JobLayout(job).log
     if not store.exists(key):
@@ -488,6 +518,7 @@ class _Task:
     stage: int = field(compare=False)
     attempt: int = field(compare=False, default=0)
     not_before: float = field(compare=False, default=0.0)
+    throttles: int = field(compare=False, default=0)
 
 
 @dataclass
@@ -503,6 +534,8 @@ class JobResult:
     backend: dict[str, Any]
     retried: int = 0
     images_run: int = 0
+    throttled: int = 0
+    driver_requests: dict[str, int] = field(default_factory=dict)  # the job's, all runs
 
     @property
     def ok(self) -> bool:
@@ -528,12 +561,14 @@ def run_job(
     """
     if concurrency < 1:
         raise JobError("--concurrency must be >= 1")
+    requests_before = store.requests.copy()
     store.check()
     problem = getattr(backend, "store_problem", lambda url: None)(store.url)
     if problem:
         raise JobError(problem)
     layout = JobLayout(spec.job)
     fmt = TensorFormat.from_dict(spec.format)
+    _remove_stale_temporaries(store, layout)
     log = InvocationLog(store, layout)
     rng = rng or random.Random()
     memory = list(spec.memory)
@@ -551,14 +586,21 @@ def run_job(
         say(f"resuming: {finished} of {total} records done")
     failed: dict[str, str] = {}
     retried = 0
+    throttled = 0
+    driver_requests: dict[str, int] = {}
     images_run = 0  # images served by this run (a resumed job has others before)
     t0 = time.perf_counter()
     bar = _Progress(total, finished, enabled=progress)
 
+    # the cores a function runs on: this machine's for local engines, None on a cloud,
+    # where each function has the vCPUs of its memory size whatever the driver has
+    cores = getattr(backend, "function_cores", lambda: os.cpu_count())()
+    ephemeral_mb = backend.describe().get("ephemeral_mb")  # configured /tmp, when billed
+
     def fn_for(stage: int) -> FunctionSpec:
         mem = memory[stage]
         return FunctionSpec(stage=stage, memory_mb=mem, model_key=spec.stage_model_key(stage),
-                            store=store.spec(), threads=_threads(mem))
+                            store=store.spec(), threads=_threads(mem, cores))
 
     def invoke(task: _Task, fn: FunctionSpec) -> tuple[InvocationResult, float]:
         started = time.time()
@@ -597,7 +639,19 @@ def run_job(
                     result, started = InvocationResult(
                         None, {"type": type(exc).__name__, "message": str(exc)}, False, 0.0,
                         0.0, None), time.time()
-                log.append(_log_row(task, fn, result, started))
+                row = _log_row(task, fn, result, started)
+                if ephemeral_mb:
+                    row["ephemeral_mb"] = int(ephemeral_mb)
+                log.append(row)
+                err = result.error or {}
+                if err.get("type") == THROTTLED and task.throttles < MAX_THROTTLES:
+                    # backpressure: back off and ask again; not a failure, no retry spent
+                    throttled += 1
+                    delay = min(10.0, 0.05 * 2**min(task.throttles, 8)) * (0.5 + rng.random())
+                    heapq.heappush(heap, _Task(task.priority, task.record, task.stage,
+                                               task.attempt, time.monotonic() + delay,
+                                               task.throttles + 1))
+                    continue
                 if result.ok:
                     if task.stage == spec.stages - 1:
                         if not keep_intermediates:
@@ -610,7 +664,6 @@ def run_job(
                         heapq.heappush(heap, _Task((-nxt, order[task.record], 0.0),
                                                    task.record, nxt))
                     continue
-                err = result.error or {}
                 if (err.get("type") == "OutOfMemory" and fn.memory_mb == memory[task.stage]
                         and memory[task.stage] < MAX_MEMORY_MB):  # once per size, not per call
                     memory[task.stage] = min(MAX_MEMORY_MB, int(memory[task.stage] * OOM_RAISE))
@@ -621,10 +674,13 @@ def run_job(
                     retried += 1
                     delay = min(30.0, 0.2 * 2**task.attempt) * (0.5 + rng.random())
                     heapq.heappush(heap, _Task(task.priority, task.record, task.stage,
-                                               task.attempt + 1, time.monotonic() + delay))
+                                               task.attempt + 1, time.monotonic() + delay,
+                                               task.throttles))
                 else:
-                    failed[task.record] = f"stage {task.stage}: {err.get('type')}: " \
-                                          f"{err.get('message')}"
+                    why = (f" (not retried: {err.get('why') or 'deterministic'})"
+                           if not _retryable(err) else f" (after {task.attempt + 1} attempts)")
+                    failed[task.record] = (f"stage {task.stage}: {err.get('type')}: "
+                                           f"{err.get('message')}{why}")
                     finished += 1
                     bar.advance(images_run)
     except BaseException:
@@ -634,6 +690,8 @@ def run_job(
         pool.shutdown(wait=True, cancel_futures=True)
         log.flush()
         bar.close()
+        with contextlib.suppress(OSError, StoreError):
+            driver_requests = save_driver_requests(store, layout, requests_before)
     final = _final_rows(log.rows, spec)
     return JobResult(
         spec=spec, rows=log.rows, wall_s=time.perf_counter() - t0,
@@ -641,7 +699,17 @@ def run_job(
         failed_records=failed,
         image_errors=sum(int(r.get("image_errors") or 0) for r in final),
         memory=memory, raised=raised, backend=backend.describe(), retried=retried,
+        throttled=throttled, driver_requests=driver_requests,
     )
+
+
+def _remove_stale_temporaries(store: Store, layout: JobLayout) -> None:
+    """`*.tmp-*` objects under the job are what writers killed mid-write left (a driver
+    runs its job alone, so none is being written now): remove them, never fail for it."""
+    with contextlib.suppress(OSError, StoreError):
+        for key in store.stale_temporaries(layout.job):
+            with contextlib.suppress(OSError, StoreError):
+                store.delete(key)
 
 
 def _drop_intermediates(store: Store, layout: JobLayout, spec: JobSpec, record: str,
@@ -653,14 +721,20 @@ def _drop_intermediates(store: Store, layout: JobLayout, spec: JobSpec, record: 
             store.delete(key)
 
 
-def _threads(memory_mb: int) -> int:
-    """onnxruntime intra-op threads = the function's vCPUs, rounded up, at most our cores."""
-    return max(1, min(math.ceil(vcpus(memory_mb)), os.cpu_count() or 1))
+def _threads(memory_mb: int, cores: int | None = None) -> int:
+    """onnxruntime intra-op threads = the function's vCPUs, rounded up, at most the cores
+    of the machine the function runs on (None: a cloud function, its vCPUs alone)."""
+    n = math.ceil(vcpus(memory_mb))
+    return max(1, min(n, cores) if cores else n)
 
 
 def _retryable(err: dict[str, Any]) -> bool:
-    """Bad input is final; everything else (deaths, OOM, throttling, store errors) retries."""
-    return err.get("type") not in {"RecordError", "ValueError", "TensorFormatError"}
+    """Deterministic failures (bad input, a graph onnxruntime refuses, a row count that
+    does not match: marked `final` by the function) are not retried; everything else
+    (deaths, OOM, throttling, store errors) is."""
+    from .function import DETERMINISTIC
+
+    return not err.get("final") and err.get("type") not in DETERMINISTIC
 
 
 def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,
@@ -675,10 +749,13 @@ def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,
         "memory_mb": fn.memory_mb,
         "vcpus": round(vcpus(fn.memory_mb), 3),
         "cold": res.cold,
+        "model_source": m.get("model_source"),  # memory | disk | store
         "init_ms": round(res.init_ms, 3),
         "duration_ms": round(duration, 3),
         "billed_ms": billed_ms(duration, res.init_ms),
-        "peak_mb": res.peak_mb,
+        "peak_mb": res.peak_mb,  # max(cgroup charge, RSS peak): what a limit is held to
+        "peak_rss_mb": m.get("peak_rss_mb"),
+        "peak_cgroup_mb": m.get("peak_cgroup_mb"),
         "images": m.get("images"),
         "image_errors": m.get("image_errors", 0),
         "read_ms": m.get("read_ms"),
@@ -687,11 +764,13 @@ def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,
         "bytes_in": m.get("bytes_in", 0),
         "bytes_out": m.get("bytes_out", 0),
         "gets": m.get("gets", 0),
+        "heads": m.get("heads", 0),
         "puts": m.get("puts", 0),
         "output": m.get("output"),
         **({"failed_images": m["failed_images"]} if "failed_images" in m else {}),
         "instance": res.instance,
         "error": res.error,
+        "throttled": (res.error or {}).get("type") == THROTTLED,  # refused: not billed
     }
 
 

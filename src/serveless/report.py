@@ -11,7 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from .cost import PRICES_AS_OF, bill, gb_seconds
+from .cost import PRICES_AS_OF, bill, gb_seconds, store_request_cost
 
 
 @dataclass
@@ -31,11 +31,15 @@ class StageSummary:
     store_ops: float
 
 
-def summarize(rows: list[dict[str, Any]], arch: str = "x86_64") -> dict[str, Any]:
-    """Per-stage and total figures; every number here is recomputable from the log rows."""
+def summarize(rows: list[dict[str, Any]], arch: str = "x86_64",
+              driver: dict[str, int] | None = None) -> dict[str, Any]:
+    """Per-stage and total figures, recomputable from the log rows and the driver's own
+    store requests (driver.json), which are billed apart from the functions'."""
     by_stage: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    throttled = sum(1 for r in rows if r.get("throttled"))
     for r in rows:
-        by_stage[int(r["stage"])].append(r)
+        if not r.get("throttled"):  # refused by the platform: no invocation, no bill
+            by_stage[int(r["stage"])].append(r)
     bills = bill(rows, arch)
     stages = []
     for k in sorted(by_stage):
@@ -64,17 +68,22 @@ def summarize(rows: list[dict[str, Any]], arch: str = "x86_64") -> dict[str, Any
             failed_images += int(r.get("image_errors") or 0)
             finals.discard(r["record"])
     total = bills["total"]
+    driver_ops = store_request_cost(driver or {})
     return {
         "stages": stages,
         "images": images,
         "failed_images": failed_images,
         "gb_s": total.gb_s,
-        "cost": total.total,
+        "cost": total.total + driver_ops,
         "compute": total.compute,
         "requests": total.requests,
         "store_ops": total.store_ops,
-        "per_million": total.total / images * 1e6 if images else 0.0,
+        "ephemeral": total.ephemeral,
+        "driver_requests": dict(driver or {}),
+        "driver_store_ops": driver_ops,
+        "per_million": (total.total + driver_ops) / images * 1e6 if images else 0.0,
         "arch": arch,
+        "throttled": throttled,
     }
 
 
@@ -174,10 +183,11 @@ def print_summary(
     console: Console | None = None,
     notes: list[str] | None = None,
     run_images: int | None = None,
+    driver: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Print the summary; `run_images` (served by this run of a resumed job) sets the rate."""
     console = console or Console()
-    s = summarize(rows, arch)
+    s = summarize(rows, arch, driver)
     head = f"[bold]{s['images']}[/bold] images"
     if wall_s and run_images is not None and run_images != s["images"]:
         head += (f" in the job; this run served {run_images} in [bold]{wall_s:.1f} s[/bold] "
@@ -190,9 +200,19 @@ def print_summary(
     console.print(
         f"total {s['gb_s']:,.2f} GB-s; modeled AWS Lambda ({s['arch']}) cost "
         f"[bold]${s['cost']:.6f}[/bold] = compute ${s['compute']:.6f} + requests "
-        f"${s['requests']:.6f} + S3 ops ${s['store_ops']:.6f}; "
-        f"[bold]${s['per_million']:.2f} per 1M images[/bold] (prices as of {PRICES_AS_OF})"
+        f"${s['requests']:.6f} + S3 ops ${s['store_ops']:.6f} + "
+        + (f"/tmp above 512 MB ${s['ephemeral']:.6f} + " if s["ephemeral"] else "")
+        + "driver S3 ops "
+        f"${s['driver_store_ops']:.6f}; [bold]${s['per_million']:.2f} per 1M images[/bold] "
+        f"(prices as of {PRICES_AS_OF})"
     )
+    if s["driver_requests"]:
+        kinds = ", ".join(f"{n} {k.upper()}" for k, n in sorted(s["driver_requests"].items()))
+        console.print(f"driver store requests (uploads, job.json, the log; billed apart from "
+                      f"the functions'): {kinds} = ${s['driver_store_ops']:.6f}")
+    if s["throttled"]:
+        console.print(f"throttled: {s['throttled']} invocations refused (429) and asked again "
+                      "with backoff; not billed, no retry spent")
     for note in notes or []:
         console.print(note)
     return s
@@ -259,9 +279,10 @@ def markdown_table(headers: list[str], rows: list[list[Any]], right: set[int] | 
     return "\n".join(lines) + "\n"
 
 
-def summary_markdown(rows: list[dict[str, Any]], arch: str = "x86_64") -> str:
+def summary_markdown(rows: list[dict[str, Any]], arch: str = "x86_64",
+                     driver: dict[str, int] | None = None) -> str:
     """The per-stage summary of `print_summary` as markdown, for reports read without a console."""
-    s = summarize(rows, arch)
+    s = summarize(rows, arch, driver)
     table = markdown_table(
         ["stage", "memory MB", "calls", "cold", "failed", "mean duration ms", "mean init ms",
          "peak MB", "GB-s", "cost USD"],
@@ -272,7 +293,8 @@ def summary_markdown(rows: list[dict[str, Any]], arch: str = "x86_64") -> str:
     return table + (
         f"\nTotal: {s['images']} images, {s['gb_s']:.4f} GB-s, modeled AWS Lambda ({s['arch']}) "
         f"cost ${s['cost']:.8f} = compute ${s['compute']:.8f} + requests ${s['requests']:.8f} "
-        f"+ S3 requests ${s['store_ops']:.8f}; ${s['per_million']:.2f} per 1M images "
+        f"+ S3 requests ${s['store_ops']:.8f} + the driver's S3 requests "
+        f"${s['driver_store_ops']:.8f}; ${s['per_million']:.2f} per 1M images "
         f"(prices as of {PRICES_AS_OF}).\n"
     ) + f"\nFailed images: {quality(rows)['failed']}.\n" + "".join(
         f"\n    {line}" for line in failed_image_lines(rows)) + (

@@ -13,6 +13,7 @@ errors name the user's own file (not the store's copy), the byte offset and the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -23,6 +24,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from .images import EMPTY_FILE, IMAGE_FORMATS, NOT_AN_IMAGE, sniff_image
 from .records import Example, RecordError, count_examples, iter_record, masked_crc32c, write_record
+from .store import file_md5
 
 if TYPE_CHECKING:
     from .store import Store
@@ -52,6 +54,14 @@ class InputFile:
 
     def read(self) -> bytes:
         return bytes(self.fs.cat_file(self.path))
+
+    def md5(self) -> str:
+        """MD5 of the bytes, hex (what `Store.content_md5` gives for the same bytes)."""
+        digest = hashlib.md5(usedforsecurity=False)
+        with self.open() as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def head(self, n: int = _HEAD) -> bytes:
         if self.size == 0:
@@ -275,12 +285,12 @@ def pack_images(
     prefix: str,
     per_record: int,
     progress: Callable[[int], None] | None = None,
-    exists: Callable[[str, int], bool] | None = None,
+    exists: Callable[[str, int, Callable[[], str]], bool] | None = None,
 ) -> list[str]:
     """Images, bytes as-is, into records ``<prefix>/<00000..>.tfrecord``; returns their names.
 
-    Packed to a local temporary file first, so `exists(key, size)` can tell that the same
-    record is already in the store (a re-run of the same command) and skip the upload.
+    Packed to a local temporary file first, so `exists(key, size, md5)` can tell that the
+    same record is already in the store (a re-run of the same command) and skip the upload.
     """
     import tempfile
 
@@ -297,7 +307,8 @@ def pack_images(
         try:
             with os.fdopen(fd, "wb") as out:
                 written = write_record(out, examples)
-            if exists is None or not exists(key, os.path.getsize(tmp)):
+            if exists is None or not exists(key, os.path.getsize(tmp),
+                                            lambda tmp=tmp: file_md5(tmp)):
                 store.put_file(tmp, key)
         finally:
             os.unlink(tmp)

@@ -6,18 +6,29 @@ PUT on object stores), so a re-run stage never leaves a torn object behind.
 On S3 (s3fs) every object up to 5 GiB is one PUT whose body is streamed from a local
 file, so an upload holds a few MB, not the object (s3fs's own put_file reads the whole file,
 or 10 parts of 50 MiB, into memory: 400 MB more for a 200 MB tensor, measured) and counts as
-one request, as the cost model assumes. Larger objects use a multipart upload with bounded
-parts; that is just as atomic, since S3 shows the object only once CompleteMultipartUpload
-succeeds, and s3fs aborts the upload when a part fails. The endpoint and credentials come
+one request, as the cost model assumes. Each attempt of that PUT gets a fresh body that
+starts at its first byte (never the half-read file object of a failed attempt), sends its
+Content-Length and Content-MD5, and the write counts as done only once S3's reply confirms
+it (the ETag of a plain PUT is the MD5 of what S3 stored; under SSE-KMS/C a HEAD checks the
+size). Larger objects use a multipart upload with bounded parts, checked by size; that is
+just as atomic, since S3 shows the object only once CompleteMultipartUpload succeeds, and
+s3fs aborts the upload when a part fails. The endpoint and credentials come
 from the standard AWS environment (AWS_ENDPOINT_URL[_S3], AWS_ACCESS_KEY_ID, AWS_PROFILE,
-...) or from the store options (`endpoint_url`, `key`, `secret`, ...), which travel with
-`spec()` to every function.
+...) or from the store options (`endpoint_url`, `key`, `secret`, ...).
+
+Credentials never travel: `spec()`, what goes into events, Lithops payloads and logs, holds
+the options that are not credentials and an opaque reference to the rest. The process that
+opened the store keeps them; its local workers get them through their environment
+(`credentials_env()`); remote functions use their own role or environment.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import inspect
+import json
 import math
 import os
 import random
@@ -26,11 +37,13 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import fsspec
+import fsspec.asyn
 
 T = TypeVar("T")
 DEFAULT_STORE = "./serveless-store"
@@ -45,6 +58,76 @@ S3_PART_SIZE = 64 << 20  # multipart part size (above S3_MAX_PUT only)
 S3_UPLOAD_CONCURRENCY = 2  # parts in flight: at most 128 MiB buffered per upload
 S3_MAX_PARTS = 10_000  # S3's limit on parts per upload
 S3_READ_BLOCK = 64 << 20  # one ranged GET per 64 MiB, as function.READ_BLOCK counts them
+
+
+CREDENTIALS_ENV = "SERVELESS_STORE_CREDENTIALS"
+_CREDENTIAL_NAMES = {"key", "secret", "token", "profile", "password", "username",
+                     "credentials"}
+_CREDENTIAL_PARTS = ("secret", "token", "password", "credential", "access_key", "account_key",
+                     "key_id", "connection_string", "profile", "sas_")
+_credentials: dict[str, dict[str, Any]] = {}  # reference -> credential options, this process
+_refs: dict[str, str] = {}  # canonical JSON of credential options -> reference
+
+
+def is_credential(name: str) -> bool:
+    """Whether a store option is a credential (or names one, as a profile does)."""
+    low = name.lower()
+    return low in _CREDENTIAL_NAMES or any(part in low for part in _CREDENTIAL_PARTS)
+
+
+def split_credentials(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options without credentials, the credentials), also inside nested dicts such as
+    client_kwargs={'aws_access_key_id': ...}."""
+    public: dict[str, Any] = {}
+    secret: dict[str, Any] = {}
+    for name, value in options.items():
+        if is_credential(str(name)):
+            secret[name] = value
+        elif isinstance(value, dict):
+            pub, sec = split_credentials(value)
+            public[name] = pub
+            if sec:
+                secret[name] = sec
+        else:
+            public[name] = value
+    return public, secret
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for name, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(name), dict):
+            out[name] = _merge(out[name], value)
+        else:
+            out[name] = value
+    return out
+
+
+def _register(secret: dict[str, Any]) -> str:
+    """An opaque reference for credentials kept in this process (the same for the same ones)."""
+    canonical = json.dumps(secret, sort_keys=True, default=str)
+    if canonical not in _refs:
+        ref = uuid.uuid4().hex
+        _refs[canonical] = ref
+        _credentials[ref] = secret
+    return _refs[canonical]
+
+
+def _lookup(ref: str) -> dict[str, Any] | None:
+    if ref in _credentials:
+        return _credentials[ref]
+    try:
+        shared = json.loads(os.environ.get(CREDENTIALS_ENV) or "{}")
+    except json.JSONDecodeError:
+        return None
+    found = shared.get(ref) if isinstance(shared, dict) else None
+    return found if isinstance(found, dict) else None
+
+
+def credentials_env() -> dict[str, str]:
+    """Environment for a local worker process: the credentials of the stores this process
+    opened, under their references; {} when there are none."""
+    return {CREDENTIALS_ENV: json.dumps(_credentials, default=str)} if _credentials else {}
 
 
 class StoreError(Exception):
@@ -93,6 +176,12 @@ class Store:
     def __init__(self, url: str = DEFAULT_STORE, options: dict[str, Any] | None = None):
         self.url = url
         self.options = dict(options or {})
+        public, secret = split_credentials(self.options)
+        self._public = public
+        self._credentials_ref = _register(secret) if secret else None
+        # Requests this Store object made, by S3 price class, one per call (retries not
+        # counted): the driver's share of the bill (the functions count their own).
+        self.requests: Counter[str] = Counter()
         if "://" not in url:
             url = Path(url).expanduser().resolve().as_uri()
         fs_options = dict(self.options)
@@ -116,27 +205,41 @@ class Store:
         return f"Store({self.url!r})"
 
     def spec(self) -> dict[str, Any]:
-        """What a function needs to open the same store elsewhere (JSON-safe)."""
-        return {"url": self.url, "options": self.options}
+        """What a function needs to open the same store elsewhere (JSON-safe): no
+        credentials, only a reference to them that `from_spec` resolves where they were
+        handed over (this process, or a local worker's environment)."""
+        out: dict[str, Any] = {"url": self.url, "options": self._public}
+        if self._credentials_ref:
+            out["credentials"] = self._credentials_ref
+        return out
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> Store:
-        return cls(spec["url"], spec.get("options"))
+        """The store of `spec()`; credentials from this process or its environment, and
+        where they are not there, the platform's (a Lambda function's role, AWS_* vars)."""
+        options = dict(spec.get("options") or {})
+        found = _lookup(str(spec["credentials"])) if spec.get("credentials") else None
+        if found:
+            options = _merge(options, found)
+        return cls(spec["url"], options)
 
     def path(self, key: str) -> str:
         key = key.strip("/")
         return f"{self.root}/{key}" if key else self.root
 
     def exists(self, key: str) -> bool:
+        self.requests["head"] += 1
         return _retrying(lambda: bool(self.fs.exists(self.path(key))), key)
 
     def size(self, key: str) -> int:
+        self.requests["head"] += 1
         try:
             return _retrying(lambda: int(self.fs.size(self.path(key))), key)
         except FileNotFoundError as exc:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
     def get_bytes(self, key: str) -> bytes:
+        self.requests["get"] += 1
         kwargs = self._one_get["_cat_file"]
         try:
             return _retrying(lambda: self.fs.cat_file(self.path(key), **kwargs), key)
@@ -144,6 +247,8 @@ class Store:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
     def open_read(self, key: str) -> IO[bytes]:
+        self.requests["head"] += 1  # s3fs asks for the size first
+        self.requests["get"] += 1
         kwargs: dict[str, Any] = {"block_size": S3_READ_BLOCK} if self.s3 else {}
         try:
             return _retrying(lambda: self.fs.open(self.path(key), "rb", **kwargs), key)
@@ -152,6 +257,7 @@ class Store:
 
     def get_file(self, key: str, local: str | os.PathLike[str]) -> None:
         """Download an object to a local file, streaming: it is never whole in memory."""
+        self.requests["get"] += 1
         kwargs = self._one_get["_get_file"]
         try:
             _retrying(lambda: self.fs.get_file(self.path(key), os.fspath(local), **kwargs), key)
@@ -167,8 +273,12 @@ class Store:
             with self.writer(key) as f:
                 f.write(data)
         elif self.s3 and len(data) <= S3_MAX_PUT:
-            _retrying(lambda: self._put_object(self.path(key), data), key)
+            self.requests["put"] += 1
+            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            _retrying(lambda: self._put_object(self.path(key), lambda: _Bytes(data),
+                                               len(data), md5), key)
         else:
+            self.requests["put"] += 1
             _retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
 
     def put_file(self, local: str | os.PathLike[str], key: str) -> None:
@@ -178,28 +288,91 @@ class Store:
             with open(local, "rb") as src, self.writer(key) as out:
                 shutil.copyfileobj(src, out, 1 << 22)
         else:
-            _retrying(lambda: self._upload(os.fspath(local), dest), key)
+            self.requests["put"] += 1
+            self._upload(os.fspath(local), dest, key)
 
-    def _upload(self, local: str, dest: str) -> None:
-        """One object from a finished local file: a PUT, or an atomic multipart upload."""
+    def _upload(self, local: str, dest: str, key: str) -> None:
+        """One object from a finished local file: a PUT, or an atomic multipart upload.
+
+        Every attempt sends the file from its first byte (a fresh file object per attempt,
+        whatever layer retries), and the object counts as written only once S3 confirmed
+        its size and checksum.
+        """
         size = os.path.getsize(local)
         if self.s3 and size <= S3_MAX_PUT:
-            with open(local, "rb") as body:
-                self._put_object(dest, body)
-        elif self.s3:
-            self.fs.put_file(local, dest, **_s3_upload_options(size))
-        else:
-            self.fs.put_file(local, dest)
+            md5 = _file_md5(local)
+            _retrying(lambda: self._put_object(dest, lambda: open(local, "rb"), size, md5), key)
+        elif self.s3:  # s3fs sends each part as bytes read for that part: re-sendable
+            def multipart() -> None:
+                self.fs.put_file(local, dest, **_s3_upload_options(size))
+                self._confirm_size(dest, size)
 
-    def _put_object(self, dest: str, body: bytes | IO[bytes]) -> None:
-        """One S3 PUT; a file body is streamed, and reopened by _retrying on a retry."""
+            _retrying(multipart, key)
+        else:
+            _retrying(lambda: self.fs.put_file(local, dest), key)
+
+    def _put_object(self, dest: str, open_body: Callable[[], Any], size: int,
+                    md5: str) -> None:
+        """One S3 PUT of exactly `size` bytes, confirmed; called once per attempt.
+
+        Not through s3fs's call_s3: its retry loop re-sends the same body object, which
+        after a failed attempt (botocore's own retries exhausted, e.g. by 503 SlowDown)
+        is read to its end, so S3 stores an empty or short object and reports success
+        (tests/test_s3.py reproduces it through a fault-injecting proxy). Here botocore
+        still retries within the call (it rewinds our fresh body to its start), and
+        `_retrying` makes each further attempt with a new body. Content-Length and
+        Content-MD5 are sent, so S3 itself refuses a body that is not the one meant.
+        """
         bucket, key, _ = self.fs.split_path(dest)
-        self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body)
+        with open_body() as body:
+            reply = self._s3_call("put_object", Bucket=bucket, Key=key, Body=body,
+                                  ContentLength=size,
+                                  ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode())
         self.fs.invalidate_cache(dest)
+        etag = str(reply.get("ETag", "")).strip('"')
+        plain = (reply.get("ServerSideEncryption") in (None, "AES256")
+                 and not reply.get("SSECustomerAlgorithm"))
+        if plain and re.fullmatch(r"[0-9a-f]{32}", etag):
+            if etag != md5:  # a plain PUT's ETag is the MD5 of what S3 stored
+                raise TransientStoreError(
+                    f"S3 stored {dest} with MD5 {etag}, not the {size} bytes sent (MD5 "
+                    f"{md5}): written again")
+        else:  # SSE-KMS/C ETags are not MD5s: check the size S3 stored
+            self._confirm_size(dest, size)
+
+    def _confirm_size(self, dest: str, size: int) -> None:
+        bucket, key, _ = self.fs.split_path(dest)
+        stored = int(self._s3_call("head_object", Bucket=bucket, Key=key)["ContentLength"])
+        if stored != size:
+            raise TransientStoreError(f"S3 stored {stored} bytes for {dest}, not {size}")
+
+    def _s3_call(self, method: str, **kwargs: Any) -> dict[str, Any]:
+        """One botocore call (with botocore's own retries only); errors as OSErrors."""
+        fs = self.fs
+
+        async def call() -> dict[str, Any]:
+            await fs.set_session()
+            s3 = await fs.get_s3(kwargs.get("Bucket"))
+            fn = getattr(s3, method)
+            return await fn(**fs._get_s3_method_kwargs(fn, **kwargs))
+
+        try:
+            return fsspec.asyn.sync(fs.loop, call)
+        except OSError:
+            raise
+        except Exception as exc:
+            from botocore.exceptions import ClientError
+            from s3fs.errors import translate_boto_error
+
+            if isinstance(exc, ClientError):
+                raise translate_boto_error(exc) from exc
+            # connection resets, timeouts, a body cut short: worth another attempt
+            raise TransientStoreError(f"{type(exc).__name__}: {exc}") from exc
 
     @contextlib.contextmanager
     def writer(self, key: str) -> Iterator[IO[bytes]]:
         """A file to write an object into; the object appears only if the block succeeds."""
+        self.requests["put"] += 1
         dest = self.path(key)
         if self.local:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -216,12 +389,13 @@ class Store:
             try:
                 with os.fdopen(fd, "wb") as f:
                     yield f
-                _retrying(lambda: self._upload(tmp, dest), key)
+                self._upload(tmp, dest, key)
             finally:
                 os.unlink(tmp)
 
     def list(self, prefix: str, suffix: str = "") -> list[str]:
         """Keys directly under a prefix ending in suffix, sorted; [] if the prefix is absent."""
+        self.requests["list"] += 1
         base = self.path(prefix)
         try:
             entries = _retrying(lambda: self.fs.ls(base, detail=False), prefix)
@@ -241,7 +415,50 @@ class Store:
         except FileNotFoundError:
             return 0
 
+    def etag(self, key: str) -> str | None:
+        """The object's S3 ETag (one HEAD; a content hash), None if it does not exist."""
+        self.requests["head"] += 1
+        bucket, k, _ = self.fs.split_path(self.path(key))
+        try:
+            head = _retrying(lambda: self._s3_call("head_object", Bucket=bucket, Key=k), key)
+        except FileNotFoundError:
+            return None
+        return str(head.get("ETag", "")).strip('"') or None
+
+    def content_md5(self, key: str) -> str:
+        """The object's MD5, hex: on S3 the ETag of a plain PUT (one HEAD, no download),
+        else computed by reading it."""
+        self.requests["head"] += 1
+        if self.s3:
+            bucket, k, _ = self.fs.split_path(self.path(key))
+            try:
+                head = _retrying(lambda: self._s3_call("head_object", Bucket=bucket, Key=k), key)
+            except FileNotFoundError as exc:
+                raise StoreError(f"missing object {self.url}/{key}") from exc
+            etag = str(head.get("ETag", "")).strip('"')
+            if (re.fullmatch(r"[0-9a-f]{32}", etag) and not head.get("SSECustomerAlgorithm")
+                    and head.get("ServerSideEncryption") in (None, "AES256")):
+                return etag
+        md5 = hashlib.md5(usedforsecurity=False)
+        with self.open_read(key) as f:
+            while chunk := f.read(1 << 22):
+                md5.update(chunk)
+        return md5.hexdigest()
+
+    def stale_temporaries(self, prefix: str) -> list[str]:
+        """Keys of `*.tmp-*` objects anywhere under a prefix: what killed writers left."""
+        self.requests["list"] += 1
+        base = self.path(prefix)
+        try:
+            found = _retrying(lambda: self.fs.find(base), prefix)
+        except FileNotFoundError:
+            return []
+        root = self.root + "/" if self.root else ""
+        return sorted(str(p).removeprefix(root) for p in found
+                      if ".tmp-" in str(p).rsplit("/", 1)[-1])
+
     def delete(self, key: str) -> None:
+        self.requests["delete"] += 1
         with contextlib.suppress(FileNotFoundError):
             _retrying(lambda: self.fs.rm(self.path(key), recursive=True), key)
 
@@ -257,6 +474,7 @@ class Store:
             self._check_local()
             return
         probe = self.path(f".serveless-check-{uuid.uuid4().hex}")
+        self.requests.update(put=1, get=1, delete=1)
         try:  # transient errors are retried as for any request; the rest are final
             _retrying(lambda: self.fs.pipe_file(probe, b"ok"), probe)
             if _retrying(lambda: self.fs.cat_file(probe), probe) != b"ok":
@@ -325,6 +543,32 @@ def _takes(fs: Any, method: str) -> bool:
         return False
 
 
+class _Bytes:
+    """bytes as a context manager, like an open file: a body for `Store._put_object`."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __enter__(self) -> bytes:
+        return self.data
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def file_md5(path: str | os.PathLike[str]) -> str:
+    """MD5 of a local file, hex (what `Store.content_md5` gives for the same bytes)."""
+    return _file_md5(os.fspath(path))
+
+
+def _file_md5(path: str) -> str:
+    md5 = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
 def _s3_upload_options(size: int) -> dict[str, int]:
     """s3fs upload arguments that bound the memory one upload holds (see the module doc)."""
     return {"chunksize": max(S3_PART_SIZE, math.ceil(size / S3_MAX_PARTS)),
@@ -347,6 +591,11 @@ class JobLayout:
     @property
     def log(self) -> str:
         return self.key("invocations.jsonl")
+
+    @property
+    def driver(self) -> str:
+        """The driver's own store requests for this job, by kind, over all its runs."""
+        return self.key("driver.json")
 
     def stage_model(self, k: int) -> str:
         return self.key("model", f"stage-{k}.onnx")

@@ -429,16 +429,23 @@ def _remove_all() -> None:
         inst.remove()
 
 
-def cgroup_support() -> tuple[str, str]:
-    """(mode `InstanceLimits.create` picks here, why), found by creating a probe cgroup."""
+def probe_limits() -> tuple[str, str, bool]:
+    """(mode `InstanceLimits.create` picks here, why, whether the CPU quota was applied),
+    found by creating a probe cgroup."""
     probe = InstanceLimits.create("probe", 128, 1.0)
     try:
         reason = probe.reason
         if probe.mode != "watchdog" and not probe.cpu_exact:
             reason += "; CPU share not enforced"
-        return probe.mode, reason
+        return probe.mode, reason, probe.cpu_exact
     finally:
         probe.remove()
+
+
+def cgroup_support() -> tuple[str, str]:
+    """(mode `InstanceLimits.create` picks here, why), found by creating a probe cgroup."""
+    mode, reason, _ = probe_limits()
+    return mode, reason
 
 
 def cleanup_stale() -> int:

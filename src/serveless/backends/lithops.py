@@ -237,6 +237,7 @@ class LithopsBackend:
             raise
         finally:
             child_sock.close()
+        self._sent_credentials: set[str] = set()
         self._sock = parent_sock  # for shutdown(): closing an fd wakes no recv blocked on it
         self._conn = Connection(os.dup(parent_sock.fileno()))
         # A backend never closed still ends its sidecar, at the latest when Python exits.
@@ -267,9 +268,18 @@ class LithopsBackend:
                      "memory sizes are ignored)")
         else:
             share = f"as {self.compute} allots it for each memory size"
-        return {"backend": "lithops", "lithops_backend": self.compute, "storage": self.storage,
-                "lithops_version": self.info.get("lithops_version"), "cpu_share": share,
-                "limits": "lithops", "cores": os.cpu_count()}
+        out = {"backend": "lithops", "lithops_backend": self.compute, "storage": self.storage,
+               "lithops_version": self.info.get("lithops_version"), "cpu_share": share,
+               "limits": "lithops", "cores": os.cpu_count()}
+        if self.compute == "aws_lambda":  # /tmp above 512 MB is billed per GB-s
+            section = self.config.get("aws_lambda") or {}
+            out["ephemeral_mb"] = int(section.get("ephemeral_storage") or 512)
+        return out
+
+    def function_cores(self) -> int | None:
+        """Localhost calls share this machine's cores; a cloud function has the vCPUs of
+        its memory size (Lambda: memory / 1769 MB, up to 6), whatever the driver has."""
+        return os.cpu_count() if self.compute == "localhost" else None
 
     def store_problem(self, url: str) -> str | None:
         """Why functions on this engine could not reach the store at url, or None."""
@@ -296,6 +306,7 @@ class LithopsBackend:
             if unreachable:
                 return self._failed("ValueError", unreachable, t0)  # final: no retries
             try:
+                self._hand_over_credentials(event)
                 self._send({"op": "invoke", "id": call_id, "memory": fn.memory_mb,
                             "event": event, "timeout": self.timeout_s})
             except OSError as exc:
@@ -309,6 +320,18 @@ class LithopsBackend:
         finally:
             with self._lock:
                 self._pending.pop(call_id, None)
+
+    def _hand_over_credentials(self, event: dict[str, Any]) -> None:
+        """On localhost, the store's credentials go to the sidecar's environment, which
+        Lithops' runner processes inherit: never into the call's payload. Functions on a
+        cloud engine take them from their own role or environment (docs/aws-lambda.md)."""
+        ref = (event.get("store") or {}).get("credentials")
+        if self.compute != "localhost" or not ref or ref in self._sent_credentials:
+            return
+        from ..store import credentials_env
+
+        self._send({"op": "env", "env": credentials_env()})
+        self._sent_credentials.add(ref)
 
     def close(self) -> None:
         """Stop every Lithops process and remove every file Lithops wrote; idempotent."""
@@ -572,14 +595,24 @@ class _Engine:
                 ex.fexec.__exit__(None, None, None)  # stops monitors, invokers, local jobs
 
 
-def _error_of(exc: BaseException | None) -> dict[str, str]:
+def _final_names() -> set[str]:
+    from ..function import DETERMINISTIC
+
+    return set(DETERMINISTIC)
+
+
+def _error_of(exc: BaseException | None) -> dict[str, Any]:
     """The error type the driver understands (its retry and OOM rules look at it)."""
     if exc is None:
         return {"type": "LithopsError", "message": "the call failed without an exception"}
+    from ..function import error_of
+
     text = str(exc)
     name = type(exc).__name__
-    if isinstance(exc, MemoryError):
-        name = "OutOfMemory"
+    if isinstance(exc, MemoryError) or type(exc).__name__ in _final_names():
+        return error_of(exc)
+    if "TooManyRequests" in name or "TooManyRequests" in text or "Rate exceeded" in text:
+        name = "TooManyRequests"  # Lambda's 429: the driver backs off, no retry is spent
     elif isinstance(exc, TimeoutError) and "maximum time" in text:
         name = "Timeout"
     elif "exited with code" in text or "exited before" in text:
@@ -665,6 +698,9 @@ def _sidecar(fd: int) -> None:
                 return
             if req.get("op") == "shutdown":
                 return
+            if req.get("op") == "env":  # before the calls that need it: same connection
+                os.environ.update(req["env"])
+                continue
             if req.get("op") == "invoke":
                 threading.Thread(target=engine.run, args=(req,), daemon=True,
                                  name=f"call-{req['id']}").start()

@@ -14,16 +14,22 @@ import itertools
 import json
 import multiprocessing.connection as mpc
 import os
+import random
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from typing import Any
 
 from ..cost import vcpus
+from ..function import MODEL_CACHE_ENV
+from ..store import credentials_env
 from . import FunctionSpec, InvocationResult
-from .limits import InstanceLimits, Watchdog, cgroup_support, cleanup_stale
+from .limits import InstanceLimits, Watchdog, cleanup_stale, probe_limits
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 DEFAULT_TIMEOUT_S = 900.0  # Lambda's maximum
@@ -50,7 +56,7 @@ def instance_processes(parent: int | None = None) -> list[Any]:
 class _Instance:
     _ids = itertools.count(1)  # next() is atomic under the GIL: concurrent cold starts
 
-    def __init__(self, fn: FunctionSpec, watchdog: Watchdog):
+    def __init__(self, fn: FunctionSpec, watchdog: Watchdog, model_cache: str):
         self.id = f"stage{fn.stage}-{fn.memory_mb}mb-{next(_Instance._ids)}"
         self.fn = fn
         self.watchdog = watchdog
@@ -62,6 +68,7 @@ class _Instance:
         spec = {"store": fn.store, "model_key": fn.model_key, "threads": fn.threads}
         # A fresh interpreter (not fork: onnxruntime's threads; not multiprocessing's spawn:
         # it re-runs the caller's __main__, which fails from stdin or notebooks).
+        # The store's credentials go through the environment, never argv or events.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno()),
              json.dumps(spec)],
@@ -69,6 +76,7 @@ class _Instance:
             # Out of the terminal's process group: Ctrl-C reaches the driver alone, which
             # stops its instances; one still importing would print a KeyboardInterrupt.
             start_new_session=True,
+            env={**os.environ, **credentials_env(), MODEL_CACHE_ENV: model_cache},
         )
         theirs.close()  # the instance holds the only other end: its death reads as EOF
         self.conn = mpc.Connection(ours.detach())
@@ -122,8 +130,9 @@ class _Instance:
                                                 f"{record}: {err['message']}"}
 
     def call(self, event: dict[str, Any], timeout: float) -> dict[str, Any]:
+        if self.invocations:  # a cold invocation's peak includes its init, as on Lambda
+            self.limits.reset_peak()
         self.invocations += 1
-        self.limits.reset_peak()
         self.conn.send_bytes(json.dumps(event).encode())
         try:
             msg = self._wait(timeout)
@@ -167,7 +176,15 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, max_instances: int | None = None,
-                 keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, timeout_s: float = DEFAULT_TIMEOUT_S):
+                 keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 throttle_rate: float = 0.0, throttle_seed: int | None = None):
+        """`throttle_rate`: the share of invocations refused as Lambda refuses them when
+        its concurrency is exhausted (429 TooManyRequests), to drill the driver's backoff."""
+        throttle_rate = float(throttle_rate)
+        if not 0.0 <= throttle_rate < 1.0:
+            raise ValueError(f"throttle_rate must be in [0, 1), got {throttle_rate}")
+        self.throttle_rate = throttle_rate
+        self._throttle_rng = random.Random(throttle_seed)
         self.max_instances = max_instances
         self.keep_alive_s = keep_alive_s
         self.timeout_s = timeout_s
@@ -176,20 +193,32 @@ class LocalBackend:
         self._busy: set[_Instance] = set()
         self._count: dict[tuple[int, int, str], int] = {}
         self._closed = False
+        # The instances' disk cache of stage files (a Lambda container's /tmp), shared by
+        # the instances of this backend and removed with it.
+        # Made by the first instance that caches a stage (S3 stores only), so a run on a
+        # local folder leaves no trace even if the driver is killed.
+        self.model_cache = os.path.join(tempfile.gettempdir(),
+                                        f"serveless-models-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self.watchdog = Watchdog()
         self.watchdog.start()
         cleanup_stale()  # cgroups of a driver that was SIGKILLed
-        self.mode, self.mode_reason = cgroup_support()
+        self.mode, self.mode_reason, self.cpu_exact = probe_limits()
 
     def describe(self) -> dict[str, Any]:
-        exact = self.mode != "watchdog"
-        return {
-            "backend": "local",
-            "limits": self.mode,
-            "cpu_share": "exact (cgroup CPU quota)" if exact else
-            "approximate (threads only; no cgroup: " + self.mode_reason + ")",
-            "cores": os.cpu_count(),
-        }
+        """'exact' only when every instance's CPU quota was written, else what was applied."""
+        if self.cpu_exact:
+            share = "exact (cgroup CPU quota)"
+        elif self.mode != "watchdog":
+            share = (f"approximate (threads only: memory capped by {self.mode}, no CPU quota: "
+                     f"{self.mode_reason})")
+        else:
+            share = "approximate (threads only; no cgroup: " + self.mode_reason + ")"
+        return {"backend": "local", "limits": self.mode, "cpu_share": share,
+                "cores": os.cpu_count()}
+
+    def function_cores(self) -> int | None:
+        """Instances run on this machine: threads are capped at its cores."""
+        return os.cpu_count()
 
     def _key(self, fn: FunctionSpec) -> tuple[int, int, str]:
         return (fn.stage, fn.memory_mb, fn.model_key)
@@ -213,13 +242,16 @@ class LocalBackend:
                     break
                 self._lock.wait(timeout=0.5)
         try:
-            inst = _Instance(fn, self.watchdog)
+            inst = _Instance(fn, self.watchdog, self.model_cache)
         except BaseException:
             with self._lock:
                 self._count[key] -= 1
             raise
         with self._lock:
             self._busy.add(inst)
+            if self.cpu_exact and not inst.limits.cpu_exact:  # this one got no quota
+                self.cpu_exact = False
+                self.mode_reason = inst.limits.reason
         return inst, True
 
     def _release(self, inst: _Instance) -> None:
@@ -244,6 +276,12 @@ class LocalBackend:
                 self._forget_locked(inst)
 
     def invoke(self, fn: FunctionSpec, event: dict[str, Any]) -> InvocationResult:
+        with self._lock:
+            throttled = self.throttle_rate and self._throttle_rng.random() < self.throttle_rate
+        if throttled:  # refused before any instance is touched: nothing ran, nothing billed
+            return InvocationResult(None, {"type": "TooManyRequests", "message": (
+                f"Rate exceeded for stage {fn.stage} (injected: throttle_rate "
+                f"{self.throttle_rate:g})")}, False, 0.0, 0.0, None)
         inst, cold = self._acquire(fn)  # waiting for a free instance is not billed
         record = str(event.get("record"))
         try:
@@ -259,13 +297,22 @@ class LocalBackend:
         finally:
             self._release(inst)
         metrics = reply.get("ok")
+        # What the runtime enforces is the cgroup's charge (RSS, page cache, kernel memory),
+        # often above the process's RSS high-water mark. Here pages the driver already
+        # charged (shared libraries) are not charged again, as they would be in a fresh
+        # Lambda sandbox: peak_mb is the larger of the two, both are in the metrics.
+        cgroup_peak = inst.limits.peak_mb() if metrics else None
+        peak = None
+        if metrics:
+            metrics["peak_cgroup_mb"] = round(cgroup_peak, 1) if cgroup_peak else None
+            peak = max(float(metrics["peak_mb"]), cgroup_peak or 0.0)
         return InvocationResult(
             metrics=metrics,
             error=reply.get("error"),
             cold=cold,
             init_ms=init_ms,
             duration_ms=metrics["duration_ms"] if metrics else elapsed,
-            peak_mb=metrics["peak_mb"] if metrics else None,
+            peak_mb=round(peak, 1) if peak is not None else None,
             instance=inst.id,
         )
 
@@ -278,6 +325,7 @@ class LocalBackend:
         for inst in instances:
             inst.stop()
         self.watchdog.stop()
+        shutil.rmtree(self.model_cache, ignore_errors=True)
 
     def __enter__(self) -> LocalBackend:
         return self

@@ -28,14 +28,13 @@ def main(fd: int, spec: dict) -> None:
     conn = mpc.Connection(fd)
     if conn.recv_bytes() != b"go":
         return
-    from ..function import handle, load_stage
+    from ..function import error_of, handle, load_stage
     from ..store import Store
 
     try:
         load_stage(Store.from_spec(spec["store"]), spec["model_key"], spec["threads"])
     except Exception as exc:  # the driver logs it; a traceback on its terminal would not
-        conn.send_bytes(json.dumps({"error": {"type": type(exc).__name__,
-                                              "message": str(exc)}}).encode())
+        conn.send_bytes(json.dumps({"error": error_of(exc)}).encode())
         return
     conn.send_bytes(b'{"ready": true}')
     while True:
@@ -48,7 +47,7 @@ def main(fd: int, spec: dict) -> None:
         try:
             reply = {"ok": handle(json.loads(msg))}
         except Exception as exc:  # reported to the driver, which decides on retries
-            reply = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+            reply = {"error": error_of(exc)}
         conn.send_bytes(json.dumps(reply).encode())
 
 

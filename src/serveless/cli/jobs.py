@@ -246,6 +246,7 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
         f"; the model's fixed batch size {spec.fixed_batch} could not be made dynamic: "
         f"served in micro-batches of {spec.fixed_batch}" if spec.fixed_batch else ""))
     print_summary(result.rows, result.wall_s, arch, console, notes,
+                  driver=result.driver_requests,
                   run_images=result.images_run)
     layout = JobLayout(spec.job)
     say(f"predictions: {store.path(layout.key('predictions'))}/*.jsonl")
@@ -514,7 +515,7 @@ def report(
         "--json", help="print the summary as JSON on stdout (a list for several jobs)")] = False,
 ) -> None:
     """Re-print jobs' summaries from their invocation logs alone (or write a report)."""
-    from ..pipeline import JobSpec, load_log
+    from ..pipeline import JobSpec, load_driver_requests, load_log
     from ..report import failed_image_lines, job_notes, log_wall_s, print_summary
 
     if as_json:
@@ -543,7 +544,8 @@ def report(
         spec = guarded(lambda job=job: JobSpec.load(st, job) if st.exists(
             JobLayout(job).spec) else None)
         notes = job_notes(st, job, spec.quantize if spec else None)
-        print_summary(rows, log_wall_s(rows), arch, console, notes)
+        print_summary(rows, log_wall_s(rows), arch, console, notes,
+                      driver=load_driver_requests(st, job))
         for line in failed_image_lines(rows):
             say(line)
 

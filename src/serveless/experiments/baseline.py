@@ -63,7 +63,7 @@ def time_whole_model(model: str, paths: Sequence[Path], micro_batch: int,
 
     t0 = time.perf_counter()
     onnx_model = load_model(model)
-    size, _ = input_hw(onnx_model)
+    size = input_hw(onnx_model)  # (H, W): non-square inputs too
     resize = preprocessing(onnx_model).get("resize")
     sess, provider, why = baseline_session(onnx_model.SerializeToString(), threads)
     del onnx_model
@@ -79,7 +79,7 @@ def time_whole_model(model: str, paths: Sequence[Path], micro_batch: int,
                 try:
                     batch.append(preprocess(ex.encoded, size, resize=resize))
                 except ValueError:
-                    batch.append(np.zeros((3, size, size), np.float32))
+                    batch.append(np.zeros((3, *size), np.float32))
                 n += 1
                 if len(batch) == micro_batch:
                     _top5(sess, name, batch)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..cost import bill
-from ..pipeline import JobError, JobSpec, load_log
+from ..pipeline import JobError, JobSpec, load_driver_requests, load_log
 from ..report import job_notes, markdown_table, summarize, summary_markdown
 from ..store import Store
 from .common import (
@@ -66,7 +66,7 @@ def write_job_report(store: Store, jobs: Sequence[str], out: Path,
             f"first start to last end {span:.2f} s"
             + (f" = {s['images'] / span:.2f} images/s" if span else "") + ".",
             "",
-            summary_markdown(rows, arch),
+            summary_markdown(rows, arch, load_driver_requests(store, job)),
             *[f"- {line}" for line in job_notes(store, job, spec.quantize)],
             "",
             f"![{job} per stage]({stages_png.name})",
