@@ -98,6 +98,7 @@ class _Pipe(io.StringIO):
 def test_terminal_keeps_long_paths_whole(monkeypatch):
     """At a 40-column terminal a long path is left for the terminal to fold, not split."""
     monkeypatch.setenv("COLUMNS", "40")
+    monkeypatch.setenv("TERM", "xterm-256color")  # .ci/run says TERM=dumb: rich then uses 80
     path = "/" + "/".join(["folder-name"] * 12) + "/00001.tfrecord"
     out = _Terminal()
     term = CliConsole(file=out, force_terminal=True)
