@@ -429,8 +429,9 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         "gets": c.gets,
         "heads": c.heads,
         "puts": c.puts,
-        "peak_mb": round(max(rss_peak, cgroup_peak or 0.0), 1),
+        "peak_mb": round(rss_peak, 1),  # the charge counts reclaimable page cache too
         "peak_rss_mb": round(rss_peak, 1),
+        "peak_cgroup_mb": round(cgroup_peak, 1) if cgroup_peak else None,
         "output": written,
         **quality,
     }
