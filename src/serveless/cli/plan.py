@@ -7,17 +7,18 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
 from ..store import DEFAULT_STORE
 from .app import app
-from .common import StoreOpt, StoreOptions, console, fail, guarded, open_store
+from .common import ArchOpt, StoreOpt, StoreOptions, console, fail, guarded, open_store
 
 PANEL = "Planning"
 
-TargetOpt = Annotated[str, typer.Option(help="lambda or local")]
+TargetOpt = Annotated[Literal["lambda", "local"], typer.Option(
+    help="what to plan for: AWS Lambda, or this machine's local backend")]
 CpuFactorOpt = Annotated[float, typer.Option(
     "--cpu-factor", help="this machine's time per image / the target's (Lambda CPUs differ)")]
 PlatformInitOpt = Annotated[float | None, typer.Option(
@@ -74,7 +75,7 @@ def _load_cal(calibration: Path | None, model: str, store: str,
 @app.command("calibrate", rich_help_panel=PANEL,
              short_help="Measure a model per block on this machine, for plan and simulate")
 def calibrate_cmd(
-    model: Annotated[str, typer.Argument(help="built-in name or .onnx path")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="built-in name or .onnx path")],
     records: Annotated[str | None, typer.Option(
         help="folder or glob of .tfrecord files (your images; else sample photos)")] = None,
     out: Annotated[Path | None, typer.Option(
@@ -126,16 +127,19 @@ def _sim_table(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], title: st
 @app.command("plan", rich_help_panel=PANEL,
              short_help="Cheapest plan within a deadline, or fastest within a budget")
 def plan_cmd(
-    model: Annotated[str, typer.Argument(help="built-in name or .onnx path")],
-    images: Annotated[int, typer.Option(help="images in the job")],
-    out: Annotated[Path, typer.Option(help="where to write plan.json")],
-    deadline: Annotated[float | None, typer.Option(help="seconds: cheapest plan within")] = None,
-    budget: Annotated[float | None, typer.Option(help="dollars: fastest plan within")] = None,
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="built-in name or .onnx path")],
+    images: Annotated[int, typer.Option(min=1, metavar="N", help="images in the job")],
+    out: Annotated[Path, typer.Option(metavar="PLAN.json", help="where to write plan.json")],
+    deadline: Annotated[float | None, typer.Option(
+        min=0.001, metavar="SECONDS", help="cheapest plan within this time")] = None,
+    budget: Annotated[float | None, typer.Option(
+        min=0.0, metavar="DOLLARS", help="fastest plan within this cost")] = None,
     target: TargetOpt = "lambda",
-    arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
+    arch: ArchOpt = "x86_64",
     max_concurrency: Annotated[int | None, typer.Option(
         "--max-concurrency", help="most invocations in flight")] = None,
-    calibration: Annotated[Path | None, typer.Option(help="calibration JSON")] = None,
+    calibration: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="calibration JSON [default: the store's, from calibrate]")] = None,
     memory_step: Annotated[int, typer.Option(
         "--memory-step", help="MB between memory sizes searched")] = 64,
     cpu_factor: CpuFactorOpt = 1.0,
