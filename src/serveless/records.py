@@ -414,15 +414,15 @@ def _top_images(folder: Path) -> list[Path]:
         return sorted((Path(e.path) for e in entries if _is_image(e)), key=lambda p: p.name)
 
 
-def _images_below(folder: Path) -> list[Path]:
-    """Images anywhere under folder, symlinks followed (each real folder visited once)."""
-    found: list[Path] = []
+def walk_files(root: str | Path) -> Iterator[tuple[str, int]]:
+    """(path, size) of every non-hidden file under root; symlinks followed, each real
+    folder visited once (a symlink loop, or two links to one folder)."""
     seen: set[str] = set()
-    stack = [folder]
+    stack = [str(root)]
     while stack:
         current = stack.pop()
         real = os.path.realpath(current)
-        if real in seen:  # a symlink loop, or two links to one folder
+        if real in seen:
             continue
         seen.add(real)
         with os.scandir(current) as entries:
@@ -430,9 +430,15 @@ def _images_below(folder: Path) -> list[Path]:
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir():
-                    stack.append(Path(entry.path))
-                elif _is_image(entry):
-                    found.append(Path(entry.path))
+                    stack.append(entry.path)
+                elif entry.is_file():
+                    yield entry.path, entry.stat().st_size
+
+
+def _images_below(folder: Path) -> list[Path]:
+    """Images anywhere under folder (see walk_files)."""
+    found = [Path(path) for path, _ in walk_files(folder)
+             if Path(path).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 

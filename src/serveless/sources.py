@@ -17,13 +17,21 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .images import EMPTY_FILE, IMAGE_FORMATS, NOT_AN_IMAGE, sniff_image
-from .records import Example, RecordError, count_examples, iter_record, masked_crc32c, write_record
+from .records import (
+    Example,
+    RecordError,
+    count_examples,
+    iter_record,
+    masked_crc32c,
+    walk_files,
+    write_record,
+)
 from .store import file_md5
 
 if TYPE_CHECKING:
@@ -125,30 +133,10 @@ def _shown(source: str, root: str, rel: str, local: bool) -> str:
     return f"{source.rstrip('/')}/{rel}"
 
 
-def _walk_local(root: str) -> Iterator[tuple[str, int]]:
-    """(path, size) of every non-hidden file under root; symlinks followed, loops cut."""
-    seen: set[str] = set()
-    stack = [root]
-    while stack:
-        current = stack.pop()
-        real = os.path.realpath(current)
-        if real in seen:
-            continue
-        seen.add(real)
-        with os.scandir(current) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():
-                    stack.append(entry.path)
-                elif entry.is_file():
-                    yield entry.path, entry.stat().st_size
-
-
 def _list(fs: Any, root: str, local: bool) -> tuple[list[tuple[str, str, int]], list[str]]:
     """Files (path, rel, size) below a folder and its top-level subfolders (the classes)."""
     if local:
-        files = [(p, Path(p).relative_to(root).as_posix(), s) for p, s in _walk_local(root)]
+        files = [(p, Path(p).relative_to(root).as_posix(), s) for p, s in walk_files(root)]
         with os.scandir(root) as entries:
             subs = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
         return files, sorted(subs)
