@@ -74,8 +74,13 @@ def test_report_json_fields_recompute_from_the_log(jobs):
     assert got["images_per_s"] == pytest.approx(images / wall, rel=1e-3)
     gb_s = sum(r["memory_mb"] / 1024 * r["billed_ms"] / 1000 for r in log)
     assert got["gb_s"] == pytest.approx(gb_s, rel=1e-12)
+    driver = json.loads(store.get_bytes("labelled/driver.json"))  # the driver's own requests
+    assert driver.get("put", 0) > 0
     cost = (gb_s * LAMBDA_GB_SECOND["arm64"] + len(log) * LAMBDA_REQUEST
-            + sum(r["gets"] for r in log) * S3_GET + sum(r["puts"] for r in log) * S3_PUT)
+            + sum(r["gets"] + r.get("heads", 0) for r in log) * S3_GET
+            + sum(r["puts"] for r in log) * S3_PUT
+            + (driver.get("get", 0) + driver.get("head", 0)) * S3_GET
+            + (driver.get("put", 0) + driver.get("list", 0)) * S3_PUT)
     assert got["cost_usd"] == pytest.approx(cost, rel=1e-12)
     assert got["cost_per_million"] == pytest.approx(cost / images * 1e6, rel=1e-12)
     served = [p for p in preds if p["error"] is None and p["label"] is not None]

@@ -138,10 +138,12 @@ def summary_json(
     arch: str = "x86_64",
     spec: dict[str, Any] | None = None,
     acc: dict[str, Any] | None = None,
+    driver: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """`report --json`: the summary as plain JSON, every number from the log (accuracy from
-    the prediction rows, `accuracy()`; precision from job.json)."""
-    s = summarize(rows, arch)
+    the prediction rows, `accuracy()`; precision from job.json; the driver's own store
+    requests from driver.json, in the cost as in the printed summary)."""
+    s = summarize(rows, arch, driver)
     wall = log_wall_s(rows)
     spec = spec or {}
     info = spec.get("quantize") or {}

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .pipeline import JobError, JobSpec, load_log
+from .pipeline import JobError, JobSpec, load_driver_requests, load_log
 from .report import summarize
 from .store import JobLayout, Store
 
@@ -65,7 +65,7 @@ def job_status(store: Store, job: str, arch: str = "x86_64") -> JobStatus:
         if rec not in done and row is not None and row.get("error"):
             failed[rec] = f"stage {row['stage']}: {row['error'].get('type')}: " \
                           f"{row['error'].get('message')}"
-    summary = summarize(rows, arch) if rows else None
+    summary = summarize(rows, arch, load_driver_requests(store, job)) if rows else None
     failed_images = sum(int(r.get("image_errors") or 0) for r in rows
                         if r.get("error") is None and int(r["stage"]) == spec.stages - 1)
     state = "done" if done >= set(spec.records) else "failed" if failed else "partial"

@@ -525,7 +525,9 @@ def report(
         found = []
         for job in jobs:
             rows, spec, acc = guarded(lambda job=job: _report_inputs(st, job, store))
-            found.append(guarded(lambda r=rows, s=spec, a=acc: summary_json(r, arch, s, a)))
+            driver = load_driver_requests(st, job)
+            found.append(guarded(lambda r=rows, s=spec, a=acc, d=driver: summary_json(
+                r, arch, s, a, d)))
         typer.echo(json.dumps(found[0] if len(found) == 1 else found, indent=2))
         return
     if out is not None:
