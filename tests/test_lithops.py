@@ -114,7 +114,11 @@ class _CredentialWatch:
             self._pass()
 
     def _pass(self) -> None:
-        for path in list(self._root.rglob("*")):
+        try:
+            paths = list(self._root.rglob("*"))
+        except OSError:  # a folder went away mid-walk (Lithops cleans up): walk again next time
+            return
+        for path in paths:
             try:
                 if path.is_file() and self.secret in path.read_bytes():
                     self.found.append(str(path))
