@@ -12,36 +12,26 @@ this thread's CPU time (less sensitive to other processes on a shared machine), 
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu, machine, save, workload  # noqa: E402
 
-from serveless.images import _center_crop, _resize_shorter, _to_rgb, preprocess  # noqa: E402
+from serveless.images import preprocess, preprocess_pillow  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
 def old_preprocess(data: bytes, size: int = 224, resize: int = 256) -> np.ndarray:
-    """preprocess() as it was before the fast path (commit 9428bb8), for the comparison."""
-    with Image.open(io.BytesIO(data)) as img:
-        w, h = img.size
-        if img.format == "JPEG":
-            scale = resize / min(w, h)
-            img.draft("RGB", (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))))
-        img = ImageOps.exif_transpose(img)
-        img = _to_rgb(img)
-        img = _resize_shorter(img, resize)
-        img = _center_crop(img, size, size)
-        arr = np.asarray(img, dtype=np.float32)
+    """preprocess() as it was before the fast path (commit 9428bb8), for the comparison:
+    the Pillow path, then normalisation in separate float passes."""
+    arr = preprocess_pillow(data, size, size, resize).astype(np.float32)
     arr = arr * np.float32(1 / 255)
     arr -= MEAN
     arr /= STD

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import onnxruntime as ort
 import pytest
-from helpers import rows_of, whole_model_probs
+from helpers import rows_of, tiny_conv_classifier, whole_model_probs
 
 from serveless.backends.local import LocalBackend
 from serveless.images import preprocess
@@ -118,29 +118,10 @@ def test_demo_command(tmp_path):
     assert str(log) in out.stdout.replace("\n", "")
 
 
-def _small_model(h: int, w: int):
-    """A user model: conv, relu, pool, linear, softmax on a non-square N×3×h×w input."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(5)
-    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.standard_normal((8, 10)).astype(np.float32), "w2")]
-    nodes = [helper.make_node("Conv", ["img", "w1"], ["c1"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"]),
-             helper.make_node("GlobalAveragePool", ["r1"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("MatMul", ["f", "w2"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["p"], axis=1)]
-    graph = helper.make_graph(
-        nodes, "small", [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, h, w])],
-        [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 10])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def test_user_model_with_its_own_input_size(tmp_path, records_dir):
     import onnx
 
-    model = _small_model(64, 48)
+    model = tiny_conv_classifier(64, 48, channels=8)  # non-square, cut at "r1"
     path = tmp_path / "small.onnx"
     onnx.save(model, path)
     store = Store(str(tmp_path / "s"))
