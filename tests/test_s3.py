@@ -280,3 +280,17 @@ def test_job_with_an_unusable_bucket_fails_before_any_invocation(
     with pytest.raises(StoreError, match="does not exist|access denied"):
         run_job(st, spec, backend, progress=False)
     assert backend.invocations == 0
+
+
+def test_missing_credentials_are_said_at_once(s3_server, monkeypatch, tmp_path):
+    """No credentials anywhere is final: said as such, not retried as a network fault."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    st = Store(s3_server.url("nocreds"), {"endpoint_url": s3_server.endpoint,
+                                          "skip_instance_cache": True})
+    with pytest.raises(StoreError, match="no AWS credentials found"):
+        st.check()

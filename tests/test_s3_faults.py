@@ -78,6 +78,19 @@ def test_a_short_object_stored_as_success_is_caught_and_written_again(
     assert _direct_bytes(s3_server, f"short-{how}/o/y.bin") == data
 
 
+def test_store_check_survives_a_probe_cut_short_on_the_wire(s3_server, s3_proxy):
+    """The store probe is written like any object: a short upload stored as success is
+    written again, not reported as "did not return what was written" (CI saw that when a
+    job's probe, a fresh random key, drew a truncation)."""
+    st = _store(s3_server, s3_proxy, "probe")
+    s3_proxy.set_policy(lambda m, k, n: "truncate" if m == "PUT" and n == 1 else
+                        "drop" if m == "GET" and n == 1 else "pass")
+    st.check()
+    puts = [p.action for p in s3_proxy.seen("PUT", ".serveless-check-", forwarded=None)]
+    assert puts == ["truncate", "pass"]
+    assert not [k for k in s3_server.keys("probe/") if ".serveless-check-" in k]
+
+
 def test_an_object_is_one_put_and_one_get_on_the_wire(s3_server, s3_proxy, tmp_path):
     """One request each way, as the cost model counts them, counted by the server's side:
     a write is one PUT (confirmed by its own reply, no HEAD), a read one GET."""

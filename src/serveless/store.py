@@ -366,6 +366,8 @@ class Store:
 
             if isinstance(exc, ClientError):
                 raise translate_boto_error(exc) from exc
+            if type(exc).__name__ in {"NoCredentialsError", "PartialCredentialsError"}:
+                raise PermissionError(str(exc)) from exc  # final: no retry finds credentials
             # connection resets, timeouts, a body cut short: worth another attempt
             raise TransientStoreError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -473,10 +475,14 @@ class Store:
         if self.local:
             self._check_local()
             return
-        probe = self.path(f".serveless-check-{uuid.uuid4().hex}")
-        self.requests.update(put=1, get=1, delete=1)
+        key = f".serveless-check-{uuid.uuid4().hex}"
+        probe = self.path(key)
         try:  # transient errors are retried as for any request; the rest are final
-            _retrying(lambda: self.fs.pipe_file(probe, b"ok"), probe)
+            # put_bytes, not a bare pipe_file: on S3 it sends Content-MD5 and checks the
+            # ETag, so an upload cut short on the wire is written again, not reported as
+            # a store that returns what it was not given
+            self.put_bytes(key, b"ok")
+            self.requests.update(get=1, delete=1)
             if _retrying(lambda: self.fs.cat_file(probe), probe) != b"ok":
                 raise StoreError(f"store {self.url!r} did not return what was written to it")
             _retrying(lambda: self.fs.rm(probe), probe)
@@ -503,6 +509,8 @@ class Store:
 
     def _explain(self, exc: BaseException) -> str:
         """Say what is wrong with the store in words a user can act on."""
+        if isinstance(exc, TransientStoreError) and exc.__cause__ is not None:
+            exc = exc.__cause__  # what botocore said, not our wrapper for retrying it
         name = type(exc).__name__
         text = str(exc) or name
         where = f"store {self.url!r}"
@@ -510,6 +518,9 @@ class Store:
             bucket = self.root.split("/", 1)[0]
             creds = ("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or "
                      "--store-option key=... --store-option secret=...")
+            cause = type(exc.__cause__).__name__
+            if {name, cause} & {"NoCredentialsError", "PartialCredentialsError"}:
+                return f"{where}: no AWS credentials found ({text}); set {creds}"
             if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
                 return (f"{where}: bucket {bucket!r} does not exist (create it first, or check "
                         f"the endpoint and region): {text}")
@@ -517,8 +528,6 @@ class Store:
                 return (f"{where}: access denied to bucket {bucket!r}: {text}. Check the "
                         f"credentials ({creds}) and that they may read, write and delete "
                         "objects there")
-            if name in {"NoCredentialsError", "PartialCredentialsError"}:
-                return f"{where}: no AWS credentials found ({text}); set {creds}"
             if name in {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionError",
                         "ClientConnectorError"}:
                 return (f"{where}: cannot reach the S3 endpoint ({text}); check "
