@@ -88,7 +88,8 @@ def test_cpu_share_is_exact_only_when_the_quota_was_written(monkeypatch):
 def test_peak_is_the_cgroups_charge_with_rss_beside_it(tmp_path, records_dir):
     """Where an instance has a cgroup, its peak charge (what the cap is held to) is logged
     as peak_cgroup_mb beside the RSS high-water mark peak_rss_mb; peak_mb, on which
-    memory advice rests, is the RSS peak (the charge also counts reclaimable page cache)."""
+    memory advice rests, is the charge less reclaimable page cache, never below the RSS
+    peak (tests/test_memory.py checks the measure itself)."""
     store = Store(str(tmp_path))
     spec = prepare_job(store, "p", "alexnet", preset="paper", records=str(records_dir))
     spec.records = spec.records[:1]
@@ -112,6 +113,6 @@ def test_peak_is_the_cgroups_charge_with_rss_beside_it(tmp_path, records_dir):
     for row, cgroup_peak in zip(rows, seen, strict=True):
         assert cgroup_peak is not None and row["peak_rss_mb"] > 20
         assert row["peak_cgroup_mb"] == pytest.approx(cgroup_peak, abs=0.2)
-        assert row["peak_mb"] == row["peak_rss_mb"]
+        assert row["peak_rss_mb"] <= row["peak_mb"] <= max(row["peak_rss_mb"], cgroup_peak) + 1
     # (here the charge is below the RSS peak: the libraries and the model file were paged
     # in, and charged, by the driver first; a fresh sandbox is charged for all of them)

@@ -9,14 +9,12 @@ ever go through the store.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
 import math
 import os
 import queue
-import resource
 import tempfile
 import threading
 import time
@@ -28,6 +26,9 @@ from typing import IO, Any
 import numpy as np
 
 from .images import MAX_PIXELS, preprocess
+from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb, own_cgroup
+from .memory import reset_rss_peak as reset_peak
+from .memory import rss_peak_mb as peak_mb
 from .records import iter_record
 from .store import JobLayout, Store, StoreError
 from .tensors import TensorFormat, TensorReader, TensorWriter
@@ -138,6 +139,7 @@ class _Loaded:
     heads: int
     source: str  # "memory": kept from an earlier call; "disk": the function's local cache;
     # "store": read from the store
+    charge_peak_mb: float | None = None  # the init's unreclaimable charge (memory.py)
 
 
 def load_stage(store: Store, model_key: str, threads: int) -> tuple[Any, float, int]:
@@ -155,10 +157,23 @@ def _load_stage(store: Store, model_key: str, threads: int) -> _Loaded:
     cache_key = (store.url, model_key, threads)
     if cache_key in _SESSIONS:
         return _Loaded(_SESSIONS[cache_key], 0.0, 0, 0, 0, "memory")
+    t0 = time.perf_counter()
+    own_cgroup()  # found during the init, not after the call's output is written
+    with ChargeSampler() as sampler:
+        session, size, gets, heads, source = _open_session(store, model_key, threads)
+    _SESSIONS.clear()  # an instance serves one stage; drop any other
+    _SESSIONS[cache_key] = session
+    global _init_load
+    _init_load = _Loaded(session, (time.perf_counter() - t0) * 1000, size,
+                         gets if store.s3 else None, heads, source, sampler.peak_mb)
+    return _init_load
+
+
+def _open_session(store: Store, model_key: str,
+                  threads: int) -> tuple[Any, int, int | None, int, str]:
+    """(session, bytes read, GETs, HEADs, where the model came from)."""
     import onnxruntime as ort
 
-    t0 = time.perf_counter()
-    _peak_file()  # found during the init, not after the call's output is written
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -193,12 +208,7 @@ def _load_stage(store: Store, model_key: str, threads: int) -> _Loaded:
                 size, gets = _fetch_stage(store, model_key, path, into_place=False)
                 source = "store"
                 session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    _SESSIONS.clear()  # an instance serves one stage; drop any other
-    _SESSIONS[cache_key] = session
-    global _init_load
-    _init_load = _Loaded(session, (time.perf_counter() - t0) * 1000, size,
-                         gets if store.s3 else None, heads, source)
-    return _init_load
+    return session, size, gets, heads, source
 
 
 def _cache_root() -> str | None:
@@ -243,75 +253,6 @@ def _fetch_stage(store: Store, model_key: str, path: str, into_place: bool) -> t
 
 def _size_or_zero(path: str) -> int:
     return os.path.getsize(path) if os.path.exists(path) else 0
-
-
-# -- memory ---------------------------------------------------------------------------------
-
-
-def reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) so each invocation reports its own peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def cgroup_peak_mb() -> float | None:
-    """The peak charge of this process's cgroup (v2 memory.peak, v1 max_usage_in_bytes)
-    when the cgroup holds only this process and its ancestors (a Lambda sandbox, a local
-    backend instance); None when shared with others (Lithops localhost in a container) or
-    unreadable. This is what the runtime's memory limit is held to."""
-    found = _peak_file()
-    if found is None:
-        return None
-    folder, name = found
-    try:
-        procs = [int(x) for x in (folder / "cgroup.procs").read_text().split()]
-        if not procs or not set(procs) <= _self_and_ancestors():
-            return None
-        return int((folder / name).read_text().split()[0]) / (1 << 20)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@functools.lru_cache(maxsize=1)
-def _peak_file() -> tuple[Any, str] | None:
-    """(this process's memory cgroup folder, its peak file), looked up once per process
-    (at the instance's init: the local backend places it in its cgroup before that)."""
-    try:
-        from .backends.limits import _v1_dir, _v2_dir
-    except ImportError:
-        return None
-    for d, name in ((_v2_dir(), "memory.peak"), (_v1_dir("memory"), "memory.max_usage_in_bytes")):
-        if d is not None and (d / name).exists():
-            return d, name
-    return None
-
-
-def _self_and_ancestors() -> set[int]:
-    """This process and its ancestors, from /proc (a few small reads, no scan of all pids)."""
-    pids, pid = set(), os.getpid()
-    while pid > 0 and pid not in pids:
-        pids.add(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return pids
-
-
-def peak_mb() -> float:
-    """The process's RSS high-water mark (VmHWM) in MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- the handler ----------------------------------------------------------------------------
@@ -363,6 +304,42 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
     if load.bytes:
         c.got(load.bytes, load.gets)
     c.heads += load.heads
+    with ChargeSampler() as sampler:  # the peak the memory cap is held to (memory.py)
+        n, meta, written, quality = _serve(ev, store, layout, fmt, session, c)
+    errors = len(meta.get("errors", {})) if meta else 0
+    rss_peak, cgroup_peak = peak_mb(), cgroup_peak_mb()
+    charges = [p for p in (sampler.peak_mb, load.charge_peak_mb) if p is not None]
+    peak = enforced_peak_mb(rss_peak, max(charges) if charges else None)
+    duration_ms = (time.perf_counter() - t0) * 1000 - init_ms
+    return {
+        "stage": ev.stage,
+        "record": ev.record,
+        "images": n,
+        "image_errors": errors,
+        "cold": init_ms > 0,
+        "model_source": model_source,
+        "handler_init_ms": round(init_ms, 3),
+        "duration_ms": round(duration_ms, 3),
+        "read_ms": round(c.read_ms, 3),
+        "compute_ms": round(c.compute_ms, 3),
+        "write_ms": round(c.write_ms, 3),
+        "bytes_in": c.bytes_in,
+        "bytes_out": c.bytes_out,
+        "gets": c.gets,
+        "heads": c.heads,
+        "puts": c.puts,
+        "peak_mb": round(peak, 1),
+        "peak_rss_mb": round(rss_peak, 1),
+        "peak_cgroup_mb": round(cgroup_peak, 1) if cgroup_peak else None,
+        "output": written,
+        **quality,
+    }
+
+
+def _serve(ev: Event, store: Store, layout: JobLayout, fmt: TensorFormat, session: Any,
+           c: _Counters) -> tuple[int, dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
+    """Read the input, run the stage, write the output: (images, record meta, written
+    object, quality figures)."""
     input_name = session.get_inputs()[0].name
     last = ev.stage == ev.stages - 1
 
@@ -409,32 +386,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
                 c.put(len(data))
         src.count(c)
 
-    errors = len(meta.get("errors", {})) if meta else 0
-    rss_peak, cgroup_peak = peak_mb(), cgroup_peak_mb()
-    duration_ms = (time.perf_counter() - t0) * 1000 - init_ms
-    return {
-        "stage": ev.stage,
-        "record": ev.record,
-        "images": n,
-        "image_errors": errors,
-        "cold": init_ms > 0,
-        "model_source": model_source,
-        "handler_init_ms": round(init_ms, 3),
-        "duration_ms": round(duration_ms, 3),
-        "read_ms": round(c.read_ms, 3),
-        "compute_ms": round(c.compute_ms, 3),
-        "write_ms": round(c.write_ms, 3),
-        "bytes_in": c.bytes_in,
-        "bytes_out": c.bytes_out,
-        "gets": c.gets,
-        "heads": c.heads,
-        "puts": c.puts,
-        "peak_mb": round(rss_peak, 1),  # the charge counts reclaimable page cache too
-        "peak_rss_mb": round(rss_peak, 1),
-        "peak_cgroup_mb": round(cgroup_peak, 1) if cgroup_peak else None,
-        "output": written,
-        **quality,
-    }
+    return n, meta, written, quality
 
 
 class _Input:

@@ -297,17 +297,13 @@ class LocalBackend:
         finally:
             self._release(inst)
         metrics = reply.get("ok")
-        # The cgroup's peak charge is logged beside the RSS high-water mark, but peak_mb,
-        # on which memory advice rests, stays the RSS peak: the charge also counts page
-        # cache (the record and intermediates read), which the kernel reclaims before it
-        # kills. Measured at records of 1,000 AlexNet images: stage 0 charged 550 MB with
-        # an RSS peak near 215 MB, and ran under a 256 MB cap.
+        # peak_mb is the handler's: the unreclaimable charge, sampled (memory.py). The
+        # cgroup's raw peak charge is logged beside it, read here, where the cgroup is known.
         cgroup_peak = inst.limits.peak_mb() if metrics else None
         peak = None
         if metrics:
             metrics["peak_cgroup_mb"] = round(cgroup_peak, 1) if cgroup_peak else None
-            peak = float(metrics["peak_rss_mb"] if "peak_rss_mb" in metrics
-                         else metrics["peak_mb"])
+            peak = float(metrics["peak_mb"])
         return InvocationResult(
             metrics=metrics,
             error=reply.get("error"),

@@ -1,0 +1,110 @@
+"""peak_mb is the charge the memory cap is held to: page cache the kernel can reclaim does
+not count, memory charged outside the process's pages (tmpfs, memfd) does, and a brief
+allocation is seen. Measured in a child process placed in a cgroup of its own, as a local
+backend instance is."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from serveless.backends import limits as L
+from serveless.memory import ChargeSampler, enforced_peak_mb
+
+CHILD = textwrap.dedent("""
+    import json, os, sys, time
+    import numpy as np
+    from serveless.memory import ChargeSampler, cgroup_peak_mb, reset_rss_peak, rss_peak_mb
+    sys.stdin.readline()  # placed in the cgroup by now
+    out, path, MB = {}, sys.argv[1], 1 << 20
+
+    def measure(name, work):
+        reset_rss_peak()
+        rss0 = rss_peak_mb()
+        with ChargeSampler() as s:
+            base = s.sample()
+            work()
+        out[name] = {"base": base, "peak": s.peak_mb, "rss_growth": rss_peak_mb() - rss0,
+                     "cgroup_peak": cgroup_peak_mb()}
+
+    def page_cache():  # 160 MB written to and read back from disk: reclaimable
+        block = os.urandom(MB)
+        with open(path, "wb") as f:
+            for _ in range(160):
+                f.write(block)
+        with open(path, "rb") as f:
+            while f.read(8 * MB):
+                pass
+
+    def memfd():  # 120 MB in a memory-backed file, never mapped: charged, not in RSS
+        fd = os.memfd_create("charge")
+        block = os.urandom(MB)
+        for _ in range(120):
+            os.write(fd, block)
+        time.sleep(0.05)
+        os.close(fd)
+
+    def brief():  # 100 MB of activations held for 30 ms, then freed
+        a = np.ones((100 * MB) // 8)
+        time.sleep(0.03)
+        del a
+
+    measure("page_cache", page_cache)
+    measure("memfd", memfd)
+    measure("brief", brief)
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture
+def in_cgroup(tmp_path):
+    """Run CHILD in a fresh 1 GB memory cgroup; its JSON result."""
+    limits = L.InstanceLimits.create("memtest", 1024, 1.0)
+    if limits.mode == "watchdog":
+        limits.remove()
+        pytest.skip(f"no writable memory cgroup here ({limits.reason})")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path / "big.bin")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        limits.attach(proc.pid)
+        out, _ = proc.communicate("go\n", timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+        limits.remove()
+    assert proc.returncode == 0
+    return json.loads(out)
+
+
+def test_page_cache_does_not_count_but_the_raw_charge_does(in_cgroup):
+    r = in_cgroup["page_cache"]
+    assert r["cgroup_peak"] is not None and r["cgroup_peak"] - r["base"] >= 140
+    assert r["peak"] - r["base"] < 40  # the 160 MB of page cache is not the function's
+
+
+def test_memory_charged_outside_the_process_pages_counts(in_cgroup):
+    r = in_cgroup["memfd"]
+    assert r["peak"] - r["base"] >= 110  # 120 MB of shmem: the cap would see it
+    assert r["rss_growth"] < 30  # and the RSS high-water mark does not
+
+
+def test_a_brief_allocation_is_sampled(in_cgroup):
+    r = in_cgroup["brief"]
+    assert r["peak"] - r["base"] >= 90
+    assert r["rss_growth"] >= 90
+
+
+def test_without_a_cgroup_of_its_own_the_peak_is_the_rss_peak(monkeypatch):
+    from serveless import memory
+
+    monkeypatch.setattr(memory, "own_cgroup", lambda: None)
+    with ChargeSampler() as s:
+        assert s.sample() is None
+    assert s.peak_mb is None
+    assert enforced_peak_mb(123.0, s.peak_mb) == 123.0
+    assert enforced_peak_mb(123.0, 150.5) == 150.5
+    assert enforced_peak_mb(123.0, 99.0) == 123.0
