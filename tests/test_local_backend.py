@@ -150,3 +150,27 @@ def test_init_failures_are_reported_not_raised_and_never_pooled(job):
         res = backend.invoke(missing, {"store": store.spec(), "job": spec.job, "stage": 0,
                                        "stages": spec.stages, "record": "00000"})
     assert res.error["type"] == "StoreError" and "nope.onnx" in res.error["message"]
+
+
+def test_model_caches_of_dead_drivers_are_removed(tmp_path):
+    """A SIGKILLed driver cannot remove its instances' model cache: the next backend does,
+    once its owner is gone and it is over an hour old; a live owner's cache stays."""
+    from serveless.backends.local import STALE_CACHE_S, remove_stale_caches
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = time.time() - STALE_CACHE_S - 60
+    made = {}
+    for name, pid, mtime in (("dead-old", dead.pid, old), ("dead-new", dead.pid, None),
+                             ("alive-old", os.getppid(), old)):
+        d = tmp_path / f"serveless-models-{pid}-{abs(hash(name)) % 16**8:08x}"
+        (d / "x").mkdir(parents=True)
+        (d / "x" / "stage-0.onnx").write_bytes(b"w")
+        if mtime is not None:
+            os.utime(d, (mtime, mtime))
+        made[name] = d
+    (tmp_path / "unrelated").mkdir()
+    assert remove_stale_caches(str(tmp_path)) == 1
+    assert not made["dead-old"].exists()
+    assert made["dead-new"].exists() and made["alive-old"].exists()
+    assert (tmp_path / "unrelated").exists()

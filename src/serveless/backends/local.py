@@ -15,6 +15,7 @@ import json
 import multiprocessing.connection as mpc
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -24,6 +25,8 @@ import threading
 import time
 import uuid
 from typing import Any
+
+import psutil
 
 from ..cost import vcpus
 from ..function import MODEL_CACHE_ENV
@@ -170,6 +173,35 @@ class _Instance:
         self.limits.remove()
 
 
+STALE_CACHE_S = 3600.0
+
+
+def remove_stale_caches(root: str | None = None) -> int:
+    """Remove model caches (serveless-models-<pid>-<id>) of drivers that are gone and left
+    them more than an hour ago: a SIGKILLed driver cannot remove its own. The age keeps a
+    cache whose driver lives in another PID namespace (and so looks dead) for the length of
+    any job that still uses it; what is removed is only a cache, fetched again if needed."""
+    root = root or tempfile.gettempdir()
+    count = 0
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return 0
+    for e in entries:
+        m = re.fullmatch(r"serveless-models-(\d+)-[0-9a-f]{8}", e.name)
+        if not m or not e.is_dir(follow_symlinks=False):
+            continue
+        pid = int(m.group(1))
+        try:
+            old = time.time() - e.stat(follow_symlinks=False).st_mtime > STALE_CACHE_S
+        except OSError:
+            continue
+        if pid != os.getpid() and not psutil.pid_exists(pid) and old:
+            shutil.rmtree(e.path, ignore_errors=True)
+            count += 1
+    return count
+
+
 class LocalBackend:
     """Lambda-like runtime on this machine; thread-safe `invoke`."""
 
@@ -202,6 +234,7 @@ class LocalBackend:
         self.watchdog = Watchdog()
         self.watchdog.start()
         cleanup_stale()  # cgroups of a driver that was SIGKILLed
+        remove_stale_caches()  # and its instances' model caches
         self.mode, self.mode_reason, self.cpu_exact = probe_limits()
 
     def describe(self) -> dict[str, Any]:
