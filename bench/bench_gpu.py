@@ -157,8 +157,12 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the figures as JSON here")
     args = ap.parse_args()
 
-    import torch
-
+    try:
+        import torch
+        import torchvision  # noqa: F401
+    except ImportError:
+        sys.exit("bench_gpu.py needs torch and torchvision (pip install torch torchvision); "
+                 "serveless itself does not")
     device = torch.device(args.device if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     t = time.perf_counter()
