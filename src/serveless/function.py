@@ -331,6 +331,8 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         "peak_mb": round(peak, 1),
         "peak_rss_mb": round(rss_peak, 1),
         "peak_cgroup_mb": round(cgroup_peak, 1) if cgroup_peak else None,
+        # the sampled charge less file cache (None without a cgroup of its own)
+        "peak_working_set_mb": round(max(charges), 1) if charges else None,
         "output": written,
         **quality,
     }

@@ -753,9 +753,10 @@ def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,
         "init_ms": round(res.init_ms, 3),
         "duration_ms": round(duration, 3),
         "billed_ms": billed_ms(duration, res.init_ms),
-        "peak_mb": res.peak_mb,  # max(cgroup charge, RSS peak): what a limit is held to
+        "peak_mb": res.peak_mb,  # what a memory cap is held to (memory.py)
         "peak_rss_mb": m.get("peak_rss_mb"),
         "peak_cgroup_mb": m.get("peak_cgroup_mb"),
+        "peak_working_set_mb": m.get("peak_working_set_mb"),
         "images": m.get("images"),
         "image_errors": m.get("image_errors", 0),
         "read_ms": m.get("read_ms"),
