@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from serveless.models import (
+    ALEXNET_VERSION,
     BUILTIN,
     PAPER_PRESET,
     ModelError,
@@ -109,6 +110,29 @@ def test_alexnet_is_deterministic_per_seed(alexnet):
     other = build_alexnet(seed=1)
     for a, b in zip(other.graph.initializer, alexnet.graph.initializer, strict=True):
         assert a.raw_data != b.raw_data
+
+
+def test_alexnet_cache_gives_the_generated_model(tmp_path, monkeypatch):
+    """The cached file is read back byte-identical to a generated model (same content hash,
+    so the same stage models), and a torn file is generated again and replaced."""
+    from serveless.digits import CACHE_ENV
+    from serveless.models import _generate_alexnet
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    fresh = _generate_alexnet(seed=2, num_classes=10).SerializeToString(deterministic=True)
+    path = tmp_path / f"alexnet-v{ALEXNET_VERSION}-seed2-classes10.onnx"
+    assert not path.exists()
+    assert build_alexnet(seed=2, num_classes=10).SerializeToString(deterministic=True) == fresh
+    assert path.read_bytes() == fresh  # cached as its deterministic serialisation
+    assert build_alexnet(seed=2, num_classes=10).SerializeToString(deterministic=True) == fresh
+    opset = onnx.ModelProto()
+    opset.opset_import.extend(onnx.load_from_string(fresh).opset_import)
+    tail = len(opset.SerializeToString())  # the last field: a cut before it still parses
+    for cut in (len(fresh) // 3, len(fresh) - tail):  # torn inside a weight; the opset lost
+        path.write_bytes(fresh[:cut])
+        again = build_alexnet(seed=2, num_classes=10)
+        assert again.SerializeToString(deterministic=True) == fresh
+        assert path.read_bytes() == fresh
 
 
 def test_he_scaling(alexnet):

@@ -8,6 +8,8 @@ every stage function, on any machine, rebuilds byte-identical weights.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +41,54 @@ def _he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) ->
     return w
 
 
+ALEXNET_VERSION = 1  # bump when _generate_alexnet changes: it names the cached file
+
+
 def build_alexnet(seed: int = 0, num_classes: int = 1000) -> onnx.ModelProto:
+    """The built-in AlexNet (see `_generate_alexnet`): from the user cache folder, else
+    generated and cached there.
+
+    Generating 61M random weights takes about 1-1.4 s, reading the cached file about 0.3 s;
+    every `run` of the built-in model pays this before its first invocation. The file is
+    the model's deterministic serialisation, so the cached model is byte-identical to a
+    generated one (same content hash, same stage models). A torn or unreadable file is
+    generated again and replaced; a cache that cannot be written is skipped.
+    """
+    from .digits import cache_dir  # the shared user cache folder ($SERVELESS_CACHE_DIR)
+
+    path = cache_dir() / f"alexnet-v{ALEXNET_VERSION}-seed{seed}-classes{num_classes}.onnx"
+    if path.is_file():
+        try:
+            model = onnx.load(str(path))
+            if _whole_alexnet(model):
+                return model
+        except Exception:  # a torn or foreign file: generate again and replace it
+            pass
+    model = _generate_alexnet(seed, num_classes)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(model.SerializeToString(deterministic=True))
+            os.replace(tmp, path)  # concurrent first uses each write whole files
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:  # a read-only or full cache folder: the model is still returned
+        pass
+    return model
+
+
+def _whole_alexnet(model: onnx.ModelProto) -> bool:
+    """A cached file parsed whole: its opset, every layer's weights, each of its full size
+    (a file cut at a field boundary parses, but misses some of these)."""
+    inits = model.graph.initializer
+    return bool(model.opset_import) and len(model.graph.node) == 20 and len(inits) == 16 and all(
+        len(t.raw_data) == 4 * int(np.prod(t.dims)) for t in inits)
+
+
+def _generate_alexnet(seed: int = 0, num_classes: int = 1000) -> onnx.ModelProto:
     """AlexNet in the torchvision layout (61.1M parameters for 1000 classes), random weights.
 
     torchvision's AdaptiveAvgPool2d((6, 6)) is omitted: the input is fixed at 224x224, so
