@@ -7,7 +7,8 @@
     int8 jobs (cut at pool1, calibrated on 64 of those images): top-1 accuracy of each job
     from its predictions, and the fidelity figures of the int8 job (on the held-out images
     the calibration did not see). Goal: int8 top-1 within 0.5 points of fp32.
-(b) AlexNet, paper preset, records of --per-record sample photos: fp32 and int8 jobs on the
+(b) AlexNet, records of --per-record sample photos, the paper preset and the whole model as
+    one stage (the best cuts for cost; --alexnet-config): fp32 and int8 jobs on the
     local backend, alternating (fp32, int8, fp32, int8, ...) so drift hits both alike;
     billed ms per image and modeled AWS Lambda cost per 1M images (x86_64 and arm64), the
     ratio int8/fp32, the int8 job's fidelity (random weights: agreement, not accuracy),
@@ -129,40 +130,55 @@ def floor_ms(stages_int8: list, batch: int = 32, reps: int = 3) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def alexnet_part(images: int, per_record: int, rounds: int, calibration: int) -> dict:
+CONFIGS = {"paper": {"preset": "paper"}, "whole": {"cuts": None}}
+"""AlexNet configurations (--alexnet-config): the paper's four stages, and the whole model as
+one stage (the best cuts for cost: no stage boundaries, two cold starts instead of eight)."""
+
+
+def alexnet_part(images: int, per_record: int, rounds: int, calibration: int,
+                 configs: list[str]) -> dict:
     _, rec_dir = workload(images, per_record)
-    res: dict[str, list[dict]] = {"fp32": [], "int8": []}
-    for r in range(rounds):
-        res["fp32"].append(run("alexnet", f"fp32-{r}", "alexnet", rec_dir, preset="paper"))
-        res["int8"].append(run("alexnet", f"int8-{r}", "alexnet", rec_dir, preset="paper",
-                               quantize="int8", calibration_images=calibration))
-    med = {k: {m: statistics.median(x[m] for x in v) for m in
-               ("per_million_x86_64", "per_million_arm64", "billed_ms_per_image_1769mb",
-                "wall_s", "prepare_s")} for k, v in res.items()}
-    f = res["int8"][-1]["quantize"]["fidelity"]
+    out: dict[str, dict] = {}
+    runs: dict[str, dict[str, list[dict]]] = {c: {"fp32": [], "int8": []} for c in configs}
+    for r in range(rounds):  # alternating: each configuration and precision once per round
+        for c in configs:
+            kw = CONFIGS[c]
+            runs[c]["fp32"].append(run("alexnet", f"fp32-{c}-{r}", "alexnet", rec_dir, **kw))
+            runs[c]["int8"].append(run("alexnet", f"int8-{c}-{r}", "alexnet", rec_dir,
+                                       quantize="int8", calibration_images=calibration, **kw))
     model = build_alexnet()
-    cuts = ["pool1", "pool2", "pool5"]
     calib = np.random.default_rng(1).standard_normal((8, 3, 224, 224)).astype(np.float32)
-    floor = floor_ms(quantize_stages(split(model, cuts), calib))
     # $ per 1M images for each ms per image at 1 vCPU (1769 MB): compute only
     usd_per_ms = gb_seconds(MB_PER_VCPU, 1.0) * LAMBDA_GB_SECOND["x86_64"] * 1e6
-    print(f"AlexNet, paper preset, {images} images in records of {per_record}, "
-          f"{rounds} alternating rounds (medians):")
-    for k in ("fp32", "int8"):
-        m = med[k]
-        print(f"  {k}: ${m['per_million_x86_64']:.3f} per 1M images x86_64, "
-              f"${m['per_million_arm64']:.3f} arm64; {m['billed_ms_per_image_1769mb']:.2f} billed "
-              f"ms per image (at 1769 MB); job wall {m['wall_s']:.1f} s, prepare "
-              f"{m['prepare_s']:.1f} s")
-    ratio = med["int8"]["per_million_x86_64"] / med["fp32"]["per_million_x86_64"]
-    print(f"  int8 / fp32 cost: {ratio:.2f} (goal: int8 <= $0.20 per 1M x86_64)")
-    print(f"  int8 fidelity on {f['images']} held-out photos: top-1 agreement "
-          f"{f['top1_agreement']:.2%}, top-5 overlap {f['top5_overlap']:.2%} (random weights)")
-    print(f"  floor, whole model alone at 1 thread, batch 32: fp32 {floor['fp32']:.2f} ms/image "
-          f"(${floor['fp32'] * usd_per_ms:.3f} per 1M at 1 vCPU), int8 {floor['int8']:.2f} "
-          f"ms/image (${floor['int8'] * usd_per_ms:.3f}); int8 speed-up "
-          f"{floor['fp32'] / floor['int8']:.2f}x")
-    return {"medians": med, "ratio_int8_fp32": ratio, "fidelity": f, "floor_ms": floor}
+    for c in configs:
+        res = runs[c]
+        med = {k: {m: statistics.median(x[m] for x in v) for m in
+                   ("per_million_x86_64", "per_million_arm64", "billed_ms_per_image_1769mb",
+                    "wall_s", "prepare_s")} for k, v in res.items()}
+        f = res["int8"][-1]["quantize"]["fidelity"]
+        cuts = ["pool1", "pool2", "pool5"] if c == "paper" else []
+        floor = floor_ms(quantize_stages(split(model, cuts), calib))
+        label = "paper preset" if c == "paper" else "whole model as one stage"
+        print(f"AlexNet, {label}, {images} images in records of {per_record}, "
+              f"{rounds} alternating rounds (medians):")
+        for k in ("fp32", "int8"):
+            m = med[k]
+            print(f"  {k}: ${m['per_million_x86_64']:.3f} per 1M images x86_64, "
+                  f"${m['per_million_arm64']:.3f} arm64; {m['billed_ms_per_image_1769mb']:.2f} "
+                  f"billed ms per image (at 1769 MB); job wall {m['wall_s']:.1f} s, prepare "
+                  f"{m['prepare_s']:.1f} s")
+        ratio = med["int8"]["per_million_x86_64"] / med["fp32"]["per_million_x86_64"]
+        print(f"  int8 / fp32 cost: {ratio:.2f} (goal: int8 <= $0.20 per 1M x86_64)")
+        print(f"  int8 fidelity on {f['images']} held-out photos: top-1 agreement "
+              f"{f['top1_agreement']:.2%}, top-5 overlap {f['top5_overlap']:.2%} (random "
+              "weights)")
+        chain = "chained int8 stages" if cuts else "one int8 stage"
+        print(f"  floor, the model alone at 1 thread, batch 32 ({chain}): fp32 "
+              f"{floor['fp32']:.2f} ms/image (${floor['fp32'] * usd_per_ms:.3f} per 1M at 1 "
+              f"vCPU), int8 {floor['int8']:.2f} ms/image (${floor['int8'] * usd_per_ms:.3f}); "
+              f"int8 speed-up {floor['fp32'] / floor['int8']:.2f}x")
+        out[c] = {"medians": med, "ratio_int8_fp32": ratio, "fidelity": f, "floor_ms": floor}
+    return out if len(configs) > 1 else out[configs[0]]
 
 
 def main() -> None:
@@ -172,6 +188,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--calibration-images", type=int, default=64)
     ap.add_argument("--skip-alexnet", action="store_true")
+    ap.add_argument("--alexnet-config", action="append", choices=sorted(CONFIGS),
+                    help="AlexNet configurations to measure (repeatable; default: paper and "
+                         "whole)")
     args = ap.parse_args()
     print(f"machine: {machine()}")
     print(f"CPU flags: {cpu_flags()}")
@@ -179,7 +198,8 @@ def main() -> None:
            "digits": digits_part(args.calibration_images)}
     if not args.skip_alexnet:
         out["alexnet"] = alexnet_part(args.images, args.per_record, args.rounds,
-                                      args.calibration_images)
+                                      args.calibration_images,
+                                      args.alexnet_config or ["paper", "whole"])
     print(f"saved {save('bench_quantize', out)}")
 
 
