@@ -203,3 +203,10 @@ def test_refused_jpegs_get_prediction_rows_and_decode_threads_agree(tmp_path):
             np.testing.assert_allclose(p[0][row["top5"]], row["probs"], atol=1e-5)
         probs[memory] = {k: r["probs"] for k, r in rows.items()}
     assert probs["1769"] == probs["3538"]
+
+
+def test_function_max_pixels_is_the_images_limit():
+    """function.py keeps its own copy so that stages past 0 do not import Pillow."""
+    from serveless import function, images
+
+    assert function.MAX_PIXELS == images.MAX_PIXELS

@@ -25,11 +25,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from .images import MAX_PIXELS, preprocess
 from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb, own_cgroup
 from .memory import reset_rss_peak as reset_peak
 from .memory import rss_peak_mb as peak_mb
-from .records import iter_record
 from .store import JobLayout, Store, StoreError
 from .tensors import TensorFormat, TensorReader, TensorWriter
 
@@ -38,6 +36,9 @@ TOP_K = 5
 MAX_FAILED_LISTED = 10  # failed images (filename, reason) a record's metrics carry
 SCORES = ("probs", "softmax(logits)", "logits")
 DATA_SUFFIX = ".data"  # a stage's weights, stored beside its graph as ONNX external data
+# images.MAX_PIXELS. images (Pillow) and records (protobuf) are imported by stage 0 alone,
+# when it decodes: the other stages' cold starts, which are billed, skip their ~40 ms.
+MAX_PIXELS = 100_000_000
 
 
 @dataclass
@@ -444,7 +445,8 @@ def _image_blocks(
     The images of a micro-batch are decoded on `ev.threads` threads (the function's vCPUs):
     libjpeg-turbo, Pillow's resize and numpy release the GIL, so they run in parallel.
     """
-    from .records import count_examples
+    from .images import preprocess
+    from .records import count_examples, iter_record
 
     n = count_examples(src, key)
     src.seek(0)  # a local file (see _Input): no second fetch
