@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from serveless.pipeline import JobError, JobSpec, prepare_job, run_job
@@ -69,3 +70,29 @@ def test_stale_temporaries_on_s3_stay_inside_the_job(s3_server):
     for key in ["j/a.npy.tmp-1", "j2/a.npy.tmp-2", "j/a.npy"]:
         store.put_bytes(key, b"x")
     assert store.stale_temporaries("j") == ["j/a.npy.tmp-1"]
+
+
+def test_outputs_are_checked_whole_by_their_crc32c_and_old_logs_by_sha256(tmp_path):
+    """Resume trusts an output only with the size and checksum its writer logged: CRC32C
+    now, SHA-256 in logs from before; a same-size corruption is caught by either."""
+    import hashlib
+
+    from serveless.function import _Counters, _write_tensor
+    from serveless.pipeline import _whole
+    from serveless.tensors import TensorFormat
+
+    store = Store(str(tmp_path))
+    blocks = [np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.ones((1, 3, 4), np.float32)]
+    out = _write_tensor(store, "j/stage-0/r.npy", 3, iter(blocks), TensorFormat(), _Counters())
+    data = store.get_bytes(out["key"])
+    assert set(out) == {"key", "size", "crc32c"} and out["size"] == len(data)
+    assert _whole(store, out)
+    legacy = {"key": out["key"], "size": out["size"],
+              "sha256": hashlib.sha256(data).hexdigest()}
+    assert _whole(store, legacy)
+    flipped = bytearray(data)
+    flipped[-1] ^= 0x01
+    store.put_bytes(out["key"], bytes(flipped))
+    assert not _whole(store, out) and not _whole(store, legacy)
+    store.put_bytes(out["key"], data[:-4])
+    assert not _whole(store, out)

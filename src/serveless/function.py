@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import google_crc32c
 import numpy as np
 
 from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb, own_cgroup
@@ -585,18 +586,26 @@ def _run(
 
 
 class _HashingWriter:
-    """Counts and hashes what is written, so resume can check an object is whole."""
+    """Counts and checksums what is written, so resume can check an object is whole.
+
+    CRC32C (as S3 checksums objects), not SHA-256: it catches torn and corrupted writes
+    alike, and costs a tenth of the CPU, which is billed: SHA-256 of AlexNet's paper-preset
+    intermediates (~350 KB per image) took 0.2-0.5 ms per image.
+    """
 
     def __init__(self, f: IO[bytes]):
         self.f = f
         self.size = 0
-        self.sha = hashlib.sha256()
+        self.crc = 0
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
-        self.sha.update(mv)
+        self.crc = google_crc32c.extend(self.crc, bytes(mv))  # it takes read-only bytes only
         self.size += len(mv)
         return self.f.write(mv)
+
+    def hexdigest(self) -> str:
+        return f"{self.crc:08x}"
 
     def flush(self) -> None:
         self.f.flush()
@@ -621,7 +630,7 @@ def _write_tensor(
         writer.close()
     c.write_ms += (time.perf_counter() - t) * 1000
     c.put(hw.size)
-    return {"key": key, "size": hw.size, "sha256": hw.sha.hexdigest()}
+    return {"key": key, "size": hw.size, "crc32c": hw.hexdigest()}
 
 
 def scores_key(layout: JobLayout, record: str) -> str:
@@ -678,7 +687,7 @@ def _write_predictions(
                 f"record {record}: {index} predictions for {meta['n']} images")
     c.put(hw.size)
     quality = {"failed_images": failed}
-    return {"key": key, "size": hw.size, "sha256": hw.sha.hexdigest()}, quality
+    return {"key": key, "size": hw.size, "crc32c": hw.hexdigest()}, quality
 
 
 def _prediction_row(

@@ -803,17 +803,25 @@ def _completed_stages(store: Store, layout: JobLayout, spec: JobSpec,
 
 
 def _whole(store: Store, out: dict[str, Any]) -> bool:
-    """The object is there with the size and checksum its writer recorded."""
+    """The object is there with the size and checksum its writer recorded (CRC32C; SHA-256
+    in logs written before)."""
     import hashlib
+
+    import google_crc32c
 
     key = out["key"]
     try:
         if store.size(key) != out["size"]:
             return False
-        sha = hashlib.sha256()
+        crc, sha = 0, hashlib.sha256()
         with store.open_read(key) as f:
             while chunk := f.read(1 << 22):
-                sha.update(chunk)
+                if "crc32c" in out:
+                    crc = google_crc32c.extend(crc, chunk)
+                else:
+                    sha.update(chunk)
+        if "crc32c" in out:
+            return f"{crc:08x}" == out["crc32c"]
         return sha.hexdigest() == out["sha256"]
     except (StoreError, OSError):
         return False
