@@ -180,6 +180,32 @@ def test_perturbed_stage_is_caught(paper, alexnet):
         check_equivalence(alexnet, [stages[0], broken, stages[2], stages[3]])
 
 
+def test_an_uncut_model_is_its_own_graph_and_is_not_run(alexnet, monkeypatch):
+    """One stage that is the model's graph (nodes, io, weights byte for byte) is exact by
+    construction: no session is made. A perturbed weight makes it another graph, which is
+    run and caught as before."""
+    from serveless import partition as part
+
+    (stage,) = split(alexnet, [])
+    assert part.same_graph(alexnet, stage)
+    real_session = part._session
+    monkeypatch.setattr(part, "_session", lambda m: pytest.fail("ran the identical graph"))
+    assert check_equivalence(alexnet, [stage]) == 0.0
+    broken = onnx.ModelProto()
+    broken.CopyFrom(stage)
+    for t in broken.graph.initializer:
+        if t.name == "conv1.weight":
+            t.raw_data = (-numpy_helper.to_array(t)).tobytes()
+    assert not part.same_graph(alexnet, broken)
+    monkeypatch.setattr(part, "_session", real_session)
+    with pytest.raises(PartitionError, match="chained stages differ from the whole model"):
+        check_equivalence(alexnet, [broken])
+    renamed = onnx.ModelProto()
+    renamed.CopyFrom(stage)
+    renamed.graph.output[0].name = "other"
+    assert not part.same_graph(alexnet, renamed)
+
+
 def test_swapped_stages_are_caught(paper, alexnet):
     stages, _ = paper
     with pytest.raises(PartitionError):
