@@ -112,6 +112,36 @@ def test_planner_optimum_equals_brute_force(target):
         assert got.wall_s <= deadline
 
 
+def _memory_bound_calibration() -> dict:
+    """Two blocks where cutting pays: a compute block that gains nothing past 1 vCPU and a
+    light block whose 3 GB of weights force a large memory size."""
+    cal = synthetic_calibration(2)
+    cal["blocks"][0].update(speedup_2vcpu=1.0, bytes_out_per_image=20_000)
+    cal["blocks"][1].update(weights_mb=3000.0, load_peak_mb=3000.0,
+                            model_bytes=300 * 2**20)
+    return cal
+
+
+@pytest.mark.parametrize("target", ["lambda", "local"])
+def test_planner_optimum_equals_brute_force_at_1_mb_steps(target):
+    """The default grid (1 MB): brute force tries every memory of every stage (10,113 each)
+    of every cut set; the planner must find the same cheapest plan, cut or not."""
+    cal = _memory_bound_calibration()
+    tgt = Target.make(target, cal)
+    kw = {"per_record": [200], "micro_batch": [16], "concurrency": [1, 4]}
+    fastest = search(cal, 2000, tgt, "x86_64", deadline_s=1e9, **kw).fastest
+    seen = set()
+    for deadline in (fastest.wall_s * 1.02, fastest.wall_s * 1.2, fastest.wall_s * 30):
+        got = search(cal, 2000, tgt, "x86_64", deadline_s=deadline, **kw).best
+        ref = brute_force(cal, 2000, tgt, "x86_64", deadline, 1, **kw)
+        assert got is not None and ref is not None
+        assert got.cost == pytest.approx(ref.cost, rel=1e-12)
+        assert (got.cuts, got.memory) == (ref.cuts, ref.memory)
+        assert got.wall_s <= deadline
+        seen.add((len(got.cuts), got.memory[0] % 64 != 0))
+    assert (1, True) in seen  # a cut plan off the old 64 MB grid was among the answers
+
+
 def test_budget_mode_is_fastest_within_budget():
     cal = synthetic_calibration()
     tgt = Target.make("lambda")
@@ -142,7 +172,7 @@ def test_plan_command_writes_plan_with_presets_and_pareto(tmp_path):
                               "--memory-step", "256"])
     assert res.exit_code == 0, res.output
     plan = json.loads(out.read_text())
-    assert plan["predicted"]["wall_s"] <= 300
+    assert plan["predicted"]["wall_s"] <= 300 and plan["request"]["memory_step"] == 256
     text = " ".join(res.output.split())
     assert "simulated on lambda" in text and "fastest" in text
     assert out.with_suffix(".pareto.png").stat().st_size > 0
@@ -201,8 +231,10 @@ def test_simulate_command_json_is_labelled(tmp_path):
     plan_file = tmp_path / "plan.json"
     res = runner.invoke(app, ["plan", "synthetic", "--images", "5000", "--deadline", "600",
                               "--calibration", _write(tmp_path / "c.json", cal), "--out",
-                              str(plan_file), "--memory-step", "512"])
+                              str(plan_file)])
     assert res.exit_code == 0, res.output
+    assert json.loads(plan_file.read_text())["request"]["memory_step"] == 1  # the default
+    assert "memory step 1 MB" in " ".join(res.output.split())
     res = runner.invoke(app, ["simulate", "--plan", str(plan_file), "--json",
                               "--cpu-factor", "2"])
     assert res.exit_code == 0, res.output

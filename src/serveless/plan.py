@@ -10,8 +10,12 @@ k an invocation time D_k and a cold start I_k (both functions of its memory),
 
 so for each (R, micro-batch, C) a dynamic programme over block boundaries, keeping per
 boundary the Pareto front of (time, cost) of every way to reach it (cuts × memory on the
-`memory_step` grid), is exact; configurations whose cheapest possible plan cannot beat the
-best found, or whose fastest cannot meet the deadline, are pruned without the front.
+`memory_step` grid, 1 MB by default), is exact. What keeps it fast at 1 MB: every candidate
+stage's time and cost over all memory sizes are numpy arrays built at once; Lagrangian bounds
+(min of cost + λ·time per stage, summed along the best cut set) drop every memory and every
+partial plan that cannot beat the best feasible plan known; configurations whose cheapest
+possible plan cannot beat the best found, or whose fastest cannot meet the deadline, are
+pruned from closed-form bounds without building their arrays.
 The chosen plan, the paper's presets and the fastest plan are then run through the
 discrete-event simulator (`simulate.py`), which knows Lambda's limits in full.
 """
@@ -27,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import StageModel, stage_models
+from .calibrate import StageModel, speedup, stage_models
 from .cost import (
     LAMBDA_GB_SECOND,
     LAMBDA_REQUEST,
@@ -100,8 +104,25 @@ def ramp_loss_s(concurrency: int, target: Target) -> float:
     return sum(10.0 * (concurrency - r * i) / concurrency for i in range(1, steps))
 
 
+@dataclass
+class _Group:
+    """Per candidate stage × memory: invocation ms, init ms and their bills, for one images
+    per record and micro-batch (and, on the local target, instances in flight); infeasible
+    memories are inf. Rows follow `Model.pairs`."""
+
+    d: np.ndarray
+    init: np.ndarray
+    cost_d: np.ndarray
+    cost_i: np.ndarray
+    min_d: np.ndarray  # per stage: least over memory (inf: no memory fits)
+    min_init: np.ndarray
+    min_cost_d: np.ndarray
+    min_cost_i: np.ndarray
+
+
 class Model:
-    """Per-stage (time, cost) arrays over the memory grid, for one calibration and target."""
+    """The planner's closed-form model of every candidate stage over the whole memory grid,
+    built with numpy at once for all stages (a stage is a run of calibration blocks)."""
 
     def __init__(self, cal: dict[str, Any], target: Target, arch: str, memory_step: int,
                  images: int):
@@ -114,80 +135,166 @@ class Model:
         if grid[-1] != MAX_MEMORY_MB:
             grid.append(MAX_MEMORY_MB)
         self.mem = np.array(grid, dtype=float)
-        v = np.array([vcpus(int(m)) for m in grid])
-        if target.cores is not None:
-            v = np.minimum(v, target.cores)
-        self.v = v
+        self.v = np.array([vcpus(int(m)) for m in grid])
         self.price = LAMBDA_GB_SECOND[arch]
-        self.k = len(cal["blocks"])
+        self.k = k = len(cal["blocks"])
         self.bw = target.bandwidth_mb_s * 2**20 / 1000  # bytes per ms
-        self._stage: dict[tuple[int, int, int], tuple[StageModel, np.ndarray, np.ndarray]] = {}
-        self._bases: dict[tuple[int, ...], Any] = {}
+        self.pairs = [(i, j) for i in range(k) for j in range(i, k)]
+        self.index = {p: s for s, p in enumerate(self.pairs)}
+        self.first = np.array([i for i, _ in self.pairs])
+        self.last = np.array([j for _, j in self.pairs])
+        stages = [StageModel(cal, i, j, 1) for i, j in self.pairs]
+        self.model_bytes = np.array([s.model_bytes for s in stages], dtype=float)
+        self.bytes_in = np.array([s.bytes_in_per_image for s in stages])
+        self.bytes_out = np.array([s.bytes_out_per_image for s in stages])
+        self.load_ms = np.array([float(s.load_ms(1.0, target.cpu_factor)) for s in stages])
+        self._ms: dict[int, np.ndarray] = {}
+        self._need: dict[int, np.ndarray] = {}
+        self._groups: dict[tuple[int, int, int], _Group] = {}
 
-    def stage(self, i: int, j: int, b: int) -> tuple[StageModel, np.ndarray, np.ndarray]:
-        """The stage of blocks i..j at micro-batch b: (model, ms per image, load ms) per m."""
-        key = (i, j, b)
-        if key not in self._stage:
-            s = StageModel(self.cal, i, j, b)
-            t = self.target
-            self._stage[key] = (s, np.asarray(s.ms_per_image(self.v, t.cpu_factor), float),
-                                np.asarray(s.load_ms(self.v, t.cpu_factor), float))
-        return self._stage[key]
+    def ms_per_image(self, b: int) -> np.ndarray:
+        """(stages × memory) wall ms per image at micro-batch b: StageModel.ms_per_image for
+        every stage at once (block sums by cumulative sums)."""
+        if b not in self._ms:
+            blocks = self.cal["blocks"]
+            sm = StageModel(self.cal, 0, 0, b)
+            t = np.array([sm._ms_at_batch(blk) for blk in blocks])
+            per = np.stack([t[n] / speedup(self.v, blk["speedup_2vcpu"])
+                            for n, blk in enumerate(blocks)])
+            cum = np.vstack([np.zeros(self.mem.size), np.cumsum(per, axis=0)])
+            c = cum[self.last + 1] - cum[self.first]
+            rows = np.nonzero(self.first == 0)[0]
+            dec = float(self.cal["decode_ms_per_image"])
+            c0 = c[rows]
+            c1 = np.cumsum(t)[self.last[rows]][:, None]
+            v = self.v[None, :]
+            below = dec / v + c0
+            above = np.maximum(np.maximum(dec, c0), (dec + c1) / v)
+            c[rows] = np.where(v <= 1.0, below, above)
+            self._ms[b] = c / self.target.cpu_factor
+        return self._ms[b]
+
+    def need(self, b: int) -> np.ndarray:
+        """Per stage: the least memory allowed at micro-batch b (peak × headroom)."""
+        if b not in self._need:
+            self._need[b] = np.array([StageModel(self.cal, i, j, b).memory_needed()
+                                      for i, j in self.pairs], dtype=float)
+        return self._need[b]
+
+    def in_flight(self, cfg: Config) -> int:
+        return min(cfg.concurrency, math.ceil(self.images / cfg.per_record))
+
+    def _io(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per stage at r images per record: store ms of an invocation, its GETs and PUTs."""
+        t = self.target
+        b_in, b_out = r * self.bytes_in, r * self.bytes_out
+        last_in = ((self.last == self.k - 1) & (self.first > 0)).astype(float)
+        gets = np.maximum(1, np.ceil(b_in / READ_BLOCK)) + last_in
+        puts = 1 + ((self.first == 0) & (self.last < self.k - 1)).astype(float)
+        return b_in / self.bw + b_out / self.bw + t.request_ms * (gets + puts), gets, puts
+
+    def _fixed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per stage: init ms before the model load, the bill of a call's requests apart
+        from its GETs and PUTs, and the GETs of the model download."""
+        t = self.target
+        dl = np.zeros_like(self.model_bytes) if t.name == "local" else \
+            self.model_bytes / self.bw + t.request_ms
+        return (t.platform_init_ms + dl, np.full(self.model_bytes.shape, LAMBDA_REQUEST),
+                np.maximum(1, np.ceil(self.model_bytes / READ_BLOCK)))
+
+    def group(self, cfg: Config) -> _Group:
+        """What does not depend on concurrency (except on the local target, where instances
+        in flight share the cores), cached for the last few (record size, micro-batch)."""
+        t = self.target
+        key = (cfg.per_record, cfg.micro_batch,
+               self.in_flight(cfg) if t.cores is not None else 0)
+        if key in self._groups:
+            return self._groups[key]
+        r = cfg.per_record
+        io, gets, puts = self._io(r)
+        pre_init, req, model_gets = self._fixed()
+        stretch: Any = 1.0
+        if t.cores is not None:
+            stretch = np.maximum(1.0, self.in_flight(cfg) * self.v / t.cores)[None, :]
+        d = t.invoke_ms + io[:, None] + r * self.ms_per_image(cfg.micro_batch) * stretch
+        load = self.load_ms[:, None] / np.minimum(self.v, 1.0)[None, :]
+        init = pre_init[:, None] + load * stretch
+        ok = ((self.mem[None, :] >= self.need(cfg.micro_batch)[:, None])
+              & ((d + init) <= t.timeout_s * 1000)
+              & (self.model_bytes <= t.tmp_mb * 2**20)[:, None])
+        gb = self.price * self.mem / 1024 / 1000
+        cost_d = gb * np.ceil(d) + (req + gets * S3_GET + puts * S3_PUT)[:, None]
+        cost_i = gb * np.ceil(init) + (model_gets * S3_GET)[:, None]
+        d, init = np.where(ok, d, np.inf), np.where(ok, init, np.inf)
+        cost_d, cost_i = np.where(ok, cost_d, np.inf), np.where(ok, cost_i, np.inf)
+        g = _Group(d, init, cost_d, cost_i, d.min(axis=1), init.min(axis=1),
+                   cost_d.min(axis=1), cost_i.min(axis=1))
+        if len(self._groups) >= 4:
+            self._groups.pop(next(iter(self._groups)))
+        self._groups[key] = g
+        return g
+
+    def _mins(self, cfg: Config) -> tuple[np.ndarray, ...]:
+        """Per stage: least invocation ms, init ms and their bills over memory, or lower
+        bounds of them. Where instances do not share cores (Lambda) without building the
+        grid: time falls with memory, so its least is at the largest size, and memory ×
+        time rises with memory (CPU share ∝ memory up to 1 vCPU, Amdahl past it), so a
+        bill is at least memory × unrounded time at the smallest size allowed."""
+        if self.target.cores is not None:
+            g = self.group(cfg)
+            return g.min_d, g.min_init, g.min_cost_d, g.min_cost_i
+        t, r = self.target, cfg.per_record
+        io, gets, puts = self._io(r)
+        pre_init, req, model_gets = self._fixed()
+        ms = self.ms_per_image(cfg.micro_batch)
+        rows = np.arange(len(self.pairs))
+        lo = np.minimum(np.searchsorted(self.mem, self.need(cfg.micro_batch)),
+                        self.mem.size - 1)
+        d_lo, d_hi = t.invoke_ms + io + r * ms[rows, lo], t.invoke_ms + io + r * ms[:, -1]
+        init_lo = pre_init + self.load_ms / np.minimum(self.v[lo], 1.0)
+        init_hi = pre_init + self.load_ms / min(float(self.v[-1]), 1.0)
+        ok = ((self.need(cfg.micro_batch) <= self.mem[-1])
+              & (d_hi + init_hi <= t.timeout_s * 1000)
+              & (self.model_bytes <= t.tmp_mb * 2**20))
+        gb = self.price * self.mem[lo] / 1024 / 1000
+        inf = np.inf
+        return (np.where(ok, d_hi, inf), np.where(ok, init_hi, inf),
+                np.where(ok, gb * d_lo + req + gets * S3_GET + puts * S3_PUT, inf),
+                np.where(ok, gb * init_lo + model_gets * S3_GET, inf))
+
+    def weights(self, cfg: Config) -> tuple[float, float, float]:
+        """(waves of records, records, instances in flight): time = waves × d + init, cost
+        = records × bill(d) + instances × bill(init)."""
+        n_rec = self.images / cfg.per_record
+        return float(math.ceil(n_rec / cfg.concurrency)), n_rec, float(self.in_flight(cfg))
+
+    def arrays(self, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+        """(stages × memory) time weight in s and cost in $ under this configuration."""
+        g = self.group(cfg)
+        alpha, n_rec, inst = self.weights(cfg)
+        return (alpha * g.d + g.init) / 1000, n_rec * g.cost_d + inst * g.cost_i
+
+    def bounds(self, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+        """Per stage, lower bounds of its time and cost over memory (exact for time when
+        time falls with memory, as on Lambda)."""
+        min_d, min_init, min_cost_d, min_cost_i = self._mins(cfg)
+        alpha, n_rec, inst = self.weights(cfg)
+        return (alpha * min_d + min_init) / 1000, n_rec * min_cost_d + inst * min_cost_i
 
     def options(self, i: int, j: int, cfg: Config,
                 pareto: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(time weight s, cost $, memory index) of every feasible memory for stage i..j."""
-        base = self._base(i, j, cfg)
-        if base is None:
-            return np.zeros(0), np.zeros(0), np.zeros(0, dtype=int)
-        idx, d, init, cost_d, cost_i = base
-        n_rec = self.images / cfg.per_record
-        alpha = float(math.ceil(n_rec / cfg.concurrency))  # waves of records
-        tau = (alpha * d + init) / 1000
-        cost = n_rec * cost_d + min(cfg.concurrency, math.ceil(n_rec)) * cost_i
+        tau, cost = self.arrays(cfg)
+        s = self.index[(i, j)]
+        idx = np.nonzero(np.isfinite(tau[s]))[0]
+        tt, cc = tau[s][idx], cost[s][idx]
         if not pareto:
-            return tau, cost, idx
-        keep = _pareto(tau, cost)
-        return tau[keep], cost[keep], idx[keep]
-
-    def _base(self, i: int, j: int, cfg: Config) -> Any:
-        """What does not depend on concurrency (except on the local target, where instances
-        in flight share the cores): feasible memories, invocation and init ms, their bills."""
-        t = self.target
-        key = (i, j, cfg.micro_batch, cfg.per_record,
-               cfg.concurrency if t.cores is not None else 0)
-        if key in self._bases:
-            return self._bases[key]
-        s, ms_img, load = self.stage(i, j, cfg.micro_batch)
-        if s.model_bytes > t.tmp_mb * 2**20:
-            self._bases[key] = None
-            return None
-        r = cfg.per_record
-        n_rec = self.images / r
-        b_in, b_out = r * s.bytes_in_per_image, r * s.bytes_out_per_image
-        gets = max(1, math.ceil(b_in / READ_BLOCK)) + (1 if j == self.k - 1 and i > 0 else 0)
-        puts = 1 + (1 if i == 0 and j < self.k - 1 else 0)
-        stretch: Any = 1.0
-        if t.cores is not None:
-            stretch = np.maximum(1.0, min(cfg.concurrency, math.ceil(n_rec)) * self.v / t.cores)
-        io = b_in / self.bw + b_out / self.bw + t.request_ms * (gets + puts)
-        d = t.invoke_ms + io + r * ms_img * stretch  # ms per invocation
-        dl = 0.0 if t.name == "local" else s.model_bytes / self.bw + t.request_ms
-        init = t.platform_init_ms + dl + load * stretch
-        ok = (self.mem >= s.memory_needed()) & ((d + init) <= t.timeout_s * 1000)
-        gb = self.mem / 1024 / 1000
-        cost_d = self.price * gb * np.ceil(d) + LAMBDA_REQUEST + gets * S3_GET + puts * S3_PUT
-        cost_i = (self.price * gb * np.ceil(init)
-                  + max(1, math.ceil(s.model_bytes / READ_BLOCK)) * S3_GET)
-        idx = np.nonzero(ok)[0]
-        d, init = np.broadcast_to(d, self.mem.shape), np.broadcast_to(init, self.mem.shape)
-        out = (idx, d[idx], init[idx], cost_d[idx], cost_i[idx])
-        self._bases[key] = out
-        return out
+            return tt, cc, idx
+        keep = _pareto(tt, cc)
+        return tt[keep], cc[keep], idx[keep]
 
     def overhead_s(self, cfg: Config) -> float:
-        return ramp_loss_s(min(cfg.concurrency, math.ceil(self.images / cfg.per_record)),
-                           self.target)
+        return ramp_loss_s(self.in_flight(cfg), self.target)
 
 
 def _configs(images: int, max_conc: int, per_record: list[int] | None,
@@ -207,86 +314,191 @@ def _configs(images: int, max_conc: int, per_record: list[int] | None,
     return out
 
 
-def _scalar_dp(model: Model, cfg: Config, opts: dict[tuple[int, int], Any], which: int) -> float:
-    """The least total of time (which=0) or cost (which=1) over every cut set, no constraint."""
-    k = model.k
-    best = [math.inf] * (k + 1)
-    best[0] = 0.0
+def _path(model: Model, h: np.ndarray) -> tuple[list[float], list[float], list[int]]:
+    """Least sums of per-stage values h along cut sets: from the start to each boundary
+    (pre), from each boundary to the end (suf), and the stage ending the best prefix."""
+    k, idx = model.k, model.index
+    pre, arg = [math.inf] * (k + 1), [-1] * (k + 1)
+    pre[0] = 0.0
     for j in range(1, k + 1):
         for i in range(j):
-            o = opts[(i, j - 1)]
-            if o[which].size and best[i] < math.inf:
-                best[j] = min(best[j], best[i] + float(o[which].min()))
-    return best[k]
-
-
-def _suffix(model: Model, opts: dict[tuple[int, int], Any], which: int) -> list[float]:
-    """Least time or cost to go from boundary i to the end."""
-    k = model.k
-    best = [math.inf] * (k + 1)
-    best[k] = 0.0
+            v = pre[i] + h[idx[(i, j - 1)]]
+            if v < pre[j]:
+                pre[j], arg[j] = v, idx[(i, j - 1)]
+    suf = [math.inf] * (k + 1)
+    suf[k] = 0.0
     for i in range(k - 1, -1, -1):
         for j in range(i + 1, k + 1):
-            o = opts[(i, j - 1)]
-            if o[which].size and best[j] < math.inf:
-                best[i] = min(best[i], float(o[which].min()) + best[j])
-    return best
+            v = h[idx[(i, j - 1)]] + suf[j]
+            if v < suf[i]:
+                suf[i] = v
+    return pre, suf, arg
 
 
-def _front_dp(model: Model, cfg: Config, opts: dict[tuple[int, int], Any], tau_max: float,
-              cost_max: float) -> tuple[np.ndarray, np.ndarray, list[Any]]:
-    """Exact Pareto front (time, cost) of whole plans with time <= tau_max, cost <= cost_max,
-    and a way to rebuild each point's cuts and memory."""
+@dataclass
+class _Sol:
+    obj: float
+    con: float
+    stages: list[tuple[int, int]]  # (stage row, memory index)
+
+
+def _lagrange(model: Model, obj: np.ndarray, con: np.ndarray,
+              lam: float) -> tuple[np.ndarray, _Sol]:
+    """Per stage min over memory of obj + λ·con, and the plan minimising it over cut sets."""
+    h = obj + lam * con if lam else obj
+    m = np.argmin(h, axis=1)
+    rows = np.arange(len(model.pairs))
+    hm = h[rows, m]
+    _pre, _suf, arg = _path(model, hm)
+    j, picks = model.k, []
+    while j > 0 and arg[j] >= 0:
+        s = arg[j]
+        picks.append((s, int(m[s])))
+        j = model.first[s]
+    picks.reverse()
+    return hm, _Sol(float(sum(obj[s, mm] for s, mm in picks)),
+                    float(sum(con[s, mm] for s, mm in picks)), picks)
+
+
+def _solve(model: Model, obj: np.ndarray, con: np.ndarray, limit: float,
+           upper: float = math.inf) -> _Sol | None:
+    """Exact: the plan (cut set × memory per stage) of least total `obj` whose total `con`
+    is at most `limit`, if it is below `upper`; None otherwise.
+
+    Lagrangian bounds make it fast: for any λ ≥ 0 every plan within the limit has
+    obj ≥ min(obj + λ·con) − λ·limit, summed stage by stage along the best cut set, so a
+    memory (or a partial plan) whose best completion cannot beat the best feasible plan known
+    is dropped. λ is bisected towards the tightest bound; the few memories left per stage
+    are combined by a dynamic programme over block boundaries that keeps, per boundary, the
+    Pareto front of (con, obj) of every partial plan that can still win."""
+    if not np.isfinite(obj).any():
+        return None
+    h0, s0 = _lagrange(model, obj, con, 0.0)
+    if not s0.stages:
+        return None
+    if s0.con <= limit:
+        return s0 if s0.obj < upper else None
+    if _pathmin(model, con.min(axis=1)) > limit:
+        return None
+    _h, fast = _lagrange(model, con, obj, 0.0)  # the least con (its obj: fast.con)
+    tol = 1e-9
+    best, feasible = upper, None
+    lo, hi = 0.0, None  # λ whose plan exceeds the limit; λ whose plan meets it
+    lams: list[tuple[float, np.ndarray]] = [(0.0, h0)]
+    lam = max(fast.con - s0.obj, 1e-30) / max(s0.con - fast.obj, 1e-30)
+    for _ in range(60):  # find a λ whose plan meets the limit
+        hm, sol = _lagrange(model, obj, con, lam)
+        lams.append((lam, hm))
+        if sol.con <= limit:
+            hi = lam
+            if sol.obj < best:
+                best, feasible = sol.obj, sol
+            break
+        lo, lam = lam, lam * 8
+    if hi is None:
+        return _front(model, obj, con, limit, best, lams, tol)
+    for _ in range(10):  # bisect (geometrically) for a tighter bound and a better plan
+        lam = math.sqrt(lo * hi) if lo > 0 else hi / 8
+        hm, sol = _lagrange(model, obj, con, lam)
+        lams.append((lam, hm))
+        if sol.con <= limit:
+            hi = lam
+            if sol.obj < best:
+                best, feasible = sol.obj, sol
+        else:
+            lo = lam
+        lb = max(_pathmin(model, h) - la * limit for la, h in lams)
+        if best - lb <= tol * abs(best):
+            break
+    found = _front(model, obj, con, limit, best, lams, tol)
+    if found is not None and found.obj <= best:
+        return found
+    return feasible if best < upper else None
+
+
+def _pathmin(model: Model, h: np.ndarray) -> float:
+    pre, _suf, _arg = _path(model, h)
+    return pre[model.k]
+
+
+def _front(model: Model, obj: np.ndarray, con: np.ndarray, limit: float, upper: float,
+           lams: list[tuple[float, np.ndarray]], tol: float) -> _Sol | None:
+    """The exact search behind `_solve`: memories and partial plans pruned by the bounds of
+    every λ tried, the rest combined boundary by boundary keeping Pareto fronts."""
     k = model.k
-    suf_t, suf_c = _suffix(model, opts, 0), _suffix(model, opts, 1)
+    ub = upper + tol * abs(upper) if math.isfinite(upper) else math.inf
+    lim = limit + 1e-12 * abs(limit)
+    cmin, omin = con.min(axis=1), obj.min(axis=1)
+    pre_c, suf_c, _ = _path(model, cmin)
+    pre_o, suf_o, _ = _path(model, omin)
+    bounds = [(la, *_path(model, h)[:2]) for la, h in lams]
+    opts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for s, (i, j) in enumerate(model.pairs):
+        o, c = obj[s], con[s]
+        keep = (pre_c[i] + c + suf_c[j + 1] <= lim) & (pre_o[i] + o + suf_o[j + 1] <= ub)
+        for la, pre, suf in bounds:
+            keep &= pre[i] + (o + la * c if la else o) + suf[j + 1] - la * limit <= ub
+        idx = np.nonzero(keep)[0]
+        if idx.size:
+            p = _pareto(c[idx], o[idx])
+            opts[s] = (c[idx][p], o[idx][p], idx[p])
     fronts: list[Any] = [None] * (k + 1)
     fronts[0] = (np.zeros(1), np.zeros(1), np.full(1, -1), np.full(1, -1), np.full(1, -1))
     for j in range(1, k + 1):
-        parts_t, parts_c, parts_i, parts_p, parts_m = [], [], [], [], []
+        parts: list[list[np.ndarray]] = [[], [], [], [], []]
         for i in range(j):
-            f = fronts[i]
-            tau_o, cost_o, mem_o = opts[(i, j - 1)]
-            if f is None or f[0].size == 0 or tau_o.size == 0:
+            f, s = fronts[i], model.index[(i, j - 1)]
+            if f is None or f[0].size == 0 or s not in opts:
                 continue
-            tt = (f[0][:, None] + tau_o[None, :]).ravel()
-            cc = (f[1][:, None] + cost_o[None, :]).ravel()
-            ok = (tt + suf_t[j] <= tau_max) & (cc + suf_c[j] <= cost_max)
-            if not ok.any():
-                continue
+            c_o, o_o, m_o = opts[s]
+            cc = (f[0][:, None] + c_o[None, :]).ravel()
+            oo = (f[1][:, None] + o_o[None, :]).ravel()
+            ok = (cc + suf_c[j] <= lim) & (oo + suf_o[j] <= ub)
+            for la, _pre, suf in bounds:
+                ok &= oo + la * cc + suf[j] - la * limit <= ub
             sel = np.nonzero(ok)[0]
-            parts_t.append(tt[sel])
-            parts_c.append(cc[sel])
-            parts_i.append(np.full(sel.size, i))
-            parts_p.append(sel // tau_o.size)
-            parts_m.append(mem_o[sel % tau_o.size])
-        if not parts_t:
-            fronts[j] = (np.zeros(0), np.zeros(0), np.zeros(0, int), np.zeros(0, int),
-                         np.zeros(0, int))
+            if sel.size:
+                for lst, val in zip(parts, (cc[sel], oo[sel], np.full(sel.size, s),
+                                            sel // c_o.size, m_o[sel % c_o.size]), strict=True):
+                    lst.append(val)
+        if not parts[0]:
+            fronts[j] = None
             continue
-        tt, cc = np.concatenate(parts_t), np.concatenate(parts_c)
-        keep = _pareto(tt, cc)
-        fronts[j] = (tt[keep], cc[keep], np.concatenate(parts_i)[keep],
-                     np.concatenate(parts_p)[keep], np.concatenate(parts_m)[keep])
-    return fronts[k][0], fronts[k][1], fronts
-
-
-def _rebuild(model: Model, fronts: list[Any], idx: int) -> tuple[list[str], list[int]]:
-    j, cuts, mem = model.k, [], []
+        cc, oo = np.concatenate(parts[0]), np.concatenate(parts[1])
+        keep = _pareto(cc, oo)
+        fronts[j] = (cc[keep], oo[keep], np.concatenate(parts[2])[keep],
+                     np.concatenate(parts[3])[keep], np.concatenate(parts[4])[keep])
+    f = fronts[k]
+    if f is None or f[0].size == 0:
+        return None
+    n = int(np.argmin(f[1]))
+    if f[1][n] >= upper:
+        return None
+    j, picks = k, []
     while j > 0:
-        _t, _c, ii, pp, mm = fronts[j]
-        i, p, m = int(ii[idx]), int(pp[idx]), int(mm[idx])
-        mem.append(int(model.mem[m]))
-        if i > 0:
-            cuts.append(model.cal["boundaries"][i - 1])
-        j, idx = i, p
-    return cuts[::-1], mem[::-1]
+        _c, _o, ss, pp, mm = fronts[j]
+        s = int(ss[n])
+        picks.append((s, int(mm[n])))
+        j, n = int(model.first[s]), int(pp[n])
+    picks.reverse()
+    return _Sol(float(sum(obj[s, m] for s, m in picks)),
+                float(sum(con[s, m] for s, m in picks)), picks)
+
+
+def _candidate(model: Model, cfg: Config, sol: _Sol, over: float, tau: np.ndarray,
+               cost: np.ndarray) -> Candidate:
+    cuts = [model.cal["boundaries"][model.last[s]] for s, _m in sol.stages[:-1]]
+    mem = [int(model.mem[m]) for _s, m in sol.stages]
+    return Candidate(cuts, mem, cfg.per_record, cfg.micro_batch, cfg.concurrency,
+                     float(sum(tau[s, m] for s, m in sol.stages)) + over,
+                     float(sum(cost[s, m] for s, m in sol.stages)))
 
 
 def search(cal: dict[str, Any], images: int, target: Target, arch: str = "x86_64",
            deadline_s: float | None = None, budget: float | None = None,
-           max_concurrency: int | None = None, memory_step: int = 64,
+           max_concurrency: int | None = None, memory_step: int = 1,
            per_record: list[int] | None = None, micro_batch: list[int] | None = None,
-           concurrency: list[int] | None = None) -> Search:
+           concurrency: list[int] | None = None, front: bool = True) -> Search:
     """The cheapest plan within the deadline, or the fastest within the budget (exact under
     the planner's model, on the memory grid), and the fastest plan of all."""
     if (deadline_s is None) == (budget is None):
@@ -304,71 +516,77 @@ def search(cal: dict[str, Any], images: int, target: Target, arch: str = "x86_64
         raise PlanError("--max-concurrency must be >= 1")
     model = Model(cal, target, arch, memory_step, images)
     configs = _configs(images, max_c, per_record, micro_batch, concurrency)
-    k = model.k
     scored = []
-    fastest: Candidate | None = None
-    all_points: list[tuple[float, float]] = []
-    for cfg in configs:
-        opts = {(i, j): model.options(i, j, cfg) for i in range(k) for j in range(i, k)}
+    for cfg in configs:  # lower bounds of time and cost per configuration, from per-stage mins
+        bt, bc = model.bounds(cfg)
         over = model.overhead_s(cfg)
-        min_t = _scalar_dp(model, cfg, opts, 0) + over
-        min_c = _scalar_dp(model, cfg, opts, 1)
+        min_t = _pathmin(model, bt) + over
         if math.isinf(min_t):
             continue
-        scored.append((cfg, opts, over, min_t, min_c))
-        if fastest is None or min_t < fastest.wall_s:
-            tt, cc, fronts = _front_dp(model, cfg, opts, min_t - over + 1e-9, math.inf)
-            i = int(np.argmin(tt))
-            cuts, mem = _rebuild(model, fronts, i)
-            fastest = Candidate(cuts, mem, cfg.per_record, cfg.micro_batch, cfg.concurrency,
-                                float(tt[i]) + over, float(cc[i]))
-    if fastest is None:
+        scored.append((cfg, over, min_t, _pathmin(model, bc)))
+    if not scored:
         raise PlanError("no stage of this model fits any Lambda memory size, timeout or /tmp")
+    fastest: Candidate | None = None
+    for cfg, over, min_t, _min_c in sorted(scored, key=lambda s: s[2]):
+        if fastest is not None and min_t >= fastest.wall_s:
+            break
+        tau, cost = model.arrays(cfg)
+        t_min = _pathmin(model, tau.min(axis=1))
+        sol = _solve(model, cost, tau, t_min * (1 + 1e-12))
+        if sol is not None and (fastest is None or sol.con + over < fastest.wall_s):
+            fastest = _candidate(model, cfg, sol, over, tau, cost)
+    assert fastest is not None
     best: Candidate | None = None
     searched = 0
     if deadline_s is not None:
-        scored.sort(key=lambda s: s[4])  # cheapest lower bound first
-        for cfg, opts, over, min_t, min_c in scored:
-            if min_t > deadline_s or (best is not None and min_c >= best.cost):
+        for cfg, over, min_t, min_c in sorted(scored, key=lambda s: s[3]):
+            if best is not None and min_c >= best.cost:
+                break  # cheapest lower bound first: nothing later can beat it
+            if min_t > deadline_s:
                 continue
             searched += 1
-            tt, cc, fronts = _front_dp(model, cfg, opts, deadline_s - over,
-                                       best.cost if best else math.inf)
-            all_points += [(float(a) + over, float(b)) for a, b in zip(tt, cc, strict=True)]
-            if tt.size:
-                i = int(np.argmin(cc))
-                if best is None or cc[i] < best.cost:
-                    cuts, mem = _rebuild(model, fronts, i)
-                    best = Candidate(cuts, mem, cfg.per_record, cfg.micro_batch,
-                                     cfg.concurrency, float(tt[i]) + over, float(cc[i]))
+            tau, cost = model.arrays(cfg)
+            sol = _solve(model, cost, tau, deadline_s - over,
+                         best.cost if best else math.inf)
+            if sol is not None:
+                best = _candidate(model, cfg, sol, over, tau, cost)
     else:
-        scored.sort(key=lambda s: s[3])  # fastest lower bound first
-        for cfg, opts, over, min_t, min_c in scored:
-            if min_c > budget or (best is not None and min_t >= best.wall_s):  # type: ignore
+        for cfg, over, min_t, min_c in sorted(scored, key=lambda s: s[2]):
+            if best is not None and min_t >= best.wall_s:
+                break
+            if min_c > budget:  # type: ignore[operator]
                 continue
             searched += 1
-            lim = (best.wall_s if best else math.inf) - over
-            tt, cc, fronts = _front_dp(model, cfg, opts, lim, budget)  # type: ignore[arg-type]
-            all_points += [(float(a) + over, float(b)) for a, b in zip(tt, cc, strict=True)]
-            if tt.size:
-                i = int(np.argmin(tt))
-                if best is None or tt[i] + over < best.wall_s:
-                    cuts, mem = _rebuild(model, fronts, i)
-                    best = Candidate(cuts, mem, cfg.per_record, cfg.micro_batch,
-                                     cfg.concurrency, float(tt[i]) + over, float(cc[i]))
+            tau, cost = model.arrays(cfg)
+            sol = _solve(model, tau, cost, budget,  # type: ignore[arg-type]
+                         best.wall_s - over if best else math.inf)
+            if sol is not None:
+                best = _candidate(model, cfg, sol, over, tau, cost)
     search_s = time.perf_counter() - t0
-    if best is not None:  # the front drawn: concurrency C/8..8C at the chosen record size and
-        # micro-batch, within 10× the chosen plan's time and 3× its cost
-        for cfg, opts, over, _min_t, _min_c in scored:
-            if ((cfg.per_record, cfg.micro_batch) == (best.per_record, best.micro_batch)
-                    and best.concurrency / 8 <= cfg.concurrency <= best.concurrency * 8):
-                tt, cc, _f = _front_dp(model, cfg, opts, 10 * best.wall_s - over, 3 * best.cost)
-                all_points += [(float(a) + over, float(b)) for a, b in zip(tt, cc, strict=True)]
-    pts = np.array(all_points) if all_points else np.zeros((0, 2))
-    front = [tuple(map(float, pts[i])) for i in _pareto(pts[:, 0], pts[:, 1])] if len(pts) \
-        else []
-    return Search(best, fastest, sorted(front), len(configs), searched,  # type: ignore[arg-type]
-                  search_s, time.perf_counter() - t0 - search_s)
+    pts: list[tuple[float, float]] = []
+    if best is not None and front:
+        pts = _front_points(model, scored, best)
+    return Search(best, fastest, pts, len(configs), searched, search_s,
+                  time.perf_counter() - t0 - search_s)
+
+
+def _front_points(model: Model, scored: list[Any], best: Candidate) -> list[tuple[float, float]]:
+    """The (time, cost) front drawn around the chosen plan: at its record size and
+    micro-batch, concurrency C/8..8C, the plans that minimise cost + λ·time for λ across six
+    decades (the front's convex-hull points), within 10× its time and 3× its cost."""
+    pts = [(best.wall_s, best.cost)]
+    scale = best.cost / max(best.wall_s, 1e-9)
+    for cfg, over, _min_t, _min_c in scored:
+        if ((cfg.per_record, cfg.micro_batch) != (best.per_record, best.micro_batch)
+                or not best.concurrency / 8 <= cfg.concurrency <= best.concurrency * 8):
+            continue
+        tau, cost = model.arrays(cfg)
+        for lam in scale * np.geomspace(1e-3, 1e3, 19):
+            _h, sol = _lagrange(model, cost, tau, float(lam))
+            if sol.stages:
+                pts.append((sol.con + over, sol.obj))
+    arr = np.array([p for p in pts if p[0] <= 10 * best.wall_s and p[1] <= 3 * best.cost])
+    return sorted({(float(arr[i, 0]), float(arr[i, 1])) for i in _pareto(arr[:, 0], arr[:, 1])})
 
 
 def predict(cal: dict[str, Any], cand: Candidate, images: int, target: Target,
@@ -376,17 +594,18 @@ def predict(cal: dict[str, Any], cand: Candidate, images: int, target: Target,
     """The planner's (wall s, $) of one given plan: the same model `search` optimises."""
     model = Model(cal, target, arch, 1, images)
     cfg = Config(cand.per_record, cand.micro_batch, cand.concurrency)
+    tau_a, cost_a = model.arrays(cfg)
     tau = cost = 0.0
     bounds = cal["boundaries"]
     starts = [0, *[bounds.index(c) + 1 for c in cand.cuts]]
     ends = [*[bounds.index(c) for c in cand.cuts], model.k - 1]
-    for (i, j), m in zip(zip(starts, ends, strict=True), cand.memory, strict=True):
-        tt, cc, mi = model.options(i, j, cfg)
-        hit = np.nonzero(model.mem[mi] == m)[0]
-        if hit.size == 0:  # off the Pareto set or infeasible: evaluate directly
-            raise PlanError(f"stage {len(starts)} at {m} MB is not a feasible option")
-        tau += float(tt[hit[0]])
-        cost += float(cc[hit[0]])
+    for n, ((i, j), m) in enumerate(zip(zip(starts, ends, strict=True), cand.memory,
+                                        strict=True)):
+        s, col = model.index[(i, j)], int(m) - MIN_MEMORY_MB
+        if not MIN_MEMORY_MB <= int(m) <= MAX_MEMORY_MB or not np.isfinite(tau_a[s, col]):
+            raise PlanError(f"stage {n} at {m} MB is not a feasible option")
+        tau += float(tau_a[s, col])
+        cost += float(cost_a[s, col])
     return tau + model.overhead_s(cfg), cost
 
 
@@ -394,7 +613,7 @@ def brute_force(cal: dict[str, Any], images: int, target: Target, arch: str,
                 deadline_s: float, memory_step: int, per_record: list[int],
                 micro_batch: list[int], concurrency: list[int]) -> Candidate | None:
     """Every cut set × every memory per stage × every configuration: the reference the
-    tests hold `search` to (small calibrations only)."""
+    tests hold `search` to (small calibrations; the last stage's memories as one array)."""
     from itertools import product
 
     model = Model(cal, target, arch, memory_step, images)
@@ -405,24 +624,24 @@ def brute_force(cal: dict[str, Any], images: int, target: Target, arch: str,
         for mask in range(1 << (k - 1)):
             cut_idx = [b for b in range(k - 1) if mask >> b & 1]
             starts, ends = [0, *[c + 1 for c in cut_idx]], [*cut_idx, k - 1]
-            per_stage = []
-            for i, j in zip(starts, ends, strict=True):
-                per_stage.append(_all_options(model, i, j, cfg))
-            for choice in product(*[range(len(p[0])) for p in per_stage]):
-                tau = sum(p[0][c] for p, c in zip(per_stage, choice, strict=True)) + over
-                cost = sum(p[1][c] for p, c in zip(per_stage, choice, strict=True))
-                if tau <= deadline_s and (best is None or cost < best.cost - 1e-15):
+            per_stage = [model.options(i, j, cfg, pareto=False)
+                         for i, j in zip(starts, ends, strict=True)]
+            *head, last = per_stage
+            for choice in product(*[range(len(p[0])) for p in head]):
+                t0 = sum(p[0][c] for p, c in zip(head, choice, strict=True)) + over
+                c0 = sum(p[1][c] for p, c in zip(head, choice, strict=True))
+                tau, cost = t0 + last[0], c0 + last[1]
+                ok = np.nonzero(tau <= deadline_s)[0]
+                if not ok.size:
+                    continue
+                n = ok[int(np.argmin(cost[ok]))]
+                if best is None or cost[n] < best.cost - 1e-15:
+                    mem = [int(model.mem[p[2][c]]) for p, c in zip(head, choice, strict=True)]
                     best = Candidate([cal["boundaries"][c] for c in cut_idx],
-                                     [int(model.mem[p[2][c]]) for p, c in
-                                      zip(per_stage, choice, strict=True)],
-                                     cfg.per_record, cfg.micro_batch, cfg.concurrency, tau, cost)
+                                     [*mem, int(model.mem[last[2][n]])], cfg.per_record,
+                                     cfg.micro_batch, cfg.concurrency, float(tau[n]),
+                                     float(cost[n]))
     return best
-
-
-def _all_options(model: Model, i: int, j: int, cfg: Config) -> tuple[list, list, list]:
-    """Every feasible memory of a stage, on the Pareto set or not (for brute_force)."""
-    tt, cc, mm = model.options(i, j, cfg, pareto=False)
-    return list(tt), list(cc), list(mm)
 
 
 # -- plan files -------------------------------------------------------------------------------
@@ -518,7 +737,8 @@ def plot_pareto(front: list[tuple[float, float]], marks: dict[str, tuple[float, 
     if front:
         xs, ys = zip(*front, strict=True)
         ax.step(xs, [y / images * 1e6 for y in ys], where="post", color="#444",
-                label="Pareto front (planner model, chosen record size and micro-batch)")
+                label="Pareto front, its convex-hull plans (planner model, chosen record size "
+                "and micro-batch)")
     for (name, (x, y)), mk in zip(marks.items(), "o^sDv", strict=False):
         ax.plot([x], [y / images * 1e6], mk, markersize=8, label=f"{name} (simulated)")
     ax.set_xscale("log")

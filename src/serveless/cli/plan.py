@@ -141,7 +141,7 @@ def plan_cmd(
     calibration: Annotated[Path | None, typer.Option(
         metavar="FILE", help="calibration JSON [default: the store's, from calibrate]")] = None,
     memory_step: Annotated[int, typer.Option(
-        "--memory-step", help="MB between memory sizes searched")] = 64,
+        "--memory-step", help="MB between memory sizes searched")] = 1,
     cpu_factor: CpuFactorOpt = 1.0,
     platform_init_ms: PlatformInitOpt = None,
     bandwidth: BandwidthOpt = None,
