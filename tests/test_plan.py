@@ -352,3 +352,43 @@ def test_sweep_simulate_writes_labelled_figure_and_table(tmp_path):
     assert [p["concurrency"] for p in data["points"]] == [1, 8, 64, 1000]
     assert walls[0] > walls[1] > walls[2] and walls[3] <= walls[2]  # 200 records: flat past 200
     assert "simulated" in (out / "sweep.md").read_text() and (out / "sweep.png").is_file()
+
+
+def test_plan_quantize_int8_calibrates_int8_blocks_and_runs_quantized(
+        tiny_plan, records_dir, tmp_path):
+    """calibrate --quantize int8 times the int8 blocks (QDQ nodes in what it timed);
+    plan --quantize int8 records it; run --plan runs the job quantized."""
+    root, fp32_plan = tiny_plan
+    model = root / "tiny.onnx"
+    cal_file = tmp_path / "cal-int8.json"
+    res = runner.invoke(app, ["calibrate", str(model), "--quantize", "int8", "--out",
+                              str(cal_file), "--store", str(tmp_path / "cstore")])
+    assert res.exit_code == 0, res.output
+    cal = validate(json.loads(cal_file.read_text()))
+    fp32 = fp32_plan["calibration"]
+    assert cal["quantize"] == "int8" and fp32.get("quantize") is None
+    assert cal["blocks"][0]["qdq_nodes"] > 0 and fp32["blocks"][0]["qdq_nodes"] == 0
+    # planning fp32 on an int8 calibration (or the reverse) is refused
+    res = runner.invoke(app, ["plan", str(model), "--images", "60", "--deadline", "3600",
+                              "--calibration", str(cal_file), "--out", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and "calibrate with the same --quantize" in " ".join(
+        res.output.split())
+    plan_file = tmp_path / "plan-int8.json"
+    res = runner.invoke(app, ["plan", str(model), "--images", "60", "--deadline", "3600",
+                              "--target", "local", "--max-concurrency", "2", "--quantize",
+                              "int8", "--calibration", str(cal_file), "--out", str(plan_file),
+                              "--memory-step", "256"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(plan_file.read_text())
+    assert plan["quantize"] == "int8" and "chosen plan (int8)" in res.output
+    store = tmp_path / "store"
+    res = runner.invoke(app, ["run", "--plan", str(plan_file), "--records", str(records_dir),
+                              "--store", str(store), "--job", "q"])
+    assert res.exit_code == 0, res.output
+    spec = json.loads((store / "q" / "job.json").read_text())
+    assert spec["precision"] == "int8" and spec["cuts"] == plan["cuts"]
+    res = runner.invoke(app, ["run", "--plan", str(root / "plan.json"), "--records",
+                              str(records_dir), "--store", str(store), "--job", "q2",
+                              "--quantize", "int8"])  # a fp32 plan asked to run int8
+    assert res.exit_code == 2 and "differs from the plan's (fp32)" in " ".join(res.output.split())
+    assert not (store / "q2").exists()

@@ -154,10 +154,12 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
             "bytes_out_per_image": int(y.nbytes // 2),
         })
         del sess
-    t0 = time.perf_counter()
-    sess = _session(cfg["whole"], 1)
-    whole_load_ms = (time.perf_counter() - t0) * 1000
-    del sess
+    whole_load_ms = None
+    if cfg.get("whole"):
+        t0 = time.perf_counter()
+        sess = _session(cfg["whole"], 1)
+        whole_load_ms = (time.perf_counter() - t0) * 1000
+        del sess
     decode = []
     for p in cfg["images"]:
         data = Path(p).read_bytes()
@@ -270,9 +272,39 @@ def _save_external(model: Any, path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+def _quantized_blocks(blocks: list[Any], images: list[str], size: list[int],
+                      quantize: str) -> list[Any]:
+    """The blocks as `run --quantize` makes stages (serveless.quantize: static QDQ int8,
+    calibrated on the fp32 chain's activations of the sampled images), so what is timed
+    is what an int8 job runs."""
+    from .images import preprocess
+    from .quantize import QuantizeError, check_settings, quantize_stages
+
+    try:
+        check_settings(quantize, None, 1)
+    except QuantizeError as exc:
+        raise CalibrationError(str(exc)) from exc
+    px = []
+    for p in images:
+        try:
+            px.append(preprocess(Path(p).read_bytes(), tuple(size)))  # type: ignore[arg-type]
+        except ValueError:
+            continue
+    if not px:
+        raise CalibrationError("no image of the sample decodes: nothing to calibrate int8 on")
+    return quantize_stages(blocks, np.stack(px))
+
+
+def _qdq_nodes(model: Any) -> int:
+    return sum(1 for n in model.graph.node
+               if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+
+
 def calibrate(model: str, store: Any, records: str | None = None, min_s: float = 0.25,
-              say: Any = None) -> dict[str, Any]:
-    """Measure the model on this machine; the calibration as a JSON-safe dict."""
+              say: Any = None, quantize: str | None = None) -> dict[str, Any]:
+    """Measure the model on this machine; the calibration as a JSON-safe dict. With
+    `quantize` ('int8') the blocks measured are the int8 blocks `run --quantize` would
+    run (the whole model's load time is then left out of the load-time fit)."""
     from .backends.limits import InstanceLimits
     from .models import PAPER_PRESET, input_hw, load_model
     from .partition import list_cuts, split
@@ -290,6 +322,11 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
     in_shape = _input_shape(onnx_model)
     with tempfile.TemporaryDirectory(prefix="serveless-calibrate-") as tmp:
         root = Path(tmp)
+        images, record_bytes, source = _sample_image_files(records, root / "images")
+        if quantize is not None:
+            say(f"quantizing {len(blocks)} blocks ({quantize}) on {len(images)} images")
+            blocks = _quantized_blocks(blocks, images, size, quantize)
+        qdq = [_qdq_nodes(b) for b in blocks]
         cfg_blocks, model_bytes = [], []
         for k, blk in enumerate(blocks):
             path = root / f"block-{k}.onnx"
@@ -297,11 +334,10 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
             shape = in_shape if k == 0 else list(by_name[bounds[k - 1]].shape)
             cfg_blocks.append({"path": str(path), "input_shape": shape})
         whole = root / "whole.onnx"
-        whole_bytes = _save_external(onnx_model, whole)
+        whole_bytes = _save_external(onnx_model, whole) if quantize is None else 0
         del blocks
-        images, record_bytes, source = _sample_image_files(records, root / "images")
-        cfg = {"blocks": cfg_blocks, "whole": str(whole), "images": images, "size": size,
-               "min_s": min_s}
+        cfg = {"blocks": cfg_blocks, "whole": str(whole) if quantize is None else None,
+               "images": images, "size": size, "min_s": min_s}
         lim1 = InstanceLimits.create("calibrate-1vcpu", CAL_MEMORY_MB, 1.0)
         lim2 = InstanceLimits.create("calibrate-2vcpu", CAL_MEMORY_MB, 2.0)
         cpu_control = (f"cgroup CPU quota ({lim1.mode}: {lim1.reason}) and onnxruntime "
@@ -355,20 +391,24 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
             bytes_out_per_image=(m1["bytes_out_per_image"] if k < len(bounds)
                                  else PRED_BYTES_PER_IMAGE),
             load_ms=m1["load_ms"], model_bytes=model_bytes[k]).__dict__)
+        out_blocks[-1]["qdq_nodes"] = qdq[k]  # > 0: the block timed was quantized
     # load ms = a + b × MB of weights, fitted on every block and the whole model
-    xs = np.array([b["model_bytes"] / 2**20 for b in out_blocks] + [whole_bytes / 2**20])
-    ys = np.array([b["load_ms"] for b in out_blocks] + [p1["whole_load_ms"]])
+    whole_pt = [] if p1["whole_load_ms"] is None else [(whole_bytes, p1["whole_load_ms"])]
+    xs = np.array([b["model_bytes"] / 2**20 for b in out_blocks]
+                  + [w / 2**20 for w, _ in whole_pt])
+    ys = np.array([b["load_ms"] for b in out_blocks] + [ms for _, ms in whole_pt])
     slope, icpt = (np.polyfit(xs, ys, 1) if len(xs) > 1 else (0.0, float(ys[0])))
     as_file = Path(str(model)).expanduser()
     name = str(as_file.resolve()) if as_file.is_file() else str(model)  # run --plan from anywhere
     return {
         "kind": CALIBRATION_KIND, "version": 1, "model": name, "input_hw": size,
+        "quantize": quantize,
         "boundaries": bounds, "blocks": out_blocks,
         "input_bytes_per_image": record_bytes, "images_source": source,
         "decode_ms_per_image": p1["decode_ms_per_image"],
         "runtime_mb": ready["rss_mb"], "start_ms": ready["start_ms"],
         "load_ms_fixed": max(0.0, float(icpt)), "load_ms_per_mb": max(0.0, float(slope)),
-        "whole_load_ms": p1["whole_load_ms"], "whole_model_bytes": whole_bytes,
+        "whole_load_ms": p1["whole_load_ms"], "whole_model_bytes": whole_bytes or None,
         "store": bandwidth, "cpu_control": cpu_control, "calibration_batch": CAL_BATCH,
         "machine": {"cores": os.cpu_count(), "load_avg": list(os.getloadavg())},
         "seconds": time.perf_counter() - t_all,
@@ -386,10 +426,10 @@ def _input_shape(model: Any) -> list[int]:
 # -- reading a calibration ---------------------------------------------------------------------
 
 
-def calibration_key(model: str) -> str:
+def calibration_key(model: str, quantize: str | None = None) -> str:
     """Where `calibrate` keeps a model's calibration in the store by default."""
     name = Path(str(model)).name.removesuffix(".onnx")
-    return f"calibration/{name}.json"
+    return f"calibration/{name}{'-' + quantize if quantize else ''}.json"
 
 
 def validate(cal: Any, source: str = "calibration") -> dict[str, Any]:
@@ -404,6 +444,8 @@ def validate(cal: Any, source: str = "calibration") -> dict[str, Any]:
     for key, typ in need.items():
         if not isinstance(cal.get(key), typ):
             raise CalibrationError(f"{source}: field {key!r} missing or of the wrong type")
+    if cal.get("quantize") not in (None, "int8"):
+        raise CalibrationError(f"{source}: field 'quantize' must be null or 'int8'")
     blocks = cal["blocks"]
     if not blocks or len(blocks) != len(cal["boundaries"]) + 1:
         raise CalibrationError(f"{source}: {len(blocks)} blocks for "

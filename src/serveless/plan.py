@@ -655,7 +655,7 @@ def make_plan(cal: dict[str, Any], cand: Candidate, images: int, target: Target,
         "kind": PLAN_KIND, "version": 1, "model": cal["model"], "images": images,
         "cuts": cand.cuts, "memory": cand.memory, "images_per_record": cand.per_record,
         "micro_batch": cand.micro_batch, "concurrency": cand.concurrency, "arch": arch,
-        "target": target.to_dict(), "request": request,
+        "quantize": cal.get("quantize"), "target": target.to_dict(), "request": request,
         "predicted": {"label": "planner model (simulated)", "wall_s": cand.wall_s,
                       "cost": cand.cost, "per_million": cand.cost / images * 1e6,
                       "peak_mb": [round(s.peak_mb(), 1) for s in stages]},
@@ -684,6 +684,9 @@ def load_plan(path: str | Path) -> dict[str, Any]:
         validate(plan["calibration"], f"{p} (its calibration)")
     except CalibrationError as exc:
         raise PlanError(str(exc)) from exc
+    if plan.get("quantize") != plan["calibration"].get("quantize"):
+        raise PlanError(f"{p}: its quantize {plan.get('quantize')!r} is not its calibration's "
+                        f"{plan['calibration'].get('quantize')!r}")
     if len(plan["memory"]) != len(plan["cuts"]) + 1:
         raise PlanError(f"{p}: {len(plan['memory'])} memory sizes for "
                         f"{len(plan['cuts']) + 1} stages")

@@ -349,11 +349,15 @@ def run(
 
         repacked = tempfile.mkdtemp(prefix="serveless-plan-")
         try:
-            model, cuts, memory, micro_batch, concurrency, records = apply_plan(
+            model, cuts, memory, micro_batch, concurrency, records, planned_q = apply_plan(
                 plan, records, repacked)
         except BaseException:
             shutil.rmtree(repacked, ignore_errors=True)
             raise
+        if quantize is not None and quantize != planned_q:
+            shutil.rmtree(repacked, ignore_errors=True)
+            fail(f"--quantize {quantize} differs from the plan's ({planned_q or 'fp32'})")
+        quantize = planned_q
     if job is None and records is None:
         fail("give --input DIR to start a job (or --job NAME to resume one)")
     _check_precision(quantize, weights, calibration_images)

@@ -27,6 +27,8 @@ BandwidthOpt = Annotated[float | None, typer.Option(
     "--bandwidth", help="MB/s between one function and S3 (default 80)")]
 LimitOpt = Annotated[int | None, typer.Option(
     "--concurrency-limit", help="the account's concurrent executions (default 1000)")]
+QuantizeOpt = Annotated[str | None, typer.Option(
+    "--quantize", metavar="int8", help="int8: the stages as `run --quantize int8` makes them")]
 
 
 def _errors() -> tuple[type[BaseException], ...]:
@@ -59,17 +61,27 @@ def _target(name: str, cal: dict[str, Any], cpu_factor: float, platform_init_ms:
 
 
 def _load_cal(calibration: Path | None, model: str, store: str,
-              store_option: list[str] | None) -> dict[str, Any]:
+              store_option: list[str] | None, quantize: str | None = None) -> dict[str, Any]:
+    """The calibration of the model at the asked precision: a file, or the store's."""
     from ..calibrate import calibration_key, load_calibration, validate
 
+    if quantize not in (None, "int8"):
+        fail(f"--quantize must be int8, got {quantize!r}")
+    q = f" --quantize {quantize}" if quantize else ""
     if calibration is not None:
-        return _guard(lambda: load_calibration(calibration))
-    st = open_store(store, store_option)
-    key = calibration_key(model)
-    if not st.exists(key):
-        fail(f"no calibration for {model} in {store} ({key}); run `serveless calibrate "
-              f"{model}` or pass --calibration FILE")
-    return _guard(lambda: validate(json.loads(st.get_bytes(key)), st.path(key)))
+        cal = _guard(lambda: load_calibration(calibration))
+    else:
+        st = open_store(store, store_option)
+        key = calibration_key(model, quantize)
+        if not st.exists(key):
+            fail(f"no calibration for {model}{q} in {store} ({key}); run `serveless calibrate "
+                  f"{model}{q}` or pass --calibration FILE")
+        cal = _guard(lambda: validate(json.loads(st.get_bytes(key)), st.path(key)))
+    if cal.get("quantize") != quantize:
+        made = f"--quantize {cal['quantize']}" if cal.get("quantize") else "fp32 (no --quantize)"
+        fail(f"the calibration was made {made}, not{q or ' fp32'}: calibrate with the same "
+             f"--quantize as you plan with")
+    return cal
 
 
 @app.command("calibrate", rich_help_panel=PANEL,
@@ -81,24 +93,27 @@ def calibrate_cmd(
     out: Annotated[Path | None, typer.Option(
         help="write the calibration JSON here (default: calibration/<model>.json in the store)")]
     = None,
+    quantize: QuantizeOpt = None,
     store: StoreOpt = DEFAULT_STORE,
     store_option: StoreOptions = None,
 ) -> None:
     """Measure the model per block on this machine, for plan and simulate."""
     from ..calibrate import calibrate, calibration_key
 
+    if quantize not in (None, "int8"):
+        fail(f"--quantize must be int8, got {quantize!r}")
     st = open_store(store, store_option)
     guarded(st.check)
     cal = _guard(lambda: calibrate(model, st, records, say=lambda m: console.print(
-        m, markup=False, highlight=False)))
+        m, markup=False, highlight=False), quantize=quantize))
     data = json.dumps(cal, indent=1)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(data)
         where = str(out)
     else:
-        st.put_bytes(calibration_key(model), data.encode())
-        where = st.path(calibration_key(model))
+        st.put_bytes(calibration_key(model, quantize), data.encode())
+        where = st.path(calibration_key(model, quantize))
     whole = sum(b["ms_per_image"] for b in cal["blocks"])
     console.print(f"{len(cal['blocks'])} blocks; whole model {whole:.1f} ms/image at 1 vCPU "
                   f"(micro-batch {cal['calibration_batch']}), decode "
@@ -142,6 +157,7 @@ def plan_cmd(
         metavar="FILE", help="calibration JSON [default: the store's, from calibrate]")] = None,
     memory_step: Annotated[int, typer.Option(
         "--memory-step", help="MB between memory sizes searched")] = 1,
+    quantize: QuantizeOpt = None,
     cpu_factor: CpuFactorOpt = 1.0,
     platform_init_ms: PlatformInitOpt = None,
     bandwidth: BandwidthOpt = None,
@@ -161,7 +177,7 @@ def plan_cmd(
 
     if (deadline is None) == (budget is None):
         fail("give exactly one of --deadline SECONDS or --budget DOLLARS")
-    cal = _load_cal(calibration, model, store, store_option)
+    cal = _load_cal(calibration, model, store, store_option, quantize)
     tgt = _target(target, cal, cpu_factor, platform_init_ms, bandwidth, concurrency_limit)
     t0 = time.perf_counter()
     res = _guard(lambda: search(cal, images, tgt, arch, deadline, budget, max_concurrency,
@@ -200,7 +216,8 @@ def plan_cmd(
                              "concurrency": f.concurrency}))
     sims = [(name, p, _guard(lambda p=p: simulate(p, cal, tgt, keep_rows=False)).summary())
             for name, p in rows]
-    console.print(f"chosen plan: cuts {','.join(b.cuts) or '(whole model)'}; memory "
+    console.print(f"chosen plan ({quantize or 'fp32'}): cuts "
+                  f"{','.join(b.cuts) or '(whole model)'}; memory "
                   f"{'/'.join(map(str, b.memory))} MB; {b.per_record} images per record; "
                   f"micro-batch {b.micro_batch}; concurrency {b.concurrency}", markup=False,
                   highlight=False)
@@ -340,10 +357,10 @@ def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
 
 
 def apply_plan(path: Path, records: str | None,
-               tmp: str) -> tuple[str, str, str, int, int, str | None]:
+               tmp: str) -> tuple[str, str, str, int, int, str | None, str | None]:
     """`run --plan`: the plan checked (refused before any invocation if a stage would not
-    fit), and its settings as run's options; records repacked to the plan's size in `tmp`
-    (the caller removes it)."""
+    fit), and its settings as run's options (its quantize too); records repacked to the
+    plan's size in `tmp` (the caller removes it)."""
     from ..plan import check_plan, load_plan
 
     p = _guard(lambda: load_plan(path))
@@ -351,7 +368,7 @@ def apply_plan(path: Path, records: str | None,
     if records is not None:
         records = _guard(lambda: _repack(records, int(p["images_per_record"]), tmp))
     return (p["model"], ",".join(p["cuts"]), ",".join(map(str, p["memory"])),
-            int(p["micro_batch"]), int(p["concurrency"]), records)
+            int(p["micro_batch"]), int(p["concurrency"]), records, p.get("quantize"))
 
 
 def _repack(records: str, per_record: int, tmp: str) -> str:
