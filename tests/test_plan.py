@@ -392,3 +392,47 @@ def test_plan_quantize_int8_calibrates_int8_blocks_and_runs_quantized(
                               "--quantize", "int8"])  # a fp32 plan asked to run int8
     assert res.exit_code == 2 and "differs from the plan's (fp32)" in " ".join(res.output.split())
     assert not (store / "q2").exists()
+
+
+def test_sweep_simulate_draws_references_apart(tmp_path, monkeypatch):
+    """Fig. 5: the paper's GPU time, the paper's points (only from a file: the project
+    records none) and measured local points are each labelled, in the JSON and the table."""
+    monkeypatch.chdir(tmp_path)  # no measured sweep under ./serveless-experiments yet
+    cal = _write(tmp_path / "c.json", synthetic_calibration())
+    args = ["sweep", "--simulate", "--target", "lambda", "--images", "100000",
+            "--concurrency", "1,2,4,8,16,32,64,128,256,512,1000", "--cuts", "b1",
+            "--memory", "1769", "--calibration", cal]
+    res = runner.invoke(app, [*args, "--out", str(tmp_path / "bare")])
+    assert res.exit_code == 0, res.output
+    bare = json.loads((tmp_path / "bare" / "sweep.json").read_text())
+    ref = bare["references"]
+    assert ref["paper_gpu_s"]["wall_s"] == pytest.approx(902.0)
+    assert ref["paper_points"]["points"] == [] and ref["measured_local"]["points"] == []
+    md = (tmp_path / "bare" / "sweep.md").read_text()
+    assert "not recorded in this project" in md and "902 s per 100,000 images" in md
+    assert len(bare["points"]) == 11
+    # a measured sweep where `sweep` writes it is found; the paper's points come from a file
+    measured = tmp_path / "serveless-experiments" / "sweep" / "sweep.json"
+    measured.parent.mkdir(parents=True)
+    measured.write_text(json.dumps({"points": [
+        {"concurrency": 1, "wall_s": 40.5, "per_million": 0.61, "images": 400},
+        {"concurrency": 2, "wall_s": 22.25, "per_million": 0.63, "images": 400}]}))
+    paper = _write(tmp_path / "paper.json", [{"concurrency": 10, "wall_s": 1234.5}])
+    res = runner.invoke(app, [*args, "--paper-points", paper, "--out", str(tmp_path / "f")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "f" / "sweep.json").read_text())
+    ref = data["references"]
+    assert [p["wall_s"] for p in ref["measured_local"]["points"]] == [40.5, 22.25]
+    assert ref["paper_points"]["points"] == [{"concurrency": 10, "wall_s": 1234.5}]
+    legend = data["legend"]
+    assert len(set(legend)) == len(legend) == 6  # every series drawn and labelled apart
+    assert sum("(simulated)" in x for x in legend) == 2
+    assert any("paper's GPU" in x for x in legend) and any("paper's reported" in x
+                                                             for x in legend)
+    assert sum("measured" in x for x in legend) == 2
+    md = (tmp_path / "f" / "sweep.md").read_text()
+    assert "| 2 | 22.25 | 0.630 | 400 |" in md and "| 10 | 1,234.50 | - | - |" in md
+    assert "measured on this machine: 2 points" in md
+    bad = _write(tmp_path / "bad.json", [{"concurrency": "ten"}])
+    res = runner.invoke(app, [*args, "--paper-points", bad, "--out", str(tmp_path / "g")])
+    assert res.exit_code == 2 and "--paper-points: point 0" in " ".join(res.output.split())

@@ -200,7 +200,11 @@ def sweep(
     calibration: Annotated[Path | None, typer.Option(
         help="with --simulate: calibration JSON (default: the store's)")] = None,
     measured: Annotated[Path | None, typer.Option(
-        help="with --simulate: a measured sweep.json to draw beside")] = None,
+        help="with --simulate: a measured sweep.json to draw beside [default: "
+             "serveless-experiments/sweep/sweep.json where it exists]")] = None,
+    paper_points: Annotated[Path | None, typer.Option(
+        "--paper-points", help="with --simulate: JSON list of the paper's reported "
+        "{concurrency, wall_s, per_million} to draw as references")] = None,
 ) -> None:
     """Fig. 5: the same job at each concurrency; wall time and modeled cost."""
     from ..experiments import load_pool, pack_split, run_sweep
@@ -220,7 +224,8 @@ def sweep(
         folder = _out(out, "sweep-simulated")
         sweep_simulated(name, cut_list, mem, images or 100_000, per_record or 1000,
                         micro_batch or DEFAULT_MICRO_BATCH, levels, target, arch, folder,
-                        calibration, store, store_option, measured=measured)
+                        calibration, store, store_option, measured=measured,
+                        paper_points=paper_points)
         _show(folder / "sweep.md", folder / "sweep.png", folder / "sweep.json")
         return
     setup = _setup(store, store_option, model, cuts, preset, micro_batch, backend, backend_option)

@@ -283,13 +283,45 @@ def simulate_cmd(
                   highlight=False)
 
 
+PAPER_GPU_S_100K = 902.0  # the paper's GPU time for 100,000 images (issue 10)
+MEASURED_SWEEP = Path("serveless-experiments") / "sweep" / "sweep.json"  # `sweep`'s default
+
+
+def _reference_points(path: Path | None, what: str) -> list[dict[str, Any]]:
+    """Points to draw beside the simulation: a sweep.json's "points", or a JSON list of
+    {"concurrency", "wall_s"[, "per_million"]}. A bad file is a one-line error."""
+    if path is None:
+        return []
+    if not path.is_file():
+        fail(f"{what}: no file at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        fail(f"{what}: {path} is not JSON: {exc}")
+    pts = data.get("points") if isinstance(data, dict) else data
+    if not isinstance(pts, list) or not pts:
+        fail(f"{what}: {path} holds no points (a list, or an object with \"points\")")
+    out = []
+    for n, p in enumerate(pts):
+        ok = isinstance(p, dict) and all(
+            isinstance(p.get(k), (int, float)) and p[k] > 0 for k in ("concurrency", "wall_s"))
+        if not ok or not isinstance(p.get("per_million", 0) or 0, (int, float)):
+            fail(f"{what}: point {n} of {path} needs concurrency > 0 and wall_s > 0 (numbers)")
+        out.append({k: p[k] for k in ("concurrency", "wall_s", "per_million", "images")
+                    if p.get(k) is not None})
+    return out
+
+
 def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
                     per_record: int, micro_batch: int, levels: list[int], target: str,
                     arch: str, out: Path, calibration: Path | None, store: str,
                     store_option: list[str] | None, cpu_factor: float = 1.0,
-                    measured: Path | None = None) -> dict[str, Any]:
-    """Fig. 5 simulated: wall and cost per concurrency, the paper's GPU time as a reference,
-    and measured local points (a sweep.json of `serveless sweep`) drawn apart."""
+                    measured: Path | None = None,
+                    paper_points: Path | None = None) -> dict[str, Any]:
+    """Fig. 5 simulated: wall and cost per concurrency, with reference marks drawn apart:
+    the paper's GPU time (902 s per 100k images), the paper's own points when given as a
+    file (this project records none), and measured local points (a sweep.json of
+    `serveless sweep`; by default the one `sweep` writes, where it exists)."""
     from matplotlib.figure import Figure
 
     from ..plots import _save
@@ -298,6 +330,10 @@ def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
     cal = _load_cal(calibration, model, store, store_option)
     limit = max(levels) if target == "lambda" else None
     tgt = _target(target, cal, cpu_factor, None, None, max(1000, limit or 0) or None)
+    if measured is None and MEASURED_SWEEP.is_file():
+        measured = MEASURED_SWEEP
+    local_pts = _reference_points(measured, "--measured")
+    paper_pts = _reference_points(paper_points, "--paper-points")
     points = []
     for c in levels:
         p = {"cuts": cuts, "memory": memory, "images_per_record": per_record,
@@ -306,25 +342,20 @@ def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
         points.append({"concurrency": c, "wall_s": s["wall_s"], "cost": s["cost"],
                        "per_million": s["per_million"], "cold_starts": s["cold_starts"],
                        "throttles": s["throttles"]})
-    local_pts = []
-    if measured is not None and measured.is_file():
-        local_pts = json.loads(measured.read_text()).get("points", [])
-    result = {"kind": "serveless-sweep-simulated", "label": "simulated", "model": model,
-              "cuts": cuts, "memory": memory, "images": images, "per_record": per_record,
-              "target": tgt.to_dict(), "cpu_factor": cpu_factor, "arch": arch,
-              "points": points, "paper_gpu_s_100k": 902.0, "measured_local": local_pts}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(result, indent=1))
-    fig = Figure(figsize=(8, 4.8))
+    gpu = PAPER_GPU_S_100K * images / 100_000
+    fig = Figure(figsize=(8.5, 5.2))
     ax = fig.subplots()
     xs = [p["concurrency"] for p in points]
-    ax.plot(xs, [p["wall_s"] for p in points], "o-", label="wall s (simulated)")
-    gpu = 902.0 * images / 100_000
+    ax.plot(xs, [p["wall_s"] for p in points], "o-", color="C0", label="wall s (simulated)")
     ax.axhline(gpu, color="gray", linestyle="--",
                label=f"paper's GPU: 902 s per 100k images (= {gpu:,.0f} s here)")
+    if paper_pts:
+        ax.plot([p["concurrency"] for p in paper_pts], [p["wall_s"] for p in paper_pts], "*",
+                color="black", markersize=11, label=f"paper's reported wall s ({paper_points})")
     if local_pts:
         ax.plot([p["concurrency"] for p in local_pts], [p["wall_s"] for p in local_pts], "s",
-                mfc="none", label="measured on this machine (its own image count)")
+                color="C2", mfc="none", markersize=8,
+                label="measured wall s on this machine (its own image count)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("concurrency")
@@ -332,26 +363,70 @@ def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
     ax2 = ax.twinx()
     ax2.plot(xs, [p["per_million"] for p in points], "^:", color="#c44",
              label="$ per 1M images (simulated)")
+    paper_cost = [p for p in paper_pts if p.get("per_million")]
+    if paper_cost:
+        ax2.plot([p["concurrency"] for p in paper_cost], [p["per_million"] for p in paper_cost],
+                 "P", color="black", markersize=9, label="paper's reported $ per 1M images")
+    local_cost = [p for p in local_pts if p.get("per_million")]
+    if local_cost:
+        ax2.plot([p["concurrency"] for p in local_cost], [p["per_million"] for p in local_cost],
+                 "D", color="#c44", mfc="none", label="measured $ per 1M images (modeled bill)")
     ax2.set_ylabel("USD per 1M images")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8)
+    ax.legend(h1 + h2, l1 + l2, fontsize=7)
     ax.set_title(f"simulated on {target} (CPU speed factor {cpu_factor:g}): {images:,} images, "
-                 f"{'/'.join(map(str, memory))} MB", fontsize=10)
+                 f"{'/'.join(map(str, memory))} MB; references drawn apart", fontsize=10)
     fig.tight_layout()
     _save(fig, out / "sweep.png")
+    paper_note = (f"the paper's reported points as given in {paper_points}" if paper_pts else
+                  "the paper's own per-concurrency points are not recorded in this project; "
+                  "pass --paper-points FILE to draw them")
+    result = {"kind": "serveless-sweep-simulated", "label": "simulated", "model": model,
+              "cuts": cuts, "memory": memory, "images": images, "per_record": per_record,
+              "target": tgt.to_dict(), "cpu_factor": cpu_factor, "arch": arch,
+              "points": points, "paper_gpu_s_100k": PAPER_GPU_S_100K,
+              "references": {
+                  "paper_gpu_s": {"label": "reference (the paper's GPU time)", "wall_s": gpu,
+                                  "per_100k_s": PAPER_GPU_S_100K},
+                  "paper_points": {"label": "reference (the paper's reported points)",
+                                   "source": str(paper_points) if paper_pts else None,
+                                   "note": paper_note, "points": paper_pts},
+                  "measured_local": {"label": "measured (local backend, this machine)",
+                                     "source": str(measured) if local_pts else None,
+                                     "points": local_pts}},
+              "measured_local": local_pts, "legend": l1 + l2}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Time and cost against concurrency, simulated on {target} (Fig. 5)", "",
              f"{images:,} images of {model} in records of {per_record}, cuts "
              f"{','.join(cuts) or 'none'}, memory {'/'.join(map(str, memory))} MB, {arch}. "
              f"Simulated (calibration {cal.get('measured', '?')}, CPU speed factor "
              f"{cpu_factor:g}); not a measurement. Account concurrency limit "
-             f"{tgt.concurrency_limit} (raised to the largest concurrency asked). Reference: "
-             "the paper's GPU time, 902 s per 100k images.", "", "![sweep](sweep.png)", "",
+             f"{tgt.concurrency_limit} (raised to the largest concurrency asked).", "",
+             "![sweep](sweep.png)", "",
              "| concurrency | wall s (simulated) | $ (simulated) | $ per 1M | cold starts | "
              "throttles |", "|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {p['concurrency']} | {p['wall_s']:,.1f} | {p['cost']:.4f} | "
               f"{p['per_million']:.3f} | {p['cold_starts']} | {p['throttles']} |"
               for p in points]
+    lines += ["", "## References (drawn apart, never mixed into the simulated figures)", "",
+              f"- the paper's GPU time: 902 s per 100,000 images (= {gpu:,.1f} s for "
+              f"{images:,} images), the dashed line;",
+              f"- {paper_note};",
+              "- measured on this machine: " + (f"{len(local_pts)} points from {measured}"
+                                                 if local_pts else "none (run `serveless "
+                                                 "sweep` first, or pass --measured FILE)")
+              + "."]
+    for name, pts in (("paper's reported", paper_pts), ("measured (local)", local_pts)):
+        if pts:
+            lines += ["", f"| concurrency | wall s ({name}) | $ per 1M ({name}) | images |",
+                      "|---:|---:|---:|---:|"]
+            lines += [f"| {p['concurrency']} | {p['wall_s']:,.2f} | "
+                      f"{p['per_million']:.3f} | {p.get('images', '-')} |"
+                      if p.get("per_million") else
+                      f"| {p['concurrency']} | {p['wall_s']:,.2f} | - | {p.get('images', '-')} |"
+                      for p in pts]
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     return result
 
