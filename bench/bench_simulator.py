@@ -1,7 +1,7 @@
 """Simulated vs measured: the `local` simulation of a job against the same job run here.
 
     python bench/bench_simulator.py            # the 6 configurations of issue 10 (minutes)
-    python bench/bench_simulator.py --tiny     # one small configuration (proves it works)
+    python bench/bench_simulator.py --tiny     # two small configurations (proves it works)
 
 Calibrates AlexNet once on the workload's images, then per configuration (1, 2 and 4
 stages; memory 512-3008 MB; records of 100-1000 images; concurrency 1 and 2) runs the job
@@ -39,7 +39,8 @@ CONFIGS = [
     ("4 stages, paper memMin, 250/rec, C=2", PAPER, [2048, 1280, 1024, 768], 250, 2, 4),
     ("4 stages, 512 MB + 768, 100/rec, C=1", PAPER, [512, 512, 512, 768], 100, 1, 4),
 ]
-TINY = [("2 stages, 1769 MB, 25/rec, C=1", ["pool5"], [1769, 1769], 25, 1, 2)]
+TINY = [("2 stages, 1769 MB, 25/rec, C=1", ["pool5"], [1769, 1769], 25, 1, 2),
+        ("2 stages, 3008/768 MB, 25/rec, C=2", ["pool5"], [3008, 768], 25, 2, 2)]
 
 
 def main() -> None:

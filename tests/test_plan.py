@@ -436,3 +436,38 @@ def test_sweep_simulate_draws_references_apart(tmp_path, monkeypatch):
     bad = _write(tmp_path / "bad.json", [{"concurrency": "ten"}])
     res = runner.invoke(app, [*args, "--paper-points", bad, "--out", str(tmp_path / "g")])
     assert res.exit_code == 2 and "--paper-points: point 0" in " ".join(res.output.split())
+
+
+def test_local_simulation_shares_the_cores_between_invocations_in_flight():
+    """Two 3008 MB (1.7 vCPU) invocations on 2 cores: both run at 2/3.4 of their share for
+    as long as both are in flight (processor sharing), not one at full speed and the
+    other slowed; alone, one runs at its full share."""
+    cal = synthetic_calibration()
+    tgt = Target.make("local", cal, cores=2.0)
+    plan = {"cuts": [], "memory": [3008], "images_per_record": 100, "micro_batch": 16,
+            "concurrency": 2, "images": 200}
+    pair = simulate(plan, cal, tgt).rows
+    alone = simulate({**plan, "concurrency": 1, "images": 100}, cal, tgt).rows[0]
+    assert len(pair) == 2 and pair[0]["started"] == pair[1]["started"] == 0.0
+    a, b = ((r["init_ms"], r["duration_ms"]) for r in pair)
+    assert a == pytest.approx(b, abs=2e-3)  # symmetric: same work, same share
+    slow = 2 * 3008 / 1769 / 2
+    assert a[0] == pytest.approx(alone["init_ms"] * slow, rel=1e-6)
+    assert a[1] == pytest.approx(alone["duration_ms"] * slow, rel=1e-6)
+    # within the cores (2 × 0.58 vCPU at 1024 MB) nothing is slowed
+    small = simulate({**plan, "memory": [1024]}, cal, tgt).rows
+    one = simulate({**plan, "memory": [1024], "concurrency": 1, "images": 100}, cal, tgt).rows
+    assert small[0]["duration_ms"] == pytest.approx(one[0]["duration_ms"], rel=1e-9)
+
+
+def test_local_cold_start_runs_under_the_instance_cpu_share():
+    """Locally the process start (calibrated at 1 vCPU) runs in the instance's cgroup, so
+    at 512 MB it takes 1769/512 as long; Lambda's platform init is an assumption, unscaled."""
+    cal = synthetic_calibration()
+    plan = {"cuts": [], "memory": [512], "images_per_record": 100, "micro_batch": 16,
+            "concurrency": 1, "images": 100}
+    load = float(StageModel(cal, 0, 3, 16).load_ms(512 / 1769))
+    local = simulate(plan, cal, Target.make("local", cal)).rows[0]
+    assert local["init_ms"] == pytest.approx(cal["start_ms"] * 1769 / 512 + load, rel=1e-6)
+    lam = simulate(plan, cal, Target.make("lambda", bandwidth_mb_s=1e9, request_ms=0.0)).rows[0]
+    assert lam["init_ms"] == pytest.approx(800.0 + load, rel=1e-6)

@@ -194,13 +194,21 @@ class Model:
         return b_in / self.bw + b_out / self.bw + t.request_ms * (gets + puts), gets, puts
 
     def _fixed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per stage: init ms before the model load, the bill of a call's requests apart
-        from its GETs and PUTs, and the GETs of the model download."""
+        """Per stage: the model download ms of a cold start, the bill of a call's requests
+        apart from its GETs and PUTs, and the GETs of the model download."""
         t = self.target
         dl = np.zeros_like(self.model_bytes) if t.name == "local" else \
             self.model_bytes / self.bw + t.request_ms
-        return (t.platform_init_ms + dl, np.full(self.model_bytes.shape, LAMBDA_REQUEST),
+        return (dl, np.full(self.model_bytes.shape, LAMBDA_REQUEST),
                 np.maximum(1, np.ceil(self.model_bytes / READ_BLOCK)))
+
+    def _cold_cpu(self, v: Any) -> tuple[Any, Any]:
+        """(start ms, model load ms) of a cold start at v vCPUs: the load slows below 1 vCPU;
+        the process start too where it runs under the instance's share (local)."""
+        t, below = self.target, np.minimum(v, 1.0)
+        start = t.platform_init_ms / below if t.start_cpu_bound else t.platform_init_ms
+        return start, np.multiply.outer(self.load_ms, 1 / below) if np.ndim(v) else \
+            self.load_ms / below
 
     def group(self, cfg: Config) -> _Group:
         """What does not depend on concurrency (except on the local target, where instances
@@ -212,13 +220,16 @@ class Model:
             return self._groups[key]
         r = cfg.per_record
         io, gets, puts = self._io(r)
-        pre_init, req, model_gets = self._fixed()
+        dl, req, model_gets = self._fixed()
         stretch: Any = 1.0
         if t.cores is not None:
             stretch = np.maximum(1.0, self.in_flight(cfg) * self.v / t.cores)[None, :]
         d = t.invoke_ms + io[:, None] + r * self.ms_per_image(cfg.micro_batch) * stretch
-        load = self.load_ms[:, None] / np.minimum(self.v, 1.0)[None, :]
-        init = pre_init[:, None] + load * stretch
+        start, load = self._cold_cpu(self.v)
+        if t.start_cpu_bound:
+            init = dl[:, None] + (start[None, :] + load) * stretch
+        else:
+            init = dl[:, None] + start + load * stretch
         ok = ((self.mem[None, :] >= self.need(cfg.micro_batch)[:, None])
               & ((d + init) <= t.timeout_s * 1000)
               & (self.model_bytes <= t.tmp_mb * 2**20)[:, None])
@@ -245,14 +256,16 @@ class Model:
             return g.min_d, g.min_init, g.min_cost_d, g.min_cost_i
         t, r = self.target, cfg.per_record
         io, gets, puts = self._io(r)
-        pre_init, req, model_gets = self._fixed()
+        dl, req, model_gets = self._fixed()
         ms = self.ms_per_image(cfg.micro_batch)
         rows = np.arange(len(self.pairs))
         lo = np.minimum(np.searchsorted(self.mem, self.need(cfg.micro_batch)),
                         self.mem.size - 1)
         d_lo, d_hi = t.invoke_ms + io + r * ms[rows, lo], t.invoke_ms + io + r * ms[:, -1]
-        init_lo = pre_init + self.load_ms / np.minimum(self.v[lo], 1.0)
-        init_hi = pre_init + self.load_ms / min(float(self.v[-1]), 1.0)
+        start_lo, _ = self._cold_cpu(self.v[lo])
+        start_hi, _ = self._cold_cpu(float(self.v[-1]))
+        init_lo = dl + start_lo + self.load_ms / np.minimum(self.v[lo], 1.0)
+        init_hi = dl + start_hi + self.load_ms / min(float(self.v[-1]), 1.0)
         ok = ((self.need(cfg.micro_batch) <= self.mem[-1])
               & (d_hi + init_hi <= t.timeout_s * 1000)
               & (self.model_bytes <= t.tmp_mb * 2**20))

@@ -53,6 +53,13 @@ class Target:
     - timeout_s: the function timeout (Lambda's maximum, 900 s).
     - tmp_mb: /tmp size, which must hold a stage's model files (Lambda's default 512 MB).
     - cpu_factor: this machine's time per image / Lambda's (1.0 = same speed).
+    - start_cpu_bound: the process start runs under the instance's CPU share (local: the
+      backend places a new instance in its cgroup at once, so a 0.5 vCPU instance starts
+      about half as fast as the calibration's 1 vCPU child). On Lambda the platform init
+      is an assumption of its own, not scaled.
+    - cores: local only: the cores the instances in flight share. Each progresses at its
+      vCPU share × min(1, cores / the vCPUs of all in flight), recomputed whenever one
+      starts or ends (processor sharing), init and handler alike.
     """
 
     name: str = "lambda"
@@ -70,6 +77,7 @@ class Target:
     cpu_factor: float = 1.0
     cores: float | None = None  # local: instances share this many cores
     throttle_backoff_max_s: float = 20.0
+    start_cpu_bound: bool = False
 
     @classmethod
     def make(cls, name: str, cal: dict[str, Any] | None = None, **overrides: Any) -> Target:
@@ -84,7 +92,7 @@ class Target:
                                              store.get("write_mb_s", 1000.0))),
                     request_ms=float(store.get("request_ms", 1.0)), s3_get_per_s=None,
                     s3_put_per_s=None, invoke_ms=5.0, keep_alive_s=300.0, tmp_mb=10**6,
-                    cores=float(os.cpu_count() or 1))
+                    cores=float(os.cpu_count() or 1), start_cpu_bound=True)
         else:
             raise SimulationError(f"target must be lambda or local, got {name!r}")
         for key, value in overrides.items():
@@ -104,6 +112,36 @@ class _Env:
     id: str
     stage: int
     last_used: float
+
+
+@dataclass(eq=False)
+class _Running:
+    """An invocation in flight: its init and handler work in ms at its full CPU share, and
+    the wall ms each has taken so far (more than the work while it shares the cores)."""
+
+    row: dict[str, Any]
+    env: _Env
+    rec: int
+    attempt: int
+    init_work: float
+    dur_work: float
+    last: float  # s: when its progress was last brought up to date
+    init_ms: float = 0.0
+    dur_ms: float = 0.0
+    version: int = 0  # of its end event: a share change moves the end
+
+    def advance(self, t: float, share: float) -> None:
+        work = (t - self.last) * 1000 * share
+        self.last = t
+        use = min(work, self.init_work)
+        self.init_work -= use
+        self.init_ms += use / share
+        use = min(work - use, self.dur_work)
+        self.dur_work -= use
+        self.dur_ms += use / share
+
+    def left_ms(self) -> float:
+        return self.init_work + self.dur_work
 
 
 @dataclass
@@ -173,6 +211,10 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     env_ids = [0] * len(stages)
     next_free: dict[str, float] = {}
     cpu_demand = 0.0  # local: vCPUs of the invocations in flight
+    share = 1.0  # local: the part of its vCPUs each invocation in flight gets
+    running: set[_Running] = set()
+    start_ms = [target.platform_init_ms / (min(x, 1.0) if target.start_cpu_bound else 1.0)
+                for x in v]
     ready: list[tuple[int, int, int]] = [(0, r, 0) for r in range(n_rec)]  # (-stage, rec, try)
     delayed: list[tuple[float, int, int, int]] = []  # (not_before, -stage, record, attempt)
     throttled: dict[tuple[int, int], int] = {}
@@ -224,15 +266,11 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
         busy[stage] += 1
         s = stages[stage]
         n = sizes[rec]
-        stretch = 1.0
-        if target.cores is not None:
-            cpu_demand += v[stage]
-            stretch = max(1.0, cpu_demand / target.cores)
         init_ms = 0.0
         gets = puts = 0
         if cold:
             dl = 0.0 if target.name == "local" else s.model_bytes / bw + target.request_ms
-            init_ms = target.platform_init_ms + dl + load[stage] * stretch
+            init_ms = start_ms[stage] + dl + load[stage]
             gets += _gets(s.model_bytes)
         b_in = n * s.bytes_in_per_image
         b_out = n * s.bytes_out_per_image
@@ -244,26 +282,62 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
         src = "records" if stage == 0 else f"stage-{stage - 1}"
         read_ms = b_in / bw + target.request_ms * g_in + 1000 * rate_delay(
             src + ":get", g_in, target.s3_get_per_s, tt)
-        compute_ms = n * ms_img[stage] * stretch
+        compute_ms = n * ms_img[stage]
         write_at = tt + (read_ms + compute_ms) / 1000
         write_ms = b_out / bw + target.request_ms * p_out + 1000 * rate_delay(
             f"stage-{stage}:put", p_out, target.s3_put_per_s, write_at)
         duration = target.invoke_ms + read_ms + compute_ms + write_ms
+        row = {"stage": stage, "record": f"r{rec:06d}", "attempt": attempt,
+               "started": round(t, 6), "memory_mb": memory[stage], "vcpus": round(v[stage], 3),
+               "cold": cold, "init_ms": init_ms, "duration_ms": duration,
+               "billed_ms": 0, "images": n, "image_errors": 0,
+               "read_ms": round(read_ms, 3), "compute_ms": round(compute_ms, 3),
+               "write_ms": round(write_ms, 3), "bytes_in": int(b_in), "bytes_out": int(b_out),
+               "gets": gets, "puts": puts, "instance": env.id, "error": None,
+               "label": SIMULATED}
+        job = _Running(row, env, rec, attempt, init_ms, duration, t)
+        if target.cores is None:
+            job.init_ms, job.dur_ms, job.init_work, job.dur_work = init_ms, duration, 0.0, 0.0
+            push(t + (init_ms + duration) / 1000, "end", (job, 0))
+        else:
+            cpu_demand += v[stage]
+            running.add(job)
+            reshare(t)
+        return True
+
+    def reshare(t: float) -> None:
+        """Processor sharing (local): bring every invocation in flight up to t at the old
+        share, then give all the share the cores allow now and move their ends."""
+        nonlocal share
+        for job in running:
+            job.advance(t, share)
+        share = min(1.0, target.cores / cpu_demand) if cpu_demand > 0 else 1.0  # type: ignore
+        for job in running:
+            job.version += 1
+            push(t + job.left_ms() / share / 1000, "end", (job, job.version))
+
+    def finish(job: _Running, t: float) -> dict[str, Any]:
+        """The invocation's log row once it ends at t (timeouts on the wall time taken)."""
+        nonlocal cpu_demand
+        if target.cores is not None:
+            job.advance(t, share)
+            job.init_ms += job.init_work / share  # float residue of the last step
+            job.dur_ms += job.dur_work / share
+            running.discard(job)
+            cpu_demand -= v[job.row["stage"]]
+            reshare(t)
+        row, init_ms, duration = job.row, job.init_ms, job.dur_ms
+        stretch = duration / row["duration_ms"] if row["duration_ms"] else 1.0
+        for key in ("read_ms", "compute_ms", "write_ms"):
+            row[key] = round(row[key] * stretch, 3)
         error = None
         if (init_ms + duration) / 1000 > target.timeout_s:
             error = {"type": "Timeout", "message": f"ran past {target.timeout_s:.0f} s"}
             duration = max(0.0, target.timeout_s * 1000 - init_ms)
             stats["timeouts"] += 1
-        row = {"stage": stage, "record": f"r{rec:06d}", "attempt": attempt,
-               "started": round(t, 6), "memory_mb": memory[stage], "vcpus": round(v[stage], 3),
-               "cold": cold, "init_ms": round(init_ms, 3), "duration_ms": round(duration, 3),
-               "billed_ms": billed_ms(duration, init_ms), "images": n, "image_errors": 0,
-               "read_ms": round(read_ms, 3), "compute_ms": round(compute_ms, 3),
-               "write_ms": round(write_ms, 3), "bytes_in": int(b_in), "bytes_out": int(b_out),
-               "gets": gets, "puts": puts, "instance": env.id, "error": error,
-               "label": SIMULATED}
-        push(t + (init_ms + duration) / 1000, "end", (row, env, rec, attempt))
-        return True
+        row.update(init_ms=round(init_ms, 3), duration_ms=round(duration, 3),
+                   billed_ms=billed_ms(duration, init_ms), error=error)
+        return row
 
     def fill(t: float) -> None:
         nonlocal inflight
@@ -286,12 +360,14 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     while events:
         now, _, kind, data = heapq.heappop(events)
         if kind == "end":
-            row, env, rec, attempt = data
+            job, version = data
+            if version != job.version:
+                continue  # moved by a change of share: a later end event stands
+            row = finish(job, now)
+            env, rec, attempt = job.env, job.rec, job.attempt
             stage = row["stage"]
             inflight -= 1
             busy[stage] -= 1
-            if target.cores is not None:
-                cpu_demand -= v[stage]
             env.last_used = now
             if row["error"] is None:
                 idle[stage].append(env)
