@@ -140,6 +140,11 @@ def test_planner_optimum_equals_brute_force_at_1_mb_steps(target):
         assert got.wall_s <= deadline
         seen.add((len(got.cuts), got.memory[0] % 64 != 0))
     assert (1, True) in seen  # a cut plan off the old 64 MB grid was among the answers
+    for budget in (fastest.cost * 0.5, fastest.cost * 0.9):
+        got = search(cal, 2000, tgt, "x86_64", budget=budget, **kw).best
+        ref = brute_force(cal, 2000, tgt, "x86_64", None, 1, **kw, budget=budget)
+        assert got is not None and ref is not None and got.cost <= budget
+        assert got.wall_s == pytest.approx(ref.wall_s, rel=1e-12)
 
 
 def test_budget_mode_is_fastest_within_budget():

@@ -36,6 +36,7 @@ from .cost import (
     LAMBDA_GB_SECOND,
     LAMBDA_REQUEST,
     MAX_MEMORY_MB,
+    MB_PER_VCPU,
     MIN_MEMORY_MB,
     S3_GET,
     S3_PUT,
@@ -246,32 +247,58 @@ class Model:
         return g
 
     def _mins(self, cfg: Config) -> tuple[np.ndarray, ...]:
-        """Per stage: least invocation ms, init ms and their bills over memory, or lower
-        bounds of them. Where instances do not share cores (Lambda) without building the
-        grid: time falls with memory, so its least is at the largest size, and memory ×
-        time rises with memory (CPU share ∝ memory up to 1 vCPU, Amdahl past it), so a
-        bill is at least memory × unrounded time at the smallest size allowed."""
-        if self.target.cores is not None:
-            g = self.group(cfg)
-            return g.min_d, g.min_init, g.min_cost_d, g.min_cost_i
+        """Per stage: least invocation ms and init ms over memory, and lower bounds of their
+        bills, without building the grid. Time falls with memory until the instances in
+        flight fill the cores (local: at vCPUs = cores / instances) and rises past it, so
+        its least is at one of a few columns; memory × time rises with memory (CPU share ∝
+        memory up to 1 vCPU, Amdahl past it, sharing never speeds up), so a bill is at
+        least memory × unrounded time at the smallest size allowed."""
         t, r = self.target, cfg.per_record
         io, gets, puts = self._io(r)
         dl, req, model_gets = self._fixed()
         ms = self.ms_per_image(cfg.micro_batch)
         rows = np.arange(len(self.pairs))
-        lo = np.minimum(np.searchsorted(self.mem, self.need(cfg.micro_batch)),
-                        self.mem.size - 1)
-        d_lo, d_hi = t.invoke_ms + io + r * ms[rows, lo], t.invoke_ms + io + r * ms[:, -1]
-        start_lo, _ = self._cold_cpu(self.v[lo])
-        start_hi, _ = self._cold_cpu(float(self.v[-1]))
-        init_lo = dl + start_lo + self.load_ms / np.minimum(self.v[lo], 1.0)
-        init_hi = dl + start_hi + self.load_ms / min(float(self.v[-1]), 1.0)
+        size = self.mem.size
+        lo = np.minimum(np.searchsorted(self.mem, self.need(cfg.micro_batch)), size - 1)
+        turns = [MB_PER_VCPU]
+        inflight = self.in_flight(cfg)
+        if t.cores is not None:
+            turns.append(t.cores / inflight * MB_PER_VCPU)
+        cand = {size - 1}
+        for mb in turns:
+            j = int(np.searchsorted(self.mem, mb))
+            cand |= {min(max(j - 1, 0), size - 1), min(j, size - 1)}
+        cols = np.array(sorted(cand))
+
+        def at(c: np.ndarray, ms_c: np.ndarray, col: bool) -> tuple[np.ndarray, np.ndarray]:
+            """(invocation ms, init ms) at columns c: shared by all stages (col) or one
+            per stage."""
+            below = np.minimum(self.v[c], 1.0)
+            st = (np.maximum(1.0, inflight * self.v[c] / t.cores) if t.cores is not None
+                  else np.ones(c.shape))
+            start = t.platform_init_ms / below if t.start_cpu_bound else \
+                np.full(c.shape, t.platform_init_ms)
+            if col:
+                st, start, below = st[None, :], start[None, :], below[None, :]
+                io_, dl_, load = io[:, None], dl[:, None], self.load_ms[:, None] / below
+            else:
+                io_, dl_, load = io, dl, self.load_ms / below
+            d = t.invoke_ms + io_ + r * ms_c * st
+            if t.start_cpu_bound:
+                return d, dl_ + (start + load) * st
+            return d, dl_ + start + load * st
+
+        d_c, init_c = at(cols, ms[:, cols], True)
+        mask = cols[None, :] >= lo[:, None]
+        d_lo, init_lo = at(lo, ms[rows, lo], False)
+        min_d = np.minimum(np.where(mask, d_c, np.inf).min(axis=1), d_lo)
+        min_init = np.minimum(np.where(mask, init_c, np.inf).min(axis=1), init_lo)
         ok = ((self.need(cfg.micro_batch) <= self.mem[-1])
-              & (d_hi + init_hi <= t.timeout_s * 1000)
+              & (min_d + min_init <= t.timeout_s * 1000)
               & (self.model_bytes <= t.tmp_mb * 2**20))
         gb = self.price * self.mem[lo] / 1024 / 1000
         inf = np.inf
-        return (np.where(ok, d_hi, inf), np.where(ok, init_hi, inf),
+        return (np.where(ok, min_d, inf), np.where(ok, min_init, inf),
                 np.where(ok, gb * d_lo + req + gets * S3_GET + puts * S3_PUT, inf),
                 np.where(ok, gb * init_lo + model_gets * S3_GET, inf))
 
@@ -423,6 +450,18 @@ def _solve(model: Model, obj: np.ndarray, con: np.ndarray, limit: float,
         lb = max(_pathmin(model, h) - la * limit for la, h in lams)
         if best - lb <= tol * abs(best):
             break
+    # The best plan λ gave is often a little worse than the optimum, and the search keeps
+    # every plan whose bound is below it: with 1 MB steps, many. So first search below a
+    # guess close to the lower bound: a plan found under the guess is the optimum (every
+    # plan below the guess was kept); if none, the guess grows until it is the known best.
+    lb = max(_pathmin(model, h) - la * limit for la, h in lams)
+    for frac in (1e-4, 1e-2):
+        guess = lb + (best - lb) * frac
+        if not math.isfinite(guess) or guess <= lb or guess >= best:
+            break
+        found = _front(model, obj, con, limit, guess, lams, tol)
+        if found is not None:
+            return found
     found = _front(model, obj, con, limit, best, lams, tol)
     if found is not None and found.obj <= best:
         return found
@@ -623,10 +662,12 @@ def predict(cal: dict[str, Any], cand: Candidate, images: int, target: Target,
 
 
 def brute_force(cal: dict[str, Any], images: int, target: Target, arch: str,
-                deadline_s: float, memory_step: int, per_record: list[int],
-                micro_batch: list[int], concurrency: list[int]) -> Candidate | None:
+                deadline_s: float | None, memory_step: int, per_record: list[int],
+                micro_batch: list[int], concurrency: list[int],
+                budget: float | None = None) -> Candidate | None:
     """Every cut set × every memory per stage × every configuration: the reference the
-    tests hold `search` to (small calibrations; the last stage's memories as one array)."""
+    tests hold `search` to (small calibrations; the last stage's memories as one array).
+    The cheapest within `deadline_s`, or the fastest within `budget`."""
     from itertools import product
 
     model = Model(cal, target, arch, memory_step, images)
@@ -644,11 +685,17 @@ def brute_force(cal: dict[str, Any], images: int, target: Target, arch: str,
                 t0 = sum(p[0][c] for p, c in zip(head, choice, strict=True)) + over
                 c0 = sum(p[1][c] for p, c in zip(head, choice, strict=True))
                 tau, cost = t0 + last[0], c0 + last[1]
-                ok = np.nonzero(tau <= deadline_s)[0]
+                if budget is None:
+                    ok = np.nonzero(tau <= deadline_s)[0]
+                    key = cost
+                else:
+                    ok = np.nonzero(cost <= budget)[0]
+                    key = tau
                 if not ok.size:
                     continue
-                n = ok[int(np.argmin(cost[ok]))]
-                if best is None or cost[n] < best.cost - 1e-15:
+                n = ok[int(np.argmin(key[ok]))]
+                if best is None or (cost[n] < best.cost - 1e-15 if budget is None
+                                    else tau[n] < best.wall_s - 1e-12):
                     mem = [int(model.mem[p[2][c]]) for p, c in zip(head, choice, strict=True)]
                     best = Candidate([cal["boundaries"][c] for c in cut_idx],
                                      [*mem, int(model.mem[last[2][n]])], cfg.per_record,
