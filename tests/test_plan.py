@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from serveless.calibrate import CALIBRATION_KIND, StageModel, speedup, stage_ranges, validate
 from serveless.cli import app
 from serveless.cost import bill
-from serveless.plan import PlanError, brute_force, check_plan, search
+from serveless.plan import PlanError, brute_force, check_plan, predict, search
 from serveless.simulate import SIMULATED, Target, simulate
 
 DATA = Path(__file__).parent / "data"
@@ -138,6 +138,7 @@ def test_planner_optimum_equals_brute_force_at_1_mb_steps(target):
         assert got.cost == pytest.approx(ref.cost, rel=1e-12)
         assert (got.cuts, got.memory) == (ref.cuts, ref.memory)
         assert got.wall_s <= deadline
+        assert predict(cal, got, 2000, tgt, "x86_64") == pytest.approx((got.wall_s, got.cost))
         seen.add((len(got.cuts), got.memory[0] % 64 != 0))
     assert (1, True) in seen  # a cut plan off the old 64 MB grid was among the answers
     for budget in (fastest.cost * 0.5, fastest.cost * 0.9):
