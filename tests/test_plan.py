@@ -416,7 +416,7 @@ def test_sweep_simulate_draws_references_apart(tmp_path, monkeypatch):
     assert ref["paper_points"]["points"] == [] and ref["measured_local"]["points"] == []
     md = (tmp_path / "bare" / "sweep.md").read_text()
     assert "not recorded in this project" in md and "902 s per 100,000 images" in md
-    assert len(bare["points"]) == 11
+    assert len(bare["points"]) == 11 and bare["precision"] == "fp32"
     # a measured sweep where `sweep` writes it is found; the paper's points come from a file
     measured = tmp_path / "serveless-experiments" / "sweep" / "sweep.json"
     measured.parent.mkdir(parents=True)

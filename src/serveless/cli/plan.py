@@ -61,8 +61,10 @@ def _target(name: str, cal: dict[str, Any], cpu_factor: float, platform_init_ms:
 
 
 def _load_cal(calibration: Path | None, model: str, store: str,
-              store_option: list[str] | None, quantize: str | None = None) -> dict[str, Any]:
-    """The calibration of the model at the asked precision: a file, or the store's."""
+              store_option: list[str] | None, quantize: str | None = None,
+              check: bool = True) -> dict[str, Any]:
+    """The calibration of the model at the asked precision: a file, or the store's (with
+    check=False, a file of either precision)."""
     from ..calibrate import calibration_key, load_calibration, validate
 
     if quantize not in (None, "int8"):
@@ -77,7 +79,7 @@ def _load_cal(calibration: Path | None, model: str, store: str,
             fail(f"no calibration for {model}{q} in {store} ({key}); run `serveless calibrate "
                   f"{model}{q}` or pass --calibration FILE")
         cal = _guard(lambda: validate(json.loads(st.get_bytes(key)), st.path(key)))
-    if cal.get("quantize") != quantize:
+    if check and cal.get("quantize") != quantize:
         made = f"--quantize {cal['quantize']}" if cal.get("quantize") else "fp32 (no --quantize)"
         fail(f"the calibration was made {made}, not{q or ' fp32'}: calibrate with the same "
              f"--quantize as you plan with")
@@ -327,7 +329,8 @@ def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
     from ..plots import _save
     from ..simulate import simulate
 
-    cal = _load_cal(calibration, model, store, store_option)
+    cal = _load_cal(calibration, model, store, store_option, check=False)
+    precision = cal.get("quantize") or "fp32"
     limit = max(levels) if target == "lambda" else None
     tgt = _target(target, cal, cpu_factor, None, None, max(1000, limit or 0) or None)
     if measured is None and MEASURED_SWEEP.is_file():
@@ -385,7 +388,7 @@ def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
     result = {"kind": "serveless-sweep-simulated", "label": "simulated", "model": model,
               "cuts": cuts, "memory": memory, "images": images, "per_record": per_record,
               "target": tgt.to_dict(), "cpu_factor": cpu_factor, "arch": arch,
-              "points": points, "paper_gpu_s_100k": PAPER_GPU_S_100K,
+              "precision": precision, "points": points, "paper_gpu_s_100k": PAPER_GPU_S_100K,
               "references": {
                   "paper_gpu_s": {"label": "reference (the paper's GPU time)", "wall_s": gpu,
                                   "per_100k_s": PAPER_GPU_S_100K},
@@ -399,7 +402,7 @@ def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Time and cost against concurrency, simulated on {target} (Fig. 5)", "",
-             f"{images:,} images of {model} in records of {per_record}, cuts "
+             f"{images:,} images of {model} ({precision}) in records of {per_record}, cuts "
              f"{','.join(cuts) or 'none'}, memory {'/'.join(map(str, memory))} MB, {arch}. "
              f"Simulated (calibration {cal.get('measured', '?')}, CPU speed factor "
              f"{cpu_factor:g}); not a measurement. Account concurrency limit "
