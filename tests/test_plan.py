@@ -230,6 +230,12 @@ def test_timeout_fails_records_and_is_billed_at_900_s():
     sim = simulate(plan, cal, Target.make("lambda"), retries=1)
     assert sim.timeouts == 2 and sim.failed_records == 1 and sim.images == 0
     assert all(r["init_ms"] + r["duration_ms"] == pytest.approx(900_000) for r in sim.rows)
+    # locally too, with the cores shared: the call ends at the timeout, billed up to it
+    local = simulate({**plan, "memory": [3008], "images": 10_000}, cal,
+                     Target.make("local", cal, cores=2.0, timeout_s=5.0), retries=1)
+    assert local.timeouts == 4 and local.failed_records == 2 and local.images == 0
+    assert all(r["init_ms"] + r["duration_ms"] == pytest.approx(5000) for r in local.rows)
+    assert local.wall_s == pytest.approx(10.0 + 0.2, abs=0.01)  # a try, the backoff, a try
 
 
 def test_simulate_command_json_is_labelled(tmp_path):

@@ -126,9 +126,11 @@ class _Running:
     init_work: float
     dur_work: float
     last: float  # s: when its progress was last brought up to date
+    t0: float = 0.0  # s: when it started
     init_ms: float = 0.0
     dur_ms: float = 0.0
     version: int = 0  # of its end event: a share change moves the end
+    timed_out: bool = False
 
     def advance(self, t: float, share: float) -> None:
         work = (t - self.last) * 1000 * share
@@ -295,8 +297,11 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
                "write_ms": round(write_ms, 3), "bytes_in": int(b_in), "bytes_out": int(b_out),
                "gets": gets, "puts": puts, "instance": env.id, "error": None,
                "label": SIMULATED}
-        job = _Running(row, env, rec, attempt, init_ms, duration, t)
+        job = _Running(row, env, rec, attempt, init_ms, duration, t, t)
         if target.cores is None:
+            if (init_ms + duration) / 1000 > target.timeout_s:
+                duration = max(0.0, target.timeout_s * 1000 - init_ms)
+                job.timed_out = True
             job.init_ms, job.dur_ms, job.init_work, job.dur_work = init_ms, duration, 0.0, 0.0
             push(t + (init_ms + duration) / 1000, "end", (job, 0))
         else:
@@ -314,15 +319,19 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
         share = min(1.0, target.cores / cpu_demand) if cpu_demand > 0 else 1.0  # type: ignore
         for job in running:
             job.version += 1
-            push(t + job.left_ms() / share / 1000, "end", (job, job.version))
+            end = min(t + job.left_ms() / share / 1000, job.t0 + target.timeout_s)
+            push(end, "end", (job, job.version))
 
     def finish(job: _Running, t: float) -> dict[str, Any]:
         """The invocation's log row once it ends at t (timeouts on the wall time taken)."""
         nonlocal cpu_demand
         if target.cores is not None:
             job.advance(t, share)
-            job.init_ms += job.init_work / share  # float residue of the last step
-            job.dur_ms += job.dur_work / share
+            if job.left_ms() > 1e-6:  # ended by the timeout, work left
+                job.timed_out = True
+            else:  # the float residue of the last step
+                job.init_ms += job.init_work / share
+                job.dur_ms += job.dur_work / share
             running.discard(job)
             cpu_demand -= v[job.row["stage"]]
             reshare(t)
@@ -331,9 +340,8 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
         for key in ("read_ms", "compute_ms", "write_ms"):
             row[key] = round(row[key] * stretch, 3)
         error = None
-        if (init_ms + duration) / 1000 > target.timeout_s:
+        if job.timed_out:
             error = {"type": "Timeout", "message": f"ran past {target.timeout_s:.0f} s"}
-            duration = max(0.0, target.timeout_s * 1000 - init_ms)
             stats["timeouts"] += 1
         row.update(init_ms=round(init_ms, 3), duration_ms=round(duration, 3),
                    billed_ms=billed_ms(duration, init_ms), error=error)
