@@ -8,6 +8,9 @@ the memory its weights and activations take, and the bytes it writes per image; 
 whole job, stage 0's decode time per image on the user's own images, a model load time per
 MB of weights, the time a fresh function process takes to start, and the store's bandwidth.
 
+Times are the fastest of runs taken in ROUNDS passes over all the blocks, so that a burst
+of other load on a shared machine spoils one pass rather than every run of one block.
+
 The measurements run in a child process placed under the local backend's CPU quota
 (`backends.limits.InstanceLimits`: a cgroup of 1 vCPU, then one of 2 vCPUs) with onnxruntime
 set to as many intra-op threads as vCPUs, exactly as a function instance of that size runs.
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 CAL_BATCH = 16
+ROUNDS = 3  # timing passes over all blocks: a burst of other load spoils one, not all
 MAX_BLOCKS = 16
 DECODE_IMAGES = 16
 PRED_BYTES_PER_IMAGE = 260  # one predictions JSONL row (key, label, top-5 ids and scores)
@@ -127,7 +131,8 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
     from .images import preprocess
 
     rng = np.random.default_rng(0)
-    blocks = []
+    blocks, kept = [], []
+    min_s = cfg["min_s"] / ROUNDS
     for b in cfg["blocks"]:
         x = rng.standard_normal([CAL_BATCH, *b["input_shape"]]).astype(np.float32)
         rss0 = _rss_mb()
@@ -141,10 +146,10 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
         _time_runs(sess, name, x[:1], 0.0, 1)  # warm-up
         rss1 = _rss_mb()
         reset_peak()
-        t_b1 = _time_runs(sess, name, x[:1], cfg["min_s"] / 2, 8)
+        t_b1 = _time_runs(sess, name, x[:1], min_s / 2, 3)
         act1 = max(0.0, peak_mb() - rss1)
         reset_peak()
-        t_bc = _time_runs(sess, name, x, cfg["min_s"], 6)
+        t_bc = _time_runs(sess, name, x, min_s, 2)
         actc = max(0.0, peak_mb() - rss1)
         y = sess.run([sess.get_outputs()[0].name], {name: x[:2]})[0]
         blocks.append({
@@ -153,7 +158,14 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
             "act_mb_base": act1, "act_mb_per_image": max(0.0, (actc - act1) / (CAL_BATCH - 1)),
             "bytes_out_per_image": int(y.nbytes // 2),
         })
-        del sess
+        kept.append((sess, name, x))
+    for _ in range(ROUNDS - 1):  # more passes over every block: the fastest run counts
+        for blk, (sess, name, x) in zip(blocks, kept, strict=True):
+            blk["ms_per_image_b1"] = min(blk["ms_per_image_b1"],
+                                         _time_runs(sess, name, x[:1], min_s / 2, 3) * 1000)
+            blk["ms_per_image"] = min(blk["ms_per_image"],
+                                      _time_runs(sess, name, x, min_s, 2) * 1000 / CAL_BATCH)
+    del kept
     whole_load_ms = None
     if cfg.get("whole"):
         t0 = time.perf_counter()
@@ -163,9 +175,12 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
     decode = []
     for p in cfg["images"]:
         data = Path(p).read_bytes()
-        t0 = time.perf_counter()
-        preprocess(data, cfg["size"])
-        decode.append((time.perf_counter() - t0) * 1000)
+        best = math.inf
+        for _ in range(ROUNDS):
+            t0 = time.perf_counter()
+            preprocess(data, cfg["size"])
+            best = min(best, (time.perf_counter() - t0) * 1000)
+        decode.append(best)
     return {"blocks": blocks, "whole_load_ms": whole_load_ms,
             "decode_ms_per_image": float(np.median(decode)) if decode else 0.0}
 
@@ -173,14 +188,18 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
 def _phase2(cfg: dict[str, Any]) -> dict[str, Any]:
     """At 2 vCPUs (2 intra-op threads): compute time per block at the calibration batch."""
     rng = np.random.default_rng(0)
-    times = []
+    kept = []
     for b in cfg["blocks"]:
         x = rng.standard_normal([CAL_BATCH, *b["input_shape"]]).astype(np.float32)
         sess = _session(b["path"], 2)
         name = sess.get_inputs()[0].name
         _time_runs(sess, name, x[:1], 0.0, 1)
-        times.append(_time_runs(sess, name, x, cfg["min_s"], 6) * 1000 / CAL_BATCH)
-        del sess
+        kept.append((sess, name, x))
+    times = [math.inf] * len(kept)
+    for _ in range(ROUNDS):  # passes over every block: the fastest run counts
+        for k, (sess, name, x) in enumerate(kept):
+            times[k] = min(times[k], _time_runs(sess, name, x, cfg["min_s"] / ROUNDS, 2)
+                           * 1000 / CAL_BATCH)
     return {"ms_per_image_2": times}
 
 
