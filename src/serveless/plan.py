@@ -115,10 +115,6 @@ class _Group:
     init: np.ndarray
     cost_d: np.ndarray
     cost_i: np.ndarray
-    min_d: np.ndarray  # per stage: least over memory (inf: no memory fits)
-    min_init: np.ndarray
-    min_cost_d: np.ndarray
-    min_cost_i: np.ndarray
 
 
 class Model:
@@ -239,8 +235,7 @@ class Model:
         cost_i = gb * np.ceil(init) + (model_gets * S3_GET)[:, None]
         d, init = np.where(ok, d, np.inf), np.where(ok, init, np.inf)
         cost_d, cost_i = np.where(ok, cost_d, np.inf), np.where(ok, cost_i, np.inf)
-        g = _Group(d, init, cost_d, cost_i, d.min(axis=1), init.min(axis=1),
-                   cost_d.min(axis=1), cost_i.min(axis=1))
+        g = _Group(d, init, cost_d, cost_i)
         if len(self._groups) >= 4:
             self._groups.pop(next(iter(self._groups)))
         self._groups[key] = g
