@@ -48,9 +48,9 @@ CHILD = textwrap.dedent("""
         time.sleep(0.05)
         os.close(fd)
 
-    def brief():  # 100 MB of activations held for 30 ms, then freed
+    def brief():  # 100 MB of activations held for 80 ms (4 samples), then freed
         a = np.ones((100 * MB) // 8)
-        time.sleep(0.03)
+        time.sleep(0.08)
         del a
 
     measure("page_cache", page_cache)
@@ -108,3 +108,16 @@ def test_without_a_cgroup_of_its_own_the_peak_is_the_rss_peak(monkeypatch):
     assert enforced_peak_mb(123.0, s.peak_mb) == 123.0
     assert enforced_peak_mb(123.0, 150.5) == 150.5
     assert enforced_peak_mb(123.0, 99.0) == 123.0
+
+
+@pytest.mark.parametrize("value,seconds", [(None, 0.02), ("5", 0.005), ("0", 0.0),
+                                           ("-3", 0.0), ("often", 0.02)])
+def test_sampling_interval_comes_from_the_environment(monkeypatch, value, seconds):
+    from serveless import memory
+
+    if value is None:
+        monkeypatch.delenv(memory.SAMPLE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(memory.SAMPLE_ENV, value)
+    assert memory._sample_s() == pytest.approx(seconds)
+    assert ChargeSampler().interval_s == pytest.approx(seconds)
