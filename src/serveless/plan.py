@@ -421,25 +421,28 @@ def _solve(model: Model, obj: np.ndarray, con: np.ndarray, limit: float,
     lo, hi = 0.0, None  # λ whose plan exceeds the limit; λ whose plan meets it
     lams: list[tuple[float, np.ndarray]] = [(0.0, h0)]
     lam = max(fast.con - s0.obj, 1e-30) / max(s0.con - fast.obj, 1e-30)
-    for _ in range(60):  # find a λ whose plan meets the limit
+
+    def meets(lam: float) -> bool:
+        """The plan that λ gives: kept as a bound, and as the best plan if it meets the
+        limit and beats the best so far; whether it meets the limit."""
+        nonlocal best, feasible
         hm, sol = _lagrange(model, obj, con, lam)
         lams.append((lam, hm))
-        if sol.con <= limit:
+        if sol.con <= limit and sol.obj < best:
+            best, feasible = sol.obj, sol
+        return bool(sol.con <= limit)
+
+    for _ in range(60):  # find a λ whose plan meets the limit
+        if meets(lam):
             hi = lam
-            if sol.obj < best:
-                best, feasible = sol.obj, sol
             break
         lo, lam = lam, lam * 8
     if hi is None:
         return _front(model, obj, con, limit, best, lams, tol)
     for _ in range(10):  # bisect (geometrically) for a tighter bound and a better plan
         lam = math.sqrt(lo * hi) if lo > 0 else hi / 8
-        hm, sol = _lagrange(model, obj, con, lam)
-        lams.append((lam, hm))
-        if sol.con <= limit:
+        if meets(lam):
             hi = lam
-            if sol.obj < best:
-                best, feasible = sol.obj, sol
         else:
             lo = lam
         lb = max(_pathmin(model, h) - la * limit for la, h in lams)
