@@ -14,7 +14,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from serveless.calibrate import CALIBRATION_KIND, StageModel, speedup, stage_ranges, validate
+from serveless.calibrate import (
+    CALIBRATION_KIND,
+    CalibrationError,
+    StageModel,
+    speedup,
+    stage_ranges,
+    validate,
+)
 from serveless.cli import app
 from serveless.cost import bill
 from serveless.plan import PlanError, brute_force, check_plan, predict, search
@@ -36,12 +43,14 @@ def synthetic_calibration(blocks: int = 4) -> dict:
                     "ms_per_image": ms[k], "speedup_2vcpu": 1.2 + 0.2 * k,
                     "weights_mb": weights[k], "act_mb_base": 2.0, "act_mb_per_image": 1.5,
                     "bytes_out_per_image": out[k], "load_ms": weights[k],
-                    "model_bytes": int(weights[k] * 2**20), "load_peak_mb": weights[k] * 1.2}
+                    "model_bytes": int(weights[k] * 2**20), "load_peak_mb": weights[k] * 1.2,
+                    "first_run_ms": 3.0 + k}
                    for k in range(blocks)],
         "input_bytes_per_image": 100_000, "decode_ms_per_image": 5.0, "runtime_mb": 70.0,
         "start_ms": 300.0, "load_ms_fixed": 5.0, "load_ms_per_mb": 1.0,
         "store": {"read_mb_s": 500.0, "write_mb_s": 500.0, "request_ms": 1.0},
-        "calibration_batch": 16,
+        "calibration_batch": 16, "stage0_first_call_ms": 40.0, "record_ms_per_image": 0.3,
+        "write_ms_per_mb": 2.0, "read_ms_per_mb": 0.5, "predictions_ms_per_image": 0.1,
     }
 
 
@@ -94,6 +103,50 @@ def test_stage_model_adds_blocks_and_grows_memory_with_micro_batch():
     assert float(big.ms_per_image(1.0)) < float(small.ms_per_image(1.0))
 
 
+def test_stage_time_adds_the_function_work_around_the_model():
+    """Input side (decode + record parsing, or the tensor read), the model, and the output
+    side (tensor write, or predictions), from the calibration's measured paths."""
+    cal = synthetic_calibration()
+    s0, s1 = StageModel(cal, 0, 1, 16), StageModel(cal, 2, 3, 16)
+    assert s0.input_ms_per_image() == pytest.approx(5.0 + 0.3)
+    assert s0.output_ms_per_image() == pytest.approx(2.0 * 150_000 / 2**20)
+    assert s1.input_ms_per_image() == pytest.approx(0.5 * 150_000 / 2**20)
+    assert s1.output_ms_per_image() == pytest.approx(0.1)
+    assert s0.first_call_ms() == pytest.approx(40.0 + 3.0 + 4.0)
+    assert s1.first_call_ms() == pytest.approx(5.0 + 6.0)  # no decoders to import
+    # up to 1 vCPU all of it shares the quota: the CPU work over the vCPUs
+    for v in (0.25, 0.6, 1.0):
+        assert float(s0.ms_per_image(v)) == pytest.approx(s0.cpu_ms_per_image() / v)
+    # above, the input thread overlaps the model: never slower than the CPU work over v,
+    # nor than the model plus the output side on the calling thread
+    model = sum(s0._ms_at_batch(b) / float(speedup(2.0, b["speedup_2vcpu"]))
+                for b in s0.blocks)
+    assert float(s0.ms_per_image(2.0)) == pytest.approx(max(
+        s0.input_ms_per_image(), model + s0.output_ms_per_image(),
+        s0.cpu_ms_per_image() / 2.0))
+    # an older calibration without the measured paths: the model (and decode) alone
+    old = {k: v for k, v in cal.items() if k not in ("record_ms_per_image", "write_ms_per_mb",
+                                                    "read_ms_per_mb", "stage0_first_call_ms",
+                                                    "predictions_ms_per_image")}
+    assert StageModel(old, 2, 3, 16).input_ms_per_image() == 0.0
+    assert StageModel(old, 0, 1, 16).first_call_ms() == pytest.approx(7.0)
+
+
+@pytest.mark.parametrize("target", ["lambda", "local"])
+def test_planner_grid_times_equal_the_stage_model(target):
+    """The planner's vectorised times (every stage × every memory at once) are the stage
+    model's, which the simulator uses: one model, two implementations kept equal."""
+    from serveless.plan import Model
+
+    cal = synthetic_calibration()
+    model = Model(cal, Target.make(target, cal), "x86_64", 97, 1000)
+    for b in (1, 16):
+        grid = model.ms_per_image(b)
+        for (i, j), s in model.index.items():
+            want = StageModel(cal, i, j, b).ms_per_image(model.v)
+            np.testing.assert_allclose(grid[s], want, rtol=1e-12)
+
+
 # -- the planner -----------------------------------------------------------------------------
 
 
@@ -141,7 +194,9 @@ def test_planner_optimum_equals_brute_force_at_1_mb_steps(target):
         assert predict(cal, got, 2000, tgt, "x86_64") == pytest.approx((got.wall_s, got.cost))
         seen.add((len(got.cuts), got.memory[0] % 64 != 0))
     assert (1, True) in seen  # a cut plan off the old 64 MB grid was among the answers
-    for budget in (fastest.cost * 0.5, fastest.cost * 0.9):
+    cheapest = search(cal, 2000, tgt, "x86_64", deadline_s=1e9, **kw).best.cost
+    assert cheapest < fastest.cost
+    for budget in (cheapest * 1.01, (cheapest + fastest.cost) / 2):
         got = search(cal, 2000, tgt, "x86_64", budget=budget, **kw).best
         ref = brute_force(cal, 2000, tgt, "x86_64", None, 1, **kw, budget=budget)
         assert got is not None and ref is not None and got.cost <= budget
@@ -204,6 +259,16 @@ def test_simulator_replays_a_recorded_local_job_within_tolerance():
     assert sim.wall_s == pytest.approx(measured_wall, rel=0.15)
     assert sim.cost == pytest.approx(measured_cost, rel=0.05)
     assert all(r["label"] == SIMULATED for r in sim.rows)
+
+
+def test_a_calibration_with_a_bad_measured_path_is_refused():
+    cal = synthetic_calibration()
+    cal["write_ms_per_mb"] = -1.0
+    with pytest.raises(CalibrationError, match="write_ms_per_mb"):
+        validate(cal)
+    cal["write_ms_per_mb"] = "fast"
+    with pytest.raises(CalibrationError, match="write_ms_per_mb"):
+        validate(cal)
 
 
 def test_lambda_ramp_shows_in_a_5000_way_job():
@@ -286,6 +351,12 @@ def test_calibration_of_a_residual_model_never_cuts_the_skip(tiny_plan):
     assert len(cal["blocks"]) == len(cal["boundaries"]) + 1
     assert cal["decode_ms_per_image"] > 0 and cal["store"]["read_mb_s"] > 0
     assert all(b["ms_per_image"] > 0 for b in cal["blocks"][:2])
+    # the function's own work around the model, timed on its code under the 1 vCPU quota
+    for key in ("record_ms_per_image", "write_ms_per_mb", "read_ms_per_mb",
+                "predictions_ms_per_image"):
+        assert 0 < cal[key] < 50, key
+    assert len(cal["start_ms_runs"]) == 3 and cal["start_ms"] in cal["start_ms_runs"]
+    assert all(b["first_run_ms"] >= 0 for b in cal["blocks"])
 
 
 def test_plan_round_trips_into_run_plan(tiny_plan, records_dir, tmp_path, monkeypatch):

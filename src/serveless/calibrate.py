@@ -22,6 +22,7 @@ Where no cgroup can be created the quota is not enforced and the calibration say
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -43,6 +44,11 @@ PRED_BYTES_PER_IMAGE = 260  # one predictions JSONL row (key, label, top-5 ids a
 RECORD_FRAMING_BYTES = 60  # TFRecord framing + Example fields around each image's bytes
 CALIBRATION_KIND = "serveless-calibration"
 CAL_MEMORY_MB = 8192  # the memory cap of the calibration child: high, so it is never the limit
+START_RUNS = 3  # process starts timed (the first after a while pays for a cold file cache)
+PATH_FIELDS = ("record_ms_per_image", "write_ms_per_mb", "read_ms_per_mb",
+               "predictions_ms_per_image")
+"""CPU ms of the function's own code around the model (`_function_paths`); optional in a
+calibration file (older ones lack them: 0)."""
 
 
 class CalibrationError(ValueError):
@@ -91,6 +97,7 @@ class Block:
     load_ms: float
     model_bytes: int
     load_peak_mb: float  # above the process's memory before the load, at its highest
+    first_run_ms: float = 0.0  # the first run after the load, beyond a warm one (batch 1)
 
 
 # -- the child process -------------------------------------------------------------------------
@@ -128,7 +135,19 @@ def _session(path: str, threads: int) -> Any:
 def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
     """At 1 vCPU: load, time and memory of every block; decode of the images."""
     from .function import peak_mb, reset_peak
+
+    # Stage 0's first call imports the decoders (images, records) and makes its first
+    # decode: billed once per instance, on top of what a warm call costs.
+    t0 = time.perf_counter()
     from .images import preprocess
+    from .records import count_examples  # noqa: F401
+    first_image = Path(cfg["images"][0]).read_bytes() if cfg["images"] else None
+    if first_image is not None:
+        try:
+            preprocess(first_image, cfg["size"])
+        except ValueError:
+            first_image = None
+    first_decode_ms = (time.perf_counter() - t0) * 1000
 
     rng = np.random.default_rng(0)
     blocks, kept = [], []
@@ -143,7 +162,7 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
         load_peak = max(0.0, peak_mb() - rss0)
         name = sess.get_inputs()[0].name
         weights = max(0.0, _rss_mb() - rss0)
-        _time_runs(sess, name, x[:1], 0.0, 1)  # warm-up
+        first_run = _time_runs(sess, name, x[:1], 0.0, 1)  # the warm-up is the first run
         rss1 = _rss_mb()
         reset_peak()
         t_b1 = _time_runs(sess, name, x[:1], min_s / 2, 3)
@@ -152,7 +171,9 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
         t_bc = _time_runs(sess, name, x, min_s, 2)
         actc = max(0.0, peak_mb() - rss1)
         y = sess.run([sess.get_outputs()[0].name], {name: x[:2]})[0]
+        out_width = int(np.prod(y.shape[1:]))
         blocks.append({
+            "first_run_ms": max(0.0, (first_run - t_b1) * 1000),
             "load_ms": load_ms, "weights_mb": weights, "load_peak_mb": load_peak,
             "ms_per_image_b1": t_b1 * 1000, "ms_per_image": t_bc * 1000 / CAL_BATCH,
             "act_mb_base": act1, "act_mb_per_image": max(0.0, (actc - act1) / (CAL_BATCH - 1)),
@@ -185,7 +206,71 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
             runs.append((time.perf_counter() - t0) * 1000)
         decode.append(float(np.median(runs)))
     return {"blocks": blocks, "whole_load_ms": whole_load_ms,
-            "decode_ms_per_image": float(np.median(decode)) if decode else 0.0}
+            "decode_ms_per_image": float(np.median(decode)) if decode else 0.0,
+            "stage0_first_call_ms": max(0.0, first_decode_ms - (decode[0] if first_image
+                                                                 is not None else 0.0)),
+            **_function_paths(cfg, out_width)}
+
+
+def _function_paths(cfg: dict[str, Any], classes: int, rows: int = 64) -> dict[str, float]:
+    """CPU ms, at this child's quota, of what a function does around the model, timed on
+    the function's own code: parsing a record (beside decoding its images), writing an
+    intermediate (cast, CRC32C, the store's file write) and reading one back, and writing
+    predictions. Medians of ROUNDS runs."""
+    from types import SimpleNamespace
+
+    from .function import _Counters, _tensor_blocks, _write_predictions, _write_tensor
+    from .records import Example, count_examples, iter_record, write_record
+    from .store import Store
+    from .tensors import TensorFormat
+
+    def median_ms(fn: Any) -> float:
+        runs = []
+        for _ in range(ROUNDS):
+            t0 = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - t0) * 1000)
+        return float(np.median(runs))
+
+    out: dict[str, float] = {}
+    images = [Path(p).read_bytes() for p in cfg["images"]]
+    if images:
+        rec = io.BytesIO()
+        write_record(rec, [Example(images[i % len(images)], f"img-{i}.jpg", i % 10)
+                           for i in range(rows)])
+
+        def parse() -> None:
+            rec.seek(0)
+            count_examples(rec, "calibration")
+            rec.seek(0)
+            for _ in iter_record(rec, "calibration"):
+                pass
+
+        out["record_ms_per_image"] = median_ms(parse) / rows
+    store = Store(cfg["tmp"])
+    fmt = TensorFormat()
+    width = 4096
+    block = np.random.default_rng(1).standard_normal((32, width)).astype(np.float32)
+    n = 16 * 2**20 // (4 * width)  # 16 MB stored as float32
+    mb = n * width * 4 / 2**20
+    out["write_ms_per_mb"] = median_ms(lambda: _write_tensor(
+        store, "calibration/tensor.npy", n, iter([block] * (n // 32)), fmt, _Counters())) / mb
+    path = store.path("calibration/tensor.npy")
+    ev = SimpleNamespace(micro_batch=32)
+
+    def read() -> None:
+        with open(path, "rb") as f:
+            for _ in _tensor_blocks(f, fmt, ev, _Counters())[1]:  # type: ignore[arg-type]
+                pass
+
+    out["read_ms_per_mb"] = median_ms(read) / mb
+    logits = np.random.default_rng(2).standard_normal((32, max(classes, 1))).astype(np.float32)
+    meta = {"n": rows, "filenames": [f"img-{i}.jpg" for i in range(rows)],
+            "labels": [-1] * rows, "errors": {}}
+    out["predictions_ms_per_image"] = median_ms(lambda: _write_predictions(
+        store, "calibration/predictions.jsonl", "r0", iter([logits] * (rows // 32)), meta,
+        _Counters())) / rows
+    return out
 
 
 def _phase2(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +298,9 @@ def _worker() -> None:
 
     from . import function  # noqa: F401
 
+    if len(sys.argv) > 2 and sys.argv[2] == "start":  # only the start, timed again
+        print(json.dumps({"start_ms": (time.time() - t_start) * 1000}), flush=True)
+        return
     cfg = json.loads(sys.stdin.readline())
     print(json.dumps({"ready": True, "start_ms": (time.time() - t_start) * 1000,
                       "rss_mb": _rss_mb()}), flush=True)
@@ -227,6 +315,26 @@ def _worker() -> None:
 
 
 # -- the parent ------------------------------------------------------------------------------
+
+
+def _time_start(limits: Any) -> float:
+    """ms from spawning a child, placed under `limits` as the local backend places an
+    instance, until it has imported onnxruntime and the function module."""
+    t_spawn = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "serveless.calibrate", repr(t_spawn),
+                             "start"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        limits.attach(proc.pid)
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if not line:
+        raise CalibrationError("a calibration process died while starting")
+    return float(json.loads(line)["start_ms"])
 
 
 def _sample_image_files(records: str | None, folder: Path) -> tuple[list[str], float, str]:
@@ -358,8 +466,9 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
         whole = root / "whole.onnx"
         whole_bytes = _save_external(onnx_model, whole) if quantize is None else 0
         del blocks
+        (root / "paths").mkdir()
         cfg = {"blocks": cfg_blocks, "whole": str(whole) if quantize is None else None,
-               "images": images, "size": size, "min_s": min_s}
+               "images": images, "size": size, "min_s": min_s, "tmp": str(root / "paths")}
         lim1 = InstanceLimits.create("calibrate-1vcpu", CAL_MEMORY_MB, 1.0)
         lim2 = InstanceLimits.create("calibrate-2vcpu", CAL_MEMORY_MB, 2.0)
         cpu_control = (f"cgroup CPU quota ({lim1.mode}: {lim1.reason}) and onnxruntime "
@@ -390,6 +499,7 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
             proc.stdin.write("stop\n")
             proc.stdin.flush()
             proc.wait(timeout=30)
+            starts = [ready["start_ms"], *(_time_start(lim1) for _ in range(START_RUNS - 1))]
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -412,7 +522,8 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
             load_peak_mb=max(m1["load_peak_mb"], model_bytes[k] / 2**20),
             bytes_out_per_image=(m1["bytes_out_per_image"] if k < len(bounds)
                                  else PRED_BYTES_PER_IMAGE),
-            load_ms=m1["load_ms"], model_bytes=model_bytes[k]).__dict__)
+            load_ms=m1["load_ms"], model_bytes=model_bytes[k],
+            first_run_ms=m1["first_run_ms"]).__dict__)
         out_blocks[-1]["qdq_nodes"] = qdq[k]  # > 0: the block timed was quantized
     # load ms = a + b × MB of weights, fitted on every block and the whole model
     whole_pt = [] if p1["whole_load_ms"] is None else [(whole_bytes, p1["whole_load_ms"])]
@@ -428,7 +539,10 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
         "boundaries": bounds, "blocks": out_blocks,
         "input_bytes_per_image": record_bytes, "images_source": source,
         "decode_ms_per_image": p1["decode_ms_per_image"],
-        "runtime_mb": ready["rss_mb"], "start_ms": ready["start_ms"],
+        "runtime_mb": ready["rss_mb"], "start_ms": float(np.median(starts)),
+        "start_ms_runs": starts,
+        "stage0_first_call_ms": p1["stage0_first_call_ms"],
+        **{k: p1[k] for k in PATH_FIELDS if k in p1},
         "load_ms_fixed": max(0.0, float(icpt)), "load_ms_per_mb": max(0.0, float(slope)),
         "whole_load_ms": p1["whole_load_ms"], "whole_model_bytes": whole_bytes or None,
         "store": bandwidth, "cpu_control": cpu_control, "calibration_batch": CAL_BATCH,
@@ -466,6 +580,10 @@ def validate(cal: Any, source: str = "calibration") -> dict[str, Any]:
     for key, typ in need.items():
         if not isinstance(cal.get(key), typ):
             raise CalibrationError(f"{source}: field {key!r} missing or of the wrong type")
+    for key in (*PATH_FIELDS, "stage0_first_call_ms"):  # optional: older files lack them
+        v = cal.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+            raise CalibrationError(f"{source}: field {key!r} must be a number >= 0")
     if cal.get("quantize") not in (None, "int8"):
         raise CalibrationError(f"{source}: field 'quantize' must be null or 'int8'")
     blocks = cal["blocks"]
@@ -503,6 +621,23 @@ HEADROOM = 1.25
 and missed a whole stage 0's measured peak by 15% (138 vs 162 MB, AlexNet to pool5)."""
 
 
+def _path(cal: dict[str, Any], key: str) -> float:
+    return float(cal.get(key) or 0.0)
+
+
+def wall_ms_per_image(inp: Any, c1: Any, c: Any, out: Any, v: Any) -> Any:
+    """Wall ms per image of a stage at v vCPUs from its CPU ms per image at 1 vCPU: `inp`
+    on the input side (decode or read, on the prefetch thread), `c1` the model (`c` its wall
+    time at v, by `speedup`), `out` on the output side (on the calling thread, after each
+    micro-batch). Up to 1 vCPU everything shares the quota; above it, the two threads
+    overlap and the slower one, or the quota, sets the pace."""
+    v = np.asarray(v, dtype=float)
+    vv = np.maximum(v, 1e-9)
+    below = (inp + out) / vv + c
+    above = np.maximum(np.maximum(inp, c + out), (inp + c1 + out) / vv)
+    return np.where(v <= 1.0, below, above)
+
+
 def speedup(vcpus: Any, s2: float) -> Any:
     """Speed-up over 1 vCPU at `vcpus`: proportional below 1 vCPU (a CPU quota), Amdahl's law
     above it with the parallel fraction that gives the measured speed-up `s2` at 2 vCPUs."""
@@ -531,23 +666,39 @@ class StageModel:
         tinf = max(0.0, (bc * tc - t1) / (bc - 1)) if bc > 1 else tc
         return tinf + max(0.0, t1 - tinf) / self.micro_batch
 
+    def input_ms_per_image(self) -> float:
+        """CPU ms per image at 1 vCPU on the input side (the prefetch thread): stage 0 parses
+        its record and decodes; a later stage reads the intermediate tensor."""
+        if self.first == 0:
+            return float(self.cal["decode_ms_per_image"]) + _path(self.cal,
+                                                                  "record_ms_per_image")
+        return _path(self.cal, "read_ms_per_mb") * self.bytes_in_per_image / 2**20
+
+    def output_ms_per_image(self) -> float:
+        """CPU ms per image at 1 vCPU on the output side (after each micro-batch, on the
+        calling thread): the intermediate tensor written, or the predictions."""
+        if self.last == len(self.cal["blocks"]) - 1:
+            return _path(self.cal, "predictions_ms_per_image")
+        return _path(self.cal, "write_ms_per_mb") * self.bytes_out_per_image / 2**20
+
+    def first_call_ms(self) -> float:
+        """CPU ms at 1 vCPU that an instance's first call costs beyond a warm one: each
+        block's first onnxruntime run, and stage 0's import of its decoders."""
+        extra = sum(float(b.get("first_run_ms", 0.0)) for b in self.blocks)
+        return extra + (_path(self.cal, "stage0_first_call_ms") if self.first == 0 else 0.0)
+
     def cpu_ms_per_image(self) -> float:
-        """CPU work per image at 1 vCPU (decode included for stage 0)."""
+        """CPU work per image at 1 vCPU: the model, and its input and output sides."""
         c = sum(self._ms_at_batch(b) for b in self.blocks)
-        return c + (self.cal["decode_ms_per_image"] if self.first == 0 else 0.0)
+        return c + self.input_ms_per_image() + self.output_ms_per_image()
 
     def ms_per_image(self, vcpus: Any, cpu_factor: float = 1.0) -> Any:
-        """Wall ms per image at `vcpus` (array or scalar). Stage 0 decodes on a second thread,
-        overlapped with compute when there is more than one vCPU."""
+        """Wall ms per image at `vcpus` (array or scalar); see `wall_ms_per_image`."""
         v = np.asarray(vcpus, dtype=float)
         c = sum(self._ms_at_batch(b) / speedup(v, b["speedup_2vcpu"]) for b in self.blocks)
-        if self.first == 0:
-            d = self.cal["decode_ms_per_image"]
-            c1 = self.cpu_ms_per_image() - d
-            below = d / np.maximum(v, 1e-9) + c
-            above = np.maximum(np.maximum(d, c), (d + c1) / np.maximum(v, 1e-9))
-            c = np.where(v <= 1.0, below, above)
-        return c / cpu_factor
+        c1 = sum(self._ms_at_batch(b) for b in self.blocks)
+        return wall_ms_per_image(self.input_ms_per_image(), c1, c,
+                                 self.output_ms_per_image(), v) / cpu_factor
 
     @property
     def bytes_in_per_image(self) -> float:

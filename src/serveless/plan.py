@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import StageModel, speedup, stage_models
+from .calibrate import StageModel, speedup, stage_models, wall_ms_per_image
 from .cost import (
     LAMBDA_GB_SECOND,
     LAMBDA_REQUEST,
@@ -135,7 +135,7 @@ class Model:
         self.v = np.array([vcpus(int(m)) for m in grid])
         self.price = LAMBDA_GB_SECOND[arch]
         self.k = k = len(cal["blocks"])
-        self.bw = target.bandwidth_mb_s * 2**20 / 1000  # bytes per ms
+        self.bw = target.bytes_per_ms
         self.pairs = [(i, j) for i in range(k) for j in range(i, k)]
         self.index = {p: s for s, p in enumerate(self.pairs)}
         self.first = np.array([i for i, _ in self.pairs])
@@ -144,7 +144,11 @@ class Model:
         self.model_bytes = np.array([s.model_bytes for s in stages], dtype=float)
         self.bytes_in = np.array([s.bytes_in_per_image for s in stages])
         self.bytes_out = np.array([s.bytes_out_per_image for s in stages])
-        self.load_ms = np.array([float(s.load_ms(1.0, target.cpu_factor)) for s in stages])
+        # a cold start's CPU at 1 vCPU: the model load, then the first call's extra work
+        self.load_ms = np.array([float(s.load_ms(1.0, target.cpu_factor))
+                                 + s.first_call_ms() / target.cpu_factor for s in stages])
+        self.inp = np.array([s.input_ms_per_image() for s in stages])[:, None]
+        self.out = np.array([s.output_ms_per_image() for s in stages])[:, None]
         self._ms: dict[int, np.ndarray] = {}
         self._need: dict[int, np.ndarray] = {}
         self._groups: dict[tuple[int, int, int], _Group] = {}
@@ -160,14 +164,9 @@ class Model:
                             for n, blk in enumerate(blocks)])
             cum = np.vstack([np.zeros(self.mem.size), np.cumsum(per, axis=0)])
             c = cum[self.last + 1] - cum[self.first]
-            rows = np.nonzero(self.first == 0)[0]
-            dec = float(self.cal["decode_ms_per_image"])
-            c0 = c[rows]
-            c1 = np.cumsum(t)[self.last[rows]][:, None]
-            v = self.v[None, :]
-            below = dec / v + c0
-            above = np.maximum(np.maximum(dec, c0), (dec + c1) / v)
-            c[rows] = np.where(v <= 1.0, below, above)
+            cum1 = np.concatenate([[0.0], np.cumsum(t)])
+            c1 = (cum1[self.last + 1] - cum1[self.first])[:, None]
+            c = wall_ms_per_image(self.inp, c1, c, self.out, self.v[None, :])
             self._ms[b] = c / self.target.cpu_factor
         return self._ms[b]
 

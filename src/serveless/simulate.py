@@ -57,6 +57,9 @@ class Target:
       backend places a new instance in its cgroup at once, so a 0.5 vCPU instance starts
       about half as fast as the calibration's 1 vCPU child). On Lambda the platform init
       is an assumption of its own, not scaled.
+    - store_in_cpu: local only, a folder store with a calibration that timed the function's
+      reads and writes (its `write_ms_per_mb` ...): those are CPU work of the function,
+      counted in the stage's time at its CPU share, so no bandwidth term is added on top.
     - cores: local only: the cores the instances in flight share. Each progresses at its
       vCPU share × min(1, cores / the vCPUs of all in flight), recomputed whenever one
       starts or ends (processor sharing), init and handler alike.
@@ -78,6 +81,12 @@ class Target:
     cores: float | None = None  # local: instances share this many cores
     throttle_backoff_max_s: float = 20.0
     start_cpu_bound: bool = False
+    store_in_cpu: bool = False
+
+    @property
+    def bytes_per_ms(self) -> float:
+        """Store throughput of one function (inf where the calibration times it as CPU)."""
+        return math.inf if self.store_in_cpu else self.bandwidth_mb_s * 2**20 / 1000
 
     @classmethod
     def make(cls, name: str, cal: dict[str, Any] | None = None, **overrides: Any) -> Target:
@@ -92,7 +101,9 @@ class Target:
                                              store.get("write_mb_s", 1000.0))),
                     request_ms=float(store.get("request_ms", 1.0)), s3_get_per_s=None,
                     s3_put_per_s=None, invoke_ms=5.0, keep_alive_s=300.0, tmp_mb=10**6,
-                    cores=float(os.cpu_count() or 1), start_cpu_bound=True)
+                    cores=float(os.cpu_count() or 1), start_cpu_bound=True,
+                    store_in_cpu=("://" not in str(store.get("url", "://"))
+                                  and "write_ms_per_mb" in (cal or {})))
         else:
             raise SimulationError(f"target must be lambda or local, got {name!r}")
         for key, value in overrides.items():
@@ -204,7 +215,9 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     v = [vcpus(m) for m in memory]
     ms_img = [float(s.ms_per_image(v[k], target.cpu_factor)) for k, s in enumerate(stages)]
     load = [float(s.load_ms(v[k], target.cpu_factor)) for k, s in enumerate(stages)]
-    bw = target.bandwidth_mb_s * 2**20 / 1000  # bytes per ms
+    first = [s.first_call_ms() / min(v[k], 1.0) / target.cpu_factor  # a cold start's 1st call
+             for k, s in enumerate(stages)]
+    bw = target.bytes_per_ms
     rng = random.Random(seed)
 
     idle: list[deque[_Env]] = [deque() for _ in stages]  # oldest first
@@ -284,7 +297,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
         src = "records" if stage == 0 else f"stage-{stage - 1}"
         read_ms = b_in / bw + target.request_ms * g_in + 1000 * rate_delay(
             src + ":get", g_in, target.s3_get_per_s, tt)
-        compute_ms = n * ms_img[stage]
+        compute_ms = n * ms_img[stage] + (first[stage] if cold else 0.0)
         write_at = tt + (read_ms + compute_ms) / 1000
         write_ms = b_out / bw + target.request_ms * p_out + 1000 * rate_delay(
             f"stage-{stage}:put", p_out, target.s3_put_per_s, write_at)
