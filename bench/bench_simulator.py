@@ -43,9 +43,39 @@ TINY = [("2 stages, 1769 MB, 25/rec, C=1", ["pool5"], [1769, 1769], 25, 1, 2),
         ("2 stages, 3008/768 MB, 25/rec, C=2", ["pool5"], [3008, 768], 25, 2, 2)]
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def breakdown(measured: list[dict], simulated: list[dict], n_stages: int) -> list[dict]:
+    """Per stage, measured against simulated (ms): where the model is wrong, not only that it
+    is. Cold init, and the mean warm and cold call split into read, compute and write."""
+    out = []
+    for k in range(n_stages):
+        pair = {}
+        for side, rows in (("measured", measured), ("simulated", simulated)):
+            ks = [r for r in rows if r["stage"] == k and r.get("error") is None]
+            warm = [r for r in ks if not r["cold"]]
+            cold = [r for r in ks if r["cold"]]
+            pair[side] = {
+                "init": _mean([r["init_ms"] for r in cold]),
+                "cold_dur": _mean([r["duration_ms"] for r in cold]),
+                "warm_dur": _mean([r["duration_ms"] for r in warm]),
+                "read": _mean([r["read_ms"] or 0 for r in ks]),
+                "compute": _mean([r["compute_ms"] or 0 for r in ks]),
+                "write": _mean([r["write_ms"] or 0 for r in ks]),
+                "billed": sum(r["billed_ms"] for r in ks),
+            }
+        out.append(pair)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="one small configuration")
+    ap.add_argument("--detail", action="store_true",
+                    help="print, per stage, measured/simulated ms: cold init, cold and warm "
+                         "duration, read, compute, write, billed")
     args = ap.parse_args()
     configs = TINY if args.tiny else CONFIGS
     rows = []
@@ -73,11 +103,17 @@ def main() -> None:
                          "wall_ratio": sim.wall_s / measured_wall,
                          "measured_cost": measured_cost, "simulated_cost": sim.cost,
                          "cost_ratio": sim.cost / measured_cost})
+            rows[-1]["stages"] = breakdown(log, sim.rows, len(cuts) + 1)
             r = rows[-1]
             print(f"{name:40s} wall measured {measured_wall:7.2f} s, simulated "
                   f"{sim.wall_s:7.2f} s (x{r['wall_ratio']:.3f}); cost measured "
                   f"${measured_cost:.6f}, simulated ${sim.cost:.6f} (x{r['cost_ratio']:.3f})",
                   flush=True)
+            if args.detail:
+                for k, d in enumerate(r["stages"]):
+                    print(f"    stage {k}  " + "  ".join(
+                        f"{key} {d['measured'][key]:.0f}/{d['simulated'][key]:.0f}"
+                        for key in d["measured"]), flush=True)
     ok_wall = sum(abs(r["wall_ratio"] - 1) <= 0.15 for r in rows)
     ok_cost = sum(abs(r["cost_ratio"] - 1) <= 0.05 for r in rows)
     print(f"within 15% wall: {ok_wall}/{len(rows)}; within 5% cost: {ok_cost}/{len(rows)}")

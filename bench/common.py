@@ -64,3 +64,41 @@ def save(name: str, result: dict) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+def at_scale(rows: list[dict], concurrency: int, images: int = 1_000_000) -> list[dict]:
+    """The invocation log of the same job at `images` images, modeled from a measured one:
+    records of the same size, each stage's first `concurrency` calls cold (one per chain,
+    as in a long job whose instances stay warm), the others warm. Each stage's cold and
+    warm calls are its measured ones (the median by billed time); a stage measured only
+    cold gets warm calls of its cold call's duration without the init. A short measured
+    job has mostly cold calls (2 of 3 at 3 records and C=2), so its cost per image is not
+    that of a long job: this is the cost per 1M images the log implies. Modeled, not run."""
+    import copy
+    import statistics
+
+    from serveless.cost import billed_ms
+
+    per_record = max(int(r["images"] or 0) for r in rows)
+    n_rec = -(-images // per_record)
+    out = []
+    for k in sorted({r["stage"] for r in rows}):
+        full = [r for r in rows if r["stage"] == k and r["images"] == per_record
+                and r.get("error") is None]
+
+        def median_row(rs: list[dict]) -> dict:
+            ms = statistics.median_low(r["billed_ms"] for r in rs)
+            return next(r for r in rs if r["billed_ms"] == ms)
+
+        cold = median_row([r for r in full if r["cold"]])
+        warms = [r for r in full if not r["cold"]]
+        if warms:
+            warm = median_row(warms)
+        else:
+            warm = {**cold, "cold": False, "init_ms": 0.0,
+                    "billed_ms": billed_ms(cold["duration_ms"], 0.0)}
+        for n in range(n_rec):
+            row = copy.copy(cold if n < concurrency else warm)
+            row["record"] = f"r{n:07d}"
+            out.append(row)
+    return out
