@@ -15,12 +15,16 @@ from serveless.store import Store
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
-    """A private model cache for the session: tests never read or fill the user's."""
+    """A private model cache for the session: tests never read or fill the user's. The
+    machine's cache of checked stage sets is off (tests that count partitions would depend
+    on their order; test_stagecache.py turns it on in a folder of its own)."""
     from serveless.digits import CACHE_ENV
+    from serveless.stagecache import STAGE_CACHE_ENV
 
     with pytest.MonkeyPatch.context() as mp:
         path = tmp_path_factory.mktemp("model-cache")
         mp.setenv(CACHE_ENV, str(path))
+        mp.setenv(STAGE_CACHE_ENV, "0")
         yield path
 
 

@@ -8,6 +8,7 @@ every stage function, on any machine, rebuilds byte-identical weights.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -45,39 +46,52 @@ ALEXNET_VERSION = 1  # bump when _generate_alexnet changes: it names the cached 
 
 
 def build_alexnet(seed: int = 0, num_classes: int = 1000) -> onnx.ModelProto:
-    """The built-in AlexNet (see `_generate_alexnet`): from the user cache folder, else
-    generated and cached there.
+    """The built-in AlexNet (see `alexnet_hashed`)."""
+    return alexnet_hashed(seed, num_classes)[0]
+
+
+def alexnet_hashed(seed: int = 0, num_classes: int = 1000) -> tuple[onnx.ModelProto, str]:
+    """The built-in AlexNet (see `_generate_alexnet`) and the SHA-256 of its deterministic
+    serialisation: from the user cache folder, else generated and cached there.
 
     Generating 61M random weights takes about 1-1.4 s, reading the cached file about 0.3 s;
     every `run` of the built-in model pays this before its first invocation. The file is
     the model's deterministic serialisation, so the cached model is byte-identical to a
     generated one (same content hash, same stage models). A torn or unreadable file is
-    generated again and replaced; a cache that cannot be written is skipped.
+    generated again and replaced; a cache that cannot be written is skipped. The hash is
+    the cached file's (filehash.py: remembered while the file is unchanged), which is the
+    serialisation's, so the stage models' address does not depend on where the model came
+    from.
     """
     from .digits import cache_dir  # the shared user cache folder ($SERVELESS_CACHE_DIR)
+    from .filehash import load_hashed
 
     path = cache_dir() / f"alexnet-v{ALEXNET_VERSION}-seed{seed}-classes{num_classes}.onnx"
     if path.is_file():
         try:
-            model = onnx.load(str(path))
+            model, sha = load_hashed(path)
             if _whole_alexnet(model):
-                return model
+                if sha is None:  # the file changed while it was read
+                    sha = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+                return model, sha
         except Exception:  # a torn or foreign file: generate again and replace it
             pass
     model = _generate_alexnet(seed, num_classes)
+    data = model.SerializeToString(deterministic=True)
+    sha = hashlib.sha256(data).hexdigest()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(model.SerializeToString(deterministic=True))
+                f.write(data)
             os.replace(tmp, path)  # concurrent first uses each write whole files
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     except OSError:  # a read-only or full cache folder: the model is still returned
         pass
-    return model
+    return model, sha
 
 
 def _whole_alexnet(model: onnx.ModelProto) -> bool:
@@ -274,9 +288,20 @@ def input_hw(model: onnx.ModelProto) -> tuple[int, int]:
 
 def load_model(name_or_path: str) -> onnx.ModelProto:
     """A built-in model by name, or an ONNX file by path, checked to be an image model."""
+    return load_model_hashed(name_or_path)[0]
+
+
+def load_model_hashed(name_or_path: str) -> tuple[onnx.ModelProto, str | None]:
+    """`load_model`, and the SHA-256 of the bytes it was read from (a file and its external
+    data, see filehash.py), so that the stage store need not serialise 244 MB to hash the
+    model; None where there is no such file (then hash the model itself)."""
+    from .filehash import load_hashed
+
     key = str(name_or_path)
+    if key.lower() == "alexnet":
+        return alexnet_hashed()
     if key.lower() in BUILTIN:
-        return BUILTIN[key.lower()]()
+        return BUILTIN[key.lower()](), None
     path = Path(key)
     if not path.exists():
         raise ModelError(f"model file not found: {path} "
@@ -284,13 +309,13 @@ def load_model(name_or_path: str) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelError(f"model path is not a file: {path}")
     try:
-        model = onnx.load(str(path))
+        model, sha = load_hashed(path)
     except Exception as e:  # protobuf DecodeError, bad external data, ...
         raise ModelError(f"cannot read ONNX model {path}: {e}") from e
     if not model.graph.node:
         raise ModelError(f"{path} is not an ONNX model (its graph has no nodes)")
     check_image_model(model)
-    return model
+    return model, sha
 
 
 def save_model(model: onnx.ModelProto, path: str | Path) -> Path:

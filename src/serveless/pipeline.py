@@ -194,7 +194,7 @@ def prepare_job(
     """
     from . import quantize as q
     from .images import make_transform
-    from .models import input_hw, load_model, make_batch_dynamic, preprocessing
+    from .models import input_hw, load_model_hashed, make_batch_dynamic, preprocessing
     from .partition import partition, resolve_cuts
     from .sources import (
         SourceError,
@@ -216,7 +216,11 @@ def prepare_job(
     store.check()
     old = JobSpec.load(store, job) if store.exists(layout.spec) else None
     model = model or (old.model if old else DEFAULT_MODEL)
-    onnx_model, fixed_batch = make_batch_dynamic(load_model(model))
+    loaded, file_sha = load_model_hashed(model)
+    onnx_model, fixed_batch = make_batch_dynamic(loaded)
+    # the file's hash names the model only as it was read (not one made batch-dynamic)
+    model_hash = file_sha if onnx_model is loaded else None
+    expect = old.models if old is not None else None
     if cuts is None and preset is None and old is not None:
         cut_list = list(old.cuts)  # not asked again: as before, whatever named them then
     else:
@@ -310,7 +314,7 @@ def prepare_job(
         # shared by jobs of the same model and cuts: partitioned (which checks equivalence
         # before anything is written) and uploaded once per store
         models = ensure_stage_models(store, onnx_model, cut_list, partition, say=say,
-                                     label=label)
+                                     label=label, model_hash=model_hash, expect=expect)
     else:  # calibration reads the job's records: upload them first
         if new:
             say(f"uploading {len(new)} records ({record_mb:,.1f} MB)…")
@@ -324,7 +328,8 @@ def prepare_job(
         # stored like fp32 stages, content-addressed by their calibrated cache key too
         models = ensure_stage_models(
             store, onnx_model, cut_list, lambda *_: stages,
-            extra={"precision": asked.precision, "cache": asked.quantize.get("cache")})
+            extra={"precision": asked.precision, "cache": asked.quantize.get("cache")},
+            model_hash=model_hash, expect=expect, machine_cache=False)
     if old is not None and old.models and old.models != models.prefix:
         raise JobError(f"job {job!r} was made with other stage models ({old.models}): the "
                        f"model {model} changed since; use a new --job")

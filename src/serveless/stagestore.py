@@ -10,6 +10,12 @@ A set is complete when its manifest (written last) is there and every file it li
 its size, and on a local store its SHA-256 as well (reading it back is cheap there; on an
 object store each file was written by one atomic PUT, so its size is the check). A set
 that fails the check is rebuilt in place.
+
+A set missing from the store is first looked for in this machine's cache of checked sets
+(stagecache.py): found whole, it is only uploaded, with no partition and no check.
+The model's hash is the SHA-256 of the file it was read from when there is one
+(filehash.py), else of its deterministic serialisation; the two agree for the built-in
+AlexNet, whose cached file is that serialisation.
 """
 
 from __future__ import annotations
@@ -18,14 +24,15 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import onnx
 
+from . import stagecache
 from .function import DATA_SUFFIX  # a stage's weights beside its graph
 from .store import ModelLayout, Store, StoreError
 
@@ -71,12 +78,26 @@ def ensure_stage_models(
     extra: dict[str, Any] | None = None,
     say: Callable[[str], None] | None = None,
     label: str = "the model",
+    *,
+    model_hash: str | None = None,
+    expect: str | None = None,
+    machine_cache: bool = True,
 ) -> StageModels:
-    """The stage models of (model, cuts) in the store: reused when complete, else made
-    with `make_stages` (which partitions and checks equivalence) and uploaded. `say`
-    tells a person which (`label` names the model and cuts)."""
-    model_hash = model_sha256(model)
+    """The stage models of (model, cuts) in the store: reused when complete, else copied
+    from this machine's cache of checked sets (`machine_cache`), else made with
+    `make_stages` (which partitions and checks equivalence) and uploaded. `say` tells a
+    person which (`label` names the model and cuts).
+
+    `model_hash` is the SHA-256 of the file the model was read from (None: hash the
+    model). `expect` is the prefix a resumed job already uses: when the file's hash does
+    not give it, the model's serialisation (how jobs before file hashing were addressed)
+    is tried too."""
+    model_hash = model_hash or model_sha256(model)
     layout = ModelLayout(stage_digest(model_hash, cuts, extra))
+    if expect and expect != layout.prefix:
+        legacy = model_sha256(model)
+        if ModelLayout(stage_digest(legacy, cuts, extra)).prefix == expect:
+            model_hash, layout = legacy, ModelLayout(stage_digest(legacy, cuts, extra))
     manifest = read_manifest(store, layout)
     if manifest is not None:
         problem = verify(store, layout, manifest, deep=store.local)
@@ -90,16 +111,55 @@ def ensure_stage_models(
         log.warning("stage models %s are damaged (%s); rebuilding them", layout.prefix, problem)
         if say:
             say(f"stage models in {layout.prefix} are damaged ({problem}): rebuilding them")
-    if say:
-        say(f"partitioning {label} and checking the chained stages against it…")
-    stages = make_stages(model, list(cuts))
-    files = _upload_stages(store, layout, stages)
     manifest = {"version": MANIFEST_VERSION, "digest": layout.digest, "model_sha256": model_hash,
-                "cuts": list(cuts), "stage_format": STAGE_FORMAT, "extra": extra or {},
-                "stages": len(stages), "files": files, "created": round(time.time(), 3)}
+                "cuts": list(cuts), "stage_format": STAGE_FORMAT, "extra": extra or {}}
+    files = _upload_cached(store, layout, say) if machine_cache else None
+    if files is None:
+        if say:
+            say(f"partitioning {label} and checking the chained stages against it…")
+        stages = make_stages(model, list(cuts))
+        with stagecache.staging() as folder:
+            files = _save_stages(folder, stages)
+            manifest.update(stages=len(stages), files=files)
+            cached = stagecache.publish(folder, manifest) if machine_cache else None
+            _upload_files(store, layout, cached or folder, files)
+        log.info("stage models %s partitioned, checked and uploaded", layout.prefix)
+    else:
+        log.info("stage models %s copied from this machine's cache: no partition", layout.prefix)
+    manifest.update(stages=sum(1 for n in files if n.endswith(".onnx")), files=files,
+                    created=round(time.time(), 3))
     store.put_bytes(layout.manifest, json.dumps(manifest, indent=2).encode())
-    log.info("stage models %s partitioned, checked and uploaded", layout.prefix)
-    return StageModels(layout, len(stages), reused=False, size=_total(files))
+    return StageModels(layout, int(manifest["stages"]), reused=False, size=_total(files))
+
+
+def _upload_cached(store: Store, layout: ModelLayout,
+                   say: Callable[[str], None] | None) -> dict[str, dict[str, Any]] | None:
+    """Upload the set from this machine's cache, each file hashed on its way into the
+    store; its files (name -> size, sha256), or None when absent or damaged (deleted)."""
+    found = stagecache.lookup(layout.digest)
+    if found is None:
+        return None
+    folder, cached = found
+    if say:
+        say(f"stage models found in this machine's cache ({folder}): uploading them, "
+            "no partition")
+    files: dict[str, dict[str, Any]] = cached["files"]
+    try:
+        for name in _upload_order(files):
+            with store.writer(f"{layout.prefix}/{name}") as out:
+                stagecache.copy_verified(folder / name, files[name], out)
+    except (stagecache.CacheDamaged, OSError) as exc:
+        log.warning("cached stage models %s are damaged (%s): deleting them", folder, exc)
+        if say:
+            say(f"cached stage models in {folder} are damaged ({exc}): rebuilding them")
+        stagecache.discard(layout.digest)
+        return None
+    return files
+
+
+def _upload_order(files: dict[str, Any]) -> list[str]:
+    """Weights before the graph that names them."""
+    return sorted(files, key=lambda n: (not n.endswith(DATA_SUFFIX), n))
 
 
 def _total(files: dict[str, dict[str, Any]]) -> int:
@@ -147,26 +207,28 @@ def _sha256(store: Store, key: str) -> str:
     return sha.hexdigest()
 
 
-def _upload_stages(store: Store, layout: ModelLayout,
-                   stages: list[onnx.ModelProto]) -> dict[str, dict[str, Any]]:
+def _save_stages(folder: Path, stages: list[onnx.ModelProto]) -> dict[str, dict[str, Any]]:
     """Each stage as a graph plus its weights as external data, so that onnxruntime maps
     the weights instead of copying them out of a parsed protobuf: a lower peak at load
     (AlexNet's classifier: about 360 MB instead of 420 MB). Returns name -> size, sha256."""
     files: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="serveless-stages-") as tmp:
-        for k, stage in enumerate(stages):
-            key = layout.stage(k)
-            name = key.rsplit("/", 1)[-1]
-            path = os.path.join(tmp, name)
-            onnx.save_model(stage, path, save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=name + DATA_SUFFIX,
-                            size_threshold=1024)
-            for suffix in (DATA_SUFFIX, ""):  # weights first, the graph that names them last
-                if os.path.exists(path + suffix):
-                    store.put_file(path + suffix, key + suffix)
-                    files[name + suffix] = {"size": os.path.getsize(path + suffix),
-                                            "sha256": _file_sha256(path + suffix)}
+    for k, stage in enumerate(stages):
+        name = f"stage-{k}.onnx"
+        path = os.path.join(folder, name)
+        onnx.save_model(stage, path, save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=name + DATA_SUFFIX,
+                        size_threshold=1024)
+        for suffix in (DATA_SUFFIX, ""):
+            if os.path.exists(path + suffix):
+                files[name + suffix] = {"size": os.path.getsize(path + suffix),
+                                        "sha256": _file_sha256(path + suffix)}
     return files
+
+
+def _upload_files(store: Store, layout: ModelLayout, folder: Path,
+                  files: dict[str, dict[str, Any]]) -> None:
+    for name in _upload_order(files):
+        store.put_file(folder / name, f"{layout.prefix}/{name}")
 
 
 def _file_sha256(path: str) -> str:
