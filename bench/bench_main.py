@@ -7,7 +7,9 @@
     model in one onnxruntime session on all cores, batch 32;
 (b) serveless: the paper preset on the local backend, concurrency 2, default memory;
     images/s of the job (run_job), and of the whole command (prepare_job + run_job: model
-    load, partition, equivalence check, upload of stages and records), in a fresh store;
+    load, partition, equivalence check, upload of stages and records), in a fresh store
+    (after the first job, the stages come from this machine's cache of checked sets, with no
+    partition or check, as for a user's second store; SERVELESS_STAGE_CACHE=0 to pay them);
 (b2) serveless at the configuration a user would pick for throughput on this machine (by
     default the whole model as one stage, 1769 MB = 1 vCPU per function, concurrency 2,
     records of images / concurrency so no function runs alone at the end; --best-*), its
