@@ -155,3 +155,20 @@ def test_a_resumed_job_keeps_the_address_from_the_model_serialisation(tmp_path, 
                               model_hash=other, expect="models/" + "cd" * 32,
                               machine_cache=False)
     assert got.prefix == ModelLayout(stage_digest(other, ["r1"])).prefix
+
+
+def test_a_store_failure_keeps_the_cached_set(tmp_path, cache, model_file, monkeypatch):
+    """An upload that fails in the store says nothing of the cache: the set stays there."""
+    model = onnx.load(model_file)
+    part = serveless.partition.partition
+    first = ensure_stage_models(Store(str(tmp_path / "s1")), model, ["r1"], part)
+    entry = cache / first.layout.digest
+    broken = Store(str(tmp_path / "s2"))
+
+    def refuse(key):
+        raise PermissionError("store refuses writes")
+
+    monkeypatch.setattr(broken, "writer", refuse)
+    with pytest.raises(PermissionError):
+        ensure_stage_models(broken, model, ["r1"], part)
+    assert stagecache.lookup(first.layout.digest) is not None and entry.is_dir()

@@ -106,11 +106,22 @@ def _check(folder: Path, digest: str) -> str | None:
 
 def copy_verified(src: Path, want: dict[str, Any], write: Any) -> None:
     """Copy `src` into the writable `write` (a store writer), hashing it on the way; raise
-    CacheDamaged (inside the writer, so the object is not written) when it does not match."""
+    CacheDamaged (inside the writer, so the object is not written) when it does not match
+    or cannot be read. The store's own errors pass through: they say nothing of the cache."""
     sha = hashlib.sha256()
     size = 0
-    with open(src, "rb") as f:
-        while chunk := f.read(1 << 22):
+    try:
+        f = open(src, "rb")
+    except OSError as exc:
+        raise CacheDamaged(f"{src.name} cannot be read: {exc}") from exc
+    with f:
+        while True:
+            try:
+                chunk = f.read(1 << 22)
+            except OSError as exc:
+                raise CacheDamaged(f"{src.name} cannot be read: {exc}") from exc
+            if not chunk:
+                break
             sha.update(chunk)
             size += len(chunk)
             write.write(chunk)

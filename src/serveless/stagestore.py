@@ -148,7 +148,7 @@ def _upload_cached(store: Store, layout: ModelLayout,
         for name in _upload_order(files):
             with store.writer(f"{layout.prefix}/{name}") as out:
                 stagecache.copy_verified(folder / name, files[name], out)
-    except (stagecache.CacheDamaged, OSError) as exc:
+    except stagecache.CacheDamaged as exc:
         log.warning("cached stage models %s are damaged (%s): deleting them", folder, exc)
         if say:
             say(f"cached stage models in {folder} are damaged ({exc}): rebuilding them")
