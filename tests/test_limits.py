@@ -225,6 +225,30 @@ def test_watchdog_counts_children(procs: list[subprocess.Popen]) -> None:
         wd.stop()
 
 
+def test_backstop_watchdog_reads_the_process_alone(procs: list[subprocess.Popen]) -> None:
+    """Where a cgroup caps the whole tree, the watchdog is a backstop on the process itself:
+    it does not scan the machine for children (the scan took 14% of a core from the
+    functions), so a child's memory is the cgroup's to cap, not its."""
+    from serveless.backends.local import LocalBackend
+
+    forking = "import os, sys\nif os.fork() == 0:\n" + "\n".join(
+        "    " + line for line in ALLOC.strip().splitlines()
+    ) + "\nos.wait()\n"
+    wd = L.Watchdog(interval=0.02, children=False)
+    try:
+        p = spawn(procs, forking, "300")
+        wd.watch(p.pid, 200)
+        go(p)
+        assert p.stdout is not None and p.stdout.readline().strip() == "allocated"
+        time.sleep(0.2)  # 10 samples
+        assert p.poll() is None and wd.killed(p.pid) is None
+        assert (wd.peak(p.pid) or 0) < 200
+    finally:
+        wd.stop()
+    with LocalBackend() as backend:
+        assert backend.watchdog.children == (backend.mode == "watchdog")
+
+
 def test_watchdog_spares_process_under_cap(procs: list[subprocess.Popen]) -> None:
     wd = L.Watchdog(interval=0.02)
     try:
