@@ -5,15 +5,17 @@
 
 Calibrates AlexNet once on the workload's images, then per configuration (1, 2 and 4
 stages; memory 512-3008 MB; records of 100-1000 images; concurrency 1 and 2) runs the job
-on the local backend (fresh backend, cold starts included) and simulates it with target
-`local` from the calibration alone. Prints wall and cost predicted vs measured and their
-ratios (the goal: wall within 15%, cost within 5%). Measured figures come from the job's
-invocation log; simulated ones are labelled so and never mixed into them.
+on the local backend (fresh backend, cold starts included; --repeats runs, in rounds over
+all configurations, the median counts) and simulates it with target `local` from the
+calibration alone. Prints wall and cost predicted vs measured and their ratios (the goal:
+wall within 15%, cost within 5%). Measured figures come from the jobs' invocation logs;
+simulated ones are labelled so and never mixed into them.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -76,6 +78,9 @@ def main() -> None:
     ap.add_argument("--detail", action="store_true",
                     help="print, per stage, measured/simulated ms: cold init, cold and warm "
                          "duration, read, compute, write, billed")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="measured runs per configuration, in rounds; the median counts "
+                         "(one run of the same job varied by up to 15%% here)")
     args = ap.parse_args()
     configs = TINY if args.tiny else CONFIGS
     rows = []
@@ -86,13 +91,22 @@ def main() -> None:
         _, cal_records = workload(biggest, 100)
         cal = calibrate("alexnet", store, str(cal_records))
         print(f"calibrated in {time.perf_counter() - t0:.1f} s ({cal['cpu_control']})")
-        for name, cuts, memory, per_record, conc, n_rec in configs:
-            _, rec_dir = workload(per_record * n_rec, per_record)
-            setup = Setup(store=store, model="alexnet", cuts=cuts, micro_batch=32)
-            spec = setup.prepare("bench-sim", memory, rec_dir)
-            log = setup.run(spec, concurrency=conc)
-            measured_wall = log_span_s(log)
-            measured_cost = bill(log)["total"].total
+        runs: dict[str, list[dict]] = {c[0]: [] for c in configs}
+        for rnd in range(args.repeats):  # rounds over all configurations: drift hits all
+            for name, cuts, memory, per_record, conc, n_rec in configs:
+                _, rec_dir = workload(per_record * n_rec, per_record)
+                setup = Setup(store=store, model="alexnet", cuts=cuts, micro_batch=32)
+                spec = setup.prepare("bench-sim", memory, rec_dir)
+                log = setup.run(spec, concurrency=conc)
+                runs[name].append({"log": log, "wall": log_span_s(log),
+                                   "cost": bill(log)["total"].total})
+                print(f"round {rnd + 1}: {name:40s} measured {runs[name][-1]['wall']:6.2f} s, "
+                      f"${runs[name][-1]['cost']:.6f}", flush=True)
+        for name, cuts, memory, per_record, conc, _ in configs:
+            done = runs[name]
+            log = done[-1]["log"]
+            measured_wall = statistics.median(r["wall"] for r in done)
+            measured_cost = statistics.median(r["cost"] for r in done)
             images = sum(r["images"] or 0 for r in log if r["stage"] == len(cuts)
                          and r.get("error") is None)
             plan = {"cuts": cuts, "memory": memory, "images_per_record": per_record,
@@ -102,14 +116,20 @@ def main() -> None:
                          "measured_wall_s": measured_wall, "simulated_wall_s": sim.wall_s,
                          "wall_ratio": sim.wall_s / measured_wall,
                          "measured_cost": measured_cost, "simulated_cost": sim.cost,
-                         "cost_ratio": sim.cost / measured_cost})
+                         "cost_ratio": sim.cost / measured_cost,
+                         "measured_walls": [r["wall"] for r in done],
+                         "measured_costs": [r["cost"] for r in done]})
             rows[-1]["stages"] = breakdown(log, sim.rows, len(cuts) + 1)
             r = rows[-1]
+            spread = (f" (runs {min(r['measured_costs']) / measured_cost:.3f}-"
+                      f"{max(r['measured_costs']) / measured_cost:.3f} of it)"
+                      if len(done) > 1 else "")
             print(f"{name:40s} wall measured {measured_wall:7.2f} s, simulated "
                   f"{sim.wall_s:7.2f} s (x{r['wall_ratio']:.3f}); cost measured "
-                  f"${measured_cost:.6f}, simulated ${sim.cost:.6f} (x{r['cost_ratio']:.3f})",
-                  flush=True)
+                  f"${measured_cost:.6f}{spread}, simulated ${sim.cost:.6f} "
+                  f"(x{r['cost_ratio']:.3f})", flush=True)
             if args.detail:
+                print("    (the last run, measured/simulated ms)")
                 for k, d in enumerate(r["stages"]):
                     print(f"    stage {k}  " + "  ".join(
                         f"{key} {d['measured'][key]:.0f}/{d['simulated'][key]:.0f}"
