@@ -218,14 +218,17 @@ class Model:
         io, gets, puts = self._io(r)
         dl, req, model_gets = self._fixed()
         stretch: Any = 1.0
+        stretch_i: Any = 1.0  # an init runs on one thread: it uses 1 vCPU at most
         if t.cores is not None:
             stretch = np.maximum(1.0, self.in_flight(cfg) * self.v / t.cores)[None, :]
+            stretch_i = np.maximum(1.0, self.in_flight(cfg) * np.minimum(self.v, 1.0)
+                                   / t.cores)[None, :]
         d = t.invoke_ms + io[:, None] + r * self.ms_per_image(cfg.micro_batch) * stretch
         start, load = self._cold_cpu(self.v)
         if t.start_cpu_bound:
-            init = dl[:, None] + (start[None, :] + load) * stretch
+            init = dl[:, None] + (start[None, :] + load) * stretch_i
         else:
-            init = dl[:, None] + start + load * stretch
+            init = dl[:, None] + start + load * stretch_i
         ok = ((self.mem[None, :] >= self.need(cfg.micro_batch)[:, None])
               & ((d + init) <= t.timeout_s * 1000)
               & (self.model_bytes <= t.tmp_mb * 2**20)[:, None])
@@ -270,17 +273,20 @@ class Model:
             below = np.minimum(self.v[c], 1.0)
             st = (np.maximum(1.0, inflight * self.v[c] / t.cores) if t.cores is not None
                   else np.ones(c.shape))
+            sti = (np.maximum(1.0, inflight * np.minimum(self.v[c], 1.0) / t.cores)
+                   if t.cores is not None else np.ones(c.shape))
             start = t.platform_init_ms / below if t.start_cpu_bound else \
                 np.full(c.shape, t.platform_init_ms)
             if col:
-                st, start, below = st[None, :], start[None, :], below[None, :]
+                st, sti = st[None, :], sti[None, :]
+                start, below = start[None, :], below[None, :]
                 io_, dl_, load = io[:, None], dl[:, None], self.load_ms[:, None] / below
             else:
                 io_, dl_, load = io, dl, self.load_ms / below
             d = t.invoke_ms + io_ + r * ms_c * st
             if t.start_cpu_bound:
-                return d, dl_ + (start + load) * st
-            return d, dl_ + start + load * st
+                return d, dl_ + (start + load) * sti
+            return d, dl_ + start + load * sti
 
         d_c, init_c = at(cols, ms[:, cols], True)
         mask = cols[None, :] >= lo[:, None]
