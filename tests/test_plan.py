@@ -247,6 +247,7 @@ def test_simulator_replays_a_recorded_local_job_within_tolerance():
     """tests/data: a measured local job (bench/record_replay.py) and the calibration made
     just before it on the same machine."""
     cal = validate(json.loads((DATA / "replay-calibration.json").read_text()))
+    assert cal["write_ms_per_mb"] > 0 and cal["blocks"][0]["first_run_ms"] > 0  # timed paths
     rows = [json.loads(x) for x in (DATA / "replay-invocations.jsonl").read_text().splitlines()]
     ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
     measured_wall = max(ends) - min(r["started"] for r in rows)
