@@ -54,7 +54,7 @@ def test_instances_sigkilled_at_random(tmp_path, records_dir):
     def killer() -> None:
         rng = random.Random(3)
         while not stop.is_set() and len(kills) < 3:
-            time.sleep(rng.uniform(0.3, 1.0))
+            time.sleep(rng.uniform(0.1, 0.5))  # the job takes a few seconds: look often
             procs = busy_instances()
             if procs:
                 victim = rng.choice(procs)
