@@ -69,3 +69,30 @@ def records_dir(tmp_path_factory, image_dir) -> Path:
     root = tmp_path_factory.mktemp("records")
     pack_folder(image_dir, Store(str(root)), "", 25)
     return root
+
+
+@pytest.fixture
+def counted_partition(monkeypatch):
+    """Every call of the partition (which runs the equivalence check), by its cuts."""
+    import serveless.partition
+
+    calls: list[list[str]] = []
+    real = serveless.partition.partition
+
+    def counting(model, cuts, *args, **kwargs):
+        calls.append(list(cuts))
+        return real(model, cuts, *args, **kwargs)
+
+    monkeypatch.setattr(serveless.partition, "partition", counting)
+    return calls
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    """A tiny two-stage user model (cut at "r1") saved as an ONNX file."""
+    import onnx
+    from helpers import tiny_conv_classifier
+
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_conv_classifier(), path)
+    return path

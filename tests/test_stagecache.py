@@ -7,7 +7,7 @@ import json
 
 import onnx
 import pytest
-from helpers import rows_of, tiny_conv_classifier
+from helpers import rows_of
 
 import serveless.partition
 from serveless import stagecache
@@ -24,27 +24,6 @@ def cache(tmp_path, monkeypatch):
     return folder
 
 
-@pytest.fixture
-def partitions(monkeypatch):
-    """Every call of the partition (which runs the equivalence check), by its cuts."""
-    calls: list[list[str]] = []
-    real = serveless.partition.partition
-
-    def counting(model, cuts, *args, **kwargs):
-        calls.append(list(cuts))
-        return real(model, cuts, *args, **kwargs)
-
-    monkeypatch.setattr(serveless.partition, "partition", counting)
-    return calls
-
-
-@pytest.fixture
-def model_file(tmp_path):
-    path = tmp_path / "tiny.onnx"
-    onnx.save(tiny_conv_classifier(), path)
-    return path
-
-
 def _files(store_root, prefix):
     folder = store_root / prefix
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "manifest.json"}
@@ -56,9 +35,9 @@ def _prepare(tmp_path, name, model_file, records_dir, cuts="r1"):
 
 
 def test_a_new_store_uploads_the_cached_set_without_partitioning(
-        tmp_path, cache, partitions, model_file, records_dir):
+        tmp_path, cache, counted_partition, model_file, records_dir):
     _, first = _prepare(tmp_path, "s1", model_file, records_dir)
-    assert partitions == [["r1"]]
+    assert counted_partition == [["r1"]]
     digest = first.models.rsplit("/", 1)[-1]
     entry = cache / digest
     cached = json.loads((entry / "manifest.json").read_text())
@@ -67,7 +46,7 @@ def test_a_new_store_uploads_the_cached_set_without_partitioning(
     assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporaries left
 
     store, second = _prepare(tmp_path, "s2", model_file, records_dir)
-    assert partitions == [["r1"]]  # a fresh store: no partition, no equivalence check
+    assert counted_partition == [["r1"]]  # a fresh store: no partition, no equivalence check
     assert second.models == first.models
     assert _files(tmp_path / "s2", second.models) == _files(tmp_path / "s1", first.models)
     stored = json.loads(store.get_bytes(ModelLayout(digest).manifest))
@@ -77,13 +56,13 @@ def test_a_new_store_uploads_the_cached_set_without_partitioning(
     assert len(rows_of(store, "j")) == 60
 
     _prepare(tmp_path, "s3", model_file, records_dir, cuts="g")
-    assert partitions == [["r1"], ["g"]]  # other cuts: another set
+    assert counted_partition == [["r1"], ["g"]]  # other cuts: another set
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest", "bad-manifest",
                                     "missing-file"])
 def test_a_damaged_cache_entry_is_made_again_never_used(
-        tmp_path, cache, partitions, model_file, records_dir, damage):
+        tmp_path, cache, counted_partition, model_file, records_dir, damage):
     _, first = _prepare(tmp_path, "s1", model_file, records_dir)
     entry = cache / first.models.rsplit("/", 1)[-1]
     good = _files(tmp_path / "s1", first.models)
@@ -102,27 +81,27 @@ def test_a_damaged_cache_entry_is_made_again_never_used(
         (entry / "stage-1.onnx").unlink()
 
     store, second = _prepare(tmp_path, "s2", model_file, records_dir)
-    assert partitions == [["r1"], ["r1"]]  # made again
+    assert counted_partition == [["r1"], ["r1"]]  # made again
     assert _files(tmp_path / "s2", second.models) == good  # the store got whole stages
     assert _files(cache, entry.name) == good  # and so did the cache
     with LocalBackend() as backend:
         assert run_job(store, JobSpec.load(store, "j"), backend, progress=False).ok
     _prepare(tmp_path, "s3", model_file, records_dir)
-    assert partitions == [["r1"], ["r1"]]  # whole again: used
+    assert counted_partition == [["r1"], ["r1"]]  # whole again: used
 
 
-def test_cache_off_unwritable_or_full(tmp_path, monkeypatch, partitions, model_file,
+def test_cache_off_unwritable_or_full(tmp_path, monkeypatch, counted_partition, model_file,
                                       records_dir):
     monkeypatch.setenv(stagecache.STAGE_CACHE_ENV, "0")
     _prepare(tmp_path, "s1", model_file, records_dir)
     _prepare(tmp_path, "s2", model_file, records_dir)
-    assert len(partitions) == 2  # off: every new store partitions
+    assert len(counted_partition) == 2  # off: every new store counted_partition
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv(stagecache.STAGE_CACHE_ENV, str(blocker / "stages"))
     store, spec = _prepare(tmp_path, "s3", model_file, records_dir)  # cannot be written
-    assert len(partitions) == 3 and store.exists(spec.stage_model_key(1))
+    assert len(counted_partition) == 3 and store.exists(spec.stage_model_key(1))
 
     cache = tmp_path / "small"
     monkeypatch.setenv(stagecache.STAGE_CACHE_ENV, str(cache))

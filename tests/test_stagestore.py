@@ -9,7 +9,6 @@ import onnx
 import pytest
 from helpers import rows_of, tiny_conv_classifier
 
-import serveless.partition
 from serveless.backends.local import LocalBackend
 from serveless.pipeline import JobError, JobSpec, prepare_job, run_job
 from serveless.stagestore import stage_digest
@@ -30,26 +29,6 @@ class CountingStore(Store):
     def put_bytes(self, key, data):
         self.written.append(key)
         super().put_bytes(key, data)
-
-
-@pytest.fixture
-def counted_partition(monkeypatch):
-    calls: list[list[str]] = []
-    real = serveless.partition.partition
-
-    def counting(model, cuts, *args, **kwargs):
-        calls.append(list(cuts))
-        return real(model, cuts, *args, **kwargs)
-
-    monkeypatch.setattr(serveless.partition, "partition", counting)
-    return calls
-
-
-@pytest.fixture
-def model_file(tmp_path):
-    path = tmp_path / "tiny.onnx"
-    onnx.save(tiny_conv_classifier(), path)
-    return path
 
 
 def test_second_job_with_the_same_model_and_cuts_does_no_partition_and_no_upload(
