@@ -100,7 +100,7 @@ class Block:
     load_ms: float
     model_bytes: int
     load_peak_mb: float  # above the process's memory before the load, at its highest
-    first_run_ms: float = 0.0  # the first run after the load, beyond a warm one (batch 1)
+    first_run_ms: float = 0.0  # a fresh session's first run at batch 32, beyond warm runs
 
 
 # -- the child process -------------------------------------------------------------------------
@@ -191,9 +191,10 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
     for blk, b1, bc in zip(blocks, b1s, bcs, strict=True):
         blk["ms_per_image_b1"] = float(np.median(b1))
         blk["ms_per_image"] = float(np.median(bc))
-    # A function's first call runs a fresh session at its micro-batch (default 32): growing
-    # the arenas (fresh pages) and picking kernels for the shape cost 50-120 ms of CPU per
-    # stage at 1 vCPU in measured jobs, far more than a warm-up at batch 1 shows.
+    # A function's first call runs a fresh session at its micro-batch (default 32): its
+    # arenas grow and its kernels meet the shape. Measured jobs show 50-120 ms of CPU per
+    # stage at 1 vCPU for a first call; a fresh session here shows 0-23 ms of it (the rest
+    # is a fresh process's: its pages, which this child has already touched).
     for k, (blk, (_, name, x)) in enumerate(zip(blocks, kept, strict=True)):
         sess = _session(cfg["blocks"][k]["path"], 1)
         xx = np.concatenate([x, x])
