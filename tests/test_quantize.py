@@ -67,11 +67,12 @@ def test_int8_job_records_sensible_fidelity(int8_job):
     assert f"on {f['images']} held-out images" in lines[1] and "top-1 accuracy" in lines[1]
 
 
-def test_second_job_reuses_the_cached_stages(int8_job, digits_records):
+def test_second_job_reuses_the_cached_stages(int8_job, digits_records, counted_partition):
     store, spec, _ = int8_job
     again = prepare_job(store, "q8-again", "digits", cuts="pool1", records=str(digits_records),
                         quantize="int8", calibration_images=32)
     assert again.quantize["cache_hit"] is True
+    assert counted_partition == []  # a cached int8 set: no fp32 partition, no check
     assert again.quantize["cache"] == spec.quantize["cache"]
     assert again.quantize["fidelity"] == spec.quantize["fidelity"]
     assert again.models == spec.models  # the same stored int8 stages, shared
@@ -79,6 +80,7 @@ def test_second_job_reuses_the_cached_stages(int8_job, digits_records):
                         quantize="int8", calibration_images=16)  # another calibration set
     assert other.quantize["cache_hit"] is False
     assert other.quantize["cache"] != spec.quantize["cache"]
+    assert counted_partition == [["pool1"]]  # a miss: partitioned (and checked) once
 
 
 def test_resume_keeps_the_precision_and_refuses_another(int8_job, digits_records):

@@ -321,10 +321,13 @@ def prepare_job(
         upload_inputs()
         new = []
         asked.records = sorted(names)
-        say(f"partitioning {label} and checking the chained stages against it…")
-        stages = partition(onnx_model, cut_list)
+
+        def fp32_stages() -> list[Any]:  # only when no cached reduced-precision set fits
+            say(f"partitioning {label} and checking the chained stages against it…")
+            return partition(onnx_model, cut_list)
+
         stages, asked.quantize = _reduce_precision(store, layout, old, asked, onnx_model,
-                                                   stages, calibration_images, say)
+                                                   fp32_stages, calibration_images, say)
         # stored like fp32 stages, content-addressed by their calibrated cache key too
         models = ensure_stage_models(
             store, onnx_model, cut_list, lambda *_: stages,
@@ -349,13 +352,15 @@ def prepare_job(
 
 
 def _reduce_precision(store: Store, layout: JobLayout, old: JobSpec | None, asked: JobSpec,
-                      onnx_model: Any, stages: list[Any], calibration_images: int,
+                      onnx_model: Any, stages: Callable[[], list[Any]],
+                      calibration_images: int,
                       say: Callable[[str], None]) -> tuple[list[Any], dict[str, Any]]:
-    """int8 or float16-weight stages: a resumed job keeps the ones its outputs came from."""
+    """int8 or float16-weight stages: a resumed job keeps the ones its outputs came from.
+    `stages` makes the fp32 stages, called only when no cached set fits."""
     from . import quantize as q
 
     if old is not None:
-        reused = q.load_cached(store, old.quantize, len(stages))
+        reused = q.load_cached(store, old.quantize, len(asked.cuts) + 1)
         if reused is not None:
             return reused, old.quantize
     say(f"{asked.precision} stages: calibrating and measuring fidelity on the job's images…"

@@ -326,30 +326,34 @@ def cache_prefix(mode: str, digest: str) -> str:
 
 
 def prepare(store: Any, model: onnx.ModelProto, cuts: Sequence[str],
-            stages: Sequence[onnx.ModelProto], records: Sequence[tuple[str, Opener]],
+            stages: Sequence[onnx.ModelProto] | Callable[[], list[onnx.ModelProto]],
+            records: Sequence[tuple[str, Opener]],
             quantize: str | None, weights: str | None, size: Sequence[int],
             preprocess_: dict[str, Any] | None = None,
             calibration_images: int = DEFAULT_CALIBRATION,
             heldout_images: int = DEFAULT_HELDOUT,
             ) -> tuple[list[onnx.ModelProto], dict[str, Any]]:
     """Reduced-precision stages for a job (from the store's cache when there) and what to
-    record in job.json: mode, calibration images, cache key and hit, fidelity."""
+    record in job.json: mode, calibration images, cache key and hit, fidelity. `stages`
+    are the fp32 stages, or a function that makes them: then the partition and its
+    equivalence check run only when the cache misses."""
     check_settings(quantize, weights, calibration_images)
     mode = mode_name(quantize, weights)
     if mode is None:
-        return list(stages), {}
+        return list(stages() if callable(stages) else stages), {}
     preprocess_ = preprocess_ or {}
     resize = preprocess_.get("resize")
     cal, held = select_images(records, calibration_images, heldout_images)
     digest = _digest(model, cuts, mode, cal, preprocess_, size)
     prefix = cache_prefix(mode, digest)
-    keys = [f"{prefix}/stage-{k}.onnx" for k in range(len(stages))]
+    keys = [f"{prefix}/stage-{k}.onnx" for k in range(len(cuts) + 1)]
     hit = store is not None and all(store.exists(k) for k in keys)
     if hit:
         out = [onnx.load_from_string(store.get_bytes(k)) for k in keys]
     else:
         x_cal, _ = pixels(cal, size, resize)
-        out = reduce_precision(model, stages, quantize, weights, x_cal)
+        fp32 = stages() if callable(stages) else stages
+        out = reduce_precision(model, fp32, quantize, weights, x_cal)
         if store is not None:
             for k, q in zip(keys, out, strict=True):
                 store.put_bytes(k, q.SerializeToString())
