@@ -177,3 +177,18 @@ def test_partition_writes_int8_stages_and_prints_fidelity(tmp_path, digits_recor
     res = runner.invoke(app, ["partition", "digits", "--cuts", "pool1", "--out", str(out),
                               "--quantize", "int8"])
     assert res.exit_code == 2 and "need --records" in res.output
+
+
+def test_the_cache_key_takes_the_file_hash_and_matches_the_serialisation_hash(digits_model):
+    """A job hands the model file's hash (filehash.py) instead of hashing 244 MB again; for
+    a file that is the model's serialisation the key is the one it always was."""
+    import hashlib
+
+    from serveless.records import Example
+
+    model = digits_model
+    cal = [Example(b"jpeg-bytes-%d" % i) for i in range(3)]
+    args = (model, ["pool1"], "int8", cal, {}, [32, 32])
+    own = hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    assert q._digest(*args, model_hash=own) == q._digest(*args)
+    assert q._digest(*args, model_hash="ab" * 32) != q._digest(*args)

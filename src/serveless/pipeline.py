@@ -327,7 +327,8 @@ def prepare_job(
             return partition(onnx_model, cut_list)
 
         stages, asked.quantize = _reduce_precision(store, layout, old, asked, onnx_model,
-                                                   fp32_stages, calibration_images, say)
+                                                   fp32_stages, calibration_images, say,
+                                                   model_hash)
         # stored like fp32 stages, content-addressed by their calibrated cache key too
         models = ensure_stage_models(
             store, onnx_model, cut_list, lambda *_: stages,
@@ -353,8 +354,8 @@ def prepare_job(
 
 def _reduce_precision(store: Store, layout: JobLayout, old: JobSpec | None, asked: JobSpec,
                       onnx_model: Any, stages: Callable[[], list[Any]],
-                      calibration_images: int,
-                      say: Callable[[str], None]) -> tuple[list[Any], dict[str, Any]]:
+                      calibration_images: int, say: Callable[[str], None],
+                      model_hash: str | None = None) -> tuple[list[Any], dict[str, Any]]:
     """int8 or float16-weight stages: a resumed job keeps the ones its outputs came from.
     `stages` makes the fp32 stages, called only when no cached set fits."""
     from . import quantize as q
@@ -369,7 +370,8 @@ def _reduce_precision(store: Store, layout: JobLayout, old: JobSpec | None, aske
     quantize = asked.precision if asked.precision in q.QUANTIZE_MODES else None
     weights = "float16" if asked.precision == "fp16-weights" else None
     return q.prepare(store, onnx_model, asked.cuts, stages, openers, quantize, weights,
-                     asked.input_hw, asked.preprocess, calibration_images)
+                     asked.input_hw, asked.preprocess, calibration_images,
+                     model_hash=model_hash)
 
 
 def _quiet(_: str) -> None:

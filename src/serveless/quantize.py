@@ -305,12 +305,16 @@ def reduce_precision(model: onnx.ModelProto, stages: Sequence[onnx.ModelProto],
 
 
 def _digest(model: onnx.ModelProto, cuts: Sequence[str], mode: str,
-            calibration: Sequence[Example], preprocess_: dict[str, Any], size: Sequence[int]
-            ) -> str:
+            calibration: Sequence[Example], preprocess_: dict[str, Any], size: Sequence[int],
+            model_hash: str | None = None) -> str:
+    """`model_hash`: the SHA-256 (hex) of the file the model was read from, when known (see
+    filehash.py; for the built-in AlexNet it is its serialisation's), which saves hashing
+    a 244 MB serialisation again."""
     import onnxruntime
 
     h = hashlib.sha256()
-    h.update(hashlib.sha256(model.SerializeToString(deterministic=True)).digest())
+    h.update(bytes.fromhex(model_hash) if model_hash else
+             hashlib.sha256(model.SerializeToString(deterministic=True)).digest())
     h.update(json.dumps({"cuts": list(cuts), "mode": mode, "recipe": VERSION,
                          "onnxruntime": onnxruntime.__version__, "size": list(size),
                          "preprocess": preprocess_}, sort_keys=True).encode())
@@ -331,7 +335,7 @@ def prepare(store: Any, model: onnx.ModelProto, cuts: Sequence[str],
             quantize: str | None, weights: str | None, size: Sequence[int],
             preprocess_: dict[str, Any] | None = None,
             calibration_images: int = DEFAULT_CALIBRATION,
-            heldout_images: int = DEFAULT_HELDOUT,
+            heldout_images: int = DEFAULT_HELDOUT, model_hash: str | None = None,
             ) -> tuple[list[onnx.ModelProto], dict[str, Any]]:
     """Reduced-precision stages for a job (from the store's cache when there) and what to
     record in job.json: mode, calibration images, cache key and hit, fidelity. `stages`
@@ -344,7 +348,7 @@ def prepare(store: Any, model: onnx.ModelProto, cuts: Sequence[str],
     preprocess_ = preprocess_ or {}
     resize = preprocess_.get("resize")
     cal, held = select_images(records, calibration_images, heldout_images)
-    digest = _digest(model, cuts, mode, cal, preprocess_, size)
+    digest = _digest(model, cuts, mode, cal, preprocess_, size, model_hash)
     prefix = cache_prefix(mode, digest)
     keys = [f"{prefix}/stage-{k}.onnx" for k in range(len(cuts) + 1)]
     hit = store is not None and all(store.exists(k) for k in keys)
