@@ -67,41 +67,41 @@ def lookup(digest: str) -> tuple[Path, dict[str, Any]] | None:
     folder = base / digest
     if not folder.is_dir():
         return None
-    problem = _check(folder, digest)
+    problem, manifest = _check(folder, digest)
     if problem is not None:
         log.warning("cached stage models %s are damaged (%s): deleting them", folder, problem)
         discard(digest)
         return None
-    manifest = json.loads((folder / MANIFEST).read_text())
     with contextlib.suppress(OSError):
         os.utime(folder / MANIFEST)  # recently used: evicted last
     return folder, manifest
 
 
-def _check(folder: Path, digest: str) -> str | None:
+def _check(folder: Path, digest: str) -> tuple[str | None, dict[str, Any]]:
+    """(what is wrong with the cached set, or None; its manifest as read)."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
-        return "no readable manifest"
+        return "no readable manifest", {}
     if not isinstance(manifest, dict) or manifest.get("digest") != digest:
-        return "manifest of another set"
+        return "manifest of another set", {}
     files, stages = manifest.get("files"), manifest.get("stages")
     if not isinstance(files, dict) or not isinstance(stages, int) or stages < 1:
-        return "malformed manifest"
+        return "malformed manifest", manifest
     if any(f"stage-{k}.onnx" not in files for k in range(stages)):
-        return "a stage missing from the manifest"
+        return "a stage missing from the manifest", manifest
     for name, want in files.items():
         if (not _FILE.match(name) or not isinstance(want, dict)
                 or not isinstance(want.get("size"), int)
                 or not _DIGEST.match(str(want.get("sha256")))):
-            return f"malformed entry {name!r}"
+            return f"malformed entry {name!r}", manifest
         try:
             size = (folder / name).stat().st_size
         except OSError:
-            return f"{name} missing"
+            return f"{name} missing", manifest
         if size != want["size"]:
-            return f"{name} has {size} bytes, the manifest says {want['size']}"
-    return None
+            return f"{name} has {size} bytes, the manifest says {want['size']}", manifest
+    return None, manifest
 
 
 def copy_verified(src: Path, want: dict[str, Any], write: Any) -> None:

@@ -200,10 +200,14 @@ def verify(store: Store, layout: ModelLayout, manifest: dict[str, Any],
 
 
 def _sha256(store: Store, key: str) -> str:
-    sha = hashlib.sha256()
     with store.open_read(key) as f:
-        while chunk := f.read(1 << 22):
-            sha.update(chunk)
+        return _stream_sha256(f)
+
+
+def _stream_sha256(f: Any) -> str:
+    sha = hashlib.sha256()
+    while chunk := f.read(1 << 22):
+        sha.update(chunk)
     return sha.hexdigest()
 
 
@@ -232,8 +236,5 @@ def _upload_files(store: Store, layout: ModelLayout, folder: Path,
 
 
 def _file_sha256(path: str) -> str:
-    sha = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            sha.update(chunk)
-    return sha.hexdigest()
+        return _stream_sha256(f)
