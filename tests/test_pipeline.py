@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -57,6 +58,8 @@ def test_invocation_log_has_one_line_per_invocation(finished_job):
         assert r["error"] is None
         assert r["billed_ms"] == math.ceil(r["duration_ms"]) + math.ceil(r["init_ms"])
         assert r["peak_mb"] > 50 and r["bytes_in"] > 0 and r["bytes_out"] > 0
+        # the call's own CPU (all its threads), not the instance's since its start
+        assert 0 < r["cpu_ms"] <= r["duration_ms"] * (os.cpu_count() or 1) + 20
     # the first invocation of each instance is cold and reports init; later ones are warm
     by_instance: dict[str, list[dict]] = {}
     for r in sorted(log, key=lambda r: r["started"]):

@@ -307,6 +307,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
     if load.bytes:
         c.got(load.bytes, load.gets)
     c.heads += load.heads
+    cpu0 = time.process_time()
     with ChargeSampler() as sampler:  # the peak the memory cap is held to (memory.py)
         n, meta, written, quality = _serve(ev, store, layout, fmt, session, c)
     errors = len(meta.get("errors", {})) if meta else 0
@@ -314,6 +315,9 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
     charges = [p for p in (sampler.peak_mb, load.charge_peak_mb) if p is not None]
     peak = enforced_peak_mb(rss_peak, max(charges) if charges else None)
     duration_ms = (time.perf_counter() - t0) * 1000 - init_ms
+    # CPU of all the process's threads while serving: below duration × vCPUs, the call
+    # waited (on the store, or on cores shared with other instances), not on its quota.
+    cpu_ms = (time.process_time() - cpu0) * 1000
     return {
         "stage": ev.stage,
         "record": ev.record,
@@ -326,6 +330,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         "read_ms": round(c.read_ms, 3),
         "compute_ms": round(c.compute_ms, 3),
         "write_ms": round(c.write_ms, 3),
+        "cpu_ms": round(cpu_ms, 3),
         "bytes_in": c.bytes_in,
         "bytes_out": c.bytes_out,
         "gets": c.gets,
