@@ -132,6 +132,57 @@ def test_stage_time_adds_the_function_work_around_the_model():
     assert StageModel(old, 0, 1, 16).first_call_ms() == pytest.approx(7.0)
 
 
+def test_batch_time_follows_1_over_b_up_to_the_calibration_batch_and_no_further():
+    """Between batch 1 and the calibration batch a block's time per image is a per-image
+    part plus a per-call part over B; past it the 1/B law broke (a fully connected layer's
+    weight reads overlap its arithmetic), so the calibration batch's figure holds."""
+    cal = synthetic_calibration()  # block 0: 18 ms per image at batch 1, 12 at 16
+    blk = cal["blocks"][0]
+
+    def at(b: int, c: dict = cal) -> float:
+        return StageModel(c, 0, 0, b)._ms_at_batch(blk)
+
+    per_call = (18.0 - 12.0) / (1 - 1 / 16)
+    assert at(1) == pytest.approx(18.0) and at(16) == pytest.approx(12.0)
+    assert at(4) == pytest.approx(18.0 - per_call + per_call / 4)
+    assert at(32) == pytest.approx(12.0) and at(64) == pytest.approx(12.0)
+    # a calibration from before the batch was recorded was made at 16
+    old = {k: v for k, v in cal.items() if k != "calibration_batch"}
+    assert at(8, old) == pytest.approx(at(8)) and at(32, old) == pytest.approx(12.0)
+    at32 = {**cal, "calibration_batch": 32}
+    assert at(16, at32) > 12.0 and at(32, at32) == pytest.approx(12.0)
+
+
+def test_calibration_times_blocks_in_order_each_on_its_predecessors_output():
+    """A block timed alone, back to back, keeps small weights in the cache that a stage's
+    other layers evict: the timing passes run the blocks as the model does."""
+    from serveless.calibrate import _chain_times
+
+    class Block:
+        def __init__(self, k: int, out: tuple[int, ...]):
+            self.k, self.out, self.seen = k, out, []
+
+        def run(self, _names, feeds):
+            (x,) = feeds.values()
+            self.seen.append(x)
+            return [np.full((x.shape[0], *self.out), self.k + 1, np.float32)]
+
+    samples = [np.zeros((4, 3), np.float32), np.zeros((4, 2), np.float32),
+               np.full((4, 5), -1, np.float32)]
+    blocks = [Block(0, (2,)), Block(1, (7,)), Block(2, (1,))]
+    kept = [(b, "x", x) for b, x in zip(blocks, samples, strict=True)]
+    times = _chain_times(kept, 2, 3, min_s=60.0)
+    assert len(times) == 3 and all(t >= 0 for t in times)
+    assert [len(b.seen) for b in blocks] == [3, 3, 3]  # max_runs passes, min_s not reached
+    assert all(x.shape[0] == 2 for b in blocks for x in b.seen)  # the batch asked for
+    assert all((x == 1).all() for x in blocks[1].seen)  # block 0's output
+    # block 1's output is not block 2's input (shape): block 2 runs on its own sample
+    assert all((x == -1).all() and x.shape == (2, 5) for x in blocks[2].seen)
+    assert [len(b.seen) for b in blocks] == [3, 3, 3]
+    _chain_times(kept, 1, 5)  # min_s 0: one pass
+    assert [len(b.seen) for b in blocks] == [4, 4, 4]
+
+
 @pytest.mark.parametrize("target", ["lambda", "local"])
 def test_planner_grid_times_equal_the_stage_model(target):
     """The planner's vectorised times (every stage × every memory at once) are the stage
@@ -145,6 +196,22 @@ def test_planner_grid_times_equal_the_stage_model(target):
         for (i, j), s in model.index.items():
             want = StageModel(cal, i, j, b).ms_per_image(model.v)
             np.testing.assert_allclose(grid[s], want, rtol=1e-12)
+    for r in (100, 96, 7):
+        grid = model.record_ms(r, 16)
+        for (i, j), s in model.index.items():
+            sm = StageModel(cal, i, j, 16)
+            want = [sm.ms_per_record(r, float(v)) for v in model.v[::37]]
+            np.testing.assert_allclose(grid[s][::37], want, rtol=1e-12)
+
+
+def test_a_records_last_smaller_micro_batch_pays_a_whole_per_call_part():
+    cal = synthetic_calibration()
+    sm = StageModel(cal, 2, 3, 16)  # 4 + 2 ms per image at 16, 1.5 × that at batch 1
+    at16, at4 = float(sm.ms_per_image(1.0)), float(StageModel(cal, 2, 3, 4).ms_per_image(1.0))
+    assert at4 > at16
+    assert sm.ms_per_record(96, 1.0) == pytest.approx(96 * at16)
+    assert sm.ms_per_record(100, 1.0) == pytest.approx(96 * at16 + 4 * at4)
+    assert sm.ms_per_record(100, 1.0) > 100 * at16
 
 
 # -- the planner -----------------------------------------------------------------------------

@@ -170,6 +170,14 @@ class Model:
             self._ms[b] = c / self.target.cpu_factor
         return self._ms[b]
 
+    def record_ms(self, r: int, b: int) -> np.ndarray:
+        """(stages × memory) wall ms of a record of r images at micro-batch b: full batches,
+        then the rest as one smaller one (StageModel.ms_per_record). At least r × the time
+        per image at b, which the lower bounds of `_mins` use."""
+        full, rest = divmod(int(r), int(b))
+        ms = full * b * self.ms_per_image(b)
+        return ms + rest * self.ms_per_image(rest) if rest else ms
+
     def need(self, b: int) -> np.ndarray:
         """Per stage: the least memory allowed at micro-batch b (peak × headroom)."""
         if b not in self._need:
@@ -223,7 +231,7 @@ class Model:
             stretch = np.maximum(1.0, self.in_flight(cfg) * self.v / t.cores)[None, :]
             stretch_i = np.maximum(1.0, self.in_flight(cfg) * np.minimum(self.v, 1.0)
                                    / t.cores)[None, :]
-        d = t.invoke_ms + io[:, None] + r * self.ms_per_image(cfg.micro_batch) * stretch
+        d = t.invoke_ms + io[:, None] + self.record_ms(r, cfg.micro_batch) * stretch
         start, load = self._cold_cpu(self.v)
         if t.start_cpu_bound:
             init = dl[:, None] + (start[None, :] + load) * stretch_i
@@ -779,7 +787,7 @@ def check_plan(plan: dict[str, Any]) -> None:
                             f"{need} MB) exceeds its memory {mem} MB")
         v = vcpus(int(mem))
         r = int(plan["images_per_record"])
-        secs = (r * float(s.ms_per_image(v, target.cpu_factor))
+        secs = (s.ms_per_record(r, v, target.cpu_factor)
                 + float(s.load_ms(v, target.cpu_factor)) + target.platform_init_ms) / 1000
         if secs > target.timeout_s:
             problems.append(f"stage {k}: a record of {r} images takes a predicted {secs:.0f} s, "

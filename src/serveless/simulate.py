@@ -214,7 +214,13 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     sizes = [per_record] * (n_rec - 1) + [n_images - per_record * (n_rec - 1)]
     k_last = len(stages) - 1
     v = [vcpus(m) for m in memory]
-    ms_img = [float(s.ms_per_image(v[k], target.cpu_factor)) for k, s in enumerate(stages)]
+    record_ms: dict[tuple[int, int], float] = {}  # (stage, images): a call's compute
+
+    def compute(stage: int, n: int) -> float:
+        if (stage, n) not in record_ms:
+            record_ms[stage, n] = stages[stage].ms_per_record(n, v[stage], target.cpu_factor)
+        return record_ms[stage, n]
+
     load = [float(s.load_ms(v[k], target.cpu_factor)) for k, s in enumerate(stages)]
     first = [s.first_call_ms() / min(v[k], 1.0) / target.cpu_factor  # a cold start's 1st call
              for k, s in enumerate(stages)]
@@ -298,7 +304,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
         src = "records" if stage == 0 else f"stage-{stage - 1}"
         read_ms = b_in / bw + target.request_ms * g_in + 1000 * rate_delay(
             src + ":get", g_in, target.s3_get_per_s, tt)
-        compute_ms = n * ms_img[stage] + (first[stage] if cold else 0.0)
+        compute_ms = compute(stage, n) + (first[stage] if cold else 0.0)
         write_at = tt + (read_ms + compute_ms) / 1000
         write_ms = b_out / bw + target.request_ms * p_out + 1000 * rate_delay(
             f"stage-{stage}:put", p_out, target.s3_put_per_s, write_at)
