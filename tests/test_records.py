@@ -34,6 +34,7 @@ from serveless.records import (
     iter_record,
     pack_folder,
     read_record,
+    record_chunks,
     scan_images,
     write_record,
 )
@@ -585,6 +586,18 @@ def test_pack_folder(tmp_path, store, per_record):
         assert len(examples) == size
         got.extend(examples)
     assert got == [Example(data, name, label) for name, data, label in expected]
+
+
+def test_record_chunks_name_and_key_each_record_in_order():
+    """The one naming of records that pack_folder and `pack`'s pack_images share."""
+    got = list(record_chunks(list(range(7)), 3, "/job/records/"))
+    assert got == [("00000", "job/records/00000.tfrecord", [0, 1, 2]),
+                   ("00001", "job/records/00001.tfrecord", [3, 4, 5]),
+                   ("00002", "job/records/00002.tfrecord", [6])]
+    assert [k for _, k, _ in record_chunks("ab", 5, "")] == ["00000.tfrecord"]
+    assert list(record_chunks([], 5, "x")) == []
+    with pytest.raises(ValueError, match="per_record"):
+        list(record_chunks([1], 0, "x"))
 
 
 def test_pack_folder_rejects_bad_per_record(tmp_path):

@@ -23,10 +23,10 @@ from __future__ import annotations
 import io
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import google_crc32c
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -49,9 +49,12 @@ __all__ = [
     "masked_crc32c",
     "pack_folder",
     "read_record",
+    "record_chunks",
     "scan_images",
     "write_record",
 ]
+
+T = TypeVar("T")
 
 #: Largest entry the reader accepts; a bigger length is corruption, not an image.
 MAX_RECORD_BYTES = 1 << 30
@@ -462,6 +465,19 @@ def scan_images(src: str | Path) -> list[tuple[Path, int]]:
     return found
 
 
+def record_chunks(items: Sequence[T], per_record: int,
+                  prefix: str) -> Iterator[tuple[str, str, Sequence[T]]]:
+    """(name, store key, items) of each record when `items` are packed `per_record` to a
+    record under `prefix`: ``<prefix>/<00000..>.tfrecord``, in order."""
+    if per_record < 1:
+        raise ValueError(f"per_record must be >= 1, got {per_record}")
+    base = prefix.strip("/")
+    for n, start in enumerate(range(0, len(items), per_record)):
+        name = f"{n:05d}"
+        yield name, f"{base}/{name}.tfrecord" if base else f"{name}.tfrecord", \
+            items[start:start + per_record]
+
+
 def pack_folder(
     src: str | Path,
     store: Store,
@@ -478,13 +494,8 @@ def pack_folder(
     if per_record < 1:
         raise ValueError(f"per_record must be >= 1, got {per_record}")
     root = Path(src)
-    images = scan_images(root)
-    base = prefix.strip("/")
     names: list[str] = []
-    for start in range(0, len(images), per_record):
-        chunk = images[start : start + per_record]
-        name = f"{len(names):05d}"
-        key = f"{base}/{name}.tfrecord" if base else f"{name}.tfrecord"
+    for name, key, chunk in record_chunks(scan_images(root), per_record, prefix):
         examples = (
             Example(p.read_bytes(), p.relative_to(root).as_posix(), label) for p, label in chunk
         )

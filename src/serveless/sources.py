@@ -29,6 +29,7 @@ from .records import (
     count_examples,
     iter_record,
     masked_crc32c,
+    record_chunks,
     walk_files,
     write_record,
 )
@@ -284,12 +285,8 @@ def pack_images(
 
     if per_record < 1:
         raise SourceError(f"--per-record must be >= 1, got {per_record}")
-    base = prefix.strip("/")
     names: list[str] = []
-    for start in range(0, len(images), per_record):
-        chunk = images[start:start + per_record]
-        name = f"{len(names):05d}"
-        key = f"{base}/{name}{RECORD_SUFFIX}" if base else f"{name}{RECORD_SUFFIX}"
+    for name, key, chunk in record_chunks(images, per_record, prefix):
         examples = (Example(f.read(), f.rel, label) for f, label in chunk)
         fd, tmp = tempfile.mkstemp(prefix="serveless-pack-")
         try:
