@@ -623,3 +623,37 @@ def test_local_cold_start_runs_under_the_instance_cpu_share():
     assert local["init_ms"] == pytest.approx(cal["start_ms"] * 1769 / 512 + load, rel=1e-6)
     lam = simulate(plan, cal, Target.make("lambda", bandwidth_mb_s=1e9, request_ms=0.0)).rows[0]
     assert lam["init_ms"] == pytest.approx(800.0 + load, rel=1e-6)
+
+
+@pytest.mark.parametrize("width", [40, 80, 100, 160])
+def test_simulated_plans_fit_the_terminal_with_every_value_whole(monkeypatch, width):
+    """`plan` and `simulate` print their table whole where it fits, else in two halves, else
+    a line per plan: at 80 columns the one wide table used to cut every number ('0.5…')."""
+    import io
+
+    from rich.console import Console
+
+    from serveless.cli import plan as plan_cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(plan_cli, "console", Console(file=out, width=width,
+                                                     force_terminal=False))
+    summary = {"wall_s": 41773.71, "cost": 0.5026, "per_million": 0.5031, "cold_starts": 128,
+               "throttles": 0}
+    rows = [("chosen", {"cuts": [], "memory": [698], "images_per_record": 5000,
+                        "micro_batch": 32, "concurrency": 128}, summary),
+            ("memMax", {"cuts": ["pool1", "pool2", "pool5"], "memory": [3008] * 4,
+                        "images_per_record": 5000, "micro_batch": 32, "concurrency": 128},
+             {**summary, "wall_s": 260.04, "per_million": 1.2913})]
+    plan_cli._print_sims(rows, "simulated on lambda")
+    text = out.getvalue()
+    assert "…" not in text and "simulated" in text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= width, text
+    tokens = set(text.replace(",", " ").split()) | set(text.split())
+    for value in ("(whole model)", "pool1,pool2,pool5", "3008/3008/3008/3008", "698", "5000",
+                  "41,773.7", "260.0", "0.5026", "0.503", "1.291", "128"):
+        assert value in tokens or value in text.replace("\n", " "), (value, text)
+    if width >= 160:
+        assert text.count("chosen") == 1  # one table
+    elif width == 80:
+        assert text.count("chosen") == 2  # the plans, then what the simulation found

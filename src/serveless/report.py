@@ -236,39 +236,47 @@ def stage_cells(s: dict[str, Any]) -> list[list[str]]:
     ] for st in s["stages"]]
 
 
-def _table(title: str, columns: Sequence[str], rows: list[list[str]]) -> Table:
+def _table(title: str, columns: Sequence[str], rows: list[list[str]], left: int = 0) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for col in columns:
-        table.add_column(col, justify="right", no_wrap=True)
+    for k, col in enumerate(columns):
+        table.add_column(col, justify="left" if k < left else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
     return table
 
 
-def _print_stage_table(console: Console, s: dict[str, Any]) -> None:
-    """One table where it fits; else time/memory and cost as two tables (80 columns); else
-    one line per stage: a number is never cut to fit."""
+def print_fitting(console: Console, titles: tuple[str, str, str], columns: Sequence[str],
+                  rows: list[list[str]], split_at: int, left: int = 1) -> None:
+    """`rows` as one table where it fits the console; else as two (columns[:split_at], then
+    the first column with the rest); else one line per row: a value is never cut to fit.
+    `titles`: the whole table's, then the two halves'. The first `left` columns are text."""
     def natural(table: Table) -> int:  # the width it takes unconstrained, not clamped
         return console.measure(table, options=console.options.update_width(10_000)).maximum
 
-    rows = stage_cells(s)
-    whole = _table("Per stage (costs in $ per 1M images)", STAGE_COLUMNS, rows)
+    whole = _table(titles[0], columns, rows, left)
     if natural(whole) <= console.width:
         console.print(whole)
         return
-    first = _table("Per stage: time and memory", STAGE_COLUMNS[:SPLIT_AT],
-                   [r[:SPLIT_AT] for r in rows])
-    second = _table("Per stage: cost ($ per 1M images)", ("stage", *STAGE_COLUMNS[SPLIT_AT:]),
-                    [[r[0], *r[SPLIT_AT:]] for r in rows])
+    first = _table(titles[1], columns[:split_at], [r[:split_at] for r in rows], left)
+    second = _table(titles[2], (columns[0], *columns[split_at:]),
+                    [[r[0], *r[split_at:]] for r in rows], min(left, 1))
     if max(natural(t) for t in (first, second)) <= console.width:
         console.print(first)
         console.print(second)
         return
-    console.print("Per stage (costs in $ per 1M images):")
+    console.print(f"{titles[0]}:", markup=False, highlight=False)
     for row in rows:
-        console.print(f"stage {row[0]}: " + ", ".join(
-            f"{name} {value}" for name, value in zip(STAGE_COLUMNS[1:], row[1:], strict=True)),
-            highlight=False)
+        console.print(f"{columns[0]} {row[0]}: " + ", ".join(
+            f"{name} {value}" for name, value in zip(columns[1:], row[1:], strict=True)),
+            markup=False, highlight=False)
+
+
+def _print_stage_table(console: Console, s: dict[str, Any]) -> None:
+    """One table where it fits; else time/memory and cost as two tables (80 columns); else
+    one line per stage."""
+    print_fitting(console, ("Per stage (costs in $ per 1M images)", "Per stage: time and memory",
+                            "Per stage: cost ($ per 1M images)"),
+                  STAGE_COLUMNS, stage_cells(s), SPLIT_AT, left=0)
 
 
 def markdown_table(headers: list[str], rows: list[list[Any]], right: set[int] | None = None) -> str:

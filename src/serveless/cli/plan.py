@@ -125,20 +125,22 @@ def calibrate_cmd(
                   highlight=False)
 
 
-def _sim_table(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], title: str) -> Any:
-    from rich.table import Table
+SIM_COLUMNS = ("plan", "cuts", "memory MB", "per rec", "batch", "C", "wall s", "$", "$/1M",
+               "cold", "throttles")
+SIM_SPLIT = 6  # the plan's settings | what the simulation found, when one table is too wide
 
-    table = Table(title=title)
-    for col in ("plan", "cuts", "memory MB", "per rec", "batch", "C",
-                "wall s", "$", "$/1M", "cold", "throttles"):
-        table.add_column(col, no_wrap=col in ("plan", "memory MB"))
-    for name, plan, s in rows:
-        table.add_row(name, ",".join(plan["cuts"]) or "(whole model)",
-                      "/".join(map(str, plan["memory"])), str(plan["images_per_record"]),
-                      str(plan["micro_batch"]), str(plan["concurrency"]), f"{s['wall_s']:,.1f}",
-                      f"{s['cost']:.4f}", f"{s['per_million']:.3f}" if s["per_million"] else "-",
-                      str(s["cold_starts"]), str(s["throttles"]))
-    return table
+
+def _print_sims(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], title: str) -> None:
+    """Simulated plans, one row each, fitted to the terminal with every value whole."""
+    from ..report import print_fitting
+
+    cells = [[name, ",".join(plan["cuts"]) or "(whole model)",
+              "/".join(map(str, plan["memory"])), str(plan["images_per_record"]),
+              str(plan["micro_batch"]), str(plan["concurrency"]), f"{s['wall_s']:,.1f}",
+              f"{s['cost']:.4f}", f"{s['per_million']:.3f}" if s["per_million"] else "-",
+              str(s["cold_starts"]), str(s["throttles"])] for name, plan, s in rows]
+    print_fitting(console, (title, f"{title}: plans", f"{title}: results"), SIM_COLUMNS, cells,
+                  SIM_SPLIT, left=3)
 
 
 @app.command("plan", rich_help_panel=PANEL,
@@ -227,8 +229,8 @@ def plan_cmd(
                   f"(${b.cost / images * 1e6:.3f} per 1M images, {arch}); predicted peaks "
                   f"{'/'.join(f'{p:.0f}' for p in plan['predicted']['peak_mb'])} MB",
                   markup=False, highlight=False)
-    console.print(_sim_table(sims, f"simulated on {target} (CPU speed factor {cpu_factor:g}), "
-                                   f"{images:,} images, {arch}"))
+    _print_sims(sims, f"simulated on {target} (CPU speed factor {cpu_factor:g}), "
+                      f"{images:,} images, {arch}")
     console.print("memMax = the paper's stages at 3008 MB each; memMin = the paper's "
                   "2048/1280/1024/768 MB; both at the chosen plan's records and concurrency",
                   markup=False, highlight=False)
@@ -276,7 +278,7 @@ def simulate_cmd(
     if as_json:
         print(json.dumps({**summary, "timeline": str(png)}, indent=1))
         return
-    console.print(_sim_table([("plan", p, summary)], title(p, res)))
+    _print_sims([("plan", p, summary)], title(p, res))
     per = " · ".join(f"stage {s['stage']}: {s['invocations']} inv, {s['cold_starts']} cold, "
                      f"{s['gb_s']:,.0f} GB-s" for s in summary["per_stage"])
     console.print(f"simulated: {per}; GB-s {summary['gb_s']:,.0f}; timeouts "
