@@ -112,7 +112,8 @@ def accuracy(store: Any, job: str) -> dict[str, Any] | None:
     return {"labelled": labelled, "top1": top1 / labelled, "top5": top5 / labelled}
 
 
-def job_notes(store: Any, job: str, precision: dict[str, Any] | None = None) -> list[str]:
+def job_notes(store: Any, job: str, precision: dict[str, Any] | None = None,
+              model: str | None = None) -> list[str]:
     """Summary lines beyond the log: accuracy of labelled images, precision and fidelity."""
     from .quantize import summary_lines
 
@@ -120,7 +121,11 @@ def job_notes(store: Any, job: str, precision: dict[str, Any] | None = None) -> 
     acc = accuracy(store, job)
     if acc:
         notes.append(f"accuracy on {acc['labelled']} labelled images: top-1 {acc['top1']:.2%}, "
-                     f"top-5 {acc['top5']:.2%}")
+                     f"top-5 {acc['top5']:.2%}"
+                     # a new user's first job: 0% must not read as a broken pipeline
+                     + (" (the built-in AlexNet's weights are untrained: this only shows "
+                        "that the labels were read)" if str(model).lower() == "alexnet"
+                        else ""))
     return notes + summary_lines(precision)
 
 

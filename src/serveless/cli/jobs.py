@@ -238,7 +238,7 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
     notes = [f"CPU share: {result.backend['cpu_share']}"]
     for stage, mem in sorted(result.raised.items()):
         notes.append(f"[yellow]stage {stage} ran out of memory; raised to {mem} MB[/yellow]")
-    notes += job_notes(store, spec.job, spec.quantize)
+    notes += job_notes(store, spec.job, spec.quantize, spec.model)
     transform = dict(spec.transform or make_transform())
     transform["resize"] = transform.get("resize") or spec.preprocess.get("resize")
     notes.append(describe_transform(transform, spec.input_hw))
@@ -549,7 +549,8 @@ def report(
             console.print(f"[bold]job {job}[/bold]")
         spec = guarded(lambda job=job: JobSpec.load(st, job) if st.exists(
             JobLayout(job).spec) else None)
-        notes = job_notes(st, job, spec.quantize if spec else None)
+        notes = job_notes(st, job, spec.quantize if spec else None,
+                          spec.model if spec else None)
         print_summary(rows, log_wall_s(rows), arch, console, notes,
                       driver=load_driver_requests(st, job))
         for line in failed_image_lines(rows):
