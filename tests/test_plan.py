@@ -657,3 +657,18 @@ def test_simulated_plans_fit_the_terminal_with_every_value_whole(monkeypatch, wi
         assert text.count("chosen") == 1  # one table
     elif width == 80:
         assert text.count("chosen") == 2  # the plans, then what the simulation found
+
+
+def test_planner_searches_no_micro_batch_past_what_was_measured():
+    """Past the calibration batch (and the default 32) a larger micro-batch gains nothing
+    in the model, only memory: the planner does not offer it unless asked."""
+    from serveless.plan import MICRO_BATCHES, _configs
+
+    cal = synthetic_calibration()  # measured at 16: up to the default 32 is searched
+    tgt = Target.make("lambda", cal)
+    res = search(cal, 5000, tgt, "x86_64", deadline_s=1e9, front=False)
+    upto32 = _configs(5000, 1000, None, [b for b in MICRO_BATCHES if b <= 32], None)
+    assert 64 in MICRO_BATCHES and res.configs == len(upto32)
+    assert res.best.micro_batch <= 32 and res.fastest.micro_batch <= 32
+    asked = search(cal, 5000, tgt, "x86_64", deadline_s=1e9, micro_batch=[64], front=False)
+    assert asked.best.micro_batch == 64
