@@ -250,6 +250,41 @@ def test_jobs_delete_asks_first(three_jobs):
     assert (three_jobs / "done" / "job.json").exists()
 
 
+def test_jobs_delete_frees_stage_models_no_other_job_uses(three_jobs):
+    """Stage models are shared by the jobs of one model and cuts: deleting a job deletes
+    them with it once no job left uses them (--keep-models keeps them), never before."""
+    st = Store(str(three_jobs))
+    models = {j: JobSpec.load(st, j).models for j in ("done", "partial", "failed")}
+    assert models["done"] == models["partial"] != models["failed"]
+    assert all((three_jobs / m / "manifest.json").exists() for m in models.values())
+    res = run("jobs", "delete", "partial", "--store", str(three_jobs), "--yes")
+    assert res.exit_code == 0 and f"kept {models['done']}: other jobs use it" in res.output
+    assert (three_jobs / models["done"] / "manifest.json").exists()
+    res = run("jobs", "delete", "failed", "--store", str(three_jobs), "--yes")
+    assert res.exit_code == 0 and f"deleted {models['failed']}, used by no other job" in (
+        res.output)
+    assert not (three_jobs / models["failed"]).exists()
+    res = run("jobs", "delete", "done", "--store", str(three_jobs), "--yes", "--keep-models")
+    assert res.exit_code == 0 and "models/" not in res.output, res.output
+    assert (three_jobs / models["done"] / "manifest.json").exists()
+
+
+def test_a_job_json_names_only_models_prefixes_for_deletion():
+    """job.json is read from the store: what `jobs delete` follows must be a models/ folder."""
+    from serveless.status import shared_models
+
+    def spec(models: str, cache: str | None = None) -> JobSpec:
+        s = JobSpec(job="j", model="m", cuts=[], memory=[1769], records=[])
+        s.models, s.quantize = models, {"cache": cache} if cache else None
+        return s
+
+    assert shared_models(spec("models/ab12", "models/int8-cd34")) == [
+        "models/ab12", "models/int8-cd34"]
+    for bad in ("", "models", "models/", "models/..", "models/a/b", "../models/x", "done",
+                "/models/x", "models/."):
+        assert shared_models(spec(bad)) == [], bad
+
+
 # -- the summary at 80, 100 and 160 columns ---------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from .pipeline import JobError, JobSpec, load_driver_requests, load_log
 from .report import summarize
-from .store import JobLayout, Store
+from .store import MODELS_PREFIX, JobLayout, Store
 
 
 @dataclass
@@ -109,6 +109,27 @@ def delete_job(store: Store, job: str) -> int:
     freed = store.du(layout.job)
     store.delete(layout.job)
     return freed
+
+
+def shared_models(spec: JobSpec) -> list[str]:
+    """The store prefixes a job shares with jobs of the same model and cuts: its stage
+    models (models/<digest>) and, for an int8 or float16 job, its calibrated cache. Only
+    well-formed `models/<name>` prefixes: a job.json is input, and deleting follows it."""
+    out = [spec.models, (spec.quantize or {}).get("cache") or ""]
+    return [p for p in out if isinstance(p, str) and p.count("/") == 1
+            and p.startswith(f"{MODELS_PREFIX}/") and p.split("/")[1] not in ("", ".", "..")]
+
+
+def unused_models(store: Store, prefixes: list[str]) -> tuple[list[str], str | None]:
+    """Which of `prefixes` no job left in the store uses, and why none may be deleted when
+    a job's job.json cannot be read (it might use them)."""
+    used: set[str] = set()
+    for name in list_jobs(store):
+        try:
+            used.update(shared_models(JobSpec.load(store, name)))
+        except (JobError, ValueError, OSError) as exc:
+            return [], f"job {name}'s job.json cannot be read ({exc})"
+    return [p for p in dict.fromkeys(prefixes) if p not in used], None
 
 
 def status_json(status: JobStatus) -> str:

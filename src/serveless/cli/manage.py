@@ -102,9 +102,13 @@ def jobs_delete(
     store_option: StoreOptions = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")]
     = False,
+    keep_models: Annotated[bool, typer.Option(
+        "--keep-models", help="keep its stage models even when no other job uses them")]
+    = False,
 ) -> None:
-    """Delete a job and everything it holds in the store."""
-    from ..status import delete_job, job_status
+    """Delete a job and everything it holds in the store, and its stage models (shared by
+    jobs of the same model and cuts) once no other job uses them."""
+    from ..status import delete_job, job_status, shared_models, unused_models
 
     st = open_store(store, store_option)
     s = guarded(lambda: job_status(st, job))
@@ -113,3 +117,16 @@ def jobs_delete(
         fail("not deleted", 1)
     freed = guarded(lambda: delete_job(st, job))
     say(f"deleted {job}: {freed / 1e6:,.1f} MB freed")
+    prefixes = shared_models(s.spec)
+    if keep_models or not prefixes:
+        return
+    unused, why = guarded(lambda: unused_models(st, prefixes))
+    if why:
+        say(f"kept its stage models ({', '.join(prefixes)}): {why}")
+    for prefix in unused:
+        size = guarded(lambda prefix=prefix: st.du(prefix))
+        guarded(lambda prefix=prefix: st.delete(prefix))
+        say(f"deleted {prefix}, used by no other job: {size / 1e6:,.1f} MB freed")
+    for prefix in prefixes:
+        if prefix not in unused and not why:
+            say(f"kept {prefix}: other jobs use it")
