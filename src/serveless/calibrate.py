@@ -672,6 +672,11 @@ def _path(cal: dict[str, Any], key: str) -> float:
     return float(cal.get(key) or 0.0)
 
 
+def calibration_batch(cal: dict[str, Any]) -> int:
+    """The micro-batch a calibration timed its blocks at (16 before it was recorded)."""
+    return int(cal.get("calibration_batch", 16))
+
+
 def wall_ms_per_image(inp: Any, c1: Any, c: Any, out: Any, v: Any) -> Any:
     """Wall ms per image of a stage at v vCPUs from its CPU ms per image at 1 vCPU: `inp`
     on the input side (decode or read, on the prefetch thread), `c1` the model (`c` its wall
@@ -712,7 +717,7 @@ class StageModel:
         law does not hold past it: a fully connected layer's weight reads, the per-call
         part at batch 1, overlap its arithmetic at larger batches. Extrapolated from 16 to
         32 it predicted AlexNet's FC stage 20% faster than it ran."""
-        bc = float(self.cal.get("calibration_batch", 16))  # 16 before it was recorded
+        bc = float(calibration_batch(self.cal))
         t1, tc = b["ms_per_image_b1"], b["ms_per_image"]
         if self.micro_batch >= bc or bc <= 1:
             return float(tc)

@@ -31,7 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from .calibrate import CAL_BATCH, StageModel, speedup, stage_models, wall_ms_per_image
+from .calibrate import (
+    CAL_BATCH,
+    StageModel,
+    calibration_batch,
+    speedup,
+    stage_models,
+    wall_ms_per_image,
+)
 from .cost import (
     LAMBDA_GB_SECOND,
     LAMBDA_REQUEST,
@@ -580,7 +587,7 @@ def search(cal: dict[str, Any], images: int, target: Target, arch: str = "x86_64
     model = Model(cal, target, arch, memory_step, images)
     if micro_batch is None:  # past the calibration batch nothing is measured to gain, only
         # memory to lose (StageModel._ms_at_batch): not worth a row in the plans shown
-        top = max(CAL_BATCH, int(cal.get("calibration_batch", 16)))
+        top = max(CAL_BATCH, calibration_batch(cal))
         micro_batch = [b for b in MICRO_BATCHES if b <= top]
     configs = _configs(images, max_c, per_record, micro_batch, concurrency)
     scored = []
