@@ -18,7 +18,7 @@ def model_cache(tmp_path_factory):
     """A private model cache for the session: tests never read or fill the user's. The
     machine's cache of checked stage sets is off (tests that count partitions would depend
     on their order; test_stagecache.py turns it on in a folder of its own)."""
-    from serveless.digits import CACHE_ENV
+    from serveless.paths import CACHE_ENV
     from serveless.stagecache import STAGE_CACHE_ENV
 
     with pytest.MonkeyPatch.context() as mp:

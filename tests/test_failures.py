@@ -8,7 +8,8 @@ import pytest
 
 from serveless.backends import FunctionSpec
 from serveless.backends.local import LocalBackend
-from serveless.function import PredictionCountError, _Counters, _write_predictions, error_of
+from serveless.errors import PredictionCountError
+from serveless.function import _Counters, _write_predictions, error_of
 from serveless.pipeline import load_log, prepare_job, run_job
 from serveless.store import Store
 

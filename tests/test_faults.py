@@ -21,9 +21,10 @@ from helpers import assert_one_row_per_image, rows_of
 from PIL import Image
 
 from serveless.backends.local import LocalBackend, instance_processes
+from serveless.errors import RecordError
 from serveless.models import build_alexnet, save_model
 from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
-from serveless.records import Example, RecordError, read_record, write_record
+from serveless.records import Example, read_record, write_record
 from serveless.store import Store
 
 

@@ -18,7 +18,7 @@ from serveless.stagestore import model_sha256
 
 @pytest.fixture
 def memo(tmp_path, monkeypatch):
-    from serveless.digits import CACHE_ENV
+    from serveless.paths import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache" / "hashes"

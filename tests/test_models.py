@@ -8,11 +8,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from serveless.errors import ModelError
 from serveless.models import (
     ALEXNET_VERSION,
     BUILTIN,
     PAPER_PRESET,
-    ModelError,
     build_alexnet,
     check_image_model,
     input_hw,
@@ -115,8 +115,8 @@ def test_alexnet_is_deterministic_per_seed(alexnet):
 def test_alexnet_cache_gives_the_generated_model(tmp_path, monkeypatch):
     """The cached file is read back byte-identical to a generated model (same content hash,
     so the same stage models), and a torn file is generated again and replaced."""
-    from serveless.digits import CACHE_ENV
     from serveless.models import _generate_alexnet
+    from serveless.paths import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     fresh = _generate_alexnet(seed=2, num_classes=10).SerializeToString(deterministic=True)

@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from serveless.errors import PartitionError
 from serveless.models import PAPER_PRESET, build_alexnet, load_model
 from serveless.partition import (
     CutCandidate,
-    PartitionError,
     check_equivalence,
     list_cuts,
     partition,

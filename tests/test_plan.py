@@ -14,17 +14,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from serveless.calibrate import (
-    CALIBRATION_KIND,
-    CalibrationError,
-    StageModel,
-    speedup,
-    stage_ranges,
-    validate,
-)
+from serveless.calibrate import CALIBRATION_KIND, StageModel, speedup, stage_ranges, validate
 from serveless.cli import app
 from serveless.cost import bill
-from serveless.plan import PlanError, brute_force, check_plan, predict, search
+from serveless.errors import CalibrationError, PlanError
+from serveless.plan import brute_force, check_plan, predict, search
 from serveless.simulate import SIMULATED, Target, simulate
 
 DATA = Path(__file__).parent / "data"

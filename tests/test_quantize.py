@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from serveless import quantize as q
 from serveless.backends.local import LocalBackend
 from serveless.cli import app
+from serveless.errors import JobError
 from serveless.partition import split
-from serveless.pipeline import JobError, JobSpec, prepare_job, run_job
+from serveless.pipeline import JobSpec, prepare_job, run_job
 from serveless.records import Example
 from serveless.store import Store
 

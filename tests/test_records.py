@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from serveless import records
+from serveless.errors import RecordError
 from serveless.records import (
     Example,
-    RecordError,
     count_examples,
     decode_example,
     encode_example,

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serveless.pipeline import JobError, JobSpec, prepare_job, run_job
+from serveless.errors import JobError
+from serveless.pipeline import JobSpec, prepare_job, run_job
 from serveless.store import Store
 
 pytest_plugins = ["s3server"]

@@ -14,8 +14,9 @@ from helpers import rows_of, whole_model_probs
 from serveless import store as store_module
 from serveless.backends import FunctionSpec, InvocationResult
 from serveless.backends.local import LocalBackend
+from serveless.errors import StoreError
 from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
-from serveless.store import Store, StoreError
+from serveless.store import Store
 
 pytest_plugins = ["s3server"]
 

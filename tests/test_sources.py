@@ -12,8 +12,9 @@ from datakit import CLASSES, image_folder, save, tiny_classifier
 from helpers import rows_of
 
 from serveless.backends.local import LocalBackend
-from serveless.pipeline import JobError, prepare_job, run_job
-from serveless.records import Example, RecordError, read_record, write_record
+from serveless.errors import JobError, RecordError
+from serveless.pipeline import prepare_job, run_job
+from serveless.records import Example, read_record, write_record
 from serveless.sources import NOT_A_RECORD, check_records, scan_inputs
 from serveless.store import JobLayout, Store
 

@@ -10,7 +10,8 @@ import pytest
 from helpers import rows_of, tiny_conv_classifier
 
 from serveless.backends.local import LocalBackend
-from serveless.pipeline import JobError, JobSpec, prepare_job, run_job
+from serveless.errors import JobError
+from serveless.pipeline import JobSpec, prepare_job, run_job
 from serveless.stagestore import stage_digest
 from serveless.store import JobLayout, ModelLayout, Store
 

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import CalibrationError
+
 CAL_BATCH = 32  # the default micro-batch: a stage at it needs no extrapolation
 ROUNDS = 5  # timing passes over all blocks: a burst of other load spoils one, not all
 BATCH_RUNS = 4  # at most, per block per pass, at the calibration batch
@@ -55,10 +57,6 @@ PATH_FIELDS = ("record_ms_per_image", "write_ms_per_mb", "read_ms_per_mb",
                "predictions_ms_per_image")
 """CPU ms of the function's own code around the model (`_function_paths`); optional in a
 calibration file (older ones lack them: 0)."""
-
-
-class CalibrationError(ValueError):
-    """The calibration file is missing, malformed, or was made for another model."""
 
 
 # -- blocks -------------------------------------------------------------------------------------
@@ -454,8 +452,9 @@ def _quantized_blocks(blocks: list[Any], images: list[str], size: list[int],
     """The blocks as `run --quantize` makes stages (serveless.quantize: static QDQ int8,
     calibrated on the fp32 chain's activations of the sampled images), so what is timed
     is what an int8 job runs."""
+    from .errors import QuantizeError
     from .images import preprocess
-    from .quantize import QuantizeError, check_settings, quantize_stages
+    from .quantize import check_settings, quantize_stages
 
     try:
         check_settings(quantize, None, 1)

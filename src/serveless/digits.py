@@ -19,18 +19,18 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+from .paths import cache_dir
 
 VERSION = 1  # bump when the data, architecture or training change: the cache key
 SIZE = 32
 CLASSES = 10
 HELDOUT_SHARE = 0.25
 PREPROCESS = {"resize": SIZE}  # shorter side to 32, centre crop 32: no ImageNet 256 step
-CACHE_ENV = "SERVELESS_CACHE_DIR"
 
 
 class DigitsError(RuntimeError):
@@ -45,14 +45,6 @@ class DigitsData:
     labels: np.ndarray
     train: np.ndarray  # indices
     heldout: np.ndarray  # indices
-
-
-def cache_dir() -> Path:
-    """$SERVELESS_CACHE_DIR, else $XDG_CACHE_HOME/serveless, else ~/.cache/serveless."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "serveless"
 
 
 def _render(img8: np.ndarray) -> bytes:

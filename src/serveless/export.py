@@ -21,16 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ExportError, StoreError
 from .function import scores_key
-from .store import JobLayout, Store, StoreError
+from .store import JobLayout, Store
 
 FORMATS = ("parquet", "csv", "jsonl")
 COLUMNS = ("record", "index", "filename", "label", "class_name", "top5", "top5_scores",
            "scores", "error")
-
-
-class ExportError(ValueError):
-    """The job cannot be exported as asked (no predictions, no saved scores, no pyarrow)."""
 
 
 def table_row(row: dict[str, Any]) -> dict[str, Any]:

@@ -27,10 +27,11 @@ import google_crc32c
 import numpy as np
 
 from .cost import vcpus
+from .errors import PredictionCountError, StoreError
 from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb, own_cgroup
 from .memory import reset_rss_peak as reset_peak
 from .memory import rss_peak_mb as peak_mb
-from .store import JobLayout, Store, StoreError
+from .store import JobLayout, Store
 from .tensors import TensorFormat, TensorReader, TensorWriter
 
 READ_BLOCK = 64 << 20  # one GET per 64 MiB of an object, as a ranged reader on S3 would do
@@ -101,10 +102,6 @@ DETERMINISTIC = {
     "InvalidProtobuf": "the stage graph is not a valid ONNX file",
     "NotImplemented": "onnxruntime cannot run an operator of the stage",
 }
-
-
-class PredictionCountError(RuntimeError):
-    """The last stage produced a different number of rows than the record has images."""
 
 
 def error_of(exc: BaseException) -> dict[str, Any]:

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .errors import ModelError
+
 OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAME = "probabilities"
@@ -29,10 +31,6 @@ DEMO_CUTS: dict[str, list[str]] = {**PAPER_PRESET, "digits": ["pool1"]}
 """The stages `serveless demo --model M` cuts each built-in model into."""
 PREPROCESS_KEY = "serveless.preprocess"
 """ONNX metadata key under which a model declares its stage-0 preprocessing (JSON)."""
-
-
-class ModelError(ValueError):
-    """A model cannot be loaded or does not look like an image classifier we can serve."""
 
 
 def _he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
@@ -63,8 +61,8 @@ def alexnet_hashed(seed: int = 0, num_classes: int = 1000) -> tuple[onnx.ModelPr
     serialisation's, so the stage models' address does not depend on where the model came
     from.
     """
-    from .digits import cache_dir  # the shared user cache folder ($SERVELESS_CACHE_DIR)
     from .filehash import load_hashed
+    from .paths import cache_dir
 
     path = cache_dir() / f"alexnet-v{ALEXNET_VERSION}-seed{seed}-classes{num_classes}.onnx"
     if path.is_file():

@@ -23,6 +23,8 @@ from onnx import helper, numpy_helper
 
 from serveless.models import PAPER_PRESET, save_model
 
+from .errors import PartitionError
+
 # Ops whose output changes from run to run: never folded as constants (copying them into
 # two stages would give two different draws).
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
@@ -30,10 +32,6 @@ _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Rando
 # Initializers above this many elements are replaced by typed inputs before shape inference,
 # so inference does not serialise hundreds of MB of weights it never looks at.
 _SMALL_INIT = 1024
-
-
-class PartitionError(ValueError):
-    """The requested cuts cannot split this model, or the stages do not reproduce it."""
 
 
 @dataclass

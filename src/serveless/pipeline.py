@@ -24,7 +24,8 @@ from typing import Any
 from . import __version__
 from .backends import Backend, FunctionSpec, InvocationResult
 from .cost import MAX_MEMORY_MB, billed_ms, check_memory, vcpus
-from .store import JobLayout, Store, StoreError
+from .errors import JobError, StoreError
+from .store import JobLayout, Store
 from .tensors import TensorFormat
 
 DEFAULT_MEMORY_MB = 1769
@@ -42,10 +43,6 @@ NOT_ASKED = ("job", "records", "version", "input_hw", "preprocess", "quantize", 
 OOM_RAISE = 1.5
 THROTTLED = "TooManyRequests"  # Lambda's 429: the call was refused, never ran, is not billed
 MAX_THROTTLES = 200  # per invocation, before the record fails as throttled
-
-
-class JobError(ValueError):
-    """The job cannot start: bad arguments, model, records or store."""
 
 
 @dataclass
@@ -126,7 +123,8 @@ def parse_memory(memory: str | list[int] | None, stages: int) -> list[int]:
 
 def find_records(source: str) -> list[str]:
     """Local record files named by a folder or a glob, found by content, sorted."""
-    from .sources import SourceError, scan_inputs
+    from .errors import SourceError
+    from .sources import scan_inputs
 
     try:
         inputs = scan_inputs(source)
@@ -193,11 +191,11 @@ def prepare_job(
     `per_record`. Every record's framing is checked before anything is written.
     """
     from . import quantize as q
+    from .errors import SourceError
     from .images import make_transform
     from .models import input_hw, load_model_hashed, make_batch_dynamic, preprocessing
     from .partition import partition, resolve_cuts
     from .sources import (
-        SourceError,
         check_records,
         copy_record,
         labels_json,

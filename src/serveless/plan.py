@@ -49,6 +49,7 @@ from .cost import (
     S3_PUT,
     vcpus,
 )
+from .errors import PlanError
 from .simulate import READ_BLOCK, Target
 
 PLAN_KIND = "serveless-plan"
@@ -56,10 +57,6 @@ RECORD_SIZES = (25, 50, 100, 200, 500, 1000, 2000, 5000)
 MICRO_BATCHES = (1, 4, 8, 16, 32, 64)
 PAPER_MEM_MAX = 3008
 PAPER_MEM_MIN = {"alexnet": [2048, 1280, 1024, 768]}
-
-
-class PlanError(ValueError):
-    """No plan meets the request, or a plan file is wrong or unsafe to run."""
 
 
 @dataclass
@@ -746,7 +743,8 @@ def make_plan(cal: dict[str, Any], cand: Candidate, images: int, target: Target,
 
 
 def load_plan(path: str | Path) -> dict[str, Any]:
-    from .calibrate import CalibrationError, validate
+    from .calibrate import validate
+    from .errors import CalibrationError
 
     p = Path(path)
     if not p.is_file():
@@ -778,7 +776,7 @@ def load_plan(path: str | Path) -> dict[str, Any]:
 def check_plan(plan: dict[str, Any]) -> None:
     """Refuse, before anything runs, a plan whose stage would not fit: predicted peak over
     its memory, an invocation over the function timeout, or a model over /tmp."""
-    from .calibrate import CalibrationError
+    from .errors import CalibrationError
 
     cal = plan["calibration"]
     try:

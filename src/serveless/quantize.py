@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .errors import QuantizeError
 from .images import preprocess
 from .records import Example, count_examples, iter_record
 
@@ -45,10 +46,6 @@ SEED = 0
 # Softmax stays float: a uint8 softmax output has steps of 1/255 and ties the top-5 ranking.
 _FLOAT_OPS = {"Softmax", "LogSoftmax"}
 _FP16_MIN_ELEMENTS = 1024  # small tensors (biases) stay float32: no size to save there
-
-
-class QuantizeError(ValueError):
-    """The quantization settings or the calibration images are not usable."""
 
 
 @dataclass

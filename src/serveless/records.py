@@ -32,6 +32,8 @@ import google_crc32c
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
+from .errors import RecordError
+
 if TYPE_CHECKING:
     from serveless.store import Store
 
@@ -69,21 +71,6 @@ _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
 _READ_CHUNK = 1 << 24  # read big entries piecewise so a false length never allocates it all
 _MASK_DELTA = 0xA282EAD8
-
-
-class RecordError(Exception):
-    """A record's bytes are malformed; the only exception the reader raises for bad data."""
-
-    def __init__(self, path: str, offset: int, reason: str):
-        super().__init__(f"{path}: byte {offset}: {reason}")
-        self.path = path
-        self.offset = offset
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Default pickling would call __init__ with the message only; errors cross
-        # process boundaries in the function runtime, so keep them picklable.
-        return (type(self), (self.path, self.offset, self.reason))
 
 
 # --- protobuf schema (tensorflow/core/example/{feature,example}.proto) ---------------

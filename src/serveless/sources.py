@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from .errors import RecordError, SourceError
 from .images import EMPTY_FILE, IMAGE_FORMATS, NOT_AN_IMAGE, sniff_image
 from .records import (
     Example,
-    RecordError,
     count_examples,
     iter_record,
     masked_crc32c,
@@ -42,10 +42,6 @@ LABELS_FILE = "labels.json"
 RECORD_SUFFIX = ".tfrecord"
 _HEAD = 16
 NOT_A_RECORD = "not a TFRecord file (the first entry's length CRC does not match)"
-
-
-class SourceError(ValueError):
-    """The input cannot be used: nothing there, or a mix we do not guess about."""
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ def root() -> Path | None:
         return None
     if value:
         return Path(value).expanduser()
-    from .digits import cache_dir  # the shared user cache folder ($SERVELESS_CACHE_DIR)
+    from .paths import cache_dir
 
     return cache_dir() / "stages"
 

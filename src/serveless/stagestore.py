@@ -33,8 +33,9 @@ from typing import Any
 import onnx
 
 from . import stagecache
+from .errors import StoreError
 from .function import DATA_SUFFIX  # a stage's weights beside its graph
-from .store import ModelLayout, Store, StoreError
+from .store import ModelLayout, Store
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .pipeline import JobError, JobSpec, load_driver_requests, load_log
+from .errors import JobError
+from .pipeline import JobSpec, load_driver_requests, load_log
 from .report import summarize
 from .store import MODELS_PREFIX, JobLayout, Store
 

@@ -45,6 +45,8 @@ from typing import IO, Any, TypeVar
 import fsspec
 import fsspec.asyn
 
+from .errors import StoreError
+
 T = TypeVar("T")
 DEFAULT_STORE = "./serveless-store"
 # Fault injection for resilience tests and drills: flaky://<path> fails a share of requests.
@@ -128,10 +130,6 @@ def credentials_env() -> dict[str, str]:
     """Environment for a local worker process: the credentials of the stores this process
     opened, under their references; {} when there are none."""
     return {CREDENTIALS_ENV: json.dumps(_credentials, default=str)} if _credentials else {}
-
-
-class StoreError(Exception):
-    """The store cannot be reached or an object is missing."""
 
 
 class TransientStoreError(OSError):

@@ -17,11 +17,9 @@ import numpy as np
 import zstandard
 from numpy.lib import format as npy_format
 
+from .errors import TensorFormatError
+
 _DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
-
-
-class TensorFormatError(ValueError):
-    """An intermediate object is not a float .npy array we wrote."""
 
 
 @dataclass(frozen=True)

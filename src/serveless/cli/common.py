@@ -12,13 +12,14 @@ from rich.console import Console, ConsoleDimensions
 from rich.text import Text
 
 from ..cost import LAMBDA_GB_SECOND
+from ..errors import USER_ERRORS
 from ..pipeline import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MEMORY_MB,
     DEFAULT_MICRO_BATCH,
     DEFAULT_RETRIES,
 )
-from ..store import Store, StoreError
+from ..store import Store
 
 T = TypeVar("T")
 DEBUG = False  # `serveless --debug …`: tracebacks instead of one-line errors
@@ -138,21 +139,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from ..models import ModelError
-    from ..partition import PartitionError
-    from ..pipeline import JobError
-    from ..records import RecordError
-
-    return (JobError, ModelError, PartitionError, StoreError, RecordError, ValueError,
-            FileNotFoundError)
-
-
 def guarded(fn: Callable[[], T]) -> T:
     """Run `fn`; a user mistake becomes `error: …` and exit status 2."""
     try:
         return fn()
-    except user_errors() as exc:
+    except USER_ERRORS as exc:
         if DEBUG:
             raise
         fail(str(exc))

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..errors import USER_ERRORS
 from ..store import DEFAULT_STORE, JobLayout, Store, validate_job_name
 from . import common
 from .app import app, models_app
@@ -39,7 +40,6 @@ from .common import (
     open_store,
     parse_options,
     say,
-    user_errors,
 )
 
 QuantizeOpt = Annotated[str | None, typer.Option(
@@ -102,7 +102,8 @@ def models_export(
     seed: Annotated[int, typer.Option(help="seed of the deterministic weights")] = 0,
 ) -> None:
     """Write a built-in model as one ONNX file."""
-    from ..models import BUILTIN, ModelError, save_model
+    from ..errors import ModelError
+    from ..models import BUILTIN, save_model
 
     if name not in BUILTIN:
         fail(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN))}")
@@ -209,7 +210,7 @@ def _prepare(st: Store, backend: Any, job: str, make: Any) -> Any:
             st.delete(layout.job)
         if isinstance(exc, KeyboardInterrupt):
             fail("interrupted before the job started; nothing was kept", 130)
-        if isinstance(exc, user_errors()) and not common.DEBUG:
+        if isinstance(exc, USER_ERRORS) and not common.DEBUG:
             fail(str(exc))
         raise
 
@@ -227,7 +228,7 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
     except KeyboardInterrupt:
         backend.close()  # stop every instance before saying anything
         fail("interrupted; run the same command again to resume", 130)
-    except user_errors() as exc:
+    except USER_ERRORS as exc:
         if common.DEBUG:
             raise
         fail(str(exc))

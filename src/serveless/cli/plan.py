@@ -32,9 +32,7 @@ QuantizeOpt = Annotated[str | None, typer.Option(
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    from ..calibrate import CalibrationError
-    from ..plan import PlanError
-    from ..simulate import SimulationError
+    from ..errors import CalibrationError, PlanError, SimulationError
 
     return (CalibrationError, PlanError, SimulationError)
 

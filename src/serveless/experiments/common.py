@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..cost import MIN_MEMORY_MB
-from ..pipeline import JobError, JobResult, JobSpec, load_log, parse_memory, prepare_job, run_job
+from ..errors import JobError
+from ..pipeline import JobResult, JobSpec, load_log, parse_memory, prepare_job, run_job
 from ..records import Example, iter_record, scan_images, write_record
 from ..report import summarize
 from ..store import JobLayout, Store

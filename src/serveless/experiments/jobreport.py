@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..cost import bill
-from ..pipeline import JobError, JobSpec, load_driver_requests, load_log
+from ..errors import JobError
+from ..pipeline import JobSpec, load_driver_requests, load_log
 from ..report import job_notes, markdown_table, summarize, summary_markdown
 from ..store import Store
 from .common import (

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cost import PRICES_AS_OF
-from ..pipeline import JobError
+from ..errors import JobError
 from ..records import Example
 from ..report import markdown_table
 from .common import (
