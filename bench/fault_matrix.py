@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import random
 import shutil
 import signal
@@ -24,6 +25,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+import flakyfs  # noqa: E402  (the flaky:// test filesystem)
 from common import OUT, machine, save, workload  # noqa: E402
 
 from serveless.backends.local import LocalBackend, instance_processes  # noqa: E402
@@ -97,6 +100,8 @@ def kill_driver(rec_dir: Path, trial: int) -> tuple[Store, str, str]:
 
 
 def flaky(rec_dir: Path, trial: int) -> tuple[Store, str, str]:
+    flakyfs.register()
+    os.environ.update(flakyfs.environment())  # for the local function instances too
     root = fresh(f"flaky-{trial}")
     store = Store(f"flaky://{root}", {"fail_rate": 0.05, "seed": trial})
     spec = prepare_job(store, "j", "alexnet", preset="paper", records=str(rec_dir))

@@ -3,9 +3,12 @@ each built once per session."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # test-only modules
 
 from serveless.images import make_sample_images
 from serveless.models import build_alexnet
@@ -96,3 +99,14 @@ def model_file(tmp_path):
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_conv_classifier(), path)
     return path
+
+
+@pytest.fixture
+def flaky_filesystem(monkeypatch):
+    """`flaky://` URLs (tests/support/flakyfs.py) open a store that fails a share of
+    requests, here and in the local function instances this test starts."""
+    import flakyfs
+
+    flakyfs.register()
+    for name, value in flakyfs.environment().items():
+        monkeypatch.setenv(name, value)

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from serveless.images import make_sample_images
 from serveless.records import pack_folder
-from serveless.store import CREDENTIALS_ENV, Store, credentials_env, split_credentials
+from serveless.store import Store
+from serveless.store.credentials import CREDENTIALS_ENV, credentials_env, split_credentials
 
 pytest_plugins = ["s3server"]
 

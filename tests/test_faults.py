@@ -124,7 +124,7 @@ def test_driver_sigkilled_then_resumed(tmp_path, records_dir):
     assert not recomputed, f"records done before the kill were recomputed: {recomputed}"
 
 
-def test_flaky_store(tmp_path, records_dir):
+def test_flaky_store(tmp_path, records_dir, flaky_filesystem):
     store = Store(f"flaky://{tmp_path}", {"fail_rate": 0.05, "seed": 11})
     spec = prepare_job(store, "flaky", "alexnet", preset="paper", records=str(records_dir))
     with LocalBackend() as backend:

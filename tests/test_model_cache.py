@@ -10,11 +10,12 @@ import pytest
 from serveless import function
 from serveless.backends import FunctionSpec
 from serveless.backends.local import LocalBackend
-from serveless.function import DATA_SUFFIX, MODEL_CACHE_ENV
+from serveless.function import MODEL_CACHE_ENV
 from serveless.images import make_sample_images
 from serveless.pipeline import prepare_job
 from serveless.records import pack_folder
 from serveless.store import Store
+from serveless.store.layout import DATA_SUFFIX
 
 pytest_plugins = ["s3server", "faultproxy"]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import rows_of, whole_model_probs
 
-from serveless import store as store_module
+from serveless.store import store as store_module
 from serveless.backends import FunctionSpec, InvocationResult
 from serveless.backends.local import LocalBackend
 from serveless.errors import StoreError

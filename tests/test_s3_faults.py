@@ -163,9 +163,9 @@ def test_each_invocation_logs_the_requests_the_server_saw(s3_server, s3_proxy, s
     """Stage 0 fetches its record once (one GET, even when the record spans many read
     blocks), and every stage's gets/heads/puts equal the GETs/HEADs/PUTs on the wire."""
     from serveless import function
-    from serveless import store as store_module
+    from serveless.store import store as store_module
 
-    monkeypatch.setattr(store_module, "S3_READ_BLOCK", 64 << 10)  # records span ~10 blocks
+    monkeypatch.setattr(store_module, "READ_BLOCK", 64 << 10)  # records span ~10 blocks
     monkeypatch.setenv(function.MODEL_CACHE_ENV, str(tmp_path / "models"))
     st = _store(s3_server, s3_proxy, "counted")
     spec = prepare_job(st, "cj", "alexnet", preset="paper", records=str(small_records))

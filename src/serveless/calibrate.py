@@ -417,7 +417,9 @@ def _sample_image_files(records: str | None, folder: Path) -> tuple[list[str], f
 
 def _store_bandwidth(store: Any, mb: int = 32) -> dict[str, float]:
     """MB/s of one write and one read of an `mb` MB object, and the ms of a small request."""
-    key = f"calibration/.probe-{os.getpid()}"
+    from .store.layout import bandwidth_probe_key
+
+    key = bandwidth_probe_key()
     data = np.random.default_rng(0).bytes(mb << 20)
     t0 = time.perf_counter()
     store.put_bytes(key, data)
@@ -439,7 +441,7 @@ def _store_bandwidth(store: Any, mb: int = 32) -> dict[str, float]:
 def _save_external(model: Any, path: Path) -> int:
     import onnx
 
-    from .function import DATA_SUFFIX
+    from .store.layout import DATA_SUFFIX
 
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + DATA_SUFFIX, size_threshold=1024)
@@ -606,12 +608,6 @@ def _input_shape(model: Any) -> list[int]:
 
 
 # -- reading a calibration ---------------------------------------------------------------------
-
-
-def calibration_key(model: str, quantize: str | None = None) -> str:
-    """Where `calibrate` keeps a model's calibration in the store by default."""
-    name = Path(str(model)).name.removesuffix(".onnx")
-    return f"calibration/{name}{'-' + quantize if quantize else ''}.json"
 
 
 def validate(cal: Any, source: str = "calibration") -> dict[str, Any]:

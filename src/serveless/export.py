@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from .errors import ExportError, StoreError
-from .function import scores_key
 from .store import JobLayout, Store
 
 FORMATS = ("parquet", "csv", "jsonl")
@@ -50,7 +49,7 @@ def table_row(row: dict[str, Any]) -> dict[str, Any]:
 def iter_rows(store: Store, job: str, with_scores: bool = False) -> Iterator[dict[str, Any]]:
     """Every image's table row, record by record (records in name order)."""
     layout = JobLayout(job)
-    keys = store.list(layout.key("predictions"), ".jsonl")
+    keys = store.list(layout.predictions_prefix, ".jsonl")
     if not keys:
         raise ExportError(f"job {job!r} has no predictions in {store.url} (run it first)")
     for key in keys:
@@ -73,7 +72,7 @@ def _saved_scores(store: Store, job: str) -> bool:
 
 def _scores(store: Store, layout: JobLayout, pred_key: str, n: int) -> np.ndarray:
     record = pred_key.rsplit("/", 1)[-1].removesuffix(".jsonl")
-    key = scores_key(layout, record)
+    key = layout.scores(record)
     try:
         data = store.get_bytes(key)
     except StoreError as exc:

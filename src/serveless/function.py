@@ -31,14 +31,13 @@ from .errors import PredictionCountError, StoreError
 from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb, own_cgroup
 from .memory import reset_rss_peak as reset_peak
 from .memory import rss_peak_mb as peak_mb
-from .store import JobLayout, Store
+from .store import READ_BLOCK, JobLayout, Store
+from .store.layout import DATA_SUFFIX
 from .tensors import TensorFormat, TensorReader, TensorWriter
 
-READ_BLOCK = 64 << 20  # one GET per 64 MiB of an object, as a ranged reader on S3 would do
 TOP_K = 5
 MAX_FAILED_LISTED = 10  # failed images (filename, reason) a record's metrics carry
 SCORES = ("probs", "softmax(logits)", "logits")
-DATA_SUFFIX = ".data"  # a stage's weights, stored beside its graph as ONNX external data
 # images.MAX_PIXELS. images (Pillow) and records (protobuf) are imported by stage 0 alone,
 # when it decodes: the other stages' cold starts, which are billed, skip their ~40 ms.
 MAX_PIXELS = 100_000_000
@@ -374,7 +373,7 @@ def _serve(ev: Event, store: Store, layout: JobLayout, fmt: TensorFormat, sessio
                 meta = json.loads(raw)
             classes = None
             if ev.classes:
-                raw = store.get_bytes(layout.key("labels.json"))
+                raw = store.get_bytes(layout.labels)
                 c.got(len(raw))
                 classes = json.loads(raw)
             out_key = layout.predictions(ev.record)
@@ -384,7 +383,7 @@ def _serve(ev: Event, store: Store, layout: JobLayout, fmt: TensorFormat, sessio
             if kept is not None:
                 buf = io.BytesIO()
                 np.save(buf, np.concatenate(kept) if kept else np.zeros((0, 0), np.float32))
-                store.put_bytes(scores_key(layout, ev.record), buf.getvalue())
+                store.put_bytes(layout.scores(ev.record), buf.getvalue())
                 c.put(buf.tell())
         else:
             out_key = layout.stage_output(ev.stage, ev.record, fmt.suffix)
@@ -641,11 +640,6 @@ def _write_tensor(
     c.write_ms += (time.perf_counter() - t) * 1000
     c.put(hw.size)
     return {"key": key, "size": hw.size, "crc32c": hw.hexdigest()}
-
-
-def scores_key(layout: JobLayout, record: str) -> str:
-    """<job>/scores/<record>.npy: every image's whole score row (run --save-scores)."""
-    return layout.key("scores", f"{record}.npy")
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

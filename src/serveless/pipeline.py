@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -26,6 +25,7 @@ from .backends import Backend, FunctionSpec, InvocationResult
 from .cost import MAX_MEMORY_MB, billed_ms, check_memory, vcpus
 from .errors import JobError, StoreError
 from .store import JobLayout, Store
+from .store.layout import RECORD_SUFFIX, record_name, stage_key
 from .tensors import TensorFormat
 
 DEFAULT_MEMORY_MB = 1769
@@ -77,7 +77,7 @@ class JobSpec:
     def stage_model_key(self, k: int) -> str:
         """Where stage k's graph is (its weights beside it, + .data)."""
         if self.models:
-            return f"{self.models}/stage-{k}.onnx"
+            return stage_key(self.models, k)
         return JobLayout(self.job).stage_model(k)
 
     def save(self, store: Store) -> None:
@@ -267,13 +267,12 @@ def prepare_job(
         say(f"skipped {len(inputs.skipped)} files of {records} (neither records nor images):")
         for name, reason in inputs.skipped:
             say(f"  {name}: {reason}")
-    existing = {Path(k).name.removesuffix(".tfrecord")
-                for k in store.list(layout.records_prefix, ".tfrecord")}
+    existing = {record_name(k) for k in store.list(layout.records_prefix, RECORD_SUFFIX)}
 
     def same(key: str, size: int, md5: Callable[[], str]) -> bool:
         """A record already in the job: fine if it has the same bytes (size, then MD5: a
         changed record of the same size too), refused if not."""
-        name = Path(key).name.removesuffix(".tfrecord")
+        name = record_name(key)
         if name not in existing:
             return False
         if store.size(key) != size or store.content_md5(key) != md5():
@@ -341,7 +340,7 @@ def prepare_job(
     if asked.precision == "fp32":
         upload_inputs()
     if classes is not None:
-        store.put_bytes(layout.key("labels.json"), labels_json(classes))
+        store.put_bytes(layout.labels, labels_json(classes))
     asked.classes = classes is not None or bool(old and old.classes)
     asked.records = sorted(names)
     asked.models = models.prefix
@@ -475,7 +474,7 @@ class InvocationLog:
 def read_predictions(store: Store, job: str) -> list[dict[str, Any]]:
     """Every prediction row of a job, record by record, as the last stage wrote them."""
     rows: list[dict[str, Any]] = []
-    for key in store.list(JobLayout(job).key("predictions"), ".jsonl"):
+    for key in store.list(JobLayout(job).predictions_prefix, ".jsonl"):
         rows += [json.loads(line) for line in store.get_bytes(key).decode().splitlines()]
     return rows
 

@@ -50,7 +50,8 @@ from .cost import (
     vcpus,
 )
 from .errors import PlanError
-from .simulate import READ_BLOCK, Target
+from .simulate import Target
+from .store import READ_BLOCK
 
 PLAN_KIND = "serveless-plan"
 RECORD_SIZES = (25, 50, 100, 200, 500, 1000, 2000, 5000)

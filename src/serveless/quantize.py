@@ -36,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .errors import QuantizeError
 from .images import preprocess
 from .records import Example, count_examples, iter_record
+from .store.layout import stage_key
 
 VERSION = 1  # of the recipe below: part of the cache key
 QUANTIZE_MODES = ("int8",)
@@ -347,7 +348,7 @@ def prepare(store: Any, model: onnx.ModelProto, cuts: Sequence[str],
     cal, held = select_images(records, calibration_images, heldout_images)
     digest = _digest(model, cuts, mode, cal, preprocess_, size, model_hash)
     prefix = cache_prefix(mode, digest)
-    keys = [f"{prefix}/stage-{k}.onnx" for k in range(len(cuts) + 1)]
+    keys = [stage_key(prefix, k) for k in range(len(cuts) + 1)]
     hit = store is not None and all(store.exists(k) for k in keys)
     if hit:
         out = [onnx.load_from_string(store.get_bytes(k)) for k in keys]
@@ -382,7 +383,7 @@ def load_cached(store: Any, info: dict[str, Any] | None,
     """The stages a job was made with (its job.json info), if still in the store's cache."""
     if not info or not info.get("cache"):
         return None
-    keys = [f"{info['cache']}/stage-{k}.onnx" for k in range(stages)]
+    keys = [stage_key(info["cache"], k) for k in range(stages)]
     if not all(store.exists(k) for k in keys):
         return None
     return [onnx.load_from_string(store.get_bytes(k)) for k in keys]

@@ -458,11 +458,11 @@ def record_chunks(items: Sequence[T], per_record: int,
     record under `prefix`: ``<prefix>/<00000..>.tfrecord``, in order."""
     if per_record < 1:
         raise ValueError(f"per_record must be >= 1, got {per_record}")
-    base = prefix.strip("/")
+    from .store.layout import record_key
+
     for n, start in enumerate(range(0, len(items), per_record)):
         name = f"{n:05d}"
-        yield name, f"{base}/{name}.tfrecord" if base else f"{name}.tfrecord", \
-            items[start:start + per_record]
+        yield name, record_key(prefix, name), items[start:start + per_record]
 
 
 def pack_folder(

@@ -97,7 +97,7 @@ def accuracy(store: Any, job: str) -> dict[str, Any] | None:
     from .store import JobLayout
 
     labelled = top1 = top5 = 0
-    for key in store.list(JobLayout(job).key("predictions"), ".jsonl"):
+    for key in store.list(JobLayout(job).predictions_prefix, ".jsonl"):
         for line in store.get_bytes(key).decode().splitlines():
             if not line.strip():
                 continue

@@ -29,8 +29,8 @@ from typing import Any
 from .calibrate import StageModel, stage_models
 from .cost import LAMBDA_GB_SECOND, bill, billed_ms, vcpus
 from .errors import SimulationError
+from .store import READ_BLOCK
 
-READ_BLOCK = 64 << 20  # as function.READ_BLOCK: one GET per 64 MiB
 SIMULATED = "simulated"
 
 

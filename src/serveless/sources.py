@@ -34,12 +34,11 @@ from .records import (
     write_record,
 )
 from .store import file_md5
+from .store.layout import LABELS_FILE, RECORD_SUFFIX, record_name
 
 if TYPE_CHECKING:
     from .store import Store
 
-LABELS_FILE = "labels.json"
-RECORD_SUFFIX = ".tfrecord"
 _HEAD = 16
 NOT_A_RECORD = "not a TFRecord file (the first entry's length CRC does not match)"
 
@@ -77,7 +76,7 @@ class InputFile:
     @property
     def record_name(self) -> str:
         """The record's name in the job: the file name without a .tfrecord suffix."""
-        return self.rel.rsplit("/", 1)[-1].removesuffix(RECORD_SUFFIX)
+        return record_name(self.rel)
 
 
 @dataclass

@@ -31,6 +31,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .store.layout import stage_file
+
 log = logging.getLogger(__name__)
 
 STAGE_CACHE_ENV = "SERVELESS_STAGE_CACHE"  # a folder, or "0" for none; default <cache>/stages
@@ -88,7 +90,7 @@ def _check(folder: Path, digest: str) -> tuple[str | None, dict[str, Any]]:
     files, stages = manifest.get("files"), manifest.get("stages")
     if not isinstance(files, dict) or not isinstance(stages, int) or stages < 1:
         return "malformed manifest", manifest
-    if any(f"stage-{k}.onnx" not in files for k in range(stages)):
+    if any(stage_file(k) not in files for k in range(stages)):
         return "a stage missing from the manifest", manifest
     for name, want in files.items():
         if (not _FILE.match(name) or not isinstance(want, dict)

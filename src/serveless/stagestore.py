@@ -34,8 +34,8 @@ import onnx
 
 from . import stagecache
 from .errors import StoreError
-from .function import DATA_SUFFIX  # a stage's weights beside its graph
 from .store import ModelLayout, Store
+from .store.layout import DATA_SUFFIX, stage_file
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def verify(store: Store, layout: ModelLayout, manifest: dict[str, Any],
     """None when every file of the manifest is there whole; else what is wrong."""
     files = manifest["files"]
     for k in range(manifest["stages"]):
-        if f"stage-{k}.onnx" not in files:
+        if stage_file(k) not in files:
             return f"stage {k} missing from the manifest"
     for name, want in files.items():
         key = f"{layout.prefix}/{name}"
@@ -218,7 +218,7 @@ def _save_stages(folder: Path, stages: list[onnx.ModelProto]) -> dict[str, dict[
     (AlexNet's classifier: about 360 MB instead of 420 MB). Returns name -> size, sha256."""
     files: dict[str, dict[str, Any]] = {}
     for k, stage in enumerate(stages):
-        name = f"stage-{k}.onnx"
+        name = stage_file(k)
         path = os.path.join(folder, name)
         onnx.save_model(stage, path, save_as_external_data=True,
                         all_tensors_to_one_file=True, location=name + DATA_SUFFIX,

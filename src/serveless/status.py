@@ -55,7 +55,7 @@ def job_status(store: Store, job: str, arch: str = "x86_64") -> JobStatus:
     layout = JobLayout(job)
     spec = JobSpec.load(store, job)
     done = {key.rsplit("/", 1)[-1].removesuffix(".jsonl")
-            for key in store.list(layout.key("predictions"), ".jsonl")}
+            for key in store.list(layout.predictions_prefix, ".jsonl")}
     rows = load_log(store, job)
     last: dict[str, dict[str, Any]] = {}
     for row in rows:  # the log is in time order: keep each record's last invocation

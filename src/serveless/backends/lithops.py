@@ -328,7 +328,7 @@ class LithopsBackend:
         ref = (event.get("store") or {}).get("credentials")
         if self.compute != "localhost" or not ref or ref in self._sent_credentials:
             return
-        from ..store import credentials_env
+        from ..store.credentials import credentials_env
 
         self._send({"op": "env", "env": credentials_env()})
         self._sent_credentials.add(ref)

@@ -30,7 +30,7 @@ import psutil
 
 from ..cost import vcpus
 from ..function import MODEL_CACHE_ENV
-from ..store import credentials_env
+from ..store.credentials import credentials_env
 from . import FunctionSpec, InvocationResult
 from .limits import InstanceLimits, Watchdog, cleanup_stale, probe_limits
 

@@ -250,7 +250,7 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
                   driver=result.driver_requests,
                   run_images=result.images_run)
     layout = JobLayout(spec.job)
-    say(f"predictions: {store.path(layout.key('predictions'))}/*.jsonl")
+    say(f"predictions: {store.path(layout.predictions_prefix)}/*.jsonl")
     say(f"invocation log: {store.path(layout.log)}")
     console.print(
         f"served {result.images - result.image_errors} images; failed images "

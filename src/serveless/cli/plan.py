@@ -63,7 +63,8 @@ def _load_cal(calibration: Path | None, model: str, store: str,
               check: bool = True) -> dict[str, Any]:
     """The calibration of the model at the asked precision: a file, or the store's (with
     check=False, a file of either precision)."""
-    from ..calibrate import calibration_key, load_calibration, validate
+    from ..calibrate import load_calibration, validate
+    from ..store.layout import calibration_key
 
     if quantize not in (None, "int8"):
         fail(f"--quantize must be int8, got {quantize!r}")
@@ -98,7 +99,8 @@ def calibrate_cmd(
     store_option: StoreOptions = None,
 ) -> None:
     """Measure the model per block on this machine, for plan and simulate."""
-    from ..calibrate import calibrate, calibration_key
+    from ..calibrate import calibrate
+    from ..store.layout import calibration_key
 
     if quantize not in (None, "int8"):
         fail(f"--quantize must be int8, got {quantize!r}")

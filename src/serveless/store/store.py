@@ -28,7 +28,6 @@ import base64
 import contextlib
 import hashlib
 import inspect
-import json
 import math
 import os
 import random
@@ -36,7 +35,6 @@ import re
 import shutil
 import tempfile
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,91 +43,21 @@ from typing import IO, Any, TypeVar
 import fsspec
 import fsspec.asyn
 
-from .errors import StoreError
+from ..errors import StoreError
+from .credentials import lookup, merge, register, split_credentials
+from .layout import is_temporary, probe_key, temporary
 
 T = TypeVar("T")
 DEFAULT_STORE = "./serveless-store"
-# Fault injection for resilience tests and drills: flaky://<path> fails a share of requests.
-fsspec.register_implementation("flaky", "serveless.faults.FlakyFileSystem", clobber=True)
-_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-MODELS_PREFIX = "models"  # <store>/models/<digest>/: stage models shared by jobs
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _S3_PROTOCOLS = {"s3", "s3a"}
 S3_MAX_PUT = 5 << 30  # S3's limit for one PUT; larger objects go multipart
 S3_PART_SIZE = 64 << 20  # multipart part size (above S3_MAX_PUT only)
 S3_UPLOAD_CONCURRENCY = 2  # parts in flight: at most 128 MiB buffered per upload
 S3_MAX_PARTS = 10_000  # S3's limit on parts per upload
-S3_READ_BLOCK = 64 << 20  # one ranged GET per 64 MiB, as function.READ_BLOCK counts them
+READ_BLOCK = 64 << 20
+"""One ranged GET per 64 MiB of an object: what the S3 reader fetches at a time, and what the
+functions' request counts and the simulator assume of any object store."""
 
-
-CREDENTIALS_ENV = "SERVELESS_STORE_CREDENTIALS"
-_CREDENTIAL_NAMES = {"key", "secret", "token", "profile", "password", "username",
-                     "credentials"}
-_CREDENTIAL_PARTS = ("secret", "token", "password", "credential", "access_key", "account_key",
-                     "key_id", "connection_string", "profile", "sas_")
-_credentials: dict[str, dict[str, Any]] = {}  # reference -> credential options, this process
-_refs: dict[str, str] = {}  # canonical JSON of credential options -> reference
-
-
-def is_credential(name: str) -> bool:
-    """Whether a store option is a credential (or names one, as a profile does)."""
-    low = name.lower()
-    return low in _CREDENTIAL_NAMES or any(part in low for part in _CREDENTIAL_PARTS)
-
-
-def split_credentials(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(options without credentials, the credentials), also inside nested dicts such as
-    client_kwargs={'aws_access_key_id': ...}."""
-    public: dict[str, Any] = {}
-    secret: dict[str, Any] = {}
-    for name, value in options.items():
-        if is_credential(str(name)):
-            secret[name] = value
-        elif isinstance(value, dict):
-            pub, sec = split_credentials(value)
-            public[name] = pub
-            if sec:
-                secret[name] = sec
-        else:
-            public[name] = value
-    return public, secret
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for name, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(name), dict):
-            out[name] = _merge(out[name], value)
-        else:
-            out[name] = value
-    return out
-
-
-def _register(secret: dict[str, Any]) -> str:
-    """An opaque reference for credentials kept in this process (the same for the same ones)."""
-    canonical = json.dumps(secret, sort_keys=True, default=str)
-    if canonical not in _refs:
-        ref = uuid.uuid4().hex
-        _refs[canonical] = ref
-        _credentials[ref] = secret
-    return _refs[canonical]
-
-
-def _lookup(ref: str) -> dict[str, Any] | None:
-    if ref in _credentials:
-        return _credentials[ref]
-    try:
-        shared = json.loads(os.environ.get(CREDENTIALS_ENV) or "{}")
-    except json.JSONDecodeError:
-        return None
-    found = shared.get(ref) if isinstance(shared, dict) else None
-    return found if isinstance(found, dict) else None
-
-
-def credentials_env() -> dict[str, str]:
-    """Environment for a local worker process: the credentials of the stores this process
-    opened, under their references; {} when there are none."""
-    return {CREDENTIALS_ENV: json.dumps(_credentials, default=str)} if _credentials else {}
 
 
 class TransientStoreError(OSError):
@@ -156,17 +84,6 @@ def _retrying(op: Callable[[], T], what: str) -> T:
     raise AssertionError(what)  # unreachable
 
 
-def validate_job_name(job: str) -> str:
-    """Refuse names that could escape the job folder (path separators, '..')."""
-    if not _JOB_NAME.match(job) or ".." in job:
-        raise ValueError(
-            f"invalid job name {job!r}: use letters, digits, '_', '-', '.', no path separators "
-            "and no '..'"
-        )
-    if job == MODELS_PREFIX:
-        raise ValueError(f"invalid job name {job!r}: the store keeps shared stage models there")
-    return job
-
 
 class Store:
     """A folder-like view of an fsspec URL. Keys are '/'-separated paths below the root."""
@@ -176,7 +93,7 @@ class Store:
         self.options = dict(options or {})
         public, secret = split_credentials(self.options)
         self._public = public
-        self._credentials_ref = _register(secret) if secret else None
+        self._credentials_ref = register(secret) if secret else None
         # Requests this Store object made, by S3 price class, one per call (retries not
         # counted): the driver's share of the bill (the functions count their own).
         self.requests: Counter[str] = Counter()
@@ -216,9 +133,9 @@ class Store:
         """The store of `spec()`; credentials from this process or its environment, and
         where they are not there, the platform's (a Lambda function's role, AWS_* vars)."""
         options = dict(spec.get("options") or {})
-        found = _lookup(str(spec["credentials"])) if spec.get("credentials") else None
+        found = lookup(str(spec["credentials"])) if spec.get("credentials") else None
         if found:
-            options = _merge(options, found)
+            options = merge(options, found)
         return cls(spec["url"], options)
 
     def path(self, key: str) -> str:
@@ -247,7 +164,7 @@ class Store:
     def open_read(self, key: str) -> IO[bytes]:
         self.requests["head"] += 1  # s3fs asks for the size first
         self.requests["get"] += 1
-        kwargs: dict[str, Any] = {"block_size": S3_READ_BLOCK} if self.s3 else {}
+        kwargs: dict[str, Any] = {"block_size": READ_BLOCK} if self.s3 else {}
         try:
             return _retrying(lambda: self.fs.open(self.path(key), "rb", **kwargs), key)
         except FileNotFoundError as exc:
@@ -376,7 +293,7 @@ class Store:
         dest = self.path(key)
         if self.local:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+            tmp = temporary(dest)
             try:
                 with open(tmp, "wb") as f:
                     yield f
@@ -404,7 +321,7 @@ class Store:
         keys = []
         for entry in entries:
             name = str(entry).rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith(suffix) and ".tmp-" not in name:
+            if name.endswith(suffix) and not is_temporary(name):
                 keys.append(f"{prefix.strip('/')}/{name}")
         return sorted(keys)
 
@@ -446,7 +363,8 @@ class Store:
         return md5.hexdigest()
 
     def stale_temporaries(self, prefix: str) -> list[str]:
-        """Keys of `*.tmp-*` objects anywhere under a prefix: what killed writers left."""
+        """Keys of temporary objects (`layout.is_temporary`) anywhere under a prefix: what
+        killed writers left."""
         self.requests["list"] += 1
         base = self.path(prefix)
         try:
@@ -455,7 +373,7 @@ class Store:
             return []
         root = self.root + "/" if self.root else ""
         return sorted(str(p).removeprefix(root) for p in found
-                      if ".tmp-" in str(p).rsplit("/", 1)[-1])
+                      if is_temporary(str(p)))
 
     def delete(self, key: str) -> None:
         self.requests["delete"] += 1
@@ -473,7 +391,7 @@ class Store:
         if self.local:
             self._check_local()
             return
-        key = f".serveless-check-{uuid.uuid4().hex}"
+        key = probe_key()
         probe = self.path(key)
         try:  # transient errors are retried as for any request; the rest are final
             # put_bytes, not a bare pipe_file: on S3 it sends Content-MD5 and checks the
@@ -582,66 +500,3 @@ def _s3_upload_options(size: int) -> dict[str, int]:
             "max_concurrency": S3_UPLOAD_CONCURRENCY}
 
 
-class JobLayout:
-    """Object keys of one job, as laid out in DESIGN.md."""
-
-    def __init__(self, job: str):
-        self.job = validate_job_name(job)
-
-    def key(self, *parts: str) -> str:
-        return "/".join((self.job, *parts))
-
-    @property
-    def spec(self) -> str:
-        return self.key("job.json")
-
-    @property
-    def log(self) -> str:
-        return self.key("invocations.jsonl")
-
-    @property
-    def driver(self) -> str:
-        """The driver's own store requests for this job, by kind, over all its runs."""
-        return self.key("driver.json")
-
-    def stage_model(self, k: int) -> str:
-        return self.key("model", f"stage-{k}.onnx")
-
-    @property
-    def records_prefix(self) -> str:
-        return self.key("records")
-
-    def record(self, name: str) -> str:
-        return self.key("records", f"{name}.tfrecord")
-
-    def stage_output(self, k: int, record: str, suffix: str = ".npy") -> str:
-        return self.key(f"stage-{k}", f"{record}{suffix}")
-
-    def record_meta(self, record: str) -> str:
-        """Filenames, labels and per-image errors found by stage 0, read by the last stage."""
-        return self.key("stage-0", f"{record}.meta.json")
-
-    def predictions(self, record: str) -> str:
-        return self.key("predictions", f"{record}.jsonl")
-
-
-class ModelLayout:
-    """Object keys of one set of stage models, content-addressed: models/<digest>/.
-
-    The digest covers the model's bytes, the cuts and whatever else changes the stages, so
-    jobs of the same model and cuts share one copy (partitioned, checked and uploaded once).
-    """
-
-    def __init__(self, digest: str):
-        if not _DIGEST.match(digest):
-            raise ValueError(f"invalid stage-model digest {digest!r}: 64 lowercase hex digits")
-        self.digest = digest
-        self.prefix = f"{MODELS_PREFIX}/{digest}"
-
-    def stage(self, k: int) -> str:
-        return f"{self.prefix}/stage-{k}.onnx"
-
-    @property
-    def manifest(self) -> str:
-        """Written last: the files, sizes and SHA-256 of a complete set."""
-        return f"{self.prefix}/manifest.json"

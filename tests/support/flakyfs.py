@@ -1,10 +1,15 @@
-"""Fault injection: a filesystem that fails a share of requests, as real stores do.
+"""Fault injection for tests and drills: a filesystem that fails a share of requests, as
+real stores do.
 
 `flaky://<path>` is a local folder whose reads and writes raise TransientStoreError with
-probability `fail_rate` (store option, default 0.05). Used by the resilience tests and
-usable for drills: `serveless run --store flaky:///tmp/s --store-option fail_rate=0.1`.
-Failures happen per request, never half-way through a rename, so what fails is the
-request, not the data: exactly what an object store's 5xx looks like.
+probability `fail_rate` (store option, default 0.05). Failures happen per request, never
+half-way through a rename, so what fails is the request, not the data: exactly what an
+object store's 5xx looks like.
+
+It is test code, so it is not registered by the package. `register()` registers it in this
+process; `environment()` is what a process needs for its children (local function
+instances) to register it too: this folder on PYTHONPATH, whose `sitecustomize.py` calls
+`register()` at interpreter start.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from .store import TransientStoreError
+from serveless.store import TransientStoreError
+from serveless.store.layout import temporary
+
+SUPPORT = os.path.dirname(os.path.abspath(__file__))
 
 
 class FlakyFileSystem(LocalFileSystem):
@@ -52,7 +60,7 @@ class FlakyFileSystem(LocalFileSystem):
         self._maybe_fail("put", path)
         path = self._strip_protocol(path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-upload-{os.getpid()}"
+        tmp = temporary(path)
         with open(tmp, "wb") as f:
             f.write(value)
         os.replace(tmp, path)
@@ -62,7 +70,7 @@ class FlakyFileSystem(LocalFileSystem):
         # write beside, then rename: a failed or killed upload never leaves a torn object
         rpath = self._strip_protocol(rpath)
         os.makedirs(os.path.dirname(rpath), exist_ok=True)
-        tmp = f"{rpath}.tmp-upload-{os.getpid()}"
+        tmp = temporary(rpath)
         super().put_file(lpath, tmp, *args, **kwargs)
         os.replace(tmp, rpath)
 
@@ -73,3 +81,16 @@ class FlakyFileSystem(LocalFileSystem):
     def info(self, path: Any, **kwargs: Any) -> Any:
         self._maybe_fail("head", path)
         return super().info(path, **kwargs)
+
+
+def register() -> None:
+    """Make `flaky://` URLs open this filesystem in this process."""
+    import fsspec
+
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+
+
+def environment() -> dict[str, str]:
+    """Environment variables under which child processes register `flaky://` as well."""
+    paths = [SUPPORT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}

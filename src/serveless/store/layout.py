@@ -1,0 +1,181 @@
+"""Every key a job writes, and every rule for the names in the store, in one place.
+
+```
+<store>/models/<digest>/stage-<k>.onnx[.data], manifest.json   shared stage models
+<store>/<job>/job.json, invocations.jsonl, driver.json        what was asked; the log
+<store>/<job>/records/<r>.tfrecord                            input records
+<store>/<job>/stage-<k>/<r>.npy[.zst]; stage-0/<r>.meta.json  intermediates
+<store>/<job>/predictions/<r>.jsonl; scores/<r>.npy           outputs
+<store>/<job>/labels.json                                     class names of the labels
+<store>/calibration/<model>.json                              `serveless calibrate`
+```
+
+Names are rules as much as keys: a job name must stay inside its folder and must not be a
+folder the store keeps for itself (`models`); an object being written lives under a
+temporary name (`<key>.tmp-<id>`) that listings skip and a driver's start removes. Keeping
+the keys and the rules together is what lets a reader check that a job touches only what it
+wrote (several defects came from the same rule written twice, once differently).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from pathlib import Path
+
+MODELS_PREFIX = "models"  # <store>/models/<digest>/: stage models shared by jobs
+CALIBRATION_PREFIX = "calibration"  # <store>/calibration/<model>.json
+RECORD_SUFFIX = ".tfrecord"
+LABELS_FILE = "labels.json"  # class names, index = label: beside packed records, in a job
+DATA_SUFFIX = ".data"  # a stage's weights, stored beside its graph as ONNX external data
+TEMP_MARK = ".tmp-"  # <key>.tmp-<id>: an object being written
+_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+
+
+def validate_job_name(job: str) -> str:
+    """Refuse names that could escape the job folder (path separators, '..')."""
+    if not _JOB_NAME.match(job) or ".." in job:
+        raise ValueError(
+            f"invalid job name {job!r}: use letters, digits, '_', '-', '.', no path separators "
+            "and no '..'"
+        )
+    if job == MODELS_PREFIX:
+        raise ValueError(f"invalid job name {job!r}: the store keeps shared stage models there")
+    return job
+
+
+def temporary(path: str) -> str:
+    """The name an object (or a local file) is written under before it is renamed to `path`."""
+    return f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a key's last part names an object still being written (or left by a writer
+    that was killed): listings skip it, a driver's start removes it."""
+    return TEMP_MARK in name.rsplit("/", 1)[-1]
+
+
+def probe_key() -> str:
+    """A tiny object `Store.check` writes, reads back and deletes."""
+    return f".serveless-check-{uuid.uuid4().hex}"
+
+
+def record_file(name: str) -> str:
+    """A record's file name: `<name>.tfrecord`."""
+    return f"{name}{RECORD_SUFFIX}"
+
+
+def record_name(path: str) -> str:
+    """A record's name from its key or file name: the last part without `.tfrecord`."""
+    return Path(path).name.removesuffix(RECORD_SUFFIX)
+
+
+def record_key(prefix: str, name: str) -> str:
+    """`<prefix>/<name>.tfrecord` (just the file name under an empty prefix)."""
+    base = prefix.strip("/")
+    return f"{base}/{record_file(name)}" if base else record_file(name)
+
+
+def stage_file(k: int) -> str:
+    """Stage k's graph: `stage-<k>.onnx` (its weights beside it, + DATA_SUFFIX)."""
+    return f"stage-{k}.onnx"
+
+
+def stage_key(prefix: str, k: int) -> str:
+    """Stage k's graph under a set of stage models (`models/<digest>`, `<job>/model`)."""
+    return f"{prefix}/{stage_file(k)}"
+
+
+def calibration_key(model: str, quantize: str | None = None) -> str:
+    """Where `calibrate` keeps a model's calibration in the store by default."""
+    name = Path(str(model)).name.removesuffix(".onnx")
+    return f"{CALIBRATION_PREFIX}/{name}{'-' + quantize if quantize else ''}.json"
+
+
+def bandwidth_probe_key() -> str:
+    """The object `calibrate` times one write and one read of."""
+    return f"{CALIBRATION_PREFIX}/.probe-{os.getpid()}"
+
+
+class JobLayout:
+    """Object keys of one job, as laid out in DESIGN.md."""
+
+    def __init__(self, job: str):
+        self.job = validate_job_name(job)
+
+    def key(self, *parts: str) -> str:
+        return "/".join((self.job, *parts))
+
+    @property
+    def spec(self) -> str:
+        return self.key("job.json")
+
+    @property
+    def log(self) -> str:
+        return self.key("invocations.jsonl")
+
+    @property
+    def driver(self) -> str:
+        """The driver's own store requests for this job, by kind, over all its runs."""
+        return self.key("driver.json")
+
+    @property
+    def labels(self) -> str:
+        """The class names of the job's labels (from the input's labels.json or folders)."""
+        return self.key(LABELS_FILE)
+
+    def stage_model(self, k: int) -> str:
+        """Stage k's graph in jobs from before stage models were shared (<job>/model/)."""
+        return stage_key(self.key("model"), k)
+
+    @property
+    def records_prefix(self) -> str:
+        return self.key("records")
+
+    def record(self, name: str) -> str:
+        return record_key(self.records_prefix, name)
+
+    def stage_prefix(self, k: int) -> str:
+        return self.key(f"stage-{k}")
+
+    def stage_output(self, k: int, record: str, suffix: str = ".npy") -> str:
+        return f"{self.stage_prefix(k)}/{record}{suffix}"
+
+    def record_meta(self, record: str) -> str:
+        """Filenames, labels and per-image errors found by stage 0, read by the last stage."""
+        return f"{self.stage_prefix(0)}/{record}.meta.json"
+
+    @property
+    def predictions_prefix(self) -> str:
+        return self.key("predictions")
+
+    def predictions(self, record: str) -> str:
+        return f"{self.predictions_prefix}/{record}.jsonl"
+
+    def scores(self, record: str) -> str:
+        """Every image's whole score row (run --save-scores)."""
+        return self.key("scores", f"{record}.npy")
+
+
+class ModelLayout:
+    """Object keys of one set of stage models, content-addressed: models/<digest>/.
+
+    The digest covers the model's bytes, the cuts and whatever else changes the stages, so
+    jobs of the same model and cuts share one copy (partitioned, checked and uploaded once).
+    """
+
+    def __init__(self, digest: str):
+        if not _DIGEST.match(digest):
+            raise ValueError(f"invalid stage-model digest {digest!r}: 64 lowercase hex digits")
+        self.digest = digest
+        self.prefix = f"{MODELS_PREFIX}/{digest}"
+
+    def stage(self, k: int) -> str:
+        return stage_key(self.prefix, k)
+
+    @property
+    def manifest(self) -> str:
+        """Written last: the files, sizes and SHA-256 of a complete set."""
+        return f"{self.prefix}/manifest.json"
