@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu, machine, save, workload  # noqa: E402
 
-from serveless.images import preprocess, preprocess_pillow  # noqa: E402
+from serveless.data.images import preprocess, preprocess_pillow
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

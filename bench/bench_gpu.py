@@ -35,7 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from serveless.images import make_sample_images, preprocess  # noqa: E402
+from serveless.data.images import preprocess
+from serveless.data.samples import make_sample_images
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

@@ -3,7 +3,7 @@
     python bench/bench_main.py [--images 3000] [--per-record 1000] [--rounds 2]
 
 (a) plain: the script a skilled engineer would write: the JPEGs decoded on a thread pool
-    (the same decoder as stage 0, serveless.images.preprocess) overlapped with the whole
+    (the same decoder as stage 0, serveless.data.images.preprocess) overlapped with the whole
     model in one onnxruntime session on all cores, batch 32; (a2) the other one: a process
     per core, each decoding its share and running the model on one thread. Every ratio is
     taken against the faster of the two;
@@ -50,12 +50,12 @@ from common import OUT, at_scale, cpu, machine, save, workload  # noqa: E402
 
 from serveless.backends.local import LocalBackend  # noqa: E402
 from serveless.cost import LAMBDA_GB_SECOND, MB_PER_VCPU, gb_seconds, vcpus  # noqa: E402
-from serveless.images import preprocess  # noqa: E402
+from serveless.data.images import preprocess
+from serveless.data.tensors import TensorFormat
 from serveless.models import build_alexnet  # noqa: E402
 from serveless.pipeline import prepare_job, run_job  # noqa: E402
 from serveless.report import summarize  # noqa: E402
 from serveless.store import Store  # noqa: E402
-from serveless.tensors import TensorFormat  # noqa: E402
 
 BATCH = 32
 

@@ -35,12 +35,13 @@ from common import OUT, at_scale, machine, save, workload  # noqa: E402
 
 from serveless.backends.local import LocalBackend  # noqa: E402
 from serveless.cost import LAMBDA_GB_SECOND, MB_PER_VCPU, gb_seconds  # noqa: E402
+from serveless.data.predictions import accuracy
+from serveless.data.sources import pack
 from serveless.models import build_alexnet  # noqa: E402
 from serveless.partition import split  # noqa: E402
 from serveless.pipeline import prepare_job, run_job  # noqa: E402
 from serveless.quantize import quantize_stages  # noqa: E402
-from serveless.records import pack_folder  # noqa: E402
-from serveless.report import accuracy, summarize  # noqa: E402
+from serveless.report import summarize
 from serveless.store import Store  # noqa: E402
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
@@ -99,7 +100,7 @@ def digits_part(calibration: int) -> dict:
             (img / str(c)).mkdir(parents=True, exist_ok=True)
         for i, (data, label) in enumerate(heldout_examples()):
             (img / str(label) / f"d{i:04d}.jpg").write_bytes(data)
-        pack_folder(img, Store(str(rec)), "", 150)
+        pack(img, Store(str(rec)), "", 150)
         (rec / ".done").write_text("ok")
     fp32 = run("digits", "fp32", "digits", rec, cuts="pool1")
     int8 = run("digits", "int8", "digits", rec, cuts="pool1", quantize="int8",

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serveless.images import make_sample_images
-from serveless.records import pack_folder
+from serveless.data.samples import make_sample_images
+from serveless.data.sources import pack
 from serveless.store import Store
 
 OUT = Path(os.environ.get("SERVELESS_BENCH_DIR", Path(__file__).resolve().parent / "out"))
@@ -25,7 +25,7 @@ def workload(images: int, per_record: int, seed: int = 0) -> tuple[Path, Path]:
         (img_dir / ".done").write_text("ok")
     rec_dir = OUT / f"records-{images}-s{seed}-per{per_record}"
     if not (rec_dir / ".done").exists():
-        pack_folder(img_dir, Store(str(rec_dir)), "", per_record)
+        pack(img_dir, Store(str(rec_dir)), "", per_record)
         (rec_dir / ".done").write_text("ok")
     return img_dir, rec_dir
 

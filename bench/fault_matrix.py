@@ -30,8 +30,8 @@ import flakyfs  # noqa: E402  (the flaky:// test filesystem)
 from common import OUT, machine, save, workload  # noqa: E402
 
 from serveless.backends.local import LocalBackend, instance_processes  # noqa: E402
+from serveless.data.records import Example, read_record, write_record
 from serveless.pipeline import prepare_job, run_job  # noqa: E402
-from serveless.records import Example, read_record, write_record  # noqa: E402
 from serveless.store import JobLayout, Store  # noqa: E402
 
 

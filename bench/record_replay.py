@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def main(dest: Path) -> None:
-    from serveless.images import make_sample_images
+    from serveless.data.samples import make_sample_images
 
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="serveless-replay-") as tmp:

@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # test-only modules
 
-from serveless.images import make_sample_images
+from serveless.data.samples import make_sample_images
+from serveless.data.sources import pack
 from serveless.models import build_alexnet
-from serveless.records import pack_folder
 from serveless.store import Store
 
 
@@ -50,7 +50,7 @@ def digits_records(tmp_path_factory, digits_model) -> Path:
     for i, (data, label) in enumerate(heldout_examples(limit=120)):
         (images / str(label) / f"d{i:04d}.jpg").write_bytes(data)
     root = tmp_path_factory.mktemp("digits-records")
-    pack_folder(images, Store(str(root)), "", 40)
+    pack(images, Store(str(root)), "", 40)
     return root
 
 
@@ -70,7 +70,7 @@ def image_dir(tmp_path_factory) -> Path:
 def records_dir(tmp_path_factory, image_dir) -> Path:
     """60 images in records of 25: the last record is short."""
     root = tmp_path_factory.mktemp("records")
-    pack_folder(image_dir, Store(str(root)), "", 25)
+    pack(image_dir, Store(str(root)), "", 25)
     return root
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from serveless.images import preprocess
-from serveless.pipeline import read_predictions
-from serveless.records import read_record
+from serveless.data.images import preprocess
+from serveless.data.predictions import read_predictions
+from serveless.data.records import read_record
 from serveless.store import Store
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from serveless.images import make_sample_images
-from serveless.records import pack_folder
+from serveless.data.samples import make_sample_images
+from serveless.data.sources import pack
 from serveless.store import Store
 from serveless.store.credentials import CREDENTIALS_ENV, credentials_env, split_credentials
 
@@ -58,7 +58,7 @@ def test_a_secret_given_by_store_option_is_in_no_object_log_or_output(
                 CREDENTIALS_ENV):
         monkeypatch.delenv(var, raising=False)
     make_sample_images(tmp_path / "images", 10, classes=3, seed=5)
-    pack_folder(tmp_path / "images", Store(str(tmp_path / "records")), "", 10)
+    pack(tmp_path / "images", Store(str(tmp_path / "records")), "", 10)
     seen_argv: list[str] = []
     import serveless.backends.local as local
 

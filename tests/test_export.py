@@ -15,8 +15,8 @@ from helpers import rows_of
 from typer.testing import CliRunner
 
 from serveless.cli import app
+from serveless.data.export import COLUMNS, export
 from serveless.errors import ExportError
-from serveless.export import COLUMNS, export
 from serveless.store import Store
 
 pq = pytest.importorskip("pyarrow.parquet")

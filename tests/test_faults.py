@@ -21,10 +21,10 @@ from helpers import assert_one_row_per_image, rows_of
 from PIL import Image
 
 from serveless.backends.local import LocalBackend, instance_processes
+from serveless.data.records import Example, read_record, write_record
 from serveless.errors import RecordError
 from serveless.models import build_alexnet, save_model
 from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
-from serveless.records import Example, read_record, write_record
 from serveless.store import Store
 
 
@@ -135,7 +135,7 @@ def test_flaky_store(tmp_path, records_dir, flaky_filesystem):
 
 
 def _jpeg(seed: int) -> bytes:
-    from serveless.images import synthetic_photo
+    from serveless.data.samples import synthetic_photo
 
     buf = io.BytesIO()
     synthetic_photo(seed, (320, 240)).save(buf, "JPEG", quality=85)

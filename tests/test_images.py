@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serveless import jpeg
-from serveless.images import preprocess, synthetic_photo
-from serveless.jpeg import FastPathRefused, dct_scale, exif_orientation, preprocess_jpeg
+from serveless.data import jpeg
+from serveless.data.images import preprocess
+from serveless.data.jpeg import FastPathRefused, dct_scale, exif_orientation, preprocess_jpeg
+from serveless.data.samples import synthetic_photo
 
 TOLERANCE = 0.05  # normalised units: about 3 grey levels of 255
 
@@ -166,8 +167,8 @@ def test_refused_jpegs_get_prediction_rows_and_decode_threads_agree(tmp_path):
     from helpers import rows_of, tiny_conv_classifier
 
     from serveless.backends.local import LocalBackend
+    from serveless.data.records import Example, write_record
     from serveless.pipeline import prepare_job, run_job
-    from serveless.records import Example, write_record
     from serveless.store import Store
 
     png = io.BytesIO()
@@ -207,6 +208,7 @@ def test_refused_jpegs_get_prediction_rows_and_decode_threads_agree(tmp_path):
 
 def test_function_max_pixels_is_the_images_limit():
     """function.py keeps its own copy so that stages past 0 do not import Pillow."""
-    from serveless import function, images
+    from serveless import function
+    from serveless.data import images
 
     assert function.MAX_PIXELS == images.MAX_PIXELS

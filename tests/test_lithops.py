@@ -21,9 +21,9 @@ from test_s3 import check_layout_in_bucket, check_predictions
 
 from serveless.backends import FunctionSpec, make_backend
 from serveless.backends.lithops import LithopsBackend, build_config
-from serveless.images import make_sample_images
+from serveless.data.samples import make_sample_images
+from serveless.data.sources import pack
 from serveless.pipeline import load_log, prepare_job, run_job
-from serveless.records import pack_folder
 from serveless.store import Store
 
 pytest_plugins = ["s3server"]
@@ -61,7 +61,7 @@ def small_records(tmp_path_factory) -> Path:
     """20 images in records of 10: Lithops localhost v1 starts a process per call."""
     root = tmp_path_factory.mktemp("lithops")
     make_sample_images(root / "images", 20, classes=3, seed=11)
-    pack_folder(root / "images", Store(str(root / "records")), "", 10)
+    pack(root / "images", Store(str(root / "records")), "", 10)
     return root / "records"
 
 

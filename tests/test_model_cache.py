@@ -10,10 +10,10 @@ import pytest
 from serveless import function
 from serveless.backends import FunctionSpec
 from serveless.backends.local import LocalBackend
+from serveless.data.samples import make_sample_images
+from serveless.data.sources import pack
 from serveless.function import MODEL_CACHE_ENV
-from serveless.images import make_sample_images
 from serveless.pipeline import prepare_job
-from serveless.records import pack_folder
 from serveless.store import Store
 from serveless.store.layout import DATA_SUFFIX
 
@@ -24,7 +24,7 @@ pytest_plugins = ["s3server", "faultproxy"]
 def tiny_records(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     make_sample_images(root / "images", 4, classes=2, seed=3)
-    pack_folder(root / "images", Store(str(root / "records")), "", 4)
+    pack(root / "images", Store(str(root / "records")), "", 4)
     return root / "records"
 
 

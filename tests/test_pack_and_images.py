@@ -13,8 +13,8 @@ from datakit import encode, image_folder, picture, save, tiny_classifier
 from typer.testing import CliRunner
 
 from serveless.cli import app
-from serveless.images import ImageDecodeError, preprocess, sniff_image
-from serveless.records import read_record
+from serveless.data.images import ImageDecodeError, preprocess, sniff_image
+from serveless.data.records import read_record
 
 runner = CliRunner()
 

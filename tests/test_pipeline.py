@@ -13,10 +13,10 @@ import pytest
 from helpers import rows_of, tiny_conv_classifier, whole_model_probs
 
 from serveless.backends.local import LocalBackend
+from serveless.data.images import preprocess
+from serveless.data.records import read_record
 from serveless.errors import JobError
-from serveless.images import preprocess
 from serveless.pipeline import load_log, prepare_job, run_job
-from serveless.records import read_record
 from serveless.store import JobLayout, Store
 
 

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from serveless import quantize as q
 from serveless.backends.local import LocalBackend
 from serveless.cli import app
+from serveless.data.records import Example
 from serveless.errors import JobError
 from serveless.partition import split
 from serveless.pipeline import JobSpec, prepare_job, run_job
-from serveless.records import Example
 from serveless.store import Store
 
 runner = CliRunner()
@@ -135,7 +135,7 @@ def test_select_images_is_disjoint_and_deterministic():
     def opener(name):
         import io
 
-        from serveless.records import write_record
+        from serveless.data.records import write_record
 
         buf = io.BytesIO()
         write_record(buf, records[name])
@@ -185,7 +185,7 @@ def test_the_cache_key_takes_the_file_hash_and_matches_the_serialisation_hash(di
     a file that is the model's serialisation the key is the one it always was."""
     import hashlib
 
-    from serveless.records import Example
+    from serveless.data.records import Example
 
     model = digits_model
     cal = [Example(b"jpeg-bytes-%d" % i) for i in range(3)]

@@ -22,9 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serveless import records
-from serveless.errors import RecordError
-from serveless.records import (
+from serveless.data import records
+from serveless.data.records import (
     Example,
     count_examples,
     decode_example,
@@ -32,12 +31,11 @@ from serveless.records import (
     frame,
     iter_frames,
     iter_record,
-    pack_folder,
     read_record,
-    record_chunks,
-    scan_images,
     write_record,
 )
+from serveless.data.sources import pack, record_chunks, scan_inputs
+from serveless.errors import RecordError, SourceError
 from serveless.store import Store
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -478,13 +476,19 @@ def test_proto_text_matches_descriptor():
     assert parsed["Example"]["features"] == ("optional", "Features", 1, False)
 
 
-# --- scan_images --------------------------------------------------------------------
+# --- scanning a folder of images (the one scanner: sources.scan_inputs) -------------
 
 
-def touch(path: Path, data: bytes = b"img") -> Path:
+def touch(path: Path, data: bytes | None = None) -> Path:
+    """A file; an 8×8 PNG unless `data` says otherwise (images are found by content)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    path.write_bytes(png_bytes() if data is None else data)
     return path
+
+
+def scanned(root: Path) -> list[tuple[str, int]]:
+    """(path relative to root, label) of every image scan_inputs finds, in its order."""
+    return [(f.rel, label) for f, label in scan_inputs(str(root)).images]
 
 
 def test_scan_imagefolder_labels_in_sorted_order(tmp_path):
@@ -492,51 +496,58 @@ def test_scan_imagefolder_labels_in_sorted_order(tmp_path):
     touch(tmp_path / "dog" / "a.JPEG")
     touch(tmp_path / "cat" / "z.png")
     touch(tmp_path / "cat" / "deep" / "y.Png")
-    touch(tmp_path / "cat" / "notes.txt")
+    touch(tmp_path / "cat" / "notes.txt", b"not an image")
     touch(tmp_path / "cat" / ".hidden.jpg")
     (tmp_path / "empty-class").mkdir()
     touch(tmp_path / "zebra" / "q.jpg")
     touch(tmp_path / ".cache" / "x.jpg")
-    found = [(p.relative_to(tmp_path).as_posix(), label) for p, label in scan_images(tmp_path)]
     # cat=0, dog=1, empty-class=2 (keeps its slot as in ImageFolder), zebra=3
-    assert found == [
+    assert scanned(tmp_path) == [
         ("cat/deep/y.Png", 0),
         ("cat/z.png", 0),
         ("dog/a.JPEG", 1),
         ("dog/b.jpg", 1),
         ("zebra/q.jpg", 3),
     ]
+    inputs = scan_inputs(str(tmp_path))
+    assert inputs.classes == ["cat", "dog", "empty-class", "zebra"]
+    assert [Path(name).name for name, _ in inputs.skipped] == ["notes.txt"]
 
 
 def test_scan_flat_folder_has_unknown_labels(tmp_path):
-    for name in ["b.png", "a.jpg", "c.JPG", "readme.md"]:
+    for name in ["b.png", "a.jpg", "c.JPG"]:
         touch(tmp_path / name)
+    touch(tmp_path / "readme.md", b"# not an image")
     (tmp_path / "no-images-here").mkdir()
-    found = [(p.name, label) for p, label in scan_images(str(tmp_path))]
-    assert found == [("a.jpg", -1), ("b.png", -1), ("c.JPG", -1)]
+    assert scanned(tmp_path) == [("a.jpg", -1), ("b.png", -1), ("c.JPG", -1)]
+
+
+def test_scan_finds_images_by_content_not_by_name(tmp_path):
+    touch(tmp_path / "photo.dat")  # a PNG, whatever its name says
+    touch(tmp_path / "fake.jpg", b"this is text")  # named as an image, is not one
+    assert scanned(tmp_path) == [("photo.dat", -1)]
+    assert [Path(name).name for name, _ in scan_inputs(str(tmp_path)).skipped] == ["fake.jpg"]
 
 
 def test_scan_rejects_empty_or_missing_folder(tmp_path):
-    with pytest.raises(ValueError, match="no images"):
-        scan_images(tmp_path)
-    touch(tmp_path / "sub" / "notes.txt")
-    with pytest.raises(ValueError, match="no images"):
-        scan_images(tmp_path)
-    with pytest.raises(ValueError, match="not a folder"):
-        scan_images(tmp_path / "missing")
-    with pytest.raises(ValueError, match="not a folder"):
-        scan_images(touch(tmp_path / "file.jpg"))
+    with pytest.raises(SourceError, match="no records or images"):
+        scan_inputs(str(tmp_path))
+    touch(tmp_path / "sub" / "notes.txt", b"text")
+    with pytest.raises(SourceError, match="no records or images"):
+        scan_inputs(str(tmp_path))
+    with pytest.raises(SourceError, match="no such file or folder"):
+        scan_inputs(str(tmp_path / "missing"))
 
 
 def test_scan_survives_symlink_loop(tmp_path):
     touch(tmp_path / "cls" / "a.jpg")
     (tmp_path / "cls" / "loop").symlink_to(tmp_path / "cls", target_is_directory=True)
     with no_hang():
-        found = scan_images(tmp_path)
-    assert [(p.name, label) for p, label in found] == [("a.jpg", 0)]
+        found = scanned(tmp_path)
+    assert found == [("cls/a.jpg", 0)]
 
 
-# --- pack_folder --------------------------------------------------------------------
+# --- packing (the one packer: sources.pack_images, through sources.pack) -------------
 
 
 def make_dataset(root: Path) -> list[tuple[str, bytes, int]]:
@@ -562,10 +573,10 @@ def store(request, tmp_path):
 
 
 @pytest.mark.parametrize("per_record", [1, 3, 7, 100])
-def test_pack_folder(tmp_path, store, per_record):
+def test_pack(tmp_path, store, per_record):
     expected = make_dataset(tmp_path / "images")
     calls: list[int] = []
-    names = pack_folder(tmp_path / "images", store, "job/records", per_record, calls.append)
+    names = pack(tmp_path / "images", store, "job/records", per_record, calls.append)
 
     n_records = math.ceil(len(expected) / per_record)
     assert names == [f"{i:05d}" for i in range(n_records)]
@@ -589,7 +600,7 @@ def test_pack_folder(tmp_path, store, per_record):
 
 
 def test_record_chunks_name_and_key_each_record_in_order():
-    """The one naming of records that pack_folder and `pack`'s pack_images share."""
+    """The one naming of records that the packer uses, for a job's records and `pack`'s."""
     got = list(record_chunks(list(range(7)), 3, "/job/records/"))
     assert got == [("00000", "job/records/00000.tfrecord", [0, 1, 2]),
                    ("00001", "job/records/00001.tfrecord", [3, 4, 5]),
@@ -600,24 +611,32 @@ def test_record_chunks_name_and_key_each_record_in_order():
         list(record_chunks([1], 0, "x"))
 
 
-def test_pack_folder_rejects_bad_per_record(tmp_path):
+def test_pack_rejects_bad_per_record(tmp_path):
     make_dataset(tmp_path)
     store = Store(f"memory://test-records-{uuid.uuid4().hex}")
     for bad in (0, -1):
-        with pytest.raises(ValueError, match="per_record"):
-            pack_folder(tmp_path, store, "r", bad)
+        with pytest.raises(ValueError, match="per-record"):
+            pack(tmp_path, store, "r", bad)
     assert store.list("r") == []
 
 
 def test_pack_flat_folder_without_progress(tmp_path):
-    touch(tmp_path / "src" / "b.png", b"B")
-    touch(tmp_path / "src" / "a.jpg", b"A")
+    b, a = png_bytes((1, 2, 3)), gray_jpeg_bytes(9)
+    touch(tmp_path / "src" / "b.png", b)
+    touch(tmp_path / "src" / "a.jpg", a)
     store = Store(str(tmp_path / "out"))
-    assert pack_folder(tmp_path / "src", store, "recs/", 5) == ["00000"]
+    assert pack(tmp_path / "src", store, "recs/", 5) == ["00000"]
     assert read_record(store.get_bytes("recs/00000.tfrecord")) == [
-        Example(b"A", "a.jpg", -1),
-        Example(b"B", "b.png", -1),
+        Example(a, "a.jpg", -1),
+        Example(b, "b.png", -1),
     ]
+
+
+def test_pack_refuses_a_source_of_records(tmp_path, store):
+    make_dataset(tmp_path / "images")
+    pack(tmp_path / "images", Store(str(tmp_path / "recs")), "", 4)
+    with pytest.raises(SourceError, match="holds records, not images"):
+        pack(tmp_path / "recs", store, "again", 4)
 
 
 # --- fuzzing the reader -------------------------------------------------------------

@@ -14,9 +14,9 @@ from helpers import rows_of, tiny_conv_classifier
 
 from serveless.backends.local import LocalBackend
 from serveless.cost import LAMBDA_GB_SECOND, LAMBDA_REQUEST, S3_GET, S3_PUT
-from serveless.images import synthetic_photo
+from serveless.data.records import Example, write_record
+from serveless.data.samples import synthetic_photo
 from serveless.pipeline import load_log, prepare_job, run_job
-from serveless.records import Example, write_record
 from serveless.store import Store
 
 

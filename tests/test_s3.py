@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from helpers import rows_of, whole_model_probs
 
-from serveless.store import store as store_module
 from serveless.backends import FunctionSpec, InvocationResult
 from serveless.backends.local import LocalBackend
 from serveless.errors import StoreError
 from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
 from serveless.store import Store
+from serveless.store import store as store_module
 
 pytest_plugins = ["s3server"]
 

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from serveless.backends.local import LocalBackend
-from serveless.images import make_sample_images
+from serveless.data.samples import make_sample_images
+from serveless.data.sources import pack
 from serveless.pipeline import load_log, prepare_job, run_job
-from serveless.records import pack_folder
 from serveless.store import Store
 
 pytest_plugins = ["s3server", "faultproxy"]
@@ -113,7 +113,7 @@ def test_an_object_is_one_put_and_one_get_on_the_wire(s3_server, s3_proxy, tmp_p
 def small_records(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faulty")
     make_sample_images(root / "images", 20, classes=3, seed=13)
-    pack_folder(root / "images", Store(str(root / "records")), "", 10)
+    pack(root / "images", Store(str(root / "records")), "", 10)
     return root / "records"
 
 

@@ -12,10 +12,10 @@ from datakit import CLASSES, image_folder, save, tiny_classifier
 from helpers import rows_of
 
 from serveless.backends.local import LocalBackend
+from serveless.data.records import Example, read_record, write_record
+from serveless.data.sources import NOT_A_RECORD, check_records, scan_inputs
 from serveless.errors import JobError, RecordError
 from serveless.pipeline import prepare_job, run_job
-from serveless.records import Example, read_record, write_record
-from serveless.sources import NOT_A_RECORD, check_records, scan_inputs
 from serveless.store import JobLayout, Store
 
 pytest_plugins = ["s3server"]
@@ -198,7 +198,7 @@ def test_images_under_an_s3_prefix_are_found_by_content_with_their_classes(s3_se
 
 
 def test_packed_records_carry_labels_json_into_predictions(tmp_path, model_path):
-    from serveless.sources import pack_source
+    from serveless.data.sources import pack_source
 
     photos, dest = tmp_path / "photos", tmp_path / "records"
     image_folder(photos, per_class=2, classes=("cat", "dog"))
@@ -227,7 +227,7 @@ def test_records_option_stays_an_alias_of_input(tmp_path, shards, model_path):
 
 
 def test_resume_refuses_other_preprocessing(tmp_path, shards, model_path):
-    from serveless.images import make_transform
+    from serveless.data.images import make_transform
 
     store = Store(str(tmp_path))
     prepare_job(store, "re", model_path, records=str(shards))

@@ -3,8 +3,8 @@ import io
 import numpy as np
 import pytest
 
+from serveless.data.tensors import TensorFormat, TensorReader, TensorWriter, decode, encode
 from serveless.errors import TensorFormatError
-from serveless.tensors import TensorFormat, TensorReader, TensorWriter, decode, encode
 
 
 @pytest.mark.parametrize("fmt", [TensorFormat(), TensorFormat("float16"),

@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from serveless.backends.local import LocalBackend
 from serveless.cli import app
+from serveless.data.images import make_transform, preprocess
+from serveless.data.records import read_record
 from serveless.errors import JobError
-from serveless.images import make_transform, preprocess
 from serveless.models import make_batch_dynamic, output_is_distribution
 from serveless.pipeline import prepare_job, run_job
-from serveless.records import read_record
 from serveless.store import Store
 
 runner = CliRunner()

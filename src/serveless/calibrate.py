@@ -162,8 +162,7 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
     # Stage 0's first call imports the decoders (images, records) and makes its first
     # decode: billed once per instance, on top of what a warm call costs.
     t0 = time.perf_counter()
-    from .images import preprocess
-    from .records import count_examples  # noqa: F401
+    from .data.images import preprocess
     first_image = Path(cfg["images"][0]).read_bytes() if cfg["images"] else None
     if first_image is not None:
         try:
@@ -264,10 +263,10 @@ def _function_paths(cfg: dict[str, Any], classes: int, rows: int = 64) -> dict[s
     predictions. Medians of ROUNDS runs."""
     from types import SimpleNamespace
 
+    from .data.records import Example, count_examples, iter_record, write_record
+    from .data.tensors import TensorFormat
     from .function import _Counters, _tensor_blocks, _write_predictions, _write_tensor
-    from .records import Example, count_examples, iter_record, write_record
     from .store import Store
-    from .tensors import TensorFormat
 
     def median_ms(fn: Any) -> float:
         runs = []
@@ -389,8 +388,8 @@ def _sample_image_files(records: str | None, folder: Path) -> tuple[list[str], f
     paths: list[str] = []
     sizes: list[int] = []
     if records:
-        from .pipeline import find_records
-        from .records import iter_record
+        from .data.records import iter_record
+        from .data.sources import find_records
 
         for src in find_records(records):
             with open(src, "rb") as f:
@@ -406,7 +405,7 @@ def _sample_image_files(records: str | None, folder: Path) -> tuple[list[str], f
             raise CalibrationError(f"no images in the records at {records}")
         source = f"{len(sizes)} images of the records at {records}"
     else:
-        from .images import make_sample_images
+        from .data.samples import make_sample_images
 
         make_sample_images(folder, DECODE_IMAGES)
         paths = sorted(str(p) for p in folder.rglob("*") if p.is_file())
@@ -454,8 +453,8 @@ def _quantized_blocks(blocks: list[Any], images: list[str], size: list[int],
     """The blocks as `run --quantize` makes stages (serveless.quantize: static QDQ int8,
     calibrated on the fp32 chain's activations of the sampled images), so what is timed
     is what an int8 job runs."""
+    from .data.images import preprocess
     from .errors import QuantizeError
-    from .images import preprocess
     from .quantize import check_settings, quantize_stages
 
     try:

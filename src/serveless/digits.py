@@ -82,7 +82,7 @@ def load_data(seed: int = 0) -> DigitsData:
 
 def _pixels(jpegs: list[bytes]) -> np.ndarray:
     """NCHW float32 exactly as stage 0 makes them."""
-    from .images import preprocess
+    from .data.images import preprocess
 
     return np.stack([preprocess(b, SIZE, resize=PREPROCESS["resize"]) for b in jpegs])
 

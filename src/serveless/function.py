@@ -27,17 +27,16 @@ import google_crc32c
 import numpy as np
 
 from .cost import vcpus
+from .data.predictions import SCORES, TOP_K, prediction_row, softmax
+from .data.tensors import TensorFormat, TensorReader, TensorWriter
 from .errors import PredictionCountError, StoreError
 from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb, own_cgroup
 from .memory import reset_rss_peak as reset_peak
 from .memory import rss_peak_mb as peak_mb
 from .store import READ_BLOCK, JobLayout, Store
 from .store.layout import DATA_SUFFIX
-from .tensors import TensorFormat, TensorReader, TensorWriter
 
-TOP_K = 5
 MAX_FAILED_LISTED = 10  # failed images (filename, reason) a record's metrics carry
-SCORES = ("probs", "softmax(logits)", "logits")
 # images.MAX_PIXELS. images (Pillow) and records (protobuf) are imported by stage 0 alone,
 # when it decodes: the other stages' cold starts, which are billed, skip their ~40 ms.
 MAX_PIXELS = 100_000_000
@@ -450,8 +449,8 @@ def _image_blocks(
     The images of a micro-batch are decoded on `ev.threads` threads (the function's vCPUs):
     libjpeg-turbo, Pillow's resize and numpy release the GIL, so they run in parallel.
     """
-    from .images import preprocess
-    from .records import count_examples, iter_record
+    from .data.images import preprocess
+    from .data.records import count_examples, iter_record
 
     n = count_examples(src, key)
     src.seek(0)  # a local file (see _Input): no second fetch
@@ -642,14 +641,6 @@ def _write_tensor(
     return {"key": key, "size": hw.size, "crc32c": hw.hexdigest()}
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Row-wise softmax in float64 (logits of 15 or 1000 must not overflow)."""
-    z = x.astype(np.float64) - x.max(axis=1, keepdims=True)
-    np.exp(z, out=z)
-    z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
 def _write_predictions(
     store: Store, key: str, record: str, outputs: Iterator[np.ndarray], meta: dict[str, Any],
     c: _Counters, scores: str = "probs", classes: list[str] | None = None,
@@ -678,7 +669,7 @@ def _write_predictions(
                 label = labels[index]
                 if err and len(failed) < MAX_FAILED_LISTED:
                     failed.append([filenames[index], err["message"]])
-                lines.append(json.dumps(_prediction_row(
+                lines.append(json.dumps(prediction_row(
                     record, index, filenames[index], label,
                     None if err else top[row], None if err else values[row, top[row]], err,
                     scores, classes,
@@ -692,26 +683,3 @@ def _write_predictions(
     c.put(hw.size)
     quality = {"failed_images": failed}
     return {"key": key, "size": hw.size, "crc32c": hw.hexdigest()}, quality
-
-
-def _prediction_row(
-    record: str, index: int, filename: str, label: int, top: np.ndarray | None,
-    values: np.ndarray | None, error: dict[str, str] | None, scores: str = "probs",
-    classes: list[str] | None = None,
-) -> dict[str, Any]:
-    """A row; values go under "probs" when they are probabilities, else under "logits"."""
-    row: dict[str, Any] = {
-        "record": record,
-        "index": index,
-        "filename": filename,
-        "label": None if label < 0 else int(label),
-    }
-    if classes is not None:
-        row["class_name"] = classes[label] if 0 <= label < len(classes) else None
-    row["top5"] = None if top is None else [int(i) for i in top]
-    row["probs" if scores != "logits" else "logits"] = (
-        None if values is None else [float(p) for p in values])
-    row["scores"] = scores
-    row["error"] = error
-    return row
-

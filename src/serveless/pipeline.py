@@ -23,10 +23,10 @@ from typing import Any
 from . import __version__
 from .backends import Backend, FunctionSpec, InvocationResult
 from .cost import MAX_MEMORY_MB, billed_ms, check_memory, vcpus
+from .data.tensors import TensorFormat
 from .errors import JobError, StoreError
 from .store import JobLayout, Store
 from .store.layout import RECORD_SUFFIX, record_name, stage_key
-from .tensors import TensorFormat
 
 DEFAULT_MEMORY_MB = 1769
 DEFAULT_MICRO_BATCH = 32
@@ -121,20 +121,6 @@ def parse_memory(memory: str | list[int] | None, stages: int) -> list[int]:
         raise JobError(str(exc)) from exc
 
 
-def find_records(source: str) -> list[str]:
-    """Local record files named by a folder or a glob, found by content, sorted."""
-    from .errors import SourceError
-    from .sources import scan_inputs
-
-    try:
-        inputs = scan_inputs(source)
-    except SourceError as exc:
-        raise JobError(str(exc)) from exc
-    if not inputs.records:
-        raise JobError(f"no records at {source!r} (it holds images: use run --input)")
-    return [f.path for f in inputs.records]
-
-
 def resolve_scores(model: Any, softmax: str) -> str:
     """--softmax auto|always|never -> what rows say their scores are (function.SCORES)."""
     from .models import output_is_distribution
@@ -191,11 +177,8 @@ def prepare_job(
     `per_record`. Every record's framing is checked before anything is written.
     """
     from . import quantize as q
-    from .errors import SourceError
-    from .images import make_transform
-    from .models import input_hw, load_model_hashed, make_batch_dynamic, preprocessing
-    from .partition import partition, resolve_cuts
-    from .sources import (
+    from .data.images import make_transform
+    from .data.sources import (
         check_records,
         copy_record,
         labels_json,
@@ -203,6 +186,9 @@ def prepare_job(
         read_labels,
         scan_inputs,
     )
+    from .errors import SourceError
+    from .models import input_hw, load_model_hashed, make_batch_dynamic, preprocessing
+    from .partition import partition, resolve_cuts
     from .stagestore import ensure_stage_models
 
     say = say or _quiet
@@ -469,14 +455,6 @@ class InvocationLog:
             self._flushed = time.monotonic()
             self._dirty = False
         self.store.put_bytes(self.key, data)
-
-
-def read_predictions(store: Store, job: str) -> list[dict[str, Any]]:
-    """Every prediction row of a job, record by record, as the last stage wrote them."""
-    rows: list[dict[str, Any]] = []
-    for key in store.list(JobLayout(job).predictions_prefix, ".jsonl"):
-        rows += [json.loads(line) for line in store.get_bytes(key).decode().splitlines()]
-    return rows
 
 
 def load_driver_requests(store: Store, job: str) -> dict[str, int]:

@@ -33,9 +33,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .data.images import preprocess
+from .data.records import Example, count_examples, iter_record
 from .errors import QuantizeError
-from .images import preprocess
-from .records import Example, count_examples, iter_record
 from .store.layout import stage_key
 
 VERSION = 1  # of the recipe below: part of the cache key

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cost import PRICES_AS_OF, bill, gb_seconds, store_request_cost
+from .data.predictions import accuracy
 
 
 @dataclass
@@ -85,31 +86,6 @@ def summarize(rows: list[dict[str, Any]], arch: str = "x86_64",
         "arch": arch,
         "throttled": throttled,
     }
-
-
-def accuracy(store: Any, job: str) -> dict[str, Any] | None:
-    """Top-1 and top-5 accuracy over a job's labelled, served images; None without labels.
-
-    Read from the prediction rows in the store (the invocation log has no labels).
-    """
-    import json
-
-    from .store import JobLayout
-
-    labelled = top1 = top5 = 0
-    for key in store.list(JobLayout(job).predictions_prefix, ".jsonl"):
-        for line in store.get_bytes(key).decode().splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("label") is None or row.get("error") or not row.get("top5"):
-                continue
-            labelled += 1
-            top1 += row["top5"][0] == row["label"]
-            top5 += row["label"] in row["top5"]
-    if not labelled:
-        return None
-    return {"labelled": labelled, "top1": top1 / labelled, "top5": top5 / labelled}
 
 
 def job_notes(store: Any, job: str, precision: dict[str, Any] | None = None,

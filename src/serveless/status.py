@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .data.predictions import prediction_keys, record_of
 from .errors import JobError
 from .pipeline import JobSpec, load_driver_requests, load_log
 from .report import summarize
@@ -52,10 +53,8 @@ def list_jobs(store: Store) -> list[str]:
 
 
 def job_status(store: Store, job: str, arch: str = "x86_64") -> JobStatus:
-    layout = JobLayout(job)
     spec = JobSpec.load(store, job)
-    done = {key.rsplit("/", 1)[-1].removesuffix(".jsonl")
-            for key in store.list(layout.predictions_prefix, ".jsonl")}
+    done = {record_of(key) for key in prediction_keys(store, job)}
     rows = load_log(store, job)
     last: dict[str, dict[str, Any]] = {}
     for row in rows:  # the log is in time order: keep each record's last invocation

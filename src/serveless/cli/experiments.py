@@ -235,7 +235,7 @@ def sweep(
     def go() -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="serveless-sweep-") as tmp:
             if records and per_record is None and images is None:
-                from ..pipeline import find_records
+                from ..data.sources import find_records
 
                 src = Path(tmp) / "records"
                 src.mkdir()

@@ -24,7 +24,7 @@ def export_cmd(
 ) -> None:
     """Write a job's predictions as one table: record, index, filename, label, class_name,
     top5, top5_scores, scores, error."""
-    from ..export import export
+    from ..data.export import export
 
     st = open_store(store, store_option)
     target = out or f"{job}.{fmt}"

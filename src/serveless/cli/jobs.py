@@ -68,7 +68,7 @@ def pack(
     store_option: StoreOptions = None,
 ) -> None:
     """Pack images into TFRecord files, with labels.json (the class names) beside them."""
-    from ..sources import pack_source
+    from ..data.sources import pack_source
 
     def go() -> Any:
         st = Store(dest, parse_options(store_option))
@@ -141,10 +141,10 @@ def partition_cmd(
     from rich.table import Table
 
     from .. import quantize as q
+    from ..data.sources import find_records
     from ..models import input_hw, load_model, preprocessing, save_model
     from ..partition import list_cuts as candidates
     from ..partition import partition, resolve_cuts
-    from ..pipeline import find_records
 
     def go() -> None:
         onnx_model = load_model(model)
@@ -234,7 +234,7 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
         fail(str(exc))
     finally:
         backend.close()
-    from ..images import describe_transform, make_transform
+    from ..data.images import describe_transform, make_transform
 
     notes = [f"CPU share: {result.backend['cpu_share']}"]
     for stage, mem in sorted(result.raised.items()):
@@ -340,9 +340,9 @@ def run(
     """Run a job: every record through every stage. Run it again with the same --job to
     resume; options left out are taken from the job, and only --memory, --concurrency and
     --retries may change."""
+    from ..data.sources import scan_inputs
+    from ..data.tensors import TensorFormat
     from ..pipeline import DEFAULT_CONCURRENCY, prepare_job
-    from ..sources import scan_inputs
-    from ..tensors import TensorFormat
 
     source, repacked = records, None  # a plan may repack the records in a temporary folder
     if plan is not None:
@@ -403,7 +403,7 @@ def _transform(preset: str | None, resize: int | None, crop: str | None, mean: s
                std: str | None) -> dict[str, Any] | None:
     """--preprocess and its explicit overrides as recorded in job.json; None if none given
     (a new job then gets ImageNet's, a resumed one keeps its own)."""
-    from ..images import make_transform
+    from ..data.images import make_transform
     from ..pipeline import parse_ints
 
     if preset is None and resize is None and crop is None and mean is None and std is None:
@@ -456,10 +456,10 @@ def demo(
 
     With --model digits: the trained digits CNN on its held-out images, with accuracy.
     """
-    from ..images import make_sample_images
+    from ..data import sources
+    from ..data.samples import make_sample_images
     from ..models import DEMO_CUTS
     from ..pipeline import DEFAULT_CONCURRENCY, prepare_job
-    from ..records import pack_folder
 
     model = model.lower()
     if model not in DEMO_CUTS:
@@ -480,7 +480,7 @@ def demo(
                 count = 2000 if images is None else images
                 say(f"generating {count} sample photos (about 500×375, ~100 KB each)…")
                 make_sample_images(tmp, count)
-            names = pack_folder(tmp, st, layout.records_prefix, per_record)
+            names = sources.pack(tmp, st, layout.records_prefix, per_record)
         say(f"packed {len(names)} records of up to {per_record} images "
             f"({time.perf_counter() - t0:.1f} s)")
         return prepare_job(st, "demo", model, cuts=DEMO_CUTS[model], memory=memory,
@@ -560,8 +560,8 @@ def report(
 
 def _report_inputs(st: Store, job: str, store: str) -> tuple[list, dict, dict | None]:
     """(log rows, job.json, accuracy of the labelled predictions) of a job, for --json."""
+    from ..data.predictions import accuracy
     from ..pipeline import load_log
-    from ..report import accuracy
 
     layout = JobLayout(job)
     rows = load_log(st, layout.job)

@@ -454,9 +454,9 @@ def apply_plan(path: Path, records: str | None,
 def _repack(records: str, per_record: int, tmp: str) -> str:
     """The records as they are when they already hold `per_record` images (the last may be
     short); else the same images repacked into records of `per_record`."""
+    from ..data.records import count_examples
+    from ..data.sources import find_records
     from ..experiments import load_pool, pack_split
-    from ..pipeline import find_records
-    from ..records import count_examples
 
     files = find_records(records)
     counts = []

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..records import Example, iter_record
+from ..data.records import Example, iter_record
 from ..report import markdown_table
 from .common import (
     Setup,
@@ -55,10 +55,10 @@ def time_whole_model(model: str, paths: Sequence[Path], micro_batch: int,
                      threads: int) -> dict[str, Any]:
     """The plain single-process script: read, decode and run each record, timed per record.
 
-    Same preprocessing (serveless.images.preprocess) and micro-batch as stage 0, the whole
+    Same preprocessing (serveless.data.images.preprocess) and micro-batch as stage 0, the whole
     model in one session, decoding and inference one after the other on this thread.
     """
-    from ..images import preprocess
+    from ..data.images import preprocess
     from ..models import input_hw, load_model, preprocessing
 
     t0 = time.perf_counter()
@@ -175,7 +175,7 @@ def baseline_markdown(b: dict[str, Any], backends: Sequence[dict[str, Any]] = ()
         f"The same record files through the pipeline (job `{b['job']}` in `{b['store']}`, "
         f"{len(b['cuts']) + 1} stages at {'/'.join(map(str, b['memory']))} MB, concurrency 1, "
         f"micro-batch {b['micro_batch']}) and through the whole model in one process "
-        "(read, decode with serveless.images.preprocess, run; one after the other).",
+        "(read, decode with serveless.data.images.preprocess, run; one after the other).",
         "",
         f"**One process ran on {base['provider']}** with {base['threads']} intra-op threads "
         f"({base['provider_note']}); loading the model took {base['load_s']:.2f} s, "

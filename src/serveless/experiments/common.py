@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from ..cost import MIN_MEMORY_MB
+from ..data.records import Example, iter_record, write_record
+from ..data.sources import scan_inputs
+from ..data.tensors import TensorFormat
 from ..errors import JobError
 from ..pipeline import JobResult, JobSpec, load_log, parse_memory, prepare_job, run_job
-from ..records import Example, iter_record, scan_images, write_record
 from ..report import summarize
 from ..store import JobLayout, Store
-from ..tensors import TensorFormat
 
 PROFILE_MEMORY_MB = 3008
 """Profiling memory: the paper's memMax. Fixed so every size gets the same CPU share."""
@@ -51,7 +52,7 @@ def load_pool(records: str | None, images: int | None, minimum: int, workdir: Pa
     memory as encoded bytes (about 100 KB a photo), so records of any size can be cut from
     the same images and the sizes compare like with like.
     """
-    from ..pipeline import find_records
+    from ..data.sources import find_records
 
     if records:
         pool: list[Example] = []
@@ -65,14 +66,13 @@ def load_pool(records: str | None, images: int | None, minimum: int, workdir: Pa
                 break
         source = f"{len(pool)} images from the records at {records}"
     else:
-        from ..images import make_sample_images
+        from ..data.samples import make_sample_images
 
         count = images if images is not None else minimum
         folder = workdir / "sample-images"
         say(f"generating {count} sample photos (about 500×375, ~100 KB each)…")
         make_sample_images(folder, count)
-        pool = [Example(p.read_bytes(), p.relative_to(folder).as_posix(), label)
-                for p, label in scan_images(folder)]
+        pool = [Example(f.read(), f.rel, label) for f, label in scan_inputs(str(folder)).images]
         source = f"{len(pool)} generated sample photos"
     if len(pool) < minimum:
         raise JobError(f"{source}: the experiment needs at least {minimum} images "

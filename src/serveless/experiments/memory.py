@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ..cost import PRICES_AS_OF
+from ..data.records import Example
 from ..errors import JobError
-from ..records import Example
 from ..report import markdown_table
 from .common import (
     PROFILE_MEMORY_MB,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cost import MAX_MEMORY_MB, MIN_MEMORY_MB, vcpus
-from ..records import Example
+from ..data.records import Example
 from ..report import markdown_table
 from .common import (
     HEADROOM,

@@ -17,27 +17,21 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-from .errors import RecordError, SourceError
+from ..errors import RecordError, SourceError
+from ..store import file_md5
+from ..store.layout import LABELS_FILE, RECORD_SUFFIX, record_key, record_name
 from .images import EMPTY_FILE, IMAGE_FORMATS, NOT_AN_IMAGE, sniff_image
-from .records import (
-    Example,
-    count_examples,
-    iter_record,
-    masked_crc32c,
-    record_chunks,
-    walk_files,
-    write_record,
-)
-from .store import file_md5
-from .store.layout import LABELS_FILE, RECORD_SUFFIX, record_name
+from .records import Example, count_examples, iter_record, masked_crc32c, write_record
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
-    from .store import Store
+    from ..store import Store
 
 _HEAD = 16
 NOT_A_RECORD = "not a TFRecord file (the first entry's length CRC does not match)"
@@ -89,6 +83,27 @@ class Inputs:
     classes: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file as shown, reason)
     labels_file: InputFile | None = None
+
+
+def walk_files(root: str | Path) -> Iterator[tuple[str, int]]:
+    """(path, size) of every non-hidden file under root; symlinks followed, each real
+    folder visited once (a symlink loop, or two links to one folder)."""
+    seen: set[str] = set()
+    stack = [str(root)]
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in seen:
+            continue
+        seen.add(real)
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    stack.append(entry.path)
+                elif entry.is_file():
+                    yield entry.path, entry.stat().st_size
 
 
 def is_record_head(head: bytes) -> bool:
@@ -263,6 +278,17 @@ def copy_record(f: InputFile, store: Store, key: str) -> int:
 # -- images ----------------------------------------------------------------------------------
 
 
+def record_chunks(items: Sequence[T], per_record: int,
+                  prefix: str) -> Iterator[tuple[str, str, Sequence[T]]]:
+    """(name, store key, items) of each record when `items` are packed `per_record` to a
+    record under `prefix`: ``<prefix>/<00000..>.tfrecord``, in order."""
+    if per_record < 1:
+        raise ValueError(f"per_record must be >= 1, got {per_record}")
+    for n, start in enumerate(range(0, len(items), per_record)):
+        name = f"{n:05d}"
+        yield name, record_key(prefix, name), items[start:start + per_record]
+
+
 def pack_images(
     images: list[tuple[InputFile, int]],
     store: Store,
@@ -369,3 +395,29 @@ def pack_source(
     if inputs.classes:
         dest.put_bytes(LABELS_FILE, labels_json(inputs.classes))
     return Packed(len(inputs.images), names, inputs.classes, inputs.skipped, len(old))
+
+
+def pack(
+    source: str | Path,
+    store: Store,
+    prefix: str,
+    per_record: int,
+    progress: Callable[[int], None] | None = None,
+    options: dict[str, Any] | None = None,
+) -> list[str]:
+    """The images of a source (found by content, labelled by subfolder) packed into records
+    ``<prefix>/<00000..>.tfrecord`` of the store; returns the record names in order. A
+    source that holds records is refused: they are served as they are."""
+    inputs = scan_inputs(str(source), options)
+    if inputs.records:
+        raise SourceError(f"{source} holds records, not images; a job reads them as they are "
+                          "(run --input)")
+    return pack_images(inputs.images, store, prefix, per_record, progress=progress)
+
+
+def find_records(source: str) -> list[str]:
+    """Local record files named by a folder or a glob, found by content, sorted."""
+    inputs = scan_inputs(source)
+    if not inputs.records:
+        raise SourceError(f"no records at {source!r} (it holds images: use run --input)")
+    return [f.path for f in inputs.records]

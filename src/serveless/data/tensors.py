@@ -17,7 +17,7 @@ import numpy as np
 import zstandard
 from numpy.lib import format as npy_format
 
-from .errors import TensorFormatError
+from ..errors import TensorFormatError
 
 _DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ExportError, StoreError
-from .store import JobLayout, Store
+from ..errors import ExportError, StoreError
+from ..store import JobLayout, Store
+from .predictions import prediction_keys, record_of, record_rows
 
 FORMATS = ("parquet", "csv", "jsonl")
 COLUMNS = ("record", "index", "filename", "label", "class_name", "top5", "top5_scores",
@@ -49,12 +50,11 @@ def table_row(row: dict[str, Any]) -> dict[str, Any]:
 def iter_rows(store: Store, job: str, with_scores: bool = False) -> Iterator[dict[str, Any]]:
     """Every image's table row, record by record (records in name order)."""
     layout = JobLayout(job)
-    keys = store.list(layout.predictions_prefix, ".jsonl")
+    keys = prediction_keys(store, job)
     if not keys:
         raise ExportError(f"job {job!r} has no predictions in {store.url} (run it first)")
     for key in keys:
-        rows = [json.loads(line) for line in store.get_bytes(key).decode().splitlines()
-                if line.strip()]
+        rows = record_rows(store, key)
         rows.sort(key=lambda r: int(r["index"]))
         scores = _scores(store, layout, key, len(rows)) if with_scores else None
         for i, row in enumerate(rows):
@@ -65,13 +65,18 @@ def iter_rows(store: Store, job: str, with_scores: bool = False) -> Iterator[dic
 
 
 def _saved_scores(store: Store, job: str) -> bool:
-    from .pipeline import JobSpec
-
-    return JobSpec.load(store, job).save_scores
+    """Whether the job kept its score vectors (run --save-scores): job.json's flag, read here
+    rather than through the driver's JobSpec, so the data formats depend on no driver."""
+    layout = JobLayout(job)
+    try:
+        spec = json.loads(store.get_bytes(layout.spec))
+    except StoreError as exc:
+        raise ExportError(f"no job {job!r} in {store.url} (missing {layout.spec})") from exc
+    return bool(spec.get("save_scores"))
 
 
 def _scores(store: Store, layout: JobLayout, pred_key: str, n: int) -> np.ndarray:
-    record = pred_key.rsplit("/", 1)[-1].removesuffix(".jsonl")
+    record = record_of(pred_key)
     key = layout.scores(record)
     try:
         data = store.get_bytes(key)

@@ -21,24 +21,18 @@ never another exception, and it streams so a lying length cannot exhaust memory.
 from __future__ import annotations
 
 import io
-import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 import google_crc32c
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from .errors import RecordError
-
-if TYPE_CHECKING:
-    from serveless.store import Store
+from ..errors import RecordError
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "MAX_RECORD_BYTES",
     "Example",
     "RecordError",
@@ -49,19 +43,12 @@ __all__ = [
     "iter_frames",
     "iter_record",
     "masked_crc32c",
-    "pack_folder",
     "read_record",
-    "record_chunks",
-    "scan_images",
     "write_record",
 ]
 
-T = TypeVar("T")
-
 #: Largest entry the reader accepts; a bigger length is corruption, not an image.
 MAX_RECORD_BYTES = 1 << 30
-#: Image files that :func:`scan_images` picks up (compared lower-cased).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png"})
 
 FEATURE_ENCODED = "image/encoded"
 FEATURE_FILENAME = "image/filename"
@@ -378,117 +365,3 @@ def count_examples(f: BinaryIO, path: str = "<record>") -> int:
         f.seek(offset)
         count += 1
     return count
-
-
-# --- packing a folder of images ------------------------------------------------------
-
-
-def _is_image(entry: os.DirEntry[str]) -> bool:
-    return (
-        not entry.name.startswith(".")
-        and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
-        and entry.is_file()
-    )
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    with os.scandir(folder) as entries:
-        return sorted(
-            (Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()),
-            key=lambda p: p.name,
-        )
-
-
-def _top_images(folder: Path) -> list[Path]:
-    with os.scandir(folder) as entries:
-        return sorted((Path(e.path) for e in entries if _is_image(e)), key=lambda p: p.name)
-
-
-def walk_files(root: str | Path) -> Iterator[tuple[str, int]]:
-    """(path, size) of every non-hidden file under root; symlinks followed, each real
-    folder visited once (a symlink loop, or two links to one folder)."""
-    seen: set[str] = set()
-    stack = [str(root)]
-    while stack:
-        current = stack.pop()
-        real = os.path.realpath(current)
-        if real in seen:
-            continue
-        seen.add(real)
-        with os.scandir(current) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir():
-                    stack.append(entry.path)
-                elif entry.is_file():
-                    yield entry.path, entry.stat().st_size
-
-
-def _images_below(folder: Path) -> list[Path]:
-    """Images anywhere under folder (see walk_files)."""
-    found = [Path(path) for path, _ in walk_files(folder)
-             if Path(path).suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(found, key=lambda p: p.relative_to(folder).parts)
-
-
-def scan_images(src: str | Path) -> list[tuple[Path, int]]:
-    """List a folder's images with labels, in a deterministic order.
-
-    A folder with image-holding subfolders is read like torchvision's ImageFolder: label
-    = index of the subfolder among all (non-hidden) subfolders sorted by name, so an
-    empty class folder keeps its slot and does not shift later labels. Images at the top
-    level get label -1 (unknown) and come first. Hidden files and folders are skipped.
-    """
-    root = Path(src)
-    if not root.is_dir():
-        raise ValueError(f"{src}: not a folder (expected a folder of .jpg/.jpeg/.png images)")
-    found: list[tuple[Path, int]] = [(p, -1) for p in _top_images(root)]
-    for label, sub in enumerate(_subfolders(root)):
-        found.extend((p, label) for p in _images_below(sub))
-    if not found:
-        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise ValueError(f"{src}: no images found (looked for {exts}, in any letter case)")
-    return found
-
-
-def record_chunks(items: Sequence[T], per_record: int,
-                  prefix: str) -> Iterator[tuple[str, str, Sequence[T]]]:
-    """(name, store key, items) of each record when `items` are packed `per_record` to a
-    record under `prefix`: ``<prefix>/<00000..>.tfrecord``, in order."""
-    if per_record < 1:
-        raise ValueError(f"per_record must be >= 1, got {per_record}")
-    from .store.layout import record_key
-
-    for n, start in enumerate(range(0, len(items), per_record)):
-        name = f"{n:05d}"
-        yield name, record_key(prefix, name), items[start:start + per_record]
-
-
-def pack_folder(
-    src: str | Path,
-    store: Store,
-    prefix: str,
-    per_record: int,
-    progress: Callable[[int], None] | None = None,
-) -> list[str]:
-    """Pack a folder's images into records ``<prefix>/<00000..>.tfrecord`` of the store.
-
-    Image bytes are stored as-is (no decoding), one image in memory at a time, and each
-    record appears atomically. Returns the record names in order; ``progress`` gets the
-    number of images of each record once it is written.
-    """
-    if per_record < 1:
-        raise ValueError(f"per_record must be >= 1, got {per_record}")
-    root = Path(src)
-    names: list[str] = []
-    for name, key, chunk in record_chunks(scan_images(root), per_record, prefix):
-        examples = (
-            Example(p.read_bytes(), p.relative_to(root).as_posix(), label) for p, label in chunk
-        )
-        with store.writer(key) as f:
-            written = write_record(f, examples)
-        names.append(name)
-        if progress is not None:
-            progress(written)
-    return names

@@ -1,0 +1,102 @@
+"""Predictions: one row per input image, the format the last stage writes and every reader
+reads (the summary's accuracy, `jobs`, `export`, the tests).
+
+A job's predictions are `<job>/predictions/<record>.jsonl`, one JSON object per line:
+
+    {"record", "index", "filename", "label", ["class_name",] "top5",
+     "probs" | "logits", "scores", "error"}
+
+`scores` says what the values are: `probs` (the model ends in a softmax), `softmax(logits)`
+(the function applied it), or `logits`. A failed image has its row too, with `top5` and the
+values null and `error` set: nothing is lost silently. The row is built here
+(`prediction_row`) and read here (`read_predictions`, `record_rows`, `accuracy`), so the
+writer and its readers cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from ..store import JobLayout, Store
+
+TOP_K = 5
+SCORES = ("probs", "softmax(logits)", "logits")
+"""What a row's values are: probabilities, the function's softmax of logits, or logits."""
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 (logits of 15 or 1000 must not overflow)."""
+    z = x.astype(np.float64) - x.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def prediction_row(
+    record: str, index: int, filename: str, label: int, top: np.ndarray | None,
+    values: np.ndarray | None, error: dict[str, str] | None, scores: str = "probs",
+    classes: list[str] | None = None,
+) -> dict[str, Any]:
+    """A row; values go under "probs" when they are probabilities, else under "logits"."""
+    row: dict[str, Any] = {
+        "record": record,
+        "index": index,
+        "filename": filename,
+        "label": None if label < 0 else int(label),
+    }
+    if classes is not None:
+        row["class_name"] = classes[label] if 0 <= label < len(classes) else None
+    row["top5"] = None if top is None else [int(i) for i in top]
+    row["probs" if scores != "logits" else "logits"] = (
+        None if values is None else [float(p) for p in values])
+    row["scores"] = scores
+    row["error"] = error
+    return row
+
+
+def prediction_keys(store: Store, job: str) -> list[str]:
+    """The keys of a job's predictions objects, in record name order."""
+    return store.list(JobLayout(job).predictions_prefix, ".jsonl")
+
+
+def record_of(key: str) -> str:
+    """The record a predictions key belongs to."""
+    return key.rsplit("/", 1)[-1].removesuffix(".jsonl")
+
+
+def record_rows(store: Store, key: str) -> list[dict[str, Any]]:
+    """The rows of one predictions object, as the last stage wrote them."""
+    return [json.loads(line) for line in store.get_bytes(key).decode().splitlines()
+            if line.strip()]
+
+
+def iter_records(store: Store, job: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """(predictions key, its rows) of every record with predictions, in name order."""
+    for key in prediction_keys(store, job):
+        yield key, record_rows(store, key)
+
+
+def read_predictions(store: Store, job: str) -> list[dict[str, Any]]:
+    """Every prediction row of a job, record by record, as the last stage wrote them."""
+    return [row for _, rows in iter_records(store, job) for row in rows]
+
+
+def accuracy(store: Store, job: str) -> dict[str, Any] | None:
+    """Top-1 and top-5 accuracy over a job's labelled, served images; None without labels.
+
+    Read from the prediction rows in the store (the invocation log has no labels).
+    """
+    labelled = top1 = top5 = 0
+    for row in read_predictions(store, job):
+        if row.get("label") is None or row.get("error") or not row.get("top5"):
+            continue
+        labelled += 1
+        top1 += row["top5"][0] == row["label"]
+        top5 += row["label"] in row["top5"]
+    if not labelled:
+        return None
+    return {"labelled": labelled, "top1": top1 / labelled, "top5": top5 / labelled}
