@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, save, workload  # noqa: E402
 
 from serveless.calibrate import calibrate  # noqa: E402
-from serveless.models import PAPER_PRESET  # noqa: E402
-from serveless.plan import PAPER_MEM_MAX, PAPER_MEM_MIN, search  # noqa: E402
+from serveless.model.presets import PAPER_MEM_MAX, PAPER_MEM_MIN, PAPER_PRESET
+from serveless.plan import search
 from serveless.simulate import Target, simulate  # noqa: E402
 from serveless.store import Store  # noqa: E402
 

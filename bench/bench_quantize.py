@@ -37,10 +37,10 @@ from serveless.backends.local import LocalBackend  # noqa: E402
 from serveless.cost import LAMBDA_GB_SECOND, MB_PER_VCPU, gb_seconds  # noqa: E402
 from serveless.data.predictions import accuracy
 from serveless.data.sources import pack
-from serveless.models import build_alexnet  # noqa: E402
-from serveless.partition import split  # noqa: E402
+from serveless.model.builtins import build_alexnet
+from serveless.model.partition import split
+from serveless.model.quantize import quantize_stages
 from serveless.pipeline import prepare_job, run_job  # noqa: E402
-from serveless.quantize import quantize_stages  # noqa: E402
 from serveless.report import summarize
 from serveless.store import Store  # noqa: E402
 
@@ -90,7 +90,7 @@ def run(store_name: str, job: str, model: str, rec_dir: Path, **kw) -> dict:
 
 
 def digits_part(calibration: int) -> dict:
-    from serveless.digits import CLASSES, heldout_examples
+    from serveless.model.digits import CLASSES, heldout_examples
 
     img = OUT / "digits-heldout"
     rec = OUT / "digits-heldout-records"

@@ -29,7 +29,7 @@ from common import OUT, machine, save, workload  # noqa: E402
 from serveless.pipeline import prepare_job  # noqa: E402
 from serveless.store import Store  # noqa: E402
 
-CACHE_ENV = "SERVELESS_STAGE_CACHE"  # serveless.stagecache.STAGE_CACHE_ENV
+CACHE_ENV = "SERVELESS_STAGE_CACHE"  # serveless.model.stagecache.STAGE_CACHE_ENV
 
 
 def timed_prepare(root: Path, job: str, rec_dir: Path, cuts: str | None,

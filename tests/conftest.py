@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))  # test-onl
 
 from serveless.data.samples import make_sample_images
 from serveless.data.sources import pack
-from serveless.models import build_alexnet
+from serveless.model.builtins import build_alexnet
 from serveless.store import Store
 
 
@@ -21,8 +21,8 @@ def model_cache(tmp_path_factory):
     """A private model cache for the session: tests never read or fill the user's. The
     machine's cache of checked stage sets is off (tests that count partitions would depend
     on their order; test_stagecache.py turns it on in a folder of its own)."""
+    from serveless.model.stagecache import STAGE_CACHE_ENV
     from serveless.paths import CACHE_ENV
-    from serveless.stagecache import STAGE_CACHE_ENV
 
     with pytest.MonkeyPatch.context() as mp:
         path = tmp_path_factory.mktemp("model-cache")
@@ -34,7 +34,7 @@ def model_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_model(model_cache):
     """The digits CNN, trained once per session (a few seconds) and cached."""
-    from serveless.models import build_digits
+    from serveless.model.builtins import build_digits
 
     return build_digits(seed=0)
 
@@ -42,7 +42,7 @@ def digits_model(model_cache):
 @pytest.fixture(scope="session")
 def digits_records(tmp_path_factory, digits_model) -> Path:
     """120 held-out digits, JPEGs in class folders 0..9, in records of 40."""
-    from serveless.digits import heldout_examples
+    from serveless.model.digits import heldout_examples
 
     images = tmp_path_factory.mktemp("digits")
     for c in range(10):
@@ -77,16 +77,16 @@ def records_dir(tmp_path_factory, image_dir) -> Path:
 @pytest.fixture
 def counted_partition(monkeypatch):
     """Every call of the partition (which runs the equivalence check), by its cuts."""
-    import serveless.partition
+    import serveless.model.partition
 
     calls: list[list[str]] = []
-    real = serveless.partition.partition
+    real = serveless.model.partition.partition
 
     def counting(model, cuts, *args, **kwargs):
         calls.append(list(cuts))
         return real(model, cuts, *args, **kwargs)
 
-    monkeypatch.setattr(serveless.partition, "partition", counting)
+    monkeypatch.setattr(serveless.model.partition, "partition", counting)
     return calls
 
 

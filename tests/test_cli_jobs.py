@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from serveless import __version__
 from serveless.cli import app
-from serveless.models import save_model
+from serveless.model.graph import save_model
 from serveless.pipeline import JobSpec, load_log, prepare_job
 from serveless.report import print_summary, stage_cells, summarize
 from serveless.store import Store

@@ -19,7 +19,7 @@ from helpers import tiny_classifier
 from serveless.cli.common import CliConsole
 from serveless.data.records import Example, write_record
 from serveless.data.samples import synthetic_photo
-from serveless.models import save_model
+from serveless.model.graph import save_model
 
 LONG_NAME = "a-photo-whose-name-is-long-enough-to-be-cut-by-any-terminal-" + "x" * 60 + ".jpg"
 

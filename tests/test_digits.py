@@ -12,14 +12,14 @@ import pytest
 from helpers import rows_of
 from typer.testing import CliRunner
 
-from serveless import digits
 from serveless.backends.local import LocalBackend
 from serveless.cli import app
 from serveless.data.images import preprocess
 from serveless.data.predictions import accuracy
 from serveless.data.records import read_record
 from serveless.errors import ModelError
-from serveless.models import PREPROCESS_KEY, check_image_model, preprocessing
+from serveless.model import digits
+from serveless.model.graph import PREPROCESS_KEY, check_image_model, preprocessing
 from serveless.pipeline import prepare_job, run_job
 from serveless.store import Store
 

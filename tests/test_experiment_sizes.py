@@ -6,7 +6,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from serveless.experiments import Setup, time_whole_model
-from serveless.models import save_model
+from serveless.model.graph import save_model
 from serveless.store import Store
 
 H, W = 40, 56

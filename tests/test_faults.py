@@ -23,7 +23,8 @@ from PIL import Image
 from serveless.backends.local import LocalBackend, instance_processes
 from serveless.data.records import Example, read_record, write_record
 from serveless.errors import RecordError
-from serveless.models import build_alexnet, save_model
+from serveless.model.builtins import build_alexnet
+from serveless.model.graph import save_model
 from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
 from serveless.store import Store
 

@@ -11,9 +11,9 @@ import onnx
 import pytest
 from helpers import tiny_conv_classifier
 
-from serveless import filehash
-from serveless.models import load_model_hashed
-from serveless.stagestore import model_sha256
+from serveless.model import filehash
+from serveless.model.loading import load_model_hashed
+from serveless.model.stagestore import model_sha256
 
 
 @pytest.fixture

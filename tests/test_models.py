@@ -9,16 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from serveless.errors import ModelError
-from serveless.models import (
-    ALEXNET_VERSION,
-    BUILTIN,
-    PAPER_PRESET,
-    build_alexnet,
-    check_image_model,
-    input_hw,
-    load_model,
-    save_model,
-)
+from serveless.model.builtins import ALEXNET_VERSION, BUILTIN, build_alexnet
+from serveless.model.graph import check_image_model, input_hw, save_model
+from serveless.model.loading import load_model
+from serveless.model.presets import PAPER_PRESET
 
 TENSORS = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "conv3", "relu3", "conv4",
            "relu4", "conv5", "relu5", "pool5", "flatten", "fc6", "relu6", "fc7", "relu7", "fc8",
@@ -115,7 +109,7 @@ def test_alexnet_is_deterministic_per_seed(alexnet):
 def test_alexnet_cache_gives_the_generated_model(tmp_path, monkeypatch):
     """The cached file is read back byte-identical to a generated model (same content hash,
     so the same stage models), and a torn file is generated again and replaced."""
-    from serveless.models import _generate_alexnet
+    from serveless.model.builtins import _generate_alexnet
     from serveless.paths import CACHE_ENV
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))

@@ -9,8 +9,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from serveless.errors import PartitionError
-from serveless.models import PAPER_PRESET, build_alexnet, load_model
-from serveless.partition import (
+from serveless.model.builtins import build_alexnet
+from serveless.model.loading import load_model
+from serveless.model.partition import (
     CutCandidate,
     check_equivalence,
     list_cuts,
@@ -18,6 +19,7 @@ from serveless.partition import (
     resolve_cuts,
     split,
 )
+from serveless.model.presets import PAPER_PRESET
 
 ALEXNET_CUTS = ["conv1", "relu1", "pool1", "conv2", "relu2", "pool2", "conv3", "relu3", "conv4",
                 "relu4", "conv5", "relu5", "pool5", "flatten", "fc6", "relu6", "fc7", "relu7",
@@ -184,12 +186,12 @@ def test_an_uncut_model_is_its_own_graph_and_is_not_run(alexnet, monkeypatch):
     """One stage that is the model's graph (nodes, io, weights byte for byte) is exact by
     construction: no session is made. A perturbed weight makes it another graph, which is
     run and caught as before."""
-    from serveless import partition as part
+    from serveless.model import partition as part
 
     (stage,) = split(alexnet, [])
     assert part.same_graph(alexnet, stage)
-    real_session = part._session
-    monkeypatch.setattr(part, "_session", lambda m: pytest.fail("ran the identical graph"))
+    real_session = part.in_memory_session
+    monkeypatch.setattr(part, "in_memory_session", lambda m: pytest.fail("ran the identical graph"))
     assert check_equivalence(alexnet, [stage]) == 0.0
     broken = onnx.ModelProto()
     broken.CopyFrom(stage)
@@ -197,7 +199,7 @@ def test_an_uncut_model_is_its_own_graph_and_is_not_run(alexnet, monkeypatch):
         if t.name == "conv1.weight":
             t.raw_data = (-numpy_helper.to_array(t)).tobytes()
     assert not part.same_graph(alexnet, broken)
-    monkeypatch.setattr(part, "_session", real_session)
+    monkeypatch.setattr(part, "in_memory_session", real_session)
     with pytest.raises(PartitionError, match="chained stages differ from the whole model"):
         check_equivalence(alexnet, [broken])
     renamed = onnx.ModelProto()

@@ -11,12 +11,12 @@ import pytest
 from helpers import assert_one_row_per_image, rows_of
 from typer.testing import CliRunner
 
-from serveless import quantize as q
 from serveless.backends.local import LocalBackend
 from serveless.cli import app
 from serveless.data.records import Example
 from serveless.errors import JobError
-from serveless.partition import split
+from serveless.model import quantize as q
+from serveless.model.partition import split
 from serveless.pipeline import JobSpec, prepare_job, run_job
 from serveless.store import Store
 

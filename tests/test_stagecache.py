@@ -9,11 +9,11 @@ import onnx
 import pytest
 from helpers import rows_of
 
-import serveless.partition
-from serveless import stagecache
+import serveless.model.partition
 from serveless.backends.local import LocalBackend
+from serveless.model import stagecache
+from serveless.model.stagestore import ensure_stage_models, model_sha256, stage_digest
 from serveless.pipeline import JobSpec, prepare_job, run_job
-from serveless.stagestore import ensure_stage_models, model_sha256, stage_digest
 from serveless.store import ModelLayout, Store
 
 
@@ -127,10 +127,10 @@ def test_a_resumed_job_keeps_the_address_from_the_model_serialisation(tmp_path, 
     store = Store(str(tmp_path / "store"))
     legacy = ModelLayout(stage_digest(model_sha256(model), ["r1"])).prefix
     other = "ab" * 32
-    got = ensure_stage_models(store, model, ["r1"], serveless.partition.partition,
+    got = ensure_stage_models(store, model, ["r1"], serveless.model.partition.partition,
                               model_hash=other, expect=legacy, machine_cache=False)
     assert got.prefix == legacy
-    got = ensure_stage_models(store, model, ["r1"], serveless.partition.partition,
+    got = ensure_stage_models(store, model, ["r1"], serveless.model.partition.partition,
                               model_hash=other, expect="models/" + "cd" * 32,
                               machine_cache=False)
     assert got.prefix == ModelLayout(stage_digest(other, ["r1"])).prefix
@@ -139,7 +139,7 @@ def test_a_resumed_job_keeps_the_address_from_the_model_serialisation(tmp_path, 
 def test_a_store_failure_keeps_the_cached_set(tmp_path, cache, model_file, monkeypatch):
     """An upload that fails in the store says nothing of the cache: the set stays there."""
     model = onnx.load(model_file)
-    part = serveless.partition.partition
+    part = serveless.model.partition.partition
     first = ensure_stage_models(Store(str(tmp_path / "s1")), model, ["r1"], part)
     entry = cache / first.layout.digest
     broken = Store(str(tmp_path / "s2"))

@@ -11,8 +11,8 @@ from helpers import rows_of, tiny_conv_classifier
 
 from serveless.backends.local import LocalBackend
 from serveless.errors import JobError
+from serveless.model.stagestore import stage_digest
 from serveless.pipeline import JobSpec, prepare_job, run_job
-from serveless.stagestore import stage_digest
 from serveless.store import JobLayout, ModelLayout, Store
 
 
@@ -35,7 +35,7 @@ class CountingStore(Store):
 def test_second_job_with_the_same_model_and_cuts_does_no_partition_and_no_upload(
         tmp_path, records_dir, model_file, counted_partition, caplog):
     store = CountingStore(str(tmp_path / "store"))
-    caplog.set_level(logging.INFO, logger="serveless.stagestore")
+    caplog.set_level(logging.INFO, logger="serveless.model.stagestore")
     first = prepare_job(store, "a", str(model_file), cuts="r1", records=str(records_dir))
     assert counted_partition == [["r1"]]
     uploaded = [k for k in store.written if k.startswith("models/")]

@@ -20,7 +20,7 @@ from serveless.cli import app
 from serveless.data.images import make_transform, preprocess
 from serveless.data.records import read_record
 from serveless.errors import JobError
-from serveless.models import make_batch_dynamic, output_is_distribution
+from serveless.model.graph import make_batch_dynamic, output_is_distribution
 from serveless.pipeline import prepare_job, run_job
 from serveless.store import Store
 

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CalibrationError
+from .model.sessions import open_stage
 
 CAL_BATCH = 32  # the default micro-batch: a stage at it needs no extrapolation
 ROUNDS = 5  # timing passes over all blocks: a burst of other load spoils one, not all
@@ -144,17 +145,6 @@ def _chain_times(kept: list[tuple[Any, str, np.ndarray]], batch: int, max_runs: 
             return [float(np.median(t)) for t in times]
 
 
-def _session(path: str, threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()  # as function.load_stage sets them
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
 def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
     """At 1 vCPU: load, time and memory of every block; decode of the images."""
     from .function import peak_mb, reset_peak
@@ -178,7 +168,7 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
         rss0 = _rss_mb()
         reset_peak()
         t0 = time.perf_counter()
-        sess = _session(b["path"], 1)
+        sess = open_stage(b["path"], 1)
         load_ms = (time.perf_counter() - t0) * 1000
         load_peak = max(0.0, peak_mb() - rss0)
         name = sess.get_inputs()[0].name
@@ -235,7 +225,7 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
     # stage at 1 vCPU for a first call; a fresh session here shows 0-23 ms of it (the rest
     # is a fresh process's: its pages, which this child has already touched).
     for k, (blk, (_, name, x)) in enumerate(zip(blocks, kept, strict=True)):
-        sess = _session(cfg["blocks"][k]["path"], 1)
+        sess = open_stage(cfg["blocks"][k]["path"], 1)
         t0 = time.perf_counter()
         sess.run(None, {name: x})  # CAL_BATCH rows: the default micro-batch
         first = (time.perf_counter() - t0) * 1000
@@ -245,7 +235,7 @@ def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
     whole_load_ms = None
     if cfg.get("whole"):
         t0 = time.perf_counter()
-        sess = _session(cfg["whole"], 1)
+        sess = open_stage(cfg["whole"], 1)
         whole_load_ms = (time.perf_counter() - t0) * 1000
         del sess
     return {"blocks": blocks, "whole_load_ms": whole_load_ms,
@@ -323,7 +313,7 @@ def _phase2(cfg: dict[str, Any]) -> dict[str, Any]:
     kept = []
     for b in cfg["blocks"]:
         x = rng.standard_normal([CAL_BATCH, *b["input_shape"]]).astype(np.float32)
-        sess = _session(b["path"], 2)
+        sess = open_stage(b["path"], 2)
         name = sess.get_inputs()[0].name
         _time_runs(sess, name, x[:1], 0.0, 1)
         kept.append((sess, name, x))
@@ -450,12 +440,12 @@ def _save_external(model: Any, path: Path) -> int:
 
 def _quantized_blocks(blocks: list[Any], images: list[str], size: list[int],
                       quantize: str) -> list[Any]:
-    """The blocks as `run --quantize` makes stages (serveless.quantize: static QDQ int8,
+    """The blocks as `run --quantize` makes stages (serveless.model.quantize: static QDQ int8,
     calibrated on the fp32 chain's activations of the sampled images), so what is timed
     is what an int8 job runs."""
     from .data.images import preprocess
     from .errors import QuantizeError
-    from .quantize import check_settings, quantize_stages
+    from .model.quantize import check_settings, quantize_stages
 
     try:
         check_settings(quantize, None, 1)
@@ -483,8 +473,10 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
     `quantize` ('int8') the blocks measured are the int8 blocks `run --quantize` would
     run (the whole model's load time is then left out of the load-time fit)."""
     from .backends.limits import InstanceLimits
-    from .models import PAPER_PRESET, input_hw, load_model
-    from .partition import list_cuts, split
+    from .model.graph import input_hw
+    from .model.loading import load_model
+    from .model.partition import list_cuts, split
+    from .model.presets import PAPER_PRESET
 
     say = say or (lambda _m: None)
     t_all = time.perf_counter()
@@ -600,7 +592,7 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
 
 
 def _input_shape(model: Any) -> list[int]:
-    from .models import check_image_model
+    from .model.graph import check_image_model
 
     _, (c, h, w) = check_image_model(model)
     return [c, h, w]

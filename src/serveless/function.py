@@ -33,6 +33,7 @@ from .errors import PredictionCountError, StoreError
 from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb, own_cgroup
 from .memory import reset_rss_peak as reset_peak
 from .memory import rss_peak_mb as peak_mb
+from .model.sessions import open_stage
 from .store import READ_BLOCK, JobLayout, Store
 from .store.layout import DATA_SUFFIX
 
@@ -170,14 +171,6 @@ def _load_stage(store: Store, model_key: str, threads: int) -> _Loaded:
 def _open_session(store: Store, model_key: str,
                   threads: int) -> tuple[Any, int, int | None, int, str]:
     """(session, bytes read, GETs, HEADs, where the model came from)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Spinning threads burn the CPU share that decoding on the other thread needs.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     local = store.local_path(model_key)
     heads = 0
     if local is not None:
@@ -186,7 +179,7 @@ def _open_session(store: Store, model_key: str,
         size = os.path.getsize(local) + _size_or_zero(local + DATA_SUFFIX)
         gets: int | None = None
         source = "store"
-        session = ort.InferenceSession(local, opts, providers=["CPUExecutionProvider"])
+        session = open_stage(local, threads)
     else:
         name = model_key.rsplit("/", 1)[-1]
         cache = _cache_folder(store, model_key) if _cache_root() else None
@@ -199,13 +192,13 @@ def _open_session(store: Store, model_key: str,
                 os.makedirs(folder, exist_ok=True)
                 size, gets = _fetch_stage(store, model_key, path, into_place=True)
                 source = "store"
-            session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            session = open_stage(path, threads)
         else:  # no cache: a private folder, gone once the session holds the weights
             with tempfile.TemporaryDirectory(prefix="serveless-model-") as tmp:
                 path = os.path.join(tmp, name)
                 size, gets = _fetch_stage(store, model_key, path, into_place=False)
                 source = "store"
-                session = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+                session = open_stage(path, threads)
     return session, size, gets, heads, source
 
 

@@ -60,7 +60,7 @@ class JobSpec:
     concurrency: int = DEFAULT_CONCURRENCY
     retries: int = DEFAULT_RETRIES
     preprocess: dict[str, Any] = field(default_factory=dict)  # what the model declares
-    precision: str = "fp32"  # or "int8", "fp16-weights" (serveless.quantize.mode_name)
+    precision: str = "fp32"  # or "int8", "fp16-weights" (serveless.model.quantize.mode_name)
     quantize: dict[str, Any] = field(default_factory=dict)  # quantize.prepare's info
     models: str = ""  # models/<digest>: the shared stage models; "" = <job>/model/ (older jobs)
     transform: dict[str, Any] = field(default_factory=dict)  # images.make_transform(); {}: ImageNet
@@ -123,7 +123,7 @@ def parse_memory(memory: str | list[int] | None, stages: int) -> list[int]:
 
 def resolve_scores(model: Any, softmax: str) -> str:
     """--softmax auto|always|never -> what rows say their scores are (function.SCORES)."""
-    from .models import output_is_distribution
+    from .model.graph import output_is_distribution
 
     if softmax not in ("auto", "always", "never"):
         raise JobError(f"--softmax must be auto, always or never, got {softmax!r}")
@@ -165,7 +165,7 @@ def prepare_job(
     check has passed.
 
     With `quantize` ('int8') or `weights` ('float16') the stages are reduced in precision
-    (serveless.quantize), calibrated on the job's own records, and their fidelity to the
+    (serveless.model.quantize), calibrated on the job's own records, and their fidelity to the
     fp32 model is recorded in job.json.
 
     The stage models are shared by every job of the same model and cuts in this store
@@ -176,7 +176,6 @@ def prepare_job(
     apart by content (sources.py); images are packed into the job's own records of
     `per_record`. Every record's framing is checked before anything is written.
     """
-    from . import quantize as q
     from .data.images import make_transform
     from .data.sources import (
         check_records,
@@ -187,9 +186,11 @@ def prepare_job(
         scan_inputs,
     )
     from .errors import SourceError
-    from .models import input_hw, load_model_hashed, make_batch_dynamic, preprocessing
-    from .partition import partition, resolve_cuts
-    from .stagestore import ensure_stage_models
+    from .model import quantize as q
+    from .model.graph import input_hw, make_batch_dynamic, preprocessing
+    from .model.loading import load_model_hashed
+    from .model.partition import partition, resolve_cuts
+    from .model.stagestore import ensure_stage_models
 
     say = say or _quiet
     layout = JobLayout(job)
@@ -341,7 +342,7 @@ def _reduce_precision(store: Store, layout: JobLayout, old: JobSpec | None, aske
                       model_hash: str | None = None) -> tuple[list[Any], dict[str, Any]]:
     """int8 or float16-weight stages: a resumed job keeps the ones its outputs came from.
     `stages` makes the fp32 stages, called only when no cached set fits."""
-    from . import quantize as q
+    from .model import quantize as q
 
     if old is not None:
         reused = q.load_cached(store, old.quantize, len(asked.cuts) + 1)

@@ -56,8 +56,6 @@ from .store import READ_BLOCK
 PLAN_KIND = "serveless-plan"
 RECORD_SIZES = (25, 50, 100, 200, 500, 1000, 2000, 5000)
 MICRO_BATCHES = (1, 4, 8, 16, 32, 64)
-PAPER_MEM_MAX = 3008
-PAPER_MEM_MIN = {"alexnet": [2048, 1280, 1024, 768]}
 
 
 @dataclass

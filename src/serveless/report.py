@@ -91,7 +91,7 @@ def summarize(rows: list[dict[str, Any]], arch: str = "x86_64",
 def job_notes(store: Any, job: str, precision: dict[str, Any] | None = None,
               model: str | None = None) -> list[str]:
     """Summary lines beyond the log: accuracy of labelled images, precision and fidelity."""
-    from .quantize import summary_lines
+    from .model.quantize import summary_lines
 
     notes = []
     acc = accuracy(store, job)

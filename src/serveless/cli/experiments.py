@@ -50,7 +50,7 @@ def _setup(store: str, store_option: list[str] | None, model: str | None, cuts: 
            preset: str | None, micro_batch: int | None, backend: str,
            backend_option: list[str] | None) -> Any:
     from ..experiments import Setup
-    from ..partition import resolve_cuts
+    from ..model.partition import resolve_cuts
     from ..pipeline import DEFAULT_MICRO_BATCH, DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
@@ -214,7 +214,7 @@ def sweep(
     if per_record is not None and per_record < 1:
         fail("--per-record must be >= 1")
     if simulate:  # the simulated Fig. 5 lives with the planner (cli/plan.py)
-        from ..partition import resolve_cuts
+        from ..model.partition import resolve_cuts
         from ..pipeline import DEFAULT_MICRO_BATCH
         from .plan import sweep_simulated
 
@@ -285,7 +285,7 @@ def memory_compare(
 ) -> None:
     """Tables 1-2: memMax everywhere vs the profiled memMin; memory, time and cost."""
     from ..experiments import load_pool, read_profile, run_memory_compare, run_profile
-    from ..partition import resolve_cuts
+    from ..model.partition import resolve_cuts
 
     sizes = _sizes(per_record, "--per-record")
     if concurrency < 1:

@@ -52,7 +52,7 @@ CalibrationOpt = Annotated[int, typer.Option(
 
 
 def _check_precision(quantize: str | None, weights: str | None, calibration: int) -> None:
-    from ..quantize import check_settings
+    from ..model.quantize import check_settings
 
     guarded(lambda: check_settings(quantize, weights, calibration))
 
@@ -103,7 +103,8 @@ def models_export(
 ) -> None:
     """Write a built-in model as one ONNX file."""
     from ..errors import ModelError
-    from ..models import BUILTIN, save_model
+    from ..model.builtins import BUILTIN
+    from ..model.graph import save_model
 
     if name not in BUILTIN:
         fail(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN))}")
@@ -117,7 +118,8 @@ def models_export(
 @models_app.command("list")
 def models_list() -> None:
     """List the built-in models."""
-    from ..models import BUILTIN, PAPER_PRESET
+    from ..model.builtins import BUILTIN
+    from ..model.presets import PAPER_PRESET
 
     for name in sorted(BUILTIN):
         preset = ",".join(PAPER_PRESET.get(name, [])) or "-"
@@ -140,11 +142,12 @@ def partition_cmd(
     """List cut candidates, or split a model into stages and check them against it."""
     from rich.table import Table
 
-    from .. import quantize as q
     from ..data.sources import find_records
-    from ..models import input_hw, load_model, preprocessing, save_model
-    from ..partition import list_cuts as candidates
-    from ..partition import partition, resolve_cuts
+    from ..model import quantize as q
+    from ..model.graph import input_hw, preprocessing, save_model
+    from ..model.loading import load_model
+    from ..model.partition import list_cuts as candidates
+    from ..model.partition import partition, resolve_cuts
 
     def go() -> None:
         onnx_model = load_model(model)
@@ -458,7 +461,7 @@ def demo(
     """
     from ..data import sources
     from ..data.samples import make_sample_images
-    from ..models import DEMO_CUTS
+    from ..model.presets import DEMO_CUTS
     from ..pipeline import DEFAULT_CONCURRENCY, prepare_job
 
     model = model.lower()
@@ -496,8 +499,8 @@ def demo(
 
 def _write_digits(dest: Path, limit: int | None) -> int:
     """The digits model's held-out images as JPEGs in class folders 0..9 (labels 0..9)."""
-    from ..digits import CLASSES, heldout_examples
-    from ..models import load_model
+    from ..model.digits import CLASSES, heldout_examples
+    from ..model.loading import load_model
 
     load_model("digits")  # train (or load) first, so the timing line reads apart from it
     examples = heldout_examples(limit=limit)

@@ -170,13 +170,8 @@ def plan_cmd(
     store_option: StoreOptions = None,
 ) -> None:
     """Cheapest plan within a deadline (or fastest within a budget), with presets beside it."""
-    from ..plan import (
-        PAPER_MEM_MAX,
-        PAPER_MEM_MIN,
-        make_plan,
-        plot_pareto,
-        search,
-    )
+    from ..model.presets import PAPER_MEM_MAX, PAPER_MEM_MIN
+    from ..plan import make_plan, plot_pareto, search
     from ..simulate import simulate
 
     if (deadline is None) == (budget is None):
@@ -205,7 +200,7 @@ def plan_cmd(
     rows = [("chosen", plan)]
     base = {"images_per_record": b.per_record, "micro_batch": b.micro_batch,
             "concurrency": b.concurrency, "images": images, "arch": arch}
-    from ..models import PAPER_PRESET
+    from ..model.presets import PAPER_PRESET
 
     preset = list(PAPER_PRESET.get(str(cal["model"]).lower(), []))
     if all(c in cal["boundaries"] for c in preset):

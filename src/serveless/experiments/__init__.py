@@ -24,7 +24,6 @@ from .baseline import (
 from .common import (
     HEADROOM,
     MEMORY_STEPS,
-    PAPER_MEM_MIN,
     PROFILE_MEMORY_MB,
     Setup,
     job_cost,
@@ -62,7 +61,6 @@ from .sweep import (
 __all__ = [
     "HEADROOM",
     "MEMORY_STEPS",
-    "PAPER_MEM_MIN",
     "PROFILE_MEMORY_MB",
     "Setup",
     "baseline_from",

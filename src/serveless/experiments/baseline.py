@@ -59,7 +59,8 @@ def time_whole_model(model: str, paths: Sequence[Path], micro_batch: int,
     model in one session, decoding and inference one after the other on this thread.
     """
     from ..data.images import preprocess
-    from ..models import input_hw, load_model, preprocessing
+    from ..model.graph import input_hw, preprocessing
+    from ..model.loading import load_model
 
     t0 = time.perf_counter()
     onnx_model = load_model(model)

@@ -30,8 +30,6 @@ PROFILE_MEMORY_MB = 3008
 MEMORY_STEPS = (1, 64)
 """Lambda's memory granularity today (1 MB) and in 2019 (64 MB)."""
 HEADROOM = 1.1
-PAPER_MEM_MIN = {"alexnet": [2048, 1280, 1024, 768]}
-"""The paper's memMin for its four AlexNet stages at 1000 images per record."""
 
 Say = Callable[[str], None]
 

@@ -9,10 +9,10 @@ from typing import Any
 
 from ..cost import MAX_MEMORY_MB, MIN_MEMORY_MB, vcpus
 from ..data.records import Example
+from ..model.presets import PAPER_MEM_MIN
 from ..report import markdown_table
 from .common import (
     HEADROOM,
-    PAPER_MEM_MIN,
     PROFILE_MEMORY_MB,
     Setup,
     fmt,
@@ -98,7 +98,7 @@ def profile_from_logs(logs: dict[int, list[dict[str, Any]]], stages: int,
 
 
 def paper_mem_min(setup: Setup) -> list[int] | None:
-    from ..models import PAPER_PRESET
+    from ..model.presets import PAPER_PRESET
 
     key = setup.model.lower()
     if key in PAPER_MEM_MIN and list(setup.cuts) == PAPER_PRESET.get(key):

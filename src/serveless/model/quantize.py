@@ -33,10 +33,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .data.images import preprocess
-from .data.records import Example, count_examples, iter_record
-from .errors import QuantizeError
-from .store.layout import stage_key
+from ..data.images import preprocess
+from ..data.records import Example, count_examples, iter_record
+from ..errors import QuantizeError
+from ..store.layout import stage_key
 
 VERSION = 1  # of the recipe below: part of the cache key
 QUANTIZE_MODES = ("int8",)
@@ -168,9 +168,9 @@ def _quiet_root_logger() -> Iterator[None]:
 
 
 def _run_stage(stage: onnx.ModelProto, x: np.ndarray, batch: int = 32) -> np.ndarray:
-    from .partition import _session
+    from .sessions import in_memory_session
 
-    sess = _session(stage)
+    sess = in_memory_session(stage)
     name = sess.get_inputs()[0].name
     outs = [sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)]
     return np.concatenate(outs) if outs else np.zeros((0,), np.float32)

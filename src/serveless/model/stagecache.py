@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .store.layout import stage_file
+from ..store.layout import stage_file
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def root() -> Path | None:
         return None
     if value:
         return Path(value).expanduser()
-    from .paths import cache_dir
+    from ..paths import cache_dir
 
     return cache_dir() / "stages"
 

@@ -32,10 +32,10 @@ from typing import Any
 
 import onnx
 
+from ..errors import StoreError
+from ..store import ModelLayout, Store
+from ..store.layout import DATA_SUFFIX, stage_file
 from . import stagecache
-from .errors import StoreError
-from .store import ModelLayout, Store
-from .store.layout import DATA_SUFFIX, stage_file
 
 log = logging.getLogger(__name__)
 

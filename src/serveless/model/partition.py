@@ -19,19 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from serveless.models import PAPER_PRESET, save_model
+from serveless.model.graph import save_model
+from serveless.model.presets import PAPER_PRESET
 
-from .errors import PartitionError
+from ..errors import PartitionError
+from .sessions import in_memory_session, random_feeds, skeleton
 
 # Ops whose output changes from run to run: never folded as constants (copying them into
 # two stages would give two different draws).
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                      "Multinomial", "Bernoulli"}
-# Initializers above this many elements are replaced by typed inputs before shape inference,
-# so inference does not serialise hundreds of MB of weights it never looks at.
-_SMALL_INIT = 1024
 
 
 @dataclass
@@ -69,35 +68,9 @@ def _node_inputs(node: onnx.NodeProto) -> list[str]:
     return names
 
 
-def _skeleton(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
-    """The model without its large initializers, and those initializers.
-
-    Serialising hundreds of MB of weights dominates shape inference, the checker and
-    session creation; none of them needs the weight bytes, only their names and types.
-    """
-    sk = onnx.ModelProto()
-    sk.ir_version = model.ir_version
-    sk.opset_import.extend(model.opset_import)
-    sk.functions.extend(model.functions)
-    g, src = sk.graph, model.graph
-    g.name = src.name
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
-    g.sparse_initializer.extend(src.sparse_initializer)
-    big = []
-    for init in src.initializer:
-        if math.prod(init.dims) <= _SMALL_INIT or init.data_type == onnx.TensorProto.STRING:
-            g.initializer.append(init)
-        else:
-            big.append(init)
-    return sk, big
-
-
 def _strip_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy for shape inference and the checker: large initializers become typed inputs."""
-    sk, big = _skeleton(model)
+    sk, big = skeleton(model)
     declared = {vi.name for vi in sk.graph.input}
     for init in big:
         if init.name not in declared:
@@ -389,59 +362,6 @@ def split(model: onnx.ModelProto, cuts: Sequence[str]) -> list[onnx.ModelProto]:
     return stages
 
 
-def _random_feeds(model: onnx.ModelProto, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Random normal inputs of the model's input shapes, batch dim set to `batch`."""
-    g = model.graph
-    consts = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer}
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for vi in g.input:
-        if vi.name in consts:
-            continue
-        tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        if any(d is None for d in dims[1:]):
-            raise PartitionError(f"input {vi.name!r} needs static dims after the batch dim "
-                                 "to check the stages")
-        if dims and dims[0] is not None:  # a fixed batch size (a model that keeps one)
-            batch = dims[0]
-        shape = [batch, *dims[1:]] if dims else []
-        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
-
-
-def _session(model: onnx.ModelProto, prepack: bool = True):
-    """A CPU onnxruntime session; large weights handed over as arrays, not serialised.
-
-    `prepack=False` for a session that runs one small batch: packing the weights for fast
-    GEMMs (about 0.2 s for AlexNet's classifier) costs more than it saves; same outputs."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    sk, big = _skeleton(model)
-    if not big:
-        return ort.InferenceSession(model.SerializeToString(), providers=providers)
-    arrays = [numpy_helper.to_array(t) for t in big]
-    for t in big:  # declared external; the data comes from add_external_initializers
-        ref = sk.graph.initializer.add()
-        ref.name, ref.data_type = t.name, t.data_type
-        ref.dims.extend(t.dims)
-        ref.data_location = onnx.TensorProto.EXTERNAL
-        ref.external_data.add(key="location", value="serveless-in-memory.bin")
-    try:
-        so = ort.SessionOptions()
-        if not prepack:
-            so.add_session_config_entry("session.disable_prepacking", "1")
-        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        so.add_external_initializers([t.name for t in big], values)
-        sess = ort.InferenceSession(sk.SerializeToString(), so, providers=providers)
-        sess._serveless_keepalive = (arrays, values)  # the session reads these buffers
-        return sess
-    except Exception:  # an onnxruntime without in-memory initializers: the slow path
-        return ort.InferenceSession(model.SerializeToString(), providers=providers)
-
-
 def same_graph(model: onnx.ModelProto, stage: onnx.ModelProto) -> bool:
     """Whether `stage` is the model's own graph: the same nodes in the same order, the same
     inputs, outputs, weights (byte for byte), opsets, functions and IR version.
@@ -480,15 +400,15 @@ def check_equivalence(model: onnx.ModelProto, stages: Sequence[onnx.ModelProto],
     """
     if len(stages) == 1 and same_graph(model, stages[0]):
         return 0.0
-    feeds = _random_feeds(model, batch, seed)
-    sess = _session(model, prepack=False)
+    feeds = random_feeds(model, batch, seed)
+    sess = in_memory_session(model, prepack=False)
     names = [o.name for o in sess.get_outputs()]
     whole = dict(zip(names, sess.run(names, feeds), strict=True))
     del sess
     values: dict[str, np.ndarray] = dict(feeds)
     for k, stage in enumerate(stages):
         try:
-            sess = _session(stage, prepack=False)
+            sess = in_memory_session(stage, prepack=False)
             feed = {i.name: values[i.name] for i in sess.get_inputs()}
             outs = [o.name for o in sess.get_outputs()]
             values.update(zip(outs, sess.run(outs, feed), strict=True))

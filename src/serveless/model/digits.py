@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .paths import cache_dir
+from ..paths import cache_dir
 
 VERSION = 1  # bump when the data, architecture or training change: the cache key
 SIZE = 32
@@ -82,7 +82,7 @@ def load_data(seed: int = 0) -> DigitsData:
 
 def _pixels(jpegs: list[bytes]) -> np.ndarray:
     """NCHW float32 exactly as stage 0 makes them."""
-    from .data.images import preprocess
+    from ..data.images import preprocess
 
     return np.stack([preprocess(b, SIZE, resize=PREPROCESS["resize"]) for b in jpegs])
 
@@ -234,7 +234,7 @@ def _train(seed: int, epochs: int, batch: int, lr: float,
 
 def to_onnx(p: dict[str, np.ndarray], seed: int, heldout_top1: float) -> onnx.ModelProto:
     """The trained network as an NCHW ONNX classifier that declares its preprocessing."""
-    from .models import BATCH_DIM, INPUT_NAME, OPSET, OUTPUT_NAME, PREPROCESS_KEY
+    from .graph import BATCH_DIM, INPUT_NAME, OPSET, OUTPUT_NAME, PREPROCESS_KEY
 
     inits, nodes = [], []
     x = INPUT_NAME

@@ -29,7 +29,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def memo_dir() -> Path:
-    from .paths import cache_dir
+    from ..paths import cache_dir
 
     return cache_dir() / "hashes"
 
