@@ -28,8 +28,8 @@ from common import machine, save, workload  # noqa: E402
 from s3server import start_s3_server  # noqa: E402
 
 from serveless.backends import FunctionSpec, make_backend  # noqa: E402
-from serveless.function import MODEL_CACHE_ENV  # noqa: E402
 from serveless.pipeline import prepare_job  # noqa: E402
+from serveless.runtime.protocol import MODEL_CACHE_ENV
 from serveless.store import Store  # noqa: E402
 
 
@@ -74,10 +74,10 @@ def main() -> None:
         store = Store(s3.url("bench"), s3.options())
         spec = prepare_job(store, "overhead", "alexnet", preset="paper", records=str(records))
         # the stage's input must exist: run the stages before it once, in this process
-        from serveless import function
+        from serveless.runtime.handler import handle
 
         for k in range(args.stage):
-            function.handle({"store": store.spec(), "job": spec.job, "stage": k,
+            handle({"store": store.spec(), "job": spec.job, "stage": k,
                              "stages": spec.stages, "record": spec.records[0],
                              "size": spec.input_hw, "model": spec.stage_model_key(k)})
         results = {}

@@ -9,8 +9,10 @@ import pytest
 from serveless.backends import FunctionSpec
 from serveless.backends.local import LocalBackend
 from serveless.errors import PredictionCountError
-from serveless.function import _Counters, _write_predictions, error_of
 from serveless.pipeline import load_log, prepare_job, run_job
+from serveless.runtime.counters import Counters as _Counters
+from serveless.runtime.outputs import write_predictions as _write_predictions
+from serveless.runtime.protocol import error_of
 from serveless.store import Store
 
 
@@ -31,9 +33,9 @@ def test_a_memory_error_in_the_function_is_out_of_memory(job):
              "record": spec.records[0], "size": [200_000, 200_000], "model": fn.model_key}
     with LocalBackend() as backend:
         result = backend.invoke(fn, event)
-    assert result.error is not None and result.error["type"] == "OutOfMemory"
-    assert "MemoryError" in result.error["message"]
-    assert error_of(MemoryError())["type"] == "OutOfMemory"
+    assert result.error is not None and result.error.type == "OutOfMemory"
+    assert "MemoryError" in result.error.message
+    assert error_of(MemoryError()).type == "OutOfMemory"
 
 
 def test_a_deterministic_failure_is_not_retried_and_says_why(job):
@@ -60,4 +62,4 @@ def test_a_short_predictions_object_is_never_written(tmp_path):
     with pytest.raises(PredictionCountError, match="3 predictions for 5 images"):
         _write_predictions(store, "j/predictions/r.jsonl", "r", outputs, meta, _Counters())
     assert not store.exists("j/predictions/r.jsonl")
-    assert error_of(PredictionCountError("x"))["final"] is True
+    assert error_of(PredictionCountError("x")).final is True

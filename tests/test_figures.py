@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from serveless.backends import FunctionSpec, InvocationResult
-from serveless.backends import limits as L
 from serveless.backends.local import LocalBackend
+from serveless.backends.local import isolation as L
 from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
 from serveless.store import Store
 
@@ -73,9 +73,9 @@ def test_cpu_share_is_exact_only_when_the_quota_was_written(monkeypatch):
             assert described["cpu_share"].startswith("approximate")
             pytest.skip("no writable cgroup here: the memory-only case cannot be built")
         assert described["cpu_share"].startswith("exact") == backend.cpu_exact
-    real_v1 = L._v1_dir
-    monkeypatch.setattr(L, "_v2_dir", lambda: None)  # as on a host with only v1 memory
-    monkeypatch.setattr(L, "_v1_dir", lambda c: None if c == "cpu" else real_v1(c))
+    real_v1 = L.own_v1_dir
+    monkeypatch.setattr(L, "own_v2_dir", lambda: None)  # as on a host with only v1 memory
+    monkeypatch.setattr(L, "own_v1_dir", lambda c: None if c == "cpu" else real_v1(c))
     with LocalBackend() as backend:
         described = backend.describe()
     if backend.mode == "watchdog":

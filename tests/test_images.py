@@ -207,8 +207,8 @@ def test_refused_jpegs_get_prediction_rows_and_decode_threads_agree(tmp_path):
 
 
 def test_function_max_pixels_is_the_images_limit():
-    """function.py keeps its own copy so that stages past 0 do not import Pillow."""
-    from serveless import function
+    """The protocol keeps its own copy so that stages past 0 do not import Pillow."""
     from serveless.data import images
+    from serveless.runtime import protocol
 
-    assert function.MAX_PIXELS == images.MAX_PIXELS
+    assert protocol.MAX_PIXELS == images.MAX_PIXELS

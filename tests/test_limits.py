@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from serveless.backends import limits as L
+from serveless.backends.local import isolation as L
 
 MODE, REASON = L.cgroup_support()
 
@@ -57,7 +57,7 @@ def mine() -> list[str]:
     pid = os.getpid()
     return [
         str(d / e.name)
-        for d in L._own_dirs()
+        for d in L.own_dirs()
         for e in os.scandir(d)
         if e.name.startswith(L.PREFIX) and e.name.split("-")[-2] == str(pid)
     ]
@@ -273,7 +273,7 @@ def test_cleanup_stale_removes_dead_owners_dirs() -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     made = []
-    for parent in L._own_dirs():
+    for parent in L.own_dirs():
         d = parent / f"{L.PREFIX}stale-{dead.pid}-0"
         try:
             os.mkdir(d)

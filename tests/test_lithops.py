@@ -20,7 +20,8 @@ import pytest
 from test_s3 import check_layout_in_bucket, check_predictions
 
 from serveless.backends import FunctionSpec, make_backend
-from serveless.backends.lithops import LithopsBackend, build_config
+from serveless.backends.lithops import LithopsBackend
+from serveless.backends.lithops.backend import build_config
 from serveless.data.samples import make_sample_images
 from serveless.data.sources import pack
 from serveless.pipeline import load_log, prepare_job, run_job
@@ -217,12 +218,12 @@ def test_calls_end_with_a_result_whatever_happens_to_them():
     assert ok.extra["lithops"]["runtime_memory"] == 512  # the stage's memory, as asked
     assert ok.extra["lithops"]["worker_exec_time"] > 0 and ok.duration_ms >= 1.0
     raised = results["raise"].error
-    assert raised["type"] == "ValueError" and raised["message"] == "bad record"
-    assert raised["final"] and "deterministic" in raised["why"]  # not retried, and why
-    assert results["sleep"].error["type"] == "Timeout"
-    assert results["die"].error["type"] == "InstanceDied"
-    assert results["hang"].error["type"] == "Timeout"
-    assert "within 4 s + 4 s" in results["hang"].error["message"]
+    assert raised.type == "ValueError" and raised.message == "bad record"
+    assert raised.final and "deterministic" in raised.why  # not retried, and why
+    assert results["sleep"].error.type == "Timeout"
+    assert results["die"].error.type == "InstanceDied"
+    assert results["hang"].error.type == "Timeout"
+    assert "within 4 s + 4 s" in results["hang"].error.message
     assert all(r.extra["lithops"]["runtime_memory"] == 512 + i
                for i, r in enumerate(results.values()))
     assert wall < 30  # the five ran side by side, and none hung

@@ -50,8 +50,8 @@ def test_handler_errors_come_back_as_data(job):
     store, spec = job
     with LocalBackend() as backend:
         res = _call(backend, store, spec, record="no-such-record")
-        assert not res.ok and res.error["type"] == "StoreError"
-        assert "no-such-record" in res.error["message"]
+        assert not res.ok and res.error.type == "StoreError"
+        assert "no-such-record" in res.error.message
         again = _call(backend, store, spec)  # the instance survived and serves the next one
         assert again.ok and not again.cold
 
@@ -62,8 +62,8 @@ def test_oom_within_seconds_names_stage_record_cap_and_peak(job):
         t0 = time.perf_counter()
         res = _call(backend, store, spec, stage=3, record="00001", memory=256)
         took = time.perf_counter() - t0
-    assert not res.ok and res.error["type"] == "OutOfMemory"
-    msg = res.error["message"]
+    assert not res.ok and res.error.type == "OutOfMemory"
+    msg = res.error.message
     assert "stage 3" in msg and "256 MB" in msg and "peak" in msg
     assert took < 15
 
@@ -140,7 +140,7 @@ def test_init_failures_are_reported_not_raised_and_never_pooled(job):
     with LocalBackend(timeout_s=0.05) as backend:  # no instance can init that fast
         first = _call(backend, store, spec)
         second = _call(backend, store, spec)
-    assert first.error["type"] == "Timeout" and first.cold
+    assert first.error.type == "Timeout" and first.cold
     assert second.cold and second.instance != first.instance
     assert first.duration_ms == 0.0 and first.init_ms > 0  # only the init is billed
 
@@ -149,13 +149,13 @@ def test_init_failures_are_reported_not_raised_and_never_pooled(job):
     with LocalBackend() as backend:
         res = backend.invoke(missing, {"store": store.spec(), "job": spec.job, "stage": 0,
                                        "stages": spec.stages, "record": "00000"})
-    assert res.error["type"] == "StoreError" and "nope.onnx" in res.error["message"]
+    assert res.error.type == "StoreError" and "nope.onnx" in res.error.message
 
 
 def test_model_caches_of_dead_drivers_are_removed(tmp_path):
     """A SIGKILLed driver cannot remove its instances' model cache: the next backend does,
     once its owner is gone and it is over an hour old; a live owner's cache stays."""
-    from serveless.backends.local import STALE_CACHE_S, remove_stale_caches
+    from serveless.backends.local.backend import STALE_CACHE_S, remove_stale_caches
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

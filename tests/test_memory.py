@@ -12,13 +12,13 @@ import textwrap
 
 import pytest
 
-from serveless.backends import limits as L
-from serveless.memory import ChargeSampler, enforced_peak_mb
+from serveless.backends.local import isolation as L
+from serveless.runtime.memory import ChargeSampler, enforced_peak_mb
 
 CHILD = textwrap.dedent("""
     import json, os, sys, time
     import numpy as np
-    from serveless.memory import ChargeSampler, cgroup_peak_mb, reset_rss_peak, rss_peak_mb
+    from serveless.runtime.memory import ChargeSampler, cgroup_peak_mb, reset_rss_peak, rss_peak_mb
     sys.stdin.readline()  # placed in the cgroup by now
     out, path, MB = {}, sys.argv[1], 1 << 20
 
@@ -99,7 +99,7 @@ def test_a_brief_allocation_is_sampled(in_cgroup):
 
 
 def test_without_a_cgroup_of_its_own_the_peak_is_the_rss_peak(monkeypatch):
-    from serveless import memory
+    from serveless.runtime import memory
 
     monkeypatch.setattr(memory, "own_cgroup", lambda: None)
     with ChargeSampler() as s:
@@ -113,7 +113,7 @@ def test_without_a_cgroup_of_its_own_the_peak_is_the_rss_peak(monkeypatch):
 @pytest.mark.parametrize("value,seconds", [(None, 0.02), ("5", 0.005), ("0", 0.0),
                                            ("-3", 0.0), ("often", 0.02)])
 def test_sampling_interval_comes_from_the_environment(monkeypatch, value, seconds):
-    from serveless import memory
+    from serveless.runtime import memory
 
     if value is None:
         monkeypatch.delenv(memory.SAMPLE_ENV, raising=False)

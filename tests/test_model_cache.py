@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serveless import function
 from serveless.backends import FunctionSpec
 from serveless.backends.local import LocalBackend
 from serveless.data.samples import make_sample_images
 from serveless.data.sources import pack
-from serveless.function import MODEL_CACHE_ENV
 from serveless.pipeline import prepare_job
+from serveless.runtime import handler, loader
+from serveless.runtime.protocol import MODEL_CACHE_ENV
 from serveless.store import Store
 from serveless.store.layout import DATA_SUFFIX
 
@@ -41,14 +41,14 @@ def test_a_fresh_process_loads_its_stage_from_disk_not_the_store(
         return {**event, "stage": stage, "model": spec.stage_model_key(stage)}
 
     for stage in range(last):  # the inputs of the last stage
-        function._SESSIONS.clear()
-        function.handle(at(stage))
+        loader._SESSIONS.clear()
+        handler.handle(at(stage))
     model = f"stage-{last}.onnx"  # the graph and its weights (.onnx.data)
 
     def fresh_call() -> dict:
-        function._SESSIONS.clear()  # as in a new process: nothing in memory
+        loader._SESSIONS.clear()  # as in a new process: nothing in memory
         s3_proxy.clear()
-        return function.handle(at(last))
+        return handler.handle(at(last))
 
     first = fresh_call()
     assert first["model_source"] == "store"
@@ -60,7 +60,7 @@ def test_a_fresh_process_loads_its_stage_from_disk_not_the_store(
     assert second["heads"] == len(s3_proxy.seen("HEAD"))
     # same process, same stage: the session itself is kept
     s3_proxy.clear()
-    warm = function.handle(at(last))
+    warm = handler.handle(at(last))
     assert warm["model_source"] == "memory" and s3_proxy.seen("GET", model) == []
     # the stage changes in the store (same name): fetched again, never served stale
     weights = st.get_bytes(spec.stage_model_key(last) + DATA_SUFFIX)
@@ -68,7 +68,7 @@ def test_a_fresh_process_loads_its_stage_from_disk_not_the_store(
     changed = fresh_call()
     assert changed["model_source"] == "store"
     assert len(s3_proxy.seen("GET", model)) == 2
-    function._SESSIONS.clear()
+    loader._SESSIONS.clear()
 
 
 def test_local_instances_report_store_then_memory(s3_server, tiny_records):

@@ -188,20 +188,20 @@ def test_stage_0_decodes_inline_up_to_1_vcpu_and_on_a_thread_above(
     only switches with it; above, it does. Same outputs either way."""
     import onnx
 
-    from serveless import function
+    from serveless.runtime import handler, loader
 
     path = tmp_path / "small.onnx"
     onnx.save(tiny_conv_classifier(), path)
     store = Store(str(tmp_path / "s"))
     spec = prepare_job(store, "inline", str(path), cuts="r1", records=str(records_dir))
     threads: list[int] = []
-    real = function._prefetch
+    real = handler.prefetch
 
     def spy(blocks, depth=1):
         threads.append(1)
         return real(blocks, depth)
 
-    monkeypatch.setattr(function, "_prefetch", spy)
+    monkeypatch.setattr(handler, "prefetch", spy)
     record = spec.records[0]
     written = {}
     for memory in (1769, 1770, 512, 3008):
@@ -209,11 +209,11 @@ def test_stage_0_decodes_inline_up_to_1_vcpu_and_on_a_thread_above(
                  "record": record, "size": spec.input_hw, "memory_mb": memory,
                  "model": spec.stage_model_key(0)}
         threads.clear()
-        out = function.handle(event)
+        out = handler.handle(event)
         written[memory] = out["output"]["crc32c"]
         assert threads == ([1] if memory > 1769 else []), memory
         threads.clear()  # a later stage reads its input on a thread at any size
-        function.handle({**event, "stage": 1, "model": spec.stage_model_key(1)})
+        handler.handle({**event, "stage": 1, "model": spec.stage_model_key(1)})
         assert threads == [1]
-    function._SESSIONS.clear()
+    loader._SESSIONS.clear()
     assert len(set(written.values())) == 1

@@ -79,8 +79,9 @@ def test_outputs_are_checked_whole_by_their_crc32c_and_old_logs_by_sha256(tmp_pa
     import hashlib
 
     from serveless.data.tensors import TensorFormat
-    from serveless.function import _Counters, _write_tensor
     from serveless.pipeline import _whole
+    from serveless.runtime.counters import Counters as _Counters
+    from serveless.runtime.outputs import write_tensor as _write_tensor
 
     store = Store(str(tmp_path))
     blocks = [np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.ones((1, 3, 4), np.float32)]

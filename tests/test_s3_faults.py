@@ -162,23 +162,24 @@ def test_each_invocation_logs_the_requests_the_server_saw(s3_server, s3_proxy, s
                                                           monkeypatch, tmp_path):
     """Stage 0 fetches its record once (one GET, even when the record spans many read
     blocks), and every stage's gets/heads/puts equal the GETs/HEADs/PUTs on the wire."""
-    from serveless import function
+    from serveless.runtime import handler, loader
+    from serveless.runtime.protocol import MODEL_CACHE_ENV
     from serveless.store import store as store_module
 
     monkeypatch.setattr(store_module, "READ_BLOCK", 64 << 10)  # records span ~10 blocks
-    monkeypatch.setenv(function.MODEL_CACHE_ENV, str(tmp_path / "models"))
+    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "models"))
     st = _store(s3_server, s3_proxy, "counted")
     spec = prepare_job(st, "cj", "alexnet", preset="paper", records=str(small_records))
     record = spec.records[0]
     assert st.size(f"cj/records/{record}.tfrecord") > 4 * (64 << 10)
-    monkeypatch.setattr(function, "_SESSIONS", {})  # a cold start: the model is fetched too
+    monkeypatch.setattr(loader, "_SESSIONS", {})  # a cold start: the model is fetched too
     for stage in range(spec.stages):
         s3_proxy.clear()
         event = {"store": st.spec(), "job": "cj", "stage": stage, "stages": spec.stages,
                  "record": record, "size": spec.input_hw, "format": spec.format,
                  "model": spec.stage_model_key(stage)}
-        metrics = function.handle(event)
-        function._SESSIONS.clear()
+        metrics = handler.handle(event)
+        loader._SESSIONS.clear()
         assert metrics["images"] == 10
         assert metrics["gets"] == len(s3_proxy.seen("GET")), stage
         assert metrics["heads"] == len(s3_proxy.seen("HEAD")), stage

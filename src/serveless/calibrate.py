@@ -147,7 +147,8 @@ def _chain_times(kept: list[tuple[Any, str, np.ndarray]], batch: int, max_runs: 
 
 def _phase1(cfg: dict[str, Any]) -> dict[str, Any]:
     """At 1 vCPU: load, time and memory of every block; decode of the images."""
-    from .function import peak_mb, reset_peak
+    from .runtime.memory import reset_rss_peak as reset_peak
+    from .runtime.memory import rss_peak_mb as peak_mb
 
     # Stage 0's first call imports the decoders (images, records) and makes its first
     # decode: billed once per instance, on top of what a warm call costs.
@@ -251,11 +252,11 @@ def _function_paths(cfg: dict[str, Any], classes: int, rows: int = 64) -> dict[s
     the function's own code: parsing a record (beside decoding its images), writing an
     intermediate (cast, CRC32C, the store's file write) and reading one back, and writing
     predictions. Medians of ROUNDS runs."""
-    from types import SimpleNamespace
-
     from .data.records import Example, count_examples, iter_record, write_record
     from .data.tensors import TensorFormat
-    from .function import _Counters, _tensor_blocks, _write_predictions, _write_tensor
+    from .runtime.counters import Counters
+    from .runtime.inputs import tensor_blocks
+    from .runtime.outputs import write_predictions, write_tensor
     from .store import Store
 
     def median_ms(fn: Any) -> float:
@@ -287,23 +288,22 @@ def _function_paths(cfg: dict[str, Any], classes: int, rows: int = 64) -> dict[s
     block = np.random.default_rng(1).standard_normal((32, width)).astype(np.float32)
     n = 16 * 2**20 // (4 * width)  # 16 MB stored as float32
     mb = n * width * 4 / 2**20
-    out["write_ms_per_mb"] = median_ms(lambda: _write_tensor(
-        store, "calibration/tensor.npy", n, iter([block] * (n // 32)), fmt, _Counters())) / mb
+    out["write_ms_per_mb"] = median_ms(lambda: write_tensor(
+        store, "calibration/tensor.npy", n, iter([block] * (n // 32)), fmt, Counters())) / mb
     path = store.path("calibration/tensor.npy")
-    ev = SimpleNamespace(micro_batch=32)
 
     def read() -> None:
         with open(path, "rb") as f:
-            for _ in _tensor_blocks(f, fmt, ev, _Counters())[1]:  # type: ignore[arg-type]
+            for _ in tensor_blocks(f, fmt, 32, Counters())[1]:
                 pass
 
     out["read_ms_per_mb"] = median_ms(read) / mb
     logits = np.random.default_rng(2).standard_normal((32, max(classes, 1))).astype(np.float32)
     meta = {"n": rows, "filenames": [f"img-{i}.jpg" for i in range(rows)],
             "labels": [-1] * rows, "errors": {}}
-    out["predictions_ms_per_image"] = median_ms(lambda: _write_predictions(
+    out["predictions_ms_per_image"] = median_ms(lambda: write_predictions(
         store, "calibration/predictions.jsonl", "r0", iter([logits] * (rows // 32)), meta,
-        _Counters())) / rows
+        Counters())) / rows
     return out
 
 
@@ -330,7 +330,7 @@ def _worker() -> None:
     t_start = float(sys.argv[1]) if len(sys.argv) > 1 else time.time()
     import onnxruntime  # noqa: F401  (import time is part of a function's cold start)
 
-    from . import function  # noqa: F401
+    from .runtime import handler  # noqa: F401
 
     if len(sys.argv) > 2 and sys.argv[2] == "start":  # only the start, timed again
         print(json.dumps({"start_ms": (time.time() - t_start) * 1000}), flush=True)
@@ -472,7 +472,7 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
     """Measure the model on this machine; the calibration as a JSON-safe dict. With
     `quantize` ('int8') the blocks measured are the int8 blocks `run --quantize` would
     run (the whole model's load time is then left out of the load-time fit)."""
-    from .backends.limits import InstanceLimits
+    from .backends.local.isolation import InstanceLimits
     from .model.graph import input_hw
     from .model.loading import load_model
     from .model.partition import list_cuts, split

@@ -25,6 +25,7 @@ from .backends import Backend, FunctionSpec, InvocationResult
 from .cost import MAX_MEMORY_MB, billed_ms, check_memory, vcpus
 from .data.tensors import TensorFormat
 from .errors import JobError, StoreError
+from .runtime.protocol import OUT_OF_MEMORY, TOO_MANY_REQUESTS, Event, InvocationError, Metrics
 from .store import JobLayout, Store
 from .store.layout import RECORD_SUFFIX, record_name, stage_key
 
@@ -41,7 +42,6 @@ MAY_CHANGE_ON_RESUME = ("memory", "concurrency", "retries")
 NOT_ASKED = ("job", "records", "version", "input_hw", "preprocess", "quantize", "models",
              "classes", "fixed_batch")
 OOM_RAISE = 1.5
-THROTTLED = "TooManyRequests"  # Lambda's 429: the call was refused, never ran, is not billed
 MAX_THROTTLES = 200  # per invocation, before the record fails as throttled
 
 
@@ -592,13 +592,12 @@ def run_job(
 
     def invoke(task: _Task, fn: FunctionSpec) -> tuple[InvocationResult, float]:
         started = time.time()
-        event = {"store": store.spec(), "job": spec.job, "stage": task.stage,
-                 "stages": spec.stages, "record": task.record, "memory_mb": fn.memory_mb,
-                 "micro_batch": spec.micro_batch, "threads": fn.threads, "format": fmt.to_dict(),
-                 "size": spec.input_hw, "preprocess": spec.preprocess, "model": fn.model_key,
-                 "transform": spec.transform, "scores": spec.scores, "classes": spec.classes,
-                 "save_scores": spec.save_scores}
-        return backend.invoke(fn, event), started
+        event = Event(store=store.spec(), job=spec.job, stage=task.stage, stages=spec.stages,
+                      record=task.record, memory_mb=fn.memory_mb, micro_batch=spec.micro_batch,
+                      threads=fn.threads, format=fmt.to_dict(), size=spec.input_hw,
+                      preprocess=spec.preprocess, model=fn.model_key, transform=spec.transform,
+                      scores=spec.scores, classes=spec.classes, save_scores=spec.save_scores)
+        return backend.invoke(fn, event.to_dict()), started
 
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="serveless-invoke")
     inflight: dict[Future[tuple[InvocationResult, float]], tuple[_Task, FunctionSpec]] = {}
@@ -625,14 +624,15 @@ def run_job(
                     result, started = fut.result()
                 except Exception as exc:  # the backend itself failed (fds, spawn): retry
                     result, started = InvocationResult(
-                        None, {"type": type(exc).__name__, "message": str(exc)}, False, 0.0,
+                        None, InvocationError(type(exc).__name__, str(exc)), False, 0.0,
                         0.0, None), time.time()
                 row = _log_row(task, fn, result, started)
                 if ephemeral_mb:
                     row["ephemeral_mb"] = int(ephemeral_mb)
                 log.append(row)
-                err = result.error or {}
-                if err.get("type") == THROTTLED and task.throttles < MAX_THROTTLES:
+                err = result.error
+                if err is not None and err.type == TOO_MANY_REQUESTS \
+                        and task.throttles < MAX_THROTTLES:
                     # backpressure: back off and ask again; not a failure, no retry spent
                     throttled += 1
                     delay = min(10.0, 0.05 * 2**min(task.throttles, 8)) * (0.5 + rng.random())
@@ -640,35 +640,34 @@ def run_job(
                                                task.attempt, time.monotonic() + delay,
                                                task.throttles + 1))
                     continue
-                if result.ok:
+                if err is None:
                     if task.stage == spec.stages - 1:
                         if not keep_intermediates:
                             _drop_intermediates(store, layout, spec, task.record, fmt)
                         finished += 1
-                        images_run += int(result.metrics.get("images", 0))  # type: ignore
+                        images_run += int(Metrics.from_dict(result.metrics).images or 0)
                         bar.advance(images_run)
                     else:
                         nxt = task.stage + 1
                         heapq.heappush(heap, _Task((-nxt, order[task.record], 0.0),
                                                    task.record, nxt))
                     continue
-                if (err.get("type") == "OutOfMemory" and fn.memory_mb == memory[task.stage]
+                if (err.type == OUT_OF_MEMORY and fn.memory_mb == memory[task.stage]
                         and memory[task.stage] < MAX_MEMORY_MB):  # once per size, not per call
                     memory[task.stage] = min(MAX_MEMORY_MB, int(memory[task.stage] * OOM_RAISE))
                     raised[task.stage] = memory[task.stage]
                     spec.memory = list(memory)  # a resumed job starts from the raised size
                     spec.save(store)
-                if task.attempt < retries and _retryable(err):
+                if task.attempt < retries and err.retryable:
                     retried += 1
                     delay = min(30.0, 0.2 * 2**task.attempt) * (0.5 + rng.random())
                     heapq.heappush(heap, _Task(task.priority, task.record, task.stage,
                                                task.attempt + 1, time.monotonic() + delay,
                                                task.throttles))
                 else:
-                    why = (f" (not retried: {err.get('why') or 'deterministic'})"
-                           if not _retryable(err) else f" (after {task.attempt + 1} attempts)")
-                    failed[task.record] = (f"stage {task.stage}: {err.get('type')}: "
-                                           f"{err.get('message')}{why}")
+                    why = (f" (not retried: {err.why or 'deterministic'})"
+                           if not err.retryable else f" (after {task.attempt + 1} attempts)")
+                    failed[task.record] = f"stage {task.stage}: {err.type}: {err.message}{why}"
                     finished += 1
                     bar.advance(images_run)
     except BaseException:
@@ -716,18 +715,9 @@ def _threads(memory_mb: int, cores: int | None = None) -> int:
     return max(1, min(n, cores) if cores else n)
 
 
-def _retryable(err: dict[str, Any]) -> bool:
-    """Deterministic failures (bad input, a graph onnxruntime refuses, a row count that
-    does not match: marked `final` by the function) are not retried; everything else
-    (deaths, OOM, throttling, store errors) is."""
-    from .function import DETERMINISTIC
-
-    return not err.get("final") and err.get("type") not in DETERMINISTIC
-
-
 def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,
              started: float) -> dict[str, Any]:
-    m = res.metrics or {}
+    m = Metrics.from_dict(res.metrics)
     duration = float(res.duration_ms)  # the backend's (platform overhead included), billed
     return {
         "stage": task.stage,
@@ -737,30 +727,30 @@ def _log_row(task: _Task, fn: FunctionSpec, res: InvocationResult,
         "memory_mb": fn.memory_mb,
         "vcpus": round(vcpus(fn.memory_mb), 3),
         "cold": res.cold,
-        "model_source": m.get("model_source"),  # memory | disk | store
+        "model_source": m.model_source,  # memory | disk | store
         "init_ms": round(res.init_ms, 3),
         "duration_ms": round(duration, 3),
         "billed_ms": billed_ms(duration, res.init_ms),
         "peak_mb": res.peak_mb,  # what a memory cap is held to (memory.py)
-        "peak_rss_mb": m.get("peak_rss_mb"),
-        "peak_cgroup_mb": m.get("peak_cgroup_mb"),
-        "peak_working_set_mb": m.get("peak_working_set_mb"),
-        "images": m.get("images"),
-        "image_errors": m.get("image_errors", 0),
-        "read_ms": m.get("read_ms"),
-        "compute_ms": m.get("compute_ms"),
-        "write_ms": m.get("write_ms"),
-        "cpu_ms": m.get("cpu_ms"),
-        "bytes_in": m.get("bytes_in", 0),
-        "bytes_out": m.get("bytes_out", 0),
-        "gets": m.get("gets", 0),
-        "heads": m.get("heads", 0),
-        "puts": m.get("puts", 0),
-        "output": m.get("output"),
-        **({"failed_images": m["failed_images"]} if "failed_images" in m else {}),
+        "peak_rss_mb": m.peak_rss_mb,
+        "peak_cgroup_mb": m.peak_cgroup_mb,
+        "peak_working_set_mb": m.peak_working_set_mb,
+        "images": m.images,
+        "image_errors": m.image_errors,
+        "read_ms": m.read_ms,
+        "compute_ms": m.compute_ms,
+        "write_ms": m.write_ms,
+        "cpu_ms": m.cpu_ms,
+        "bytes_in": m.bytes_in,
+        "bytes_out": m.bytes_out,
+        "gets": m.gets,
+        "heads": m.heads,
+        "puts": m.puts,
+        "output": m.output,
+        **({"failed_images": m.failed_images} if m.failed_images is not None else {}),
         "instance": res.instance,
-        "error": res.error,
-        "throttled": (res.error or {}).get("type") == THROTTLED,  # refused: not billed
+        "error": res.error.to_dict() if res.error is not None else None,
+        "throttled": res.error is not None and res.error.type == TOO_MANY_REQUESTS,  # not billed
     }
 
 

@@ -1,62 +1,31 @@
-"""Backends run invocations of stage functions and return each one's result and billing."""
+"""Backends run invocations of stage functions and return each one's result and billing.
+
+Each backend is a package with its driver side and its function side as separate
+modules: `local/` (backend.py in the driver, worker.py the function instance, isolation.py
+its memory cap and CPU share) and `lithops/` (backend.py in the driver, sidecar.py the
+helper process that runs Lithops). Both are imported only when asked for, so a missing
+optional dependency (Lithops) is a one-line hint, not an import error elsewhere.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from .base import Backend, FunctionSpec, InvocationResult
 
-@dataclass
-class FunctionSpec:
-    """One deployed function: the stage it serves and its memory size."""
-
-    stage: int
-    memory_mb: int
-    model_key: str
-    store: dict[str, Any]
-    threads: int = 1
-
-
-@dataclass
-class InvocationResult:
-    metrics: dict[str, Any] | None
-    error: dict[str, str] | None
-    cold: bool
-    init_ms: float
-    duration_ms: float
-    peak_mb: float | None
-    instance: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-class Backend(Protocol):
-    name: str
-
-    def describe(self) -> dict[str, Any]:
-        """What to say in the run summary about how faithful this backend is."""
-        ...
-
-    def invoke(self, fn: FunctionSpec, event: dict[str, Any]) -> InvocationResult:
-        """Run one invocation to completion; thread-safe, blocking."""
-        ...
-
-    def close(self) -> None: ...
+__all__ = ["Backend", "FunctionSpec", "InvocationResult", "make_backend"]
 
 
 def make_backend(name: str, options: dict[str, Any] | None = None, **local: Any) -> Backend:
     """A backend by name: 'local' (the embedded Lambda-like runtime) or 'lithops'."""
     options = dict(options or {})
     if name == "local":
-        from .local import LocalBackend
+        from .local.backend import LocalBackend
 
         return LocalBackend(**local, **options)
     if name == "lithops":
         try:
-            from .lithops import LithopsBackend
+            from .lithops.backend import LithopsBackend
         except ImportError as exc:
             raise ValueError(f"the lithops backend needs `pip install lithops` ({exc})") from exc
         return LithopsBackend(options)

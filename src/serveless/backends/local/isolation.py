@@ -18,10 +18,12 @@ import re
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from ...cgroups import own_dirs, own_v1_dir, own_v2_dir
 
 MIB = 1024 * 1024
 CFS_PERIOD_US = 100_000
@@ -31,106 +33,6 @@ _NAME_RE = re.compile(rf"^{PREFIX}.*-(\d+)-(\d+)$")
 _counter = itertools.count()
 _live: dict[int, InstanceLimits] = {}  # created here and not yet removed, for atexit
 _live_lock = threading.Lock()
-
-
-# ---------------------------------------------------------------- finding our cgroups
-
-
-@dataclass
-class _Mount:
-    fstype: str  # "cgroup" or "cgroup2"
-    root: str  # the hierarchy path mounted at `point`
-    point: str
-    options: set[str] = field(default_factory=set)  # v1 controllers bound to this hierarchy
-
-
-def _mounts() -> list[_Mount]:
-    """cgroup mounts from mountinfo, which (unlike /proc/mounts) tells the mount's root."""
-    out: list[_Mount] = []
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fields, rfields = left.split(), right.split()
-        if len(fields) < 5 or len(rfields) < 3 or rfields[0] not in ("cgroup", "cgroup2"):
-            continue
-        out.append(
-            _Mount(rfields[0], _unescape(fields[3]), _unescape(fields[4]),
-                   set(rfields[2].split(",")))
-        )
-    return out
-
-
-def _unescape(s: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-
-def _own_paths() -> tuple[str | None, dict[str, str]]:
-    """Our cgroup2 path and our v1 path per controller, from /proc/self/cgroup."""
-    v2: str | None = None
-    v1: dict[str, str] = {}
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return v2, v1
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        hid, controllers, path = parts
-        if hid == "0" and controllers == "":
-            v2 = path
-        else:
-            for c in controllers.split(","):
-                v1[c] = path
-    return v2, v1
-
-
-def _resolve(mount: _Mount, path: str) -> Path | None:
-    """Directory of hierarchy path `path` under `mount`, if that mount exposes it."""
-    root = mount.root.rstrip("/")
-    if root and path != root and not path.startswith(root + "/"):
-        return None
-    d = Path(mount.point) / path[len(root):].lstrip("/")
-    return d if d.is_dir() else None
-
-
-def _v2_dir() -> Path | None:
-    path, _ = _own_paths()
-    if path is None:
-        return None
-    for m in _mounts():
-        if m.fstype == "cgroup2":
-            d = _resolve(m, path)
-            if d is not None:
-                return d
-    return None
-
-
-def _v1_dir(controller: str) -> Path | None:
-    _, paths = _own_paths()
-    if controller not in paths:
-        return None
-    for m in _mounts():
-        if m.fstype == "cgroup" and controller in m.options:
-            d = _resolve(m, paths[controller])
-            if d is not None:
-                return d
-    return None
-
-
-def _own_dirs() -> list[Path]:
-    """Every cgroup directory we may create instance cgroups under (v2 and v1)."""
-    dirs = [_v2_dir(), _v1_dir("memory"), _v1_dir("cpu")]
-    seen: list[Path] = []
-    for d in dirs:
-        if d is not None and d not in seen:
-            seen.append(d)
-    return seen
 
 
 # ---------------------------------------------------------------- small file helpers
@@ -253,7 +155,7 @@ class InstanceLimits:
         return max(_MIN_QUOTA_US, int(round(self.vcpus * CFS_PERIOD_US)))
 
     def _try_v2(self, leaf: str) -> bool:
-        parent = _v2_dir()
+        parent = own_v2_dir()
         if parent is None:
             self.reason = "cgroup2: not mounted or our cgroup not visible"
             return False
@@ -286,7 +188,7 @@ class InstanceLimits:
         return True
 
     def _try_v1(self, leaf: str) -> bool:
-        mparent = _v1_dir("memory")
+        mparent = own_v1_dir("memory")
         if mparent is None:
             self._reason_fail("cgroup v1: no memory hierarchy with our cgroup")
             return False
@@ -305,7 +207,7 @@ class InstanceLimits:
         except OSError:
             pass  # refused under some hierarchies; with no swap it does not matter
         where = f"memory cgroup under {mparent}"
-        cparent = _v1_dir("cpu")
+        cparent = own_v1_dir("cpu")
         if cparent is not None:
             cd = cparent / leaf
             try:
@@ -455,7 +357,7 @@ def cleanup_stale() -> int:
     running (possibly in another PID namespace), whatever its name says.
     """
     count = 0
-    for parent in _own_dirs():
+    for parent in own_dirs():
         try:
             entries = list(parent.iterdir())
         except OSError:

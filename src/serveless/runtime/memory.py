@@ -25,6 +25,8 @@ import resource
 import threading
 from pathlib import Path
 
+from ..cgroups import own_v1_dir, own_v2_dir
+
 SAMPLE_ENV = "SERVELESS_MEMORY_SAMPLE_MS"  # ms between samples; 0 turns sampling off
 
 
@@ -62,14 +64,10 @@ def rss_peak_mb() -> float:
 def own_cgroup() -> tuple[Path, str] | None:
     """(this process's memory cgroup folder, "v1" or "v2"), looked up once per process:
     at the instance's init, after the local backend has placed it in its cgroup."""
-    try:
-        from .backends.limits import _v1_dir, _v2_dir
-    except ImportError:
-        return None
-    d2 = _v2_dir()
+    d2 = own_v2_dir()
     if d2 is not None and (d2 / "memory.peak").exists():
         return d2, "v2"
-    d1 = _v1_dir("memory")
+    d1 = own_v1_dir("memory")
     if d1 is not None and (d1 / "memory.max_usage_in_bytes").exists():
         return d1, "v1"
     return None

@@ -1,4 +1,4 @@
-"""A function instance of the local backend: `python -m serveless.backends.worker FD SPEC`.
+"""A function instance of the local backend: `python -m serveless.backends.local.worker FD SPEC`.
 
 It waits to be placed in its cgroup, loads its stage (the cold start), then serves JSON
 events from the driver over the socket FD until told to stop or the driver goes away.
@@ -28,13 +28,15 @@ def main(fd: int, spec: dict) -> None:
     conn = mpc.Connection(fd)
     if conn.recv_bytes() != b"go":
         return
-    from ..function import error_of, handle, load_stage
-    from ..store import Store
+    from ...runtime.handler import handle
+    from ...runtime.loader import load_stage
+    from ...runtime.protocol import error_of
+    from ...store import Store
 
     try:
         load_stage(Store.from_spec(spec["store"]), spec["model_key"], spec["threads"])
     except Exception as exc:  # the driver logs it; a traceback on its terminal would not
-        conn.send_bytes(json.dumps({"error": error_of(exc)}).encode())
+        conn.send_bytes(json.dumps({"error": error_of(exc).to_dict()}).encode())
         return
     conn.send_bytes(b'{"ready": true}')
     while True:
@@ -47,7 +49,7 @@ def main(fd: int, spec: dict) -> None:
         try:
             reply = {"ok": handle(json.loads(msg))}
         except Exception as exc:  # reported to the driver, which decides on retries
-            reply = {"error": error_of(exc)}
+            reply = {"error": error_of(exc).to_dict()}
         conn.send_bytes(json.dumps(reply).encode())
 
 

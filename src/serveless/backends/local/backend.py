@@ -28,17 +28,26 @@ from typing import Any
 
 import psutil
 
-from ..cost import vcpus
-from ..function import MODEL_CACHE_ENV
-from ..store.credentials import credentials_env
-from . import FunctionSpec, InvocationResult
-from .limits import InstanceLimits, Watchdog, cleanup_stale, probe_limits
+from ...cost import vcpus
+from ...runtime.protocol import (
+    BAD_REPLY,
+    INSTANCE_DIED,
+    MODEL_CACHE_ENV,
+    OUT_OF_MEMORY,
+    TIMEOUT,
+    TOO_MANY_REQUESTS,
+    InvocationError,
+    Metrics,
+)
+from ...store.credentials import credentials_env
+from ..base import FunctionSpec, InvocationResult
+from .isolation import InstanceLimits, Watchdog, cleanup_stale, probe_limits
 
 DEFAULT_KEEP_ALIVE_S = 300.0
 DEFAULT_TIMEOUT_S = 900.0  # Lambda's maximum
 
 
-WORKER_MODULE = "serveless.backends.worker"
+WORKER_MODULE = "serveless.backends.local.worker"
 
 
 def instance_processes(parent: int | None = None) -> list[Any]:
@@ -98,7 +107,7 @@ class _Instance:
         except (EOFError, OSError):
             return None
 
-    def death(self, record: str) -> dict[str, str]:
+    def death(self, record: str) -> InvocationError:
         """Why the process died: OutOfMemory when a cap killed it."""
         try:
             self.proc.wait(timeout=2)
@@ -108,19 +117,20 @@ class _Instance:
         watchdog_peak = self.watchdog.killed(self.pid)
         if watchdog_peak is not None or self.limits.oom_killed():
             peak = watchdog_peak or self.limits.peak_mb() or self.fn.memory_mb
-            return {"type": "OutOfMemory", "message": (
+            return InvocationError(OUT_OF_MEMORY, (
                 f"stage {self.fn.stage} on record {record} exceeded its memory: cap "
-                f"{self.fn.memory_mb} MB, peak {peak:.0f} MB")}
+                f"{self.fn.memory_mb} MB, peak {peak:.0f} MB"))
         code = self.proc.returncode
-        return {"type": "InstanceDied", "message": (
-            f"stage {self.fn.stage} instance died on record {record} (exit code {code})")}
+        return InvocationError(INSTANCE_DIED, (
+            f"stage {self.fn.stage} instance died on record {record} (exit code {code})"))
 
-    def start_wait(self, timeout: float, record: str) -> dict[str, str] | None:
-        """Wait for the instance's init; an error dict if it failed, timed out or died."""
+    def start_wait(self, timeout: float, record: str) -> InvocationError | None:
+        """Wait for the instance's init; the error if it failed, timed out or died."""
         try:
             msg = self._wait(timeout)
         except TimeoutError:
-            msg = b'{"error": {"type": "Timeout", "message": "init ran past the timeout"}}'
+            msg = json.dumps({"error": InvocationError(
+                TIMEOUT, "init ran past the timeout").to_dict()}).encode()
         self.init_ms = (time.perf_counter() - self.started) * 1000
         if msg is None:
             return self.death(record)
@@ -128,9 +138,9 @@ class _Instance:
         if reply.get("ready"):
             return None
         self.stop()  # never pooled: a half-started instance would answer with its 'ready'
-        err = reply.get("error") or {"type": "BadReply", "message": repr(reply)[:200]}
-        return {"type": err["type"], "message": f"stage {self.fn.stage} init for record "
-                                                f"{record}: {err['message']}"}
+        err = reply.get("error") or {"type": BAD_REPLY, "message": repr(reply)[:200]}
+        return InvocationError(err["type"], f"stage {self.fn.stage} init for record "
+                                            f"{record}: {err['message']}")
 
     def call(self, event: dict[str, Any], timeout: float) -> dict[str, Any]:
         if self.invocations:  # a cold invocation's peak includes its init, as on Lambda
@@ -141,14 +151,15 @@ class _Instance:
             msg = self._wait(timeout)
         except TimeoutError:
             self.stop()
-            return {"error": {"type": "Timeout", "message": (
-                f"stage {self.fn.stage} on record {event.get('record')} ran past {timeout:.0f} s")}}
+            return {"error": InvocationError(TIMEOUT, (
+                f"stage {self.fn.stage} on record {event.get('record')} ran past "
+                f"{timeout:.0f} s")).to_dict()}
         self.last_used = time.monotonic()
         if msg is None:
-            return {"error": self.death(str(event.get("record")))}
+            return {"error": self.death(str(event.get("record"))).to_dict()}
         reply = json.loads(msg)
         if "ok" not in reply and "error" not in reply:
-            return {"error": {"type": "BadReply", "message": repr(reply)[:200]}}
+            return {"error": InvocationError(BAD_REPLY, repr(reply)[:200]).to_dict()}
         return reply
 
     @property
@@ -318,9 +329,9 @@ class LocalBackend:
         with self._lock:
             throttled = self.throttle_rate and self._throttle_rng.random() < self.throttle_rate
         if throttled:  # refused before any instance is touched: nothing ran, nothing billed
-            return InvocationResult(None, {"type": "TooManyRequests", "message": (
+            return InvocationResult(None, InvocationError(TOO_MANY_REQUESTS, (
                 f"Rate exceeded for stage {fn.stage} (injected: throttle_rate "
-                f"{self.throttle_rate:g})")}, False, 0.0, 0.0, None)
+                f"{self.throttle_rate:g})")), False, 0.0, 0.0, None)
         inst, cold = self._acquire(fn)  # waiting for a free instance is not billed
         record = str(event.get("record"))
         try:
@@ -335,21 +346,21 @@ class LocalBackend:
             elapsed = (time.perf_counter() - t0) * 1000
         finally:
             self._release(inst)
-        metrics = reply.get("ok")
+        answer = reply.get("ok")
+        metrics = Metrics.from_dict(answer) if answer else None
         # peak_mb is the handler's: the unreclaimable charge, sampled (memory.py). The
         # cgroup's raw peak charge is logged beside it, read here, where the cgroup is known.
-        cgroup_peak = inst.limits.peak_mb() if metrics else None
-        peak = None
-        if metrics:
-            metrics["peak_cgroup_mb"] = round(cgroup_peak, 1) if cgroup_peak else None
-            peak = float(metrics["peak_mb"])
+        if metrics is not None:
+            cgroup_peak = inst.limits.peak_mb()
+            metrics.peak_cgroup_mb = round(cgroup_peak, 1) if cgroup_peak else None
         return InvocationResult(
-            metrics=metrics,
+            metrics=metrics.to_dict() if metrics is not None else None,
             error=reply.get("error"),
             cold=cold,
             init_ms=init_ms,
-            duration_ms=metrics["duration_ms"] if metrics else elapsed,
-            peak_mb=round(peak, 1) if peak is not None else None,
+            duration_ms=metrics.duration_ms if metrics is not None else elapsed,
+            peak_mb=(round(float(metrics.peak_mb), 1)
+                     if metrics is not None and metrics.peak_mb is not None else None),
             instance=inst.id,
         )
 

@@ -1,0 +1,150 @@
+"""The function that serves one stage on one record: `handle(event) -> metrics`.
+
+Any backend calls it (a local worker process, a Lithops call, a Lambda handler). It keeps
+the stage's onnxruntime session for the life of the instance (warm starts, `loader.py`),
+streams its input object in micro-batches while the next block is read and decoded on a
+second thread (`inputs.py`), writes its output object atomically (`outputs.py`), and
+returns small JSON-safe metrics (`protocol.Metrics`); tensors only ever go through the
+store.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from ..cost import vcpus
+from ..data.tensors import TensorFormat
+from ..store import JobLayout, Store
+from .counters import Counters
+from .inputs import InputObject, image_blocks, prefetch, run_blocks, tensor_blocks
+from .loader import load_stage, reported
+from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb
+from .memory import reset_rss_peak as reset_peak
+from .memory import rss_peak_mb as peak_mb
+from .outputs import write_predictions, write_tensor
+from .protocol import Event, Metrics
+
+_invocations = 0
+
+
+def handle(event: dict[str, Any]) -> dict[str, Any]:
+    """Run one stage of the model on one record; return its metrics (`Metrics`, as JSON)."""
+    global _invocations
+    t0 = time.perf_counter()
+    if _invocations:  # a cold invocation's peak includes its init (process start, model load)
+        reset_peak()
+    _invocations += 1
+    ev = Event.parse(event)
+    store = Store.from_spec(ev.store)
+    layout = JobLayout(ev.job)
+    fmt = TensorFormat.from_dict(ev.format)
+    c = Counters()
+
+    model_key = ev.model or layout.stage_model(ev.stage)
+    loaded = load_stage(store, model_key, ev.threads)
+    session, init_ms = loaded.session, loaded.init_ms
+    # The first call after an instance's init (the local backend loads the stage before
+    # the first event) reports that load: where the model came from, and its requests.
+    load = reported(loaded)
+    model_source = load.source
+    if load.bytes:
+        c.got(load.bytes, load.gets)
+    c.heads += load.heads
+    cpu0 = time.process_time()
+    with ChargeSampler() as sampler:  # the peak the memory cap is held to (memory.py)
+        n, meta, written, failed = _serve(ev, store, layout, fmt, session, c)
+    errors = len(meta.get("errors", {})) if meta else 0
+    rss_peak, cgroup_peak = peak_mb(), cgroup_peak_mb()
+    charges = [p for p in (sampler.peak_mb, load.charge_peak_mb) if p is not None]
+    peak = enforced_peak_mb(rss_peak, max(charges) if charges else None)
+    duration_ms = (time.perf_counter() - t0) * 1000 - init_ms
+    # CPU of all the process's threads while serving: below duration × vCPUs, the call
+    # waited (on the store, or on cores shared with other instances), not on its quota.
+    cpu_ms = (time.process_time() - cpu0) * 1000
+    return Metrics(
+        stage=ev.stage,
+        record=ev.record,
+        images=n,
+        image_errors=errors,
+        cold=init_ms > 0,
+        model_source=model_source,
+        handler_init_ms=round(init_ms, 3),
+        duration_ms=round(duration_ms, 3),
+        read_ms=round(c.read_ms, 3),
+        compute_ms=round(c.compute_ms, 3),
+        write_ms=round(c.write_ms, 3),
+        cpu_ms=round(cpu_ms, 3),
+        bytes_in=c.bytes_in,
+        bytes_out=c.bytes_out,
+        gets=c.gets,
+        heads=c.heads,
+        puts=c.puts,
+        peak_mb=round(peak, 1),
+        peak_rss_mb=round(rss_peak, 1),
+        peak_cgroup_mb=round(cgroup_peak, 1) if cgroup_peak else None,
+        # the sampled charge less file cache (None without a cgroup of its own)
+        peak_working_set_mb=round(max(charges), 1) if charges else None,
+        output=written,
+        failed_images=failed,
+    ).to_dict()
+
+
+def _serve(ev: Event, store: Store, layout: JobLayout, fmt: TensorFormat, session: Any,
+           c: Counters) -> tuple[int, dict[str, Any] | None, dict[str, Any],
+                                 list[list[str]] | None]:
+    """Read the input, run the stage, write the output: (images, record meta, written
+    object, the failed images the last stage lists)."""
+    input_name = session.get_inputs()[0].name
+    last = ev.stage == ev.stages - 1
+
+    if ev.stage == 0:
+        in_key = layout.record(ev.record)
+    else:
+        in_key = layout.stage_output(ev.stage - 1, ev.record, fmt.suffix)
+
+    with InputObject(store, in_key, whole=ev.stage == 0) as src:
+        if ev.stage == 0:
+            n, blocks, meta = image_blocks(src.file, store.path(in_key), ev, c)
+        else:
+            n, blocks = tensor_blocks(src.file, fmt, ev.micro_batch, c)
+            meta = None
+        fixed = session.get_inputs()[0].shape[0]
+        if ev.stage > 0 or vcpus(ev.memory_mb) > 1.0:
+            blocks = prefetch(blocks)
+        outputs = run_blocks(session, input_name, blocks, c,
+                             fixed if isinstance(fixed, int) and fixed > 0 else None)
+        failed: list[list[str]] | None = None
+        if last:
+            if meta is None:
+                raw = store.get_bytes(layout.record_meta(ev.record))
+                c.got(len(raw), 1 if store.s3 else None)
+                meta = json.loads(raw)
+            classes = None
+            if ev.classes:
+                raw = store.get_bytes(layout.labels)
+                c.got(len(raw))
+                classes = json.loads(raw)
+            out_key = layout.predictions(ev.record)
+            kept: list[np.ndarray] | None = [] if ev.save_scores else None
+            written, failed = write_predictions(store, out_key, ev.record, outputs, meta, c,
+                                                ev.scores, classes, kept)
+            if kept is not None:
+                buf = io.BytesIO()
+                np.save(buf, np.concatenate(kept) if kept else np.zeros((0, 0), np.float32))
+                store.put_bytes(layout.scores(ev.record), buf.getvalue())
+                c.put(buf.tell())
+        else:
+            out_key = layout.stage_output(ev.stage, ev.record, fmt.suffix)
+            written = write_tensor(store, out_key, n, outputs, fmt, c)
+            if meta is not None:  # after the tensor: its errors are known once all decoded
+                data = json.dumps(meta).encode()
+                store.put_bytes(layout.record_meta(ev.record), data)
+                c.put(len(data))
+        src.count(c)
+
+    return n, meta, written, failed
