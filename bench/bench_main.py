@@ -52,8 +52,9 @@ from serveless.backends.local import LocalBackend  # noqa: E402
 from serveless.cost import LAMBDA_GB_SECOND, MB_PER_VCPU, gb_seconds, vcpus  # noqa: E402
 from serveless.data.images import preprocess
 from serveless.data.tensors import TensorFormat
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.model.builtins import build_alexnet
-from serveless.pipeline import prepare_job, run_job  # noqa: E402
 from serveless.report import summarize  # noqa: E402
 from serveless.store import Store  # noqa: E402
 

@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, machine, save, workload  # noqa: E402
 
 from serveless.backends.local import LocalBackend  # noqa: E402
-from serveless.pipeline import prepare_job, run_job  # noqa: E402
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.store import Store  # noqa: E402
 
 

@@ -37,10 +37,11 @@ from serveless.backends.local import LocalBackend  # noqa: E402
 from serveless.cost import LAMBDA_GB_SECOND, MB_PER_VCPU, gb_seconds  # noqa: E402
 from serveless.data.predictions import accuracy
 from serveless.data.sources import pack
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.model.builtins import build_alexnet
 from serveless.model.partition import split
 from serveless.model.quantize import quantize_stages
-from serveless.pipeline import prepare_job, run_job  # noqa: E402
 from serveless.report import summarize
 from serveless.store import Store  # noqa: E402
 

@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, machine, save, workload  # noqa: E402
 
-from serveless.pipeline import prepare_job  # noqa: E402
+from serveless.driver.prepare import prepare_job
 from serveless.store import Store  # noqa: E402
 
 CACHE_ENV = "SERVELESS_STAGE_CACHE"  # serveless.model.stagecache.STAGE_CACHE_ENV

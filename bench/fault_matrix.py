@@ -31,7 +31,8 @@ from common import OUT, machine, save, workload  # noqa: E402
 
 from serveless.backends.local import LocalBackend, instance_processes  # noqa: E402
 from serveless.data.records import Example, read_record, write_record
-from serveless.pipeline import prepare_job, run_job  # noqa: E402
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.store import JobLayout, Store  # noqa: E402
 
 

@@ -28,7 +28,7 @@ from common import machine, save, workload  # noqa: E402
 from s3server import start_s3_server  # noqa: E402
 
 from serveless.backends import FunctionSpec, make_backend  # noqa: E402
-from serveless.pipeline import prepare_job  # noqa: E402
+from serveless.driver.prepare import prepare_job
 from serveless.runtime.protocol import MODEL_CACHE_ENV
 from serveless.store import Store  # noqa: E402
 

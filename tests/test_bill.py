@@ -8,7 +8,9 @@ from rich.console import Console
 
 from serveless.backends.local import LocalBackend
 from serveless.cost import LAMBDA_EPHEMERAL_GB_SECOND, S3_GET, S3_PUT, bill, store_request_cost
-from serveless.pipeline import load_driver_requests, load_log, prepare_job, run_job
+from serveless.driver.log import load_driver_requests, load_log
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.report import print_summary, summarize
 from serveless.store import Store
 

@@ -16,8 +16,10 @@ from typer.testing import CliRunner
 
 from serveless import __version__
 from serveless.cli import app
+from serveless.driver.log import load_log
+from serveless.driver.prepare import prepare_job
+from serveless.driver.spec import JobSpec
 from serveless.model.graph import save_model
-from serveless.pipeline import JobSpec, load_log, prepare_job
 from serveless.report import print_summary, stage_cells, summarize
 from serveless.store import Store
 
@@ -271,7 +273,7 @@ def test_jobs_delete_frees_stage_models_no_other_job_uses(three_jobs):
 
 def test_a_job_json_names_only_models_prefixes_for_deletion():
     """job.json is read from the store: what `jobs delete` follows must be a models/ folder."""
-    from serveless.status import shared_models
+    from serveless.driver.jobs import shared_models
 
     def spec(models: str, cache: str | None = None) -> JobSpec:
         s = JobSpec(job="j", model="m", cuts=[], memory=[1769], records=[])

@@ -17,10 +17,11 @@ from serveless.cli import app
 from serveless.data.images import preprocess
 from serveless.data.predictions import accuracy
 from serveless.data.records import read_record
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.errors import ModelError
 from serveless.model import digits
 from serveless.model.graph import PREPROCESS_KEY, check_image_model, preprocessing
-from serveless.pipeline import prepare_job, run_job
 from serveless.store import Store
 
 runner = CliRunner()

@@ -8,8 +8,10 @@ import pytest
 
 from serveless.backends import FunctionSpec
 from serveless.backends.local import LocalBackend
+from serveless.driver.log import load_log
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.errors import PredictionCountError
-from serveless.pipeline import load_log, prepare_job, run_job
 from serveless.runtime.counters import Counters as _Counters
 from serveless.runtime.outputs import write_predictions as _write_predictions
 from serveless.runtime.protocol import error_of

@@ -22,10 +22,13 @@ from PIL import Image
 
 from serveless.backends.local import LocalBackend, instance_processes
 from serveless.data.records import Example, read_record, write_record
+from serveless.driver.log import load_log
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
+from serveless.driver.spec import JobSpec
 from serveless.errors import RecordError
 from serveless.model.builtins import build_alexnet
 from serveless.model.graph import save_model
-from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
 from serveless.store import Store
 
 

@@ -11,7 +11,10 @@ import pytest
 from serveless.backends import FunctionSpec, InvocationResult
 from serveless.backends.local import LocalBackend
 from serveless.backends.local import isolation as L
-from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
+from serveless.driver.log import load_log
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
+from serveless.driver.spec import JobSpec
 from serveless.store import Store
 
 

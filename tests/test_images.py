@@ -168,7 +168,8 @@ def test_refused_jpegs_get_prediction_rows_and_decode_threads_agree(tmp_path):
 
     from serveless.backends.local import LocalBackend
     from serveless.data.records import Example, write_record
-    from serveless.pipeline import prepare_job, run_job
+    from serveless.driver.prepare import prepare_job
+    from serveless.driver.scheduler import run_job
     from serveless.store import Store
 
     png = io.BytesIO()

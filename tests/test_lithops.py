@@ -24,7 +24,9 @@ from serveless.backends.lithops import LithopsBackend
 from serveless.backends.lithops.backend import build_config
 from serveless.data.samples import make_sample_images
 from serveless.data.sources import pack
-from serveless.pipeline import load_log, prepare_job, run_job
+from serveless.driver.log import load_log
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.store import Store
 
 pytest_plugins = ["s3server"]

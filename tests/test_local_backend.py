@@ -14,7 +14,7 @@ import pytest
 
 from serveless.backends import FunctionSpec
 from serveless.backends.local import LocalBackend, instance_processes
-from serveless.pipeline import prepare_job
+from serveless.driver.prepare import prepare_job
 from serveless.store import JobLayout, Store
 
 

@@ -11,7 +11,7 @@ from serveless.backends import FunctionSpec
 from serveless.backends.local import LocalBackend
 from serveless.data.samples import make_sample_images
 from serveless.data.sources import pack
-from serveless.pipeline import prepare_job
+from serveless.driver.prepare import prepare_job
 from serveless.runtime import handler, loader
 from serveless.runtime.protocol import MODEL_CACHE_ENV
 from serveless.store import Store

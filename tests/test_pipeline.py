@@ -15,8 +15,10 @@ from helpers import rows_of, tiny_conv_classifier, whole_model_probs
 from serveless.backends.local import LocalBackend
 from serveless.data.images import preprocess
 from serveless.data.records import read_record
+from serveless.driver.log import load_log
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.errors import JobError
-from serveless.pipeline import load_log, prepare_job, run_job
 from serveless.store import JobLayout, Store
 
 

@@ -14,10 +14,12 @@ from typer.testing import CliRunner
 from serveless.backends.local import LocalBackend
 from serveless.cli import app
 from serveless.data.records import Example
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
+from serveless.driver.spec import JobSpec
 from serveless.errors import JobError
 from serveless.model import quantize as q
 from serveless.model.partition import split
-from serveless.pipeline import JobSpec, prepare_job, run_job
 from serveless.store import Store
 
 runner = CliRunner()

@@ -16,7 +16,9 @@ from serveless.backends.local import LocalBackend
 from serveless.cost import LAMBDA_GB_SECOND, LAMBDA_REQUEST, S3_GET, S3_PUT
 from serveless.data.records import Example, write_record
 from serveless.data.samples import synthetic_photo
-from serveless.pipeline import load_log, prepare_job, run_job
+from serveless.driver.log import load_log
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.store import Store
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
+from serveless.driver.spec import JobSpec
 from serveless.errors import JobError
-from serveless.pipeline import JobSpec, prepare_job, run_job
 from serveless.store import Store
 
 pytest_plugins = ["s3server"]
@@ -79,7 +81,7 @@ def test_outputs_are_checked_whole_by_their_crc32c_and_old_logs_by_sha256(tmp_pa
     import hashlib
 
     from serveless.data.tensors import TensorFormat
-    from serveless.pipeline import _whole
+    from serveless.driver.resume import whole as _whole
     from serveless.runtime.counters import Counters as _Counters
     from serveless.runtime.outputs import write_tensor as _write_tensor
 

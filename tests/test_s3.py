@@ -13,8 +13,11 @@ from helpers import rows_of, whole_model_probs
 
 from serveless.backends import FunctionSpec, InvocationResult
 from serveless.backends.local import LocalBackend
+from serveless.driver.log import load_log
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
+from serveless.driver.spec import JobSpec
 from serveless.errors import StoreError
-from serveless.pipeline import JobSpec, load_log, prepare_job, run_job
 from serveless.store import Store
 from serveless.store import store as store_module
 

@@ -14,8 +14,9 @@ from helpers import rows_of
 from serveless.backends.local import LocalBackend
 from serveless.data.records import Example, read_record, write_record
 from serveless.data.sources import NOT_A_RECORD, check_records, scan_inputs
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.errors import JobError, RecordError
-from serveless.pipeline import prepare_job, run_job
 from serveless.store import JobLayout, Store
 
 pytest_plugins = ["s3server"]

@@ -11,9 +11,11 @@ from helpers import rows_of
 
 import serveless.model.partition
 from serveless.backends.local import LocalBackend
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
+from serveless.driver.spec import JobSpec
 from serveless.model import stagecache
 from serveless.model.stagestore import ensure_stage_models, model_sha256, stage_digest
-from serveless.pipeline import JobSpec, prepare_job, run_job
 from serveless.store import ModelLayout, Store
 
 

@@ -10,9 +10,11 @@ import pytest
 from helpers import rows_of, tiny_conv_classifier
 
 from serveless.backends.local import LocalBackend
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
+from serveless.driver.spec import JobSpec
 from serveless.errors import JobError
 from serveless.model.stagestore import stage_digest
-from serveless.pipeline import JobSpec, prepare_job, run_job
 from serveless.store import JobLayout, ModelLayout, Store
 
 

@@ -9,7 +9,9 @@ from rich.console import Console
 
 from serveless.backends.local import LocalBackend
 from serveless.cost import bill
-from serveless.pipeline import load_log, prepare_job, run_job
+from serveless.driver.log import load_log
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.report import print_summary, summarize
 from serveless.store import Store
 

@@ -19,9 +19,10 @@ from serveless.backends.local import LocalBackend
 from serveless.cli import app
 from serveless.data.images import make_transform, preprocess
 from serveless.data.records import read_record
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.errors import JobError
 from serveless.model.graph import make_batch_dynamic, output_is_distribution
-from serveless.pipeline import prepare_job, run_job
 from serveless.store import Store
 
 runner = CliRunner()

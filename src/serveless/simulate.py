@@ -1,7 +1,7 @@
 """A discrete-event simulation of a whole job: the one place that knows Lambda's limits.
 
 Given a plan (cuts, memory per stage, images per record, micro-batch, concurrency) and a
-calibration, it replays what the driver (`pipeline.run_job`) does: at most C invocations in
+calibration, it replays what the driver (`driver.scheduler.run_job`) does: at most C invocations in
 flight, the deepest ready stage first, a warm instance reused while it is kept alive, else a
 cold start. Target `lambda` adds the platform's limits: the account's concurrency limit, the
 scaling ramp of each function (1,000 more execution environments per 10 s), throttled

@@ -20,12 +20,12 @@ def make_backend(name: str, options: dict[str, Any] | None = None, **local: Any)
     """A backend by name: 'local' (the embedded Lambda-like runtime) or 'lithops'."""
     options = dict(options or {})
     if name == "local":
-        from .local.backend import LocalBackend
+        from .local import LocalBackend
 
         return LocalBackend(**local, **options)
     if name == "lithops":
         try:
-            from .lithops.backend import LithopsBackend
+            from .lithops import LithopsBackend
         except ImportError as exc:
             raise ValueError(f"the lithops backend needs `pip install lithops` ({exc})") from exc
         return LithopsBackend(options)

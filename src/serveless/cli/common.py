@@ -12,13 +12,13 @@ from rich.console import Console, ConsoleDimensions
 from rich.text import Text
 
 from ..cost import LAMBDA_GB_SECOND
-from ..errors import USER_ERRORS
-from ..pipeline import (
+from ..driver.spec import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MEMORY_MB,
     DEFAULT_MICRO_BATCH,
     DEFAULT_RETRIES,
 )
+from ..errors import USER_ERRORS
 from ..store import Store
 
 T = TypeVar("T")

@@ -49,9 +49,9 @@ def _out(out: Path | None, name: str) -> Path:
 def _setup(store: str, store_option: list[str] | None, model: str | None, cuts: str | None,
            preset: str | None, micro_batch: int | None, backend: str,
            backend_option: list[str] | None) -> Any:
+    from ..driver.spec import DEFAULT_MICRO_BATCH, DEFAULT_MODEL
     from ..experiments import Setup
     from ..model.partition import resolve_cuts
-    from ..pipeline import DEFAULT_MICRO_BATCH, DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
     st = open_store(store, store_option)
@@ -64,7 +64,7 @@ def _setup(store: str, store_option: list[str] | None, model: str | None, cuts: 
 
 
 def _sizes(text: str, what: str) -> list[int]:
-    from ..pipeline import parse_ints
+    from ..driver.spec import parse_ints
 
     return guarded(lambda: parse_ints(text, what))
 
@@ -101,8 +101,8 @@ def profile(
     out: Annotated[Path | None, typer.Option(help="folder for profile.png/.md/.json")] = None,
 ) -> None:
     """Fig. 3: peak memory and duration per stage against images per record; recommends memory."""
+    from ..driver.spec import parse_memory
     from ..experiments import load_pool, run_profile
-    from ..pipeline import parse_memory
 
     sizes = _sizes(per_record, "--per-record")
     if repeat < 1:
@@ -150,8 +150,8 @@ def baseline(
     out: Annotated[Path | None, typer.Option(help="folder for baseline.png/.md/.json")] = None,
 ) -> None:
     """Fig. 4: time per record, serverless pipeline vs the whole model in one process."""
+    from ..driver.spec import parse_memory
     from ..experiments import load_pool, run_baseline
-    from ..pipeline import parse_memory
 
     sizes = _sizes(per_record, "--per-record")
     if repeat < 1:
@@ -207,15 +207,15 @@ def sweep(
         "{concurrency, wall_s, per_million} to draw as references")] = None,
 ) -> None:
     """Fig. 5: the same job at each concurrency; wall time and modeled cost."""
+    from ..driver.spec import parse_memory
     from ..experiments import load_pool, pack_split, run_sweep
-    from ..pipeline import parse_memory
 
     levels = _sizes(concurrency, "--concurrency")
     if per_record is not None and per_record < 1:
         fail("--per-record must be >= 1")
     if simulate:  # the simulated Fig. 5 lives with the planner (cli/plan.py)
+        from ..driver.spec import DEFAULT_MICRO_BATCH
         from ..model.partition import resolve_cuts
-        from ..pipeline import DEFAULT_MICRO_BATCH
         from .plan import sweep_simulated
 
         name = model or "alexnet"

@@ -220,7 +220,7 @@ def _prepare(st: Store, backend: Any, job: str, make: Any) -> Any:
 
 def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = True,
              keep_intermediates: bool = True) -> Any:
-    from ..pipeline import run_job
+    from ..driver.scheduler import run_job
     from ..report import job_notes, print_summary
 
     try:
@@ -345,7 +345,8 @@ def run(
     --retries may change."""
     from ..data.sources import scan_inputs
     from ..data.tensors import TensorFormat
-    from ..pipeline import DEFAULT_CONCURRENCY, prepare_job
+    from ..driver.prepare import prepare_job
+    from ..driver.spec import DEFAULT_CONCURRENCY
 
     source, repacked = records, None  # a plan may repack the records in a temporary folder
     if plan is not None:
@@ -407,7 +408,7 @@ def _transform(preset: str | None, resize: int | None, crop: str | None, mean: s
     """--preprocess and its explicit overrides as recorded in job.json; None if none given
     (a new job then gets ImageNet's, a resumed one keeps its own)."""
     from ..data.images import make_transform
-    from ..pipeline import parse_ints
+    from ..driver.spec import parse_ints
 
     if preset is None and resize is None and crop is None and mean is None and std is None:
         return None
@@ -461,8 +462,9 @@ def demo(
     """
     from ..data import sources
     from ..data.samples import make_sample_images
+    from ..driver.prepare import prepare_job
+    from ..driver.spec import DEFAULT_CONCURRENCY
     from ..model.presets import DEMO_CUTS
-    from ..pipeline import DEFAULT_CONCURRENCY, prepare_job
 
     model = model.lower()
     if model not in DEMO_CUTS:
@@ -523,7 +525,8 @@ def report(
         "--json", help="print the summary as JSON on stdout (a list for several jobs)")] = False,
 ) -> None:
     """Re-print jobs' summaries from their invocation logs alone (or write a report)."""
-    from ..pipeline import JobSpec, load_driver_requests, load_log
+    from ..driver.log import load_driver_requests, load_log
+    from ..driver.spec import JobSpec
     from ..report import failed_image_lines, job_notes, log_wall_s, print_summary
 
     if as_json:
@@ -564,7 +567,7 @@ def report(
 def _report_inputs(st: Store, job: str, store: str) -> tuple[list, dict, dict | None]:
     """(log rows, job.json, accuracy of the labelled predictions) of a job, for --json."""
     from ..data.predictions import accuracy
-    from ..pipeline import load_log
+    from ..driver.log import load_log
 
     layout = JobLayout(job)
     rows = load_log(st, layout.job)

@@ -29,7 +29,7 @@ def jobs_list(
     """List the jobs in the store with their state, images, cost and last run."""
     if ctx.invoked_subcommand is not None:
         return
-    from ..status import job_status, list_jobs
+    from ..driver.jobs import job_status, list_jobs
 
     st = open_store(store, store_option)
     names = guarded(lambda: list_jobs(st))
@@ -58,7 +58,7 @@ def jobs_show(
     as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
     """What a job was asked (job.json) and where it stands."""
-    from ..status import job_status, status_json
+    from ..driver.jobs import job_status, status_json
 
     st = open_store(store, store_option)
     s = guarded(lambda: job_status(st, job, arch))
@@ -88,7 +88,7 @@ def jobs_clean(
     store_option: StoreOptions = None,
 ) -> None:
     """Remove a job's intermediate outputs; keep its records, models, predictions and log."""
-    from ..status import clean_job
+    from ..driver.jobs import clean_job
 
     st = open_store(store, store_option)
     freed = guarded(lambda: clean_job(st, job))
@@ -108,7 +108,7 @@ def jobs_delete(
 ) -> None:
     """Delete a job and everything it holds in the store, and its stage models (shared by
     jobs of the same model and cuts) once no other job uses them."""
-    from ..status import delete_job, job_status, shared_models, unused_models
+    from ..driver.jobs import delete_job, job_status, shared_models, unused_models
 
     st = open_store(store, store_option)
     s = guarded(lambda: job_status(st, job))

@@ -20,8 +20,11 @@ from ..cost import MIN_MEMORY_MB
 from ..data.records import Example, iter_record, write_record
 from ..data.sources import scan_inputs
 from ..data.tensors import TensorFormat
+from ..driver.log import load_log
+from ..driver.prepare import prepare_job
+from ..driver.scheduler import JobResult, run_job
+from ..driver.spec import JobSpec, parse_memory
 from ..errors import JobError
-from ..pipeline import JobResult, JobSpec, load_log, parse_memory, prepare_job, run_job
 from ..report import summarize
 from ..store import JobLayout, Store
 

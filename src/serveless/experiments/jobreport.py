@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..cost import bill
+from ..driver.log import load_driver_requests, load_log
+from ..driver.spec import JobSpec
 from ..errors import JobError
-from ..pipeline import JobSpec, load_driver_requests, load_log
 from ..report import job_notes, markdown_table, summarize, summary_markdown
 from ..store import Store
 from .common import (

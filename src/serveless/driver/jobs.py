@@ -12,11 +12,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .data.predictions import prediction_keys, record_of
-from .errors import JobError
-from .pipeline import JobSpec, load_driver_requests, load_log
-from .report import summarize
-from .store import MODELS_PREFIX, JobLayout, Store
+from ..data.predictions import prediction_keys, record_of
+from ..errors import JobError
+from ..report import summarize
+from ..store import MODELS_PREFIX, JobLayout, Store
+from .log import load_driver_requests, load_log
+from .spec import JobSpec
 
 
 @dataclass
