@@ -55,7 +55,7 @@ from serveless.data.tensors import TensorFormat
 from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
 from serveless.model.builtins import build_alexnet
-from serveless.report import summarize  # noqa: E402
+from serveless.report.summary import summarize
 from serveless.store import Store  # noqa: E402
 
 BATCH = 32

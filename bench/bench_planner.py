@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, save, workload  # noqa: E402
 
-from serveless.calibrate import calibrate  # noqa: E402
 from serveless.model.presets import PAPER_MEM_MAX, PAPER_MEM_MIN, PAPER_PRESET
-from serveless.plan import search
-from serveless.simulate import Target, simulate  # noqa: E402
+from serveless.planning.calibrate import calibrate
+from serveless.planning.search import search
+from serveless.planning.simulate import Target, simulate
 from serveless.store import Store  # noqa: E402
 
 IMAGES = 1_000_000

@@ -42,7 +42,7 @@ from serveless.driver.scheduler import run_job
 from serveless.model.builtins import build_alexnet
 from serveless.model.partition import split
 from serveless.model.quantize import quantize_stages
-from serveless.report import summarize
+from serveless.report.summary import summarize
 from serveless.store import Store  # noqa: E402
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")

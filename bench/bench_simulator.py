@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, save, workload  # noqa: E402
 
-from serveless.calibrate import calibrate  # noqa: E402
 from serveless.cost import bill  # noqa: E402
-from serveless.experiments import Setup, log_span_s  # noqa: E402
-from serveless.simulate import Target, simulate  # noqa: E402
+from serveless.experiments import Setup
+from serveless.planning.calibrate import calibrate
+from serveless.planning.simulate import Target, simulate
+from serveless.report.summary import log_wall_s
 from serveless.store import Store  # noqa: E402
 
 PAPER = ["pool1", "pool2", "pool5"]
@@ -114,7 +115,7 @@ def main() -> None:
                 plan = {"cuts": cuts, "memory": memory, "images_per_record": per_record,
                         "micro_batch": 32, "concurrency": conc, "images": images}
                 sim = simulate(plan, run_cal, Target.make("local", run_cal))
-                runs[name].append({"log": log, "wall": log_span_s(log), "images": images,
+                runs[name].append({"log": log, "wall": log_wall_s(log), "images": images,
                                    "cost": bill(log)["total"].total, "sim": sim})
                 r = runs[name][-1]
                 print(f"round {rnd + 1}: {name:40s} measured {r['wall']:6.2f} s, "

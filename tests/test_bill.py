@@ -11,7 +11,7 @@ from serveless.cost import LAMBDA_EPHEMERAL_GB_SECOND, S3_GET, S3_PUT, bill, sto
 from serveless.driver.log import load_driver_requests, load_log
 from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
-from serveless.report import print_summary, summarize
+from serveless.report.summary import print_summary, summarize
 from serveless.store import Store
 
 

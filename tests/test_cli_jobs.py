@@ -20,7 +20,7 @@ from serveless.driver.log import load_log
 from serveless.driver.prepare import prepare_job
 from serveless.driver.spec import JobSpec
 from serveless.model.graph import save_model
-from serveless.report import print_summary, stage_cells, summarize
+from serveless.report.summary import print_summary, stage_cells, summarize
 from serveless.store import Store
 
 runner = CliRunner()

@@ -134,7 +134,7 @@ def test_labelled_jobs_get_accuracy_in_summary_and_report(job):
 def test_accuracy_of_the_untrained_builtin_alexnet_says_why_it_is_near_zero(monkeypatch):
     """A new user's first labelled job on the built-in AlexNet scores about 0%: the summary
     says that its weights are untrained, and says nothing of the kind for other models."""
-    from serveless import report
+    from serveless.report import summary as report
 
     monkeypatch.setattr(report, "accuracy", lambda store, job: {
         "labelled": 300, "top1": 0.0, "top5": 0.0033})

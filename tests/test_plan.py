@@ -14,12 +14,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from serveless.calibrate import CALIBRATION_KIND, StageModel, speedup, stage_ranges, validate
 from serveless.cli import app
 from serveless.cost import bill
 from serveless.errors import CalibrationError, PlanError
-from serveless.plan import brute_force, check_plan, predict, search
-from serveless.simulate import SIMULATED, Target, simulate
+from serveless.planning.calibrate import CALIBRATION_KIND, validate
+from serveless.planning.plan import check_plan
+from serveless.planning.search import brute_force, predict, search
+from serveless.planning.simulate import SIMULATED, Target, simulate
+from serveless.planning.stagemodel import StageModel, speedup, stage_ranges
 
 DATA = Path(__file__).parent / "data"
 runner = CliRunner()
@@ -150,7 +152,7 @@ def test_batch_time_follows_1_over_b_up_to_the_calibration_batch_and_no_further(
 def test_calibration_times_blocks_in_order_each_on_its_predecessors_output():
     """A block timed alone, back to back, keeps small weights in the cache that a stage's
     other layers evict: the timing passes run the blocks as the model does."""
-    from serveless.calibrate import _chain_times
+    from serveless.planning.probe import _chain_times
 
     class Block:
         def __init__(self, k: int, out: tuple[int, ...]):
@@ -181,7 +183,7 @@ def test_calibration_times_blocks_in_order_each_on_its_predecessors_output():
 def test_planner_grid_times_equal_the_stage_model(target):
     """The planner's vectorised times (every stage × every memory at once) are the stage
     model's, which the simulator uses: one model, two implementations kept equal."""
-    from serveless.plan import Model
+    from serveless.planning.jobmodel import Model
 
     cal = synthetic_calibration()
     model = Model(cal, Target.make(target, cal), "x86_64", 97, 1000)
@@ -656,7 +658,8 @@ def test_simulated_plans_fit_the_terminal_with_every_value_whole(monkeypatch, wi
 def test_planner_searches_no_micro_batch_past_what_was_measured():
     """Past the calibration batch (and the default 32) a larger micro-batch gains nothing
     in the model, only memory: the planner does not offer it unless asked."""
-    from serveless.plan import MICRO_BATCHES, _configs
+    from serveless.planning.jobmodel import MICRO_BATCHES
+    from serveless.planning.search import _configs
 
     cal = synthetic_calibration()  # measured at 16: up to the default 32 is searched
     tgt = Target.make("lambda", cal)

@@ -12,7 +12,7 @@ from serveless.cost import bill
 from serveless.driver.log import load_log
 from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
-from serveless.report import print_summary, summarize
+from serveless.report.summary import print_summary, summarize
 from serveless.store import Store
 
 

@@ -324,7 +324,7 @@ def memory_compare(
 def write_report_dir(jobs: list[str], store: str, store_option: list[str] | None, arch: str,
                      out: Path) -> Path:
     """`report JOB... --out DIR`."""
-    from ..experiments import write_job_report
+    from ..report.jobreport import write_job_report
 
     st = open_store(store, store_option)
     path: Path = guarded(lambda: write_job_report(st, jobs, out, arch))

@@ -221,7 +221,7 @@ def _prepare(st: Store, backend: Any, job: str, make: Any) -> Any:
 def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = True,
              keep_intermediates: bool = True) -> Any:
     from ..driver.scheduler import run_job
-    from ..report import job_notes, print_summary
+    from ..report.summary import job_notes, print_summary
 
     try:
         result = run_job(store, spec, backend, concurrency=spec.concurrency,
@@ -271,7 +271,7 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
 def _print_failed_images(rows: list[dict[str, Any]]) -> None:
     """The first failed images and why, from the log (the last stage lists them): no
     prediction object is read again."""
-    from ..report import failed_image_lines
+    from ..report.summary import failed_image_lines
 
     for line in failed_image_lines(rows):
         say(line, err=True)
@@ -527,10 +527,10 @@ def report(
     """Re-print jobs' summaries from their invocation logs alone (or write a report)."""
     from ..driver.log import load_driver_requests, load_log
     from ..driver.spec import JobSpec
-    from ..report import failed_image_lines, job_notes, log_wall_s, print_summary
+    from ..report.summary import failed_image_lines, job_notes, log_wall_s, print_summary
 
     if as_json:
-        from ..report import summary_json
+        from ..report.summary import summary_json
 
         st = open_store(store, store_option)
         found = []

@@ -46,7 +46,7 @@ def _guard(fn: Any) -> Any:
 
 def _target(name: str, cal: dict[str, Any], cpu_factor: float, platform_init_ms: float | None,
             bandwidth: float | None, concurrency_limit: int | None) -> Any:
-    from ..simulate import Target
+    from ..planning.simulate import Target
 
     over: dict[str, Any] = {"cpu_factor": cpu_factor}
     if platform_init_ms is not None:
@@ -63,7 +63,7 @@ def _load_cal(calibration: Path | None, model: str, store: str,
               check: bool = True) -> dict[str, Any]:
     """The calibration of the model at the asked precision: a file, or the store's (with
     check=False, a file of either precision)."""
-    from ..calibrate import load_calibration, validate
+    from ..planning.calibrate import load_calibration, validate
     from ..store.layout import calibration_key
 
     if quantize not in (None, "int8"):
@@ -99,7 +99,7 @@ def calibrate_cmd(
     store_option: StoreOptions = None,
 ) -> None:
     """Measure the model per block on this machine, for plan and simulate."""
-    from ..calibrate import calibrate
+    from ..planning.calibrate import calibrate
     from ..store.layout import calibration_key
 
     if quantize not in (None, "int8"):
@@ -132,7 +132,7 @@ SIM_SPLIT = 6  # the plan's settings | what the simulation found, when one table
 
 def _print_sims(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], title: str) -> None:
     """Simulated plans, one row each, fitted to the terminal with every value whole."""
-    from ..report import print_fitting
+    from ..report.tables import print_fitting
 
     cells = [[name, ",".join(plan["cuts"]) or "(whole model)",
               "/".join(map(str, plan["memory"])), str(plan["images_per_record"]),
@@ -171,8 +171,9 @@ def plan_cmd(
 ) -> None:
     """Cheapest plan within a deadline (or fastest within a budget), with presets beside it."""
     from ..model.presets import PAPER_MEM_MAX, PAPER_MEM_MIN
-    from ..plan import make_plan, plot_pareto, search
-    from ..simulate import simulate
+    from ..planning.plan import make_plan, plot_pareto
+    from ..planning.search import search
+    from ..planning.simulate import simulate
 
     if (deadline is None) == (budget is None):
         fail("give exactly one of --deadline SECONDS or --budget DOLLARS")
@@ -259,8 +260,8 @@ def simulate_cmd(
     concurrency_limit: LimitOpt = None,
 ) -> None:
     """Simulate a plan's whole job on Lambda or on this machine (labelled simulated)."""
-    from ..plan import load_plan
-    from ..simulate import plot_timeline, simulate, title
+    from ..planning.plan import load_plan
+    from ..planning.simulate import plot_timeline, simulate, title
 
     p = _guard(lambda: load_plan(plan))
     cal = p["calibration"]
@@ -323,8 +324,8 @@ def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
     `serveless sweep`; by default the one `sweep` writes, where it exists)."""
     from matplotlib.figure import Figure
 
-    from ..plots import _save
-    from ..simulate import simulate
+    from ..planning.simulate import simulate
+    from ..report.plots import save_figure as _save
 
     cal = _load_cal(calibration, model, store, store_option, check=False)
     precision = cal.get("quantize") or "fp32"
@@ -436,7 +437,7 @@ def apply_plan(path: Path, records: str | None,
     """`run --plan`: the plan checked (refused before any invocation if a stage would not
     fit), and its settings as run's options (its quantize too); records repacked to the
     plan's size in `tmp` (the caller removes it)."""
-    from ..plan import check_plan, load_plan
+    from ..planning.plan import check_plan, load_plan
 
     p = _guard(lambda: load_plan(path))
     _guard(lambda: check_plan(p))

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..data.predictions import prediction_keys, record_of
 from ..errors import JobError
-from ..report import summarize
+from ..report.summary import summarize
 from ..store import MODELS_PREFIX, JobLayout, Store
 from .log import load_driver_requests, load_log
 from .spec import JobSpec

@@ -28,18 +28,12 @@ from .common import (
     Setup,
     job_cost,
     load_pool,
-    log_span_s,
-    machine_info,
-    machine_markdown,
     model_label,
     pack_records,
     pack_split,
     recommend_memory,
     record_times,
     stage_stats,
-)
-from .jobreport import (
-    write_job_report,
 )
 from .memory import (
     memory_compare_from_logs,
@@ -68,9 +62,6 @@ __all__ = [
     "baseline_session",
     "job_cost",
     "load_pool",
-    "log_span_s",
-    "machine_info",
-    "machine_markdown",
     "memory_compare_from_logs",
     "memory_compare_markdown",
     "model_label",
@@ -89,5 +80,4 @@ __all__ = [
     "sweep_from_logs",
     "sweep_markdown",
     "time_whole_model",
-    "write_job_report",
 ]

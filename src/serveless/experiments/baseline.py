@@ -13,17 +13,9 @@ from typing import Any
 import numpy as np
 
 from ..data.records import Example, iter_record
-from ..report import markdown_table
-from .common import (
-    Setup,
-    fmt,
-    machine_info,
-    machine_markdown,
-    model_label,
-    pack_records,
-    record_times,
-    write_json,
-)
+from ..report.machine import machine_info, machine_markdown
+from ..report.tables import markdown_table
+from .common import Setup, fmt, model_label, pack_records, record_times, write_json
 
 
 def baseline_session(model_bytes: bytes, threads: int) -> tuple[Any, str, str]:
@@ -125,7 +117,7 @@ def run_baseline(setup: Setup, sizes: list[int], pool: Sequence[Example], out: P
                    "memory": spec.memory, "micro_batch": setup.micro_batch, "repeat": repeat,
                    "job": job, "store": setup.store.url, "machine": info, "baseline": base})
     write_json(out / "baseline.json", result)
-    from ..plots import plot_baseline
+    from ..report.plots import plot_baseline
 
     label = f"one process, {base['provider'].removesuffix('ExecutionProvider')}"
     if base["provider"] == "CPUExecutionProvider":

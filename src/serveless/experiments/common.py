@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import statistics
-import sys
-import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +21,7 @@ from ..driver.prepare import prepare_job
 from ..driver.scheduler import JobResult, run_job
 from ..driver.spec import JobSpec, parse_memory
 from ..errors import JobError
-from ..report import summarize
+from ..report.summary import log_wall_s, summarize
 from ..store import JobLayout, Store
 
 PROFILE_MEMORY_MB = 3008
@@ -215,15 +211,6 @@ def stage_stats(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return out
 
 
-def log_span_s(rows: list[dict[str, Any]]) -> float:
-    """First invocation start to last invocation end, as the log records them."""
-    if not rows:
-        return 0.0
-    start = min(r["started"] for r in rows)
-    end = max(r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows)
-    return end - start
-
-
 def record_times(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per record: images, the sum of its stages' durations, and its end-to-end span."""
     by_record: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -236,7 +223,7 @@ def record_times(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         out[record] = {
             "images": images,
             "stages_s": sum(r["duration_ms"] for r in ok) / 1000,
-            "span_s": log_span_s(rs),
+            "span_s": log_wall_s(rs),
         }
     return out
 
@@ -258,65 +245,6 @@ def job_cost(rows: list[dict[str, Any]], arch: str = "x86_64") -> dict[str, floa
     s = summarize(rows, arch)
     return {"gb_s": s["gb_s"], "cost": s["cost"], "images": s["images"],
             "per_million": s["per_million"]}
-
-
-# -- the machine -------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, RAM, load and library versions: what a reader needs to compare runs."""
-    from importlib import metadata
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    ram_gb = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    ram_gb = round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    versions = {"python": platform.python_version()}
-    for name in ("serveless", "onnxruntime", "onnxruntime-gpu", "numpy", "onnx", "matplotlib",
-                 "pillow"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": ram_gb,
-            "platform": platform.platform(), "load_avg": load, "versions": versions,
-            "argv": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "at": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-
-
-def machine_markdown(info: dict[str, Any], backends: Sequence[dict[str, Any]] = ()) -> str:
-    v = ", ".join(f"{k} {val}" for k, val in info["versions"].items())
-    lines = [
-        "## Machine",
-        "",
-        f"- CPU: {info['cpu']}, {info['cores']} cores (os.cpu_count()), "
-        f"{info['ram_gb']} GB RAM",
-        f"- OS: {info['platform']}",
-        f"- load average (1, 5, 15 min) at the start: {info['load_avg']}",
-        f"- versions: {v}",
-        f"- written {info['at']} by: `{info['argv']}`",
-    ]
-    for b in {json.dumps(b, sort_keys=True): b for b in backends}.values():
-        lines.append(f"- backend: {b.get('backend')}, limits {b.get('limits', '-')}, "
-                     f"CPU share {b.get('cpu_share', '-')}")
-    return "\n".join(lines) + "\n"
 
 
 def model_label(model: str) -> str:

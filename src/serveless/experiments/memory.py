@@ -12,15 +12,14 @@ from typing import Any
 from ..cost import PRICES_AS_OF
 from ..data.records import Example
 from ..errors import JobError
-from ..report import markdown_table
+from ..report.machine import machine_info, machine_markdown
+from ..report.summary import log_wall_s
+from ..report.tables import markdown_table
 from .common import (
     PROFILE_MEMORY_MB,
     Setup,
     fmt,
     job_cost,
-    log_span_s,
-    machine_info,
-    machine_markdown,
     model_label,
     pack_records,
     stage_stats,
@@ -63,7 +62,7 @@ def run_memory_compare(setup: Setup, sizes: list[int], pool: Sequence[Example], 
     md = memory_compare_markdown(result, setup.backends_seen)
     write_json(out / "memory-compare.json", result)
     (out / "memory-compare.md").write_text(md)
-    from ..plots import plot_memory_compare
+    from ..report.plots import plot_memory_compare
 
     t2 = result["table2"]
     plot_memory_compare(list(configs), sizes,
@@ -92,7 +91,7 @@ def memory_compare_from_logs(logs: dict[tuple[str, int], list[dict[str, Any]]],
         table2.append({
             "config": name, "images_per_record": size,
             "records": len({r["record"] for r in rows}), "images": cost["images"],
-            "wall_s": log_span_s(rows), "gb_s": cost["gb_s"], "cost": cost["cost"],
+            "wall_s": log_wall_s(rows), "gb_s": cost["gb_s"], "cost": cost["cost"],
             "per_million": cost["per_million"],
             "oom": sum(1 for r in rows if (r.get("error") or {}).get("type") == "OutOfMemory"),
         })

@@ -10,14 +10,13 @@ from typing import Any
 from ..cost import MAX_MEMORY_MB, MIN_MEMORY_MB, vcpus
 from ..data.records import Example
 from ..model.presets import PAPER_MEM_MIN
-from ..report import markdown_table
+from ..report.machine import machine_info, machine_markdown
+from ..report.tables import markdown_table
 from .common import (
     HEADROOM,
     PROFILE_MEMORY_MB,
     Setup,
     fmt,
-    machine_info,
-    machine_markdown,
     model_label,
     pack_records,
     recommend_memory,
@@ -58,7 +57,7 @@ def run_profile(setup: Setup, sizes: list[int], pool: Sequence[Example], out: Pa
     })
     paper = paper_mem_min(setup)
     write_json(out / "profile.json", result)
-    from ..plots import plot_profile
+    from ..report.plots import plot_profile
 
     plot_profile(
         sizes, [[st["sizes"][str(s)]["peak_mb"] for s in sizes] for st in result["stages"]],

@@ -8,17 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..cost import PRICES_AS_OF, vcpus
-from ..report import markdown_table
-from .common import (
-    Setup,
-    fmt,
-    job_cost,
-    log_span_s,
-    machine_info,
-    machine_markdown,
-    model_label,
-    write_json,
-)
+from ..report.machine import machine_info, machine_markdown
+from ..report.summary import log_wall_s
+from ..report.tables import markdown_table
+from .common import Setup, fmt, job_cost, model_label, write_json
 
 
 def run_sweep(setup: Setup, concurrency: list[int], records_dir: Path, out: Path,
@@ -39,7 +32,7 @@ def run_sweep(setup: Setup, concurrency: list[int], records_dir: Path, out: Path
                    "jobs": [f"{job_prefix}-c{c}" for c in concurrency],
                    "store": setup.store.url, "machine": info, "arch": arch})
     write_json(out / "sweep.json", result)
-    from ..plots import plot_sweep
+    from ..report.plots import plot_sweep
 
     pts = result["points"]
     plot_sweep([p["concurrency"] for p in pts], [p["wall_s"] for p in pts],
@@ -59,7 +52,7 @@ def sweep_from_logs(logs: dict[int, list[dict[str, Any]]], memory: list[int],
     points = []
     for c, rows in logs.items():
         cost = job_cost(rows, arch)
-        wall = log_span_s(rows)
+        wall = log_wall_s(rows)
         points.append({
             "concurrency": c, "wall_s": wall, "images": cost["images"],
             "images_per_s": cost["images"] / wall if wall else 0.0,

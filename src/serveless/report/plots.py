@@ -26,11 +26,11 @@ STAGE_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"
                 "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
 
 
-def _stage_color(k: int) -> str:
+def stage_color(k: int) -> str:
     return STAGE_COLORS[k % len(STAGE_COLORS)]
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
@@ -112,7 +112,7 @@ def plot_profile(
         Line2D([], [], color=RECOMMEND_COLOR, linestyle="--",
                label="recommended memory (peak × 1.1, rounded up)"),
     ], loc="lower center", ncol=3, fontsize=9, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_baseline(
@@ -152,7 +152,7 @@ def plot_baseline(
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=9,
               frameon=False)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sweep(
@@ -219,7 +219,7 @@ def plot_sweep(
               fontsize=9, frameon=False)
     ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_stages(
@@ -236,7 +236,7 @@ def plot_stages(
     ax_t, ax_m = fig.subplots(1, 2)
     x = list(range(len(stages)))
     labels = [f"stage {k}" for k in stages]
-    colors = [_stage_color(k) for k in stages]
+    colors = [stage_color(k) for k in stages]
     ax_t.bar(x, mean_duration_s, color=colors, label="mean duration (warm work)")
     ax_t.bar(x, mean_init_s, bottom=mean_duration_s, color="white", edgecolor="black",
              hatch="//", label="mean cold-start init (of cold calls)")
@@ -270,7 +270,7 @@ def plot_stages(
                 fontsize=8, loc="upper right")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_timeline(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
@@ -291,7 +291,7 @@ def plot_timeline(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
         start = r["started"] - t0
         init = (r.get("init_ms") or 0.0) / 1000
         dur = (r.get("duration_ms") or 0.0) / 1000
-        color = _stage_color(int(r["stage"]))
+        color = stage_color(int(r["stage"]))
         if init:
             ax.broken_barh([(start, init)], (y - 0.35, 0.7), facecolors="white",
                            edgecolors=color, hatch="//")
@@ -305,7 +305,7 @@ def plot_timeline(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     stages = sorted({int(r["stage"]) for r in rows})
-    handles: list[Any] = [Patch(color=_stage_color(k), label=f"stage {k}") for k in stages]
+    handles: list[Any] = [Patch(color=stage_color(k), label=f"stage {k}") for k in stages]
     handles.append(Patch(facecolor="white", edgecolor="black", hatch="//",
                          label="cold start (init)"))
     if any(r.get("error") for r in rows):
@@ -313,7 +313,7 @@ def plot_timeline(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
                              label="failed invocation"))
     ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _lane_label(instance: str) -> str:
@@ -359,4 +359,4 @@ def plot_memory_compare(
     handles, labels = ax_t.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(configs), fontsize=9,
                frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)

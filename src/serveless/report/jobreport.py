@@ -10,13 +10,10 @@ from ..cost import bill
 from ..driver.log import load_driver_requests, load_log
 from ..driver.spec import JobSpec
 from ..errors import JobError
-from ..report import job_notes, markdown_table, summarize, summary_markdown
 from ..store import Store
-from .common import (
-    log_span_s,
-    machine_info,
-    machine_markdown,
-)
+from .machine import machine_info, machine_markdown
+from .summary import job_notes, log_wall_s, summarize, summary_markdown
+from .tables import markdown_table
 
 
 def write_job_report(store: Store, jobs: Sequence[str], out: Path,
@@ -26,7 +23,7 @@ def write_job_report(store: Store, jobs: Sequence[str], out: Path,
     Everything comes from the store (job.json and invocations.jsonl), so a report can be
     written long after the run, from any machine that reaches the store.
     """
-    from ..plots import plot_stages, plot_timeline
+    from .plots import plot_stages, plot_timeline
 
     out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
@@ -37,7 +34,7 @@ def write_job_report(store: Store, jobs: Sequence[str], out: Path,
         if not rows:
             raise JobError(f"job {job!r} in {store.url} has no invocation log yet")
         s = summarize(rows, arch)
-        span = log_span_s(rows)
+        span = log_wall_s(rows)
         stats = {st.stage: st for st in s["stages"]}
         ks = sorted(stats)
         stages_png = plot_stages(

@@ -1,18 +1,22 @@
-"""Summaries of a job, computed from its invocation log alone."""
+"""Summaries of a job, computed from its invocation log alone: per stage (invocations, cold
+starts, duration, init, peak memory, GB-s and cost), the total bill with the driver's own
+store requests apart, accuracy from the predictions, and the failed images.
+
+The log holds every billed call (driver/log.py), so a summary can be printed again, or
+checked, long after the run and from any machine that reaches the store.
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
-from .cost import PRICES_AS_OF, bill, gb_seconds, store_request_cost
-from .data.predictions import accuracy
+from ..cost import PRICES_AS_OF, bill, gb_seconds, store_request_cost
+from ..data.predictions import accuracy
+from .tables import markdown_table, print_fitting
 
 
 @dataclass
@@ -91,7 +95,7 @@ def summarize(rows: list[dict[str, Any]], arch: str = "x86_64",
 def job_notes(store: Any, job: str, precision: dict[str, Any] | None = None,
               model: str | None = None) -> list[str]:
     """Summary lines beyond the log: accuracy of labelled images, precision and fidelity."""
-    from .model.quantize import summary_lines
+    from ..model.quantize import summary_lines
 
     notes = []
     acc = accuracy(store, job)
@@ -217,57 +221,12 @@ def stage_cells(s: dict[str, Any]) -> list[list[str]]:
     ] for st in s["stages"]]
 
 
-def _table(title: str, columns: Sequence[str], rows: list[list[str]], left: int = 0) -> Table:
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for k, col in enumerate(columns):
-        table.add_column(col, justify="left" if k < left else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
-def print_fitting(console: Console, titles: tuple[str, str, str], columns: Sequence[str],
-                  rows: list[list[str]], split_at: int, left: int = 1) -> None:
-    """`rows` as one table where it fits the console; else as two (columns[:split_at], then
-    the first column with the rest); else one line per row: a value is never cut to fit.
-    `titles`: the whole table's, then the two halves'. The first `left` columns are text."""
-    def natural(table: Table) -> int:  # the width it takes unconstrained, not clamped
-        return console.measure(table, options=console.options.update_width(10_000)).maximum
-
-    whole = _table(titles[0], columns, rows, left)
-    if natural(whole) <= console.width:
-        console.print(whole)
-        return
-    first = _table(titles[1], columns[:split_at], [r[:split_at] for r in rows], left)
-    second = _table(titles[2], (columns[0], *columns[split_at:]),
-                    [[r[0], *r[split_at:]] for r in rows], min(left, 1))
-    if max(natural(t) for t in (first, second)) <= console.width:
-        console.print(first)
-        console.print(second)
-        return
-    console.print(f"{titles[0]}:", markup=False, highlight=False)
-    for row in rows:
-        console.print(f"{columns[0]} {row[0]}: " + ", ".join(
-            f"{name} {value}" for name, value in zip(columns[1:], row[1:], strict=True)),
-            markup=False, highlight=False)
-
-
 def _print_stage_table(console: Console, s: dict[str, Any]) -> None:
     """One table where it fits; else time/memory and cost as two tables (80 columns); else
     one line per stage."""
     print_fitting(console, ("Per stage (costs in $ per 1M images)", "Per stage: time and memory",
                             "Per stage: cost ($ per 1M images)"),
                   STAGE_COLUMNS, stage_cells(s), SPLIT_AT, left=0)
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]], right: set[int] | None = None) -> str:
-    """A GitHub markdown table; numbers are right-aligned so columns read like the console's."""
-    right = set(range(1, len(headers))) if right is None else right
-    sep = ["---:" if i in right else "---" for i in range(len(headers))]
-    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
-    for row in rows:
-        lines.append("| " + " | ".join(str(c) for c in row) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(rows: list[dict[str, Any]], arch: str = "x86_64",

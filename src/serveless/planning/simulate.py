@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .calibrate import StageModel, stage_models
-from .cost import LAMBDA_GB_SECOND, bill, billed_ms, vcpus
-from .errors import SimulationError
-from .store import READ_BLOCK
+from ..cost import LAMBDA_GB_SECOND, bill, billed_ms, vcpus
+from ..errors import SimulationError
+from ..store import READ_BLOCK
+from .stagemodel import StageModel, stage_models
 
 SIMULATED = "simulated"
 
@@ -459,13 +459,13 @@ def plot_timeline(rows: list[dict[str, Any]], path: str | Path, title_text: str,
     per stage over time. The title always says simulated."""
     from matplotlib.figure import Figure
 
-    from .plots import _save, _stage_color
+    from ..report.plots import save_figure, stage_color
 
     if not title_text.startswith(SIMULATED):
         title_text = f"{SIMULATED}: {title_text}"
     instances = {r["instance"] for r in rows}
     if len(instances) <= max_lanes:
-        from .plots import plot_timeline as lanes
+        from ..report.plots import plot_timeline as lanes
 
         return lanes(rows, path, title_text)
     fig = Figure(figsize=(10, 4.2))
@@ -484,11 +484,11 @@ def plot_timeline(rows: list[dict[str, Any]], path: str | Path, title_text: str,
             level += d
             xs.append(x)
             ys.append(level)
-        ax.plot(xs, ys, color=_stage_color(k), label=f"stage {k}", linewidth=1)
+        ax.plot(xs, ys, color=stage_color(k), label=f"stage {k}", linewidth=1)
     ax.set_xlabel("time since the job started (s)")
     ax.set_ylabel("invocations in flight")
     ax.set_title(title_text, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
