@@ -150,3 +150,16 @@ def guarded(fn: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
+QuantizeOpt = Annotated[str | None, typer.Option(
+    "--quantize", help="int8: static QDQ int8 stages calibrated on the job's images")]
+WeightsOpt = Annotated[str | None, typer.Option(
+    "--weights", help="float16: store weights as float16 (computed in float32)")]
+CalibrationOpt = Annotated[int, typer.Option(
+    "--calibration-images", metavar="N",
+    help="images of the records that calibrate --quantize int8")]
+
+
+def check_precision(quantize: str | None, weights: str | None, calibration: int) -> None:
+    from ..model.quantize import check_settings
+
+    guarded(lambda: check_settings(quantize, weights, calibration))

@@ -208,7 +208,7 @@ def sweep(
 ) -> None:
     """Fig. 5: the same job at each concurrency; wall time and modeled cost."""
     from ..driver.spec import parse_memory
-    from ..experiments import load_pool, pack_split, run_sweep
+    from ..experiments import load_pool, run_sweep
 
     levels = _sizes(concurrency, "--concurrency")
     if per_record is not None and per_record < 1:
@@ -233,6 +233,9 @@ def sweep(
     folder = _out(out, "sweep")
 
     def go() -> dict[str, Any]:
+        from ..data.sources import write_records
+        from ..store import Store
+
         with tempfile.TemporaryDirectory(prefix="serveless-sweep-") as tmp:
             if records and per_record is None and images is None:
                 from ..data.sources import find_records
@@ -246,7 +249,7 @@ def sweep(
                 count = images if images is not None else size * max(levels)
                 pool = load_pool(records, count, 1, Path(tmp), setup.say)
                 src = Path(tmp) / "records"
-                pack_split(pool, size, src, "r")
+                write_records(pool, Store(str(src)), "", size, "r-")
             return run_sweep(setup, levels, src, folder, mem, arch,
                              job_prefix=job_prefix or "sweep")
 
@@ -319,13 +322,3 @@ def memory_compare(
     guarded(go)
     _show(folder / "memory-compare.md", folder / "memory-compare.png",
           folder / "memory-compare.json")
-
-
-def write_report_dir(jobs: list[str], store: str, store_option: list[str] | None, arch: str,
-                     out: Path) -> Path:
-    """`report JOB... --out DIR`."""
-    from ..report.jobreport import write_job_report
-
-    st = open_store(store, store_option)
-    path: Path = guarded(lambda: write_job_report(st, jobs, out, arch))
-    return path

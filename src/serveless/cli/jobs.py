@@ -1,577 +1,132 @@
-"""Job commands: pack, models, partition, run, demo and report."""
+"""`serveless jobs`: list, inspect, clean and delete the jobs in a store."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import sys
-import tempfile
-import time
-from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
+from rich import box
+from rich.table import Table
 
-from ..errors import USER_ERRORS
-from ..store import DEFAULT_STORE, JobLayout, Store, validate_job_name
-from . import common
-from .app import app, models_app
-from .common import (
-    KEEP_ALIVE_S,
-    ArchOpt,
-    BackendOpt,
-    BackendOptions,
-    ConcurrencyOpt,
-    CutsOpt,
-    JobOpt,
-    KeepAliveOpt,
-    MaxInstancesOpt,
-    MemoryOpt,
-    MicroBatchOpt,
-    ModelOpt,
-    PresetOpt,
-    RetriesOpt,
-    StoreOpt,
-    StoreOptions,
-    console,
-    err_console,
-    fail,
-    guarded,
-    open_store,
-    parse_options,
-    say,
-)
+from ..store import DEFAULT_STORE
+from .app import app
+from .common import ArchOpt, StoreOpt, StoreOptions, console, fail, guarded, open_store, say
 
-QuantizeOpt = Annotated[str | None, typer.Option(
-    "--quantize", help="int8: static QDQ int8 stages calibrated on the job's images")]
-WeightsOpt = Annotated[str | None, typer.Option(
-    "--weights", help="float16: store weights as float16 (computed in float32)")]
-CalibrationOpt = Annotated[int, typer.Option(
-    "--calibration-images", metavar="N",
-    help="images of the records that calibrate --quantize int8")]
+jobs_app = typer.Typer(help="List, inspect, clean and delete jobs in a store.",
+                       invoke_without_command=True)
+app.add_typer(jobs_app, name="jobs")
+
+JobArg = Annotated[str, typer.Argument(metavar="JOB", help="job name")]
 
 
-def _check_precision(quantize: str | None, weights: str | None, calibration: int) -> None:
-    from ..model.quantize import check_settings
-
-    guarded(lambda: check_settings(quantize, weights, calibration))
-
-
-@app.command()
-def pack(
-    src: Annotated[str, typer.Argument(
-        help="folder, glob or URL of JPEG/PNG/WebP/BMP/TIFF/GIF images (subfolders = labels)")],
-    dest: Annotated[str, typer.Argument(help="folder or fsspec URL for the .tfrecord files")],
-    per_record: Annotated[int, typer.Option("--per-record", help="images per record")] = 1000,
-    overwrite: Annotated[bool, typer.Option(
-        help="delete the records already in DEST first (else they are refused)")] = False,
+@jobs_app.callback()
+def jobs_list(
+    ctx: typer.Context,
+    store: StoreOpt = DEFAULT_STORE,
     store_option: StoreOptions = None,
-) -> None:
-    """Pack images into TFRecord files, with labels.json (the class names) beside them."""
-    from ..data.sources import pack_source
-
-    def go() -> Any:
-        st = Store(dest, parse_options(store_option))
-        st.check()
-        return pack_source(src, st, per_record, overwrite, options=parse_options(store_option))
-
-    print_packed(guarded(go), dest)
-
-
-def print_packed(done: Any, dest: str) -> None:
-    """What pack did: counts, the class -> label table, every skipped file and why."""
-    if done.removed:
-        say(f"removed {done.removed} old records/labels files from {dest}")
-    say(f"packed {done.images} images into {len(done.records)} records in {dest}")
-    if done.classes:
-        say(f"labels ({len(done.classes)} classes, written to labels.json):")
-        for label, name in enumerate(done.classes):
-            say(f"  {label}  {name}")
-    else:
-        say("no class subfolders: images are unlabelled (label -1)")
-    if done.skipped:
-        say(f"skipped {len(done.skipped)} files:")
-        for name, reason in done.skipped:
-            say(f"  {name}: {reason}")
-
-
-@models_app.command("export")
-def models_export(
-    name: Annotated[str, typer.Argument(help="built-in model name, e.g. alexnet")],
-    file: Annotated[Path, typer.Argument(help="where to write the .onnx file")],
-    seed: Annotated[int, typer.Option(help="seed of the deterministic weights")] = 0,
-) -> None:
-    """Write a built-in model as one ONNX file."""
-    from ..errors import ModelError
-    from ..model.builtins import BUILTIN
-    from ..model.graph import save_model
-
-    if name not in BUILTIN:
-        fail(f"unknown built-in model {name!r}; known: {', '.join(sorted(BUILTIN))}")
-    try:
-        save_model(BUILTIN[name](seed=seed), file)
-    except ModelError as exc:
-        fail(str(exc))
-    say(f"wrote {file} ({file.stat().st_size / 1e6:.1f} MB)")
-
-
-@models_app.command("list")
-def models_list() -> None:
-    """List the built-in models."""
-    from ..model.builtins import BUILTIN
-    from ..model.presets import PAPER_PRESET
-
-    for name in sorted(BUILTIN):
-        preset = ",".join(PAPER_PRESET.get(name, [])) or "-"
-        console.print(f"{name}\tpaper preset cuts: {preset}")
-
-
-@app.command("partition")
-def partition_cmd(
-    model: Annotated[str, typer.Argument(help="built-in name or path to an .onnx file")],
-    list_cuts: Annotated[bool, typer.Option("--list", help="list candidate cut tensors")] = False,
-    cuts: Annotated[str | None, typer.Option(help="comma-separated cut tensors")] = None,
-    preset: Annotated[str | None, typer.Option(help="'paper' for the paper's stages")] = None,
-    out: Annotated[Path | None, typer.Option(help="folder for stage-<k>.onnx")] = None,
-    quantize: QuantizeOpt = None,
-    weights: WeightsOpt = None,
-    calibration_images: CalibrationOpt = 64,
-    records: Annotated[str | None, typer.Option(
-        help="folder or glob of .tfrecord files to calibrate and measure --quantize on")] = None,
-) -> None:
-    """List cut candidates, or split a model into stages and check them against it."""
-    from rich.table import Table
-
-    from ..data.sources import find_records
-    from ..model import quantize as q
-    from ..model.graph import input_hw, preprocessing, save_model
-    from ..model.loading import load_model
-    from ..model.partition import list_cuts as candidates
-    from ..model.partition import partition, resolve_cuts
-
-    def go() -> None:
-        onnx_model = load_model(model)
-        if list_cuts:
-            table = Table(title=f"cut candidates of {model} (topological order)")
-            for col in ("tensor", "op", "per-sample shape", "per-sample KB"):
-                table.add_column(col)
-            for c in candidates(onnx_model):
-                table.add_row(c.name, c.op, "×".join(map(str, c.shape)),
-                              f"{c.bytes_per_sample / 1024:,.1f}")
-            console.print(table)
-            return
-        if out is None:
-            fail("give --out DIR (or --list)")
-        names = resolve_cuts(model, cuts, preset)
-        q.check_settings(quantize, weights, calibration_images)
-        mode = q.mode_name(quantize, weights)
-        if mode is None:
-            stages = partition(onnx_model, names, out_dir=out)
-            say(f"wrote {len(stages)} stages to {out}; chained output matches the model")
-            return
-        if records is None:
-            fail(f"--quantize/--weights need --records: images to calibrate and measure {mode} on")
-        files = find_records(records)
-        openers = [(f, lambda f=f: open(f, "rb")) for f in files]
-        stages = partition(onnx_model, names)
-        stages, info = q.prepare(None, onnx_model, names, stages, openers, quantize, weights,
-                                 input_hw(onnx_model), preprocessing(onnx_model),
-                                 calibration_images)
-        for k, stage in enumerate(stages):
-            save_model(stage, out / f"stage-{k}.onnx")
-        say(f"wrote {len(stages)} {mode} stages to {out}")
-        for line in q.summary_lines(info):
-            say(line)
-
-    guarded(go)
-
-
-def _start(store_url: str, store_option: list[str] | None, backend_name: str,
-           backend_option: list[str] | None, concurrency: int, max_instances: int | None,
-           keep_alive: float) -> tuple[Store, Any]:
-    """The store, probed for writing, and the backend, with its dependencies: both checked
-    before a job writes anything, so a mistake here leaves the store as it was."""
-    from ..backends import make_backend
-
-    st = open_store(store_url, store_option)
-    guarded(st.check)
-    backend = guarded(lambda: make_backend(
-        backend_name, parse_options(backend_option), max_instances=max_instances or concurrency,
-        keep_alive_s=keep_alive))
-    return st, backend
-
-
-def _prepare(st: Store, backend: Any, job: str, make: Any) -> Any:
-    """Lay the job out; if that fails (or is interrupted), a new job leaves no folder."""
-    layout = JobLayout(job)
-    new = not st.exists(layout.spec)
-    try:
-        return make()
-    except BaseException as exc:
-        backend.close()
-        if new:
-            st.delete(layout.job)
-        if isinstance(exc, KeyboardInterrupt):
-            fail("interrupted before the job started; nothing was kept", 130)
-        if isinstance(exc, USER_ERRORS) and not common.DEBUG:
-            fail(str(exc))
-        raise
-
-
-def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = True,
-             keep_intermediates: bool = True) -> Any:
-    from ..driver.scheduler import run_job
-    from ..report.summary import job_notes, print_summary
-
-    try:
-        result = run_job(store, spec, backend, concurrency=spec.concurrency,
-                         retries=spec.retries, progress=progress,
-                         keep_intermediates=keep_intermediates,
-                         say=lambda m: say(m, err=True))
-    except KeyboardInterrupt:
-        backend.close()  # stop every instance before saying anything
-        fail("interrupted; run the same command again to resume", 130)
-    except USER_ERRORS as exc:
-        if common.DEBUG:
-            raise
-        fail(str(exc))
-    finally:
-        backend.close()
-    from ..data.images import describe_transform, make_transform
-
-    notes = [f"CPU share: {result.backend['cpu_share']}"]
-    for stage, mem in sorted(result.raised.items()):
-        notes.append(f"[yellow]stage {stage} ran out of memory; raised to {mem} MB[/yellow]")
-    notes += job_notes(store, spec.job, spec.quantize, spec.model)
-    transform = dict(spec.transform or make_transform())
-    transform["resize"] = transform.get("resize") or spec.preprocess.get("resize")
-    notes.append(describe_transform(transform, spec.input_hw))
-    notes.append(f"scores: {spec.scores}" + (
-        f"; the model's fixed batch size {spec.fixed_batch} could not be made dynamic: "
-        f"served in micro-batches of {spec.fixed_batch}" if spec.fixed_batch else ""))
-    print_summary(result.rows, result.wall_s, arch, console, notes,
-                  driver=result.driver_requests,
-                  run_images=result.images_run)
-    layout = JobLayout(spec.job)
-    say(f"predictions: {store.path(layout.predictions_prefix)}/*.jsonl")
-    say(f"invocation log: {store.path(layout.log)}")
-    console.print(
-        f"served {result.images - result.image_errors} images; failed images "
-        f"{result.image_errors}; failed records {len(result.failed_records)}; retried "
-        f"invocations {result.retried}; OOM raises {len(result.raised)}")
-    if result.failed_records:
-        err_console.print(f"[bold red]{len(result.failed_records)} records failed:[/bold red]")
-        for rec, why in sorted(result.failed_records.items()):
-            say(f"  {rec}: {why}", err=True)
-    if result.image_errors:
-        _print_failed_images(result.rows)
-    return result
-
-
-def _print_failed_images(rows: list[dict[str, Any]]) -> None:
-    """The first failed images and why, from the log (the last stage lists them): no
-    prediction object is read again."""
-    from ..report.summary import failed_image_lines
-
-    for line in failed_image_lines(rows):
-        say(line, err=True)
-
-
-@app.command()
-def run(
-    job: JobOpt = None,
-    records: Annotated[str | None, typer.Option(
-        "--input", "--records", metavar="DIR|GLOB|URL",
-        help="records or images (told apart by content): a folder, a glob or an fsspec URL")]
-    = None,
-    per_record: Annotated[int, typer.Option(
-        "--per-record", min=1, metavar="N", help="images per record when --input holds images")]
-    = 1000,
-    model: ModelOpt = None,
-    preset: PresetOpt = None,
-    cuts: CutsOpt = None,
-    memory: MemoryOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    micro_batch: MicroBatchOpt = None,
-    retries: RetriesOpt = None,
-    preprocess: Annotated[str | None, typer.Option(
-        metavar="NAME", help="imagenet, inception ([-1, 1]) or raw ([0, 1]) [default: imagenet]")]
-    = None,
-    resize: Annotated[int | None, typer.Option(
-        metavar="N", help="shorter side before the center crop [default: crop × 256/224]")]
-    = None,
-    crop: Annotated[str | None, typer.Option(metavar="H,W", help="the model's input size")]
-    = None,
-    mean: Annotated[str | None, typer.Option(metavar="R,G,B", help="mean of [0, 1] pixels")]
-    = None,
-    std: Annotated[str | None, typer.Option(metavar="R,G,B", help="std of [0, 1] pixels")]
-    = None,
-    softmax: Annotated[str | None, typer.Option(
-        metavar="auto|always|never",
-        help="softmax before top-k: auto = when the model does not end in one [default: auto]")]
-    = None,
-    save_scores: Annotated[bool | None, typer.Option(
-        "--save-scores/--no-save-scores", show_default=False,
-        help="keep every image's whole score vector, for export --with-scores [default: no]")]
-    = None,
-    float16: Annotated[bool | None, typer.Option(
-        "--float16/--no-float16", show_default=False,
-        help="store intermediates as float16 [default: float32]")] = None,
-    compress: Annotated[bool | None, typer.Option(
-        "--compress/--no-compress", show_default=False,
-        help="zstd-compress intermediates [default: no]")] = None,
-    keep_intermediates: Annotated[bool, typer.Option(
-        "--keep-intermediates/--no-keep-intermediates", show_default=False,
-        help="keep stage outputs after a record's predictions are written [default: keep]")]
-    = True,
     arch: ArchOpt = "x86_64",
-    max_instances: MaxInstancesOpt = None,
-    keep_alive: KeepAliveOpt = KEEP_ALIVE_S,
-    store: StoreOpt = DEFAULT_STORE,
-    store_option: StoreOptions = None,
-    backend: BackendOpt = "local",
-    backend_option: BackendOptions = None,
-    quantize: QuantizeOpt = None,
-    weights: WeightsOpt = None,
-    calibration_images: CalibrationOpt = 64,
-    plan: Annotated[Path | None, typer.Option(
-        "--plan", metavar="PLAN.json",
-        help="run a plan from 'serveless plan': its model, cuts, memory, micro-batch, "
-             "concurrency and images per record (refused before anything runs if a stage "
-             "would not fit)")] = None,
 ) -> None:
-    """Run a job: every record through every stage. Run it again with the same --job to
-    resume; options left out are taken from the job, and only --memory, --concurrency and
-    --retries may change."""
-    from ..data.sources import scan_inputs
-    from ..data.tensors import TensorFormat
-    from ..driver.prepare import prepare_job
-    from ..driver.spec import DEFAULT_CONCURRENCY
-
-    source, repacked = records, None  # a plan may repack the records in a temporary folder
-    if plan is not None:
-        from .plan import apply_plan
-
-        repacked = tempfile.mkdtemp(prefix="serveless-plan-")
-        try:
-            model, cuts, memory, micro_batch, concurrency, records, planned_q = apply_plan(
-                plan, records, repacked)
-        except BaseException:
-            shutil.rmtree(repacked, ignore_errors=True)
-            raise
-        if quantize is not None and quantize != planned_q:
-            shutil.rmtree(repacked, ignore_errors=True)
-            fail(f"--quantize {quantize} differs from the plan's ({planned_q or 'fp32'})")
-        quantize = planned_q
-    if job is None and records is None:
-        fail("give --input DIR to start a job (or --job NAME to resume one)")
-    _check_precision(quantize, weights, calibration_images)
-    if job is not None:
-        guarded(lambda: validate_job_name(job))
-    transform = guarded(lambda: _transform(preprocess, resize, crop, mean, std))
-    if records is not None:  # before a job is named or anything written
-        guarded(lambda: scan_inputs(records, parse_options(store_option)))
-    st, runner = _start(store, store_option, backend, backend_option,
-                        concurrency or DEFAULT_CONCURRENCY, max_instances, keep_alive)
-    if job is None:
-        job = new_job_name(st, source or "job")
-        say(f"job {job}", err=True)
-    fmt = None
-    if float16 is not None or compress is not None:
-        fmt = TensorFormat("float16" if float16 else "float32", bool(compress))
-    try:
-        spec = _prepare(st, runner, job, lambda: prepare_job(
-            st, job, model, cuts, preset, memory, micro_batch, records, fmt,
-            concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True),
-            quantize=quantize, weights=weights, calibration_images=calibration_images,
-            per_record=per_record, input_options=parse_options(store_option),
-            transform=transform, softmax=softmax, save_scores=save_scores))
-    finally:
-        if repacked:  # the job holds its own copy of the records now
-            shutil.rmtree(repacked, ignore_errors=True)
-    result = _execute(st, spec, runner, arch, keep_intermediates=keep_intermediates)
-    if not result.ok:
-        raise typer.Exit(1)
-
-
-def _floats(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
-
-
-def _transform(preset: str | None, resize: int | None, crop: str | None, mean: str | None,
-               std: str | None) -> dict[str, Any] | None:
-    """--preprocess and its explicit overrides as recorded in job.json; None if none given
-    (a new job then gets ImageNet's, a resumed one keeps its own)."""
-    from ..data.images import make_transform
-    from ..driver.spec import parse_ints
-
-    if preset is None and resize is None and crop is None and mean is None and std is None:
-        return None
-    out: dict[str, Any] = make_transform(preset or "imagenet", resize, _floats(mean, "--mean"),
-                                         _floats(std, "--std"))
-    if crop is not None:
-        hw = parse_ints(crop, "--crop")
-        out["crop"] = hw * 2 if len(hw) == 1 else hw
-    return out
-
-
-def new_job_name(store: Store, records: str) -> str:
-    """'<records folder>-<date>-<n>': readable, and new in this store."""
-    import re
-
-    folder = Path(records.rstrip("/")).expanduser()
-    while any(ch in folder.name for ch in "*?[") and folder.parent != folder:
-        folder = folder.parent  # a glob: name the job after the folder it searches
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name.removesuffix(".tfrecord")).strip("-.")
-    stem = f"{base or 'job'}-{time.strftime('%Y%m%d')}"
-    n = 1
-    while store.exists(JobLayout(f"{stem}-{n}").job):
-        n += 1
-    return f"{stem}-{n}"
-
-
-@app.command()
-def demo(
-    images: Annotated[int | None, typer.Option(
-        min=1, metavar="N", help="number of images (alexnet: sample photos, default 2000; "
-        "digits: held-out images, default all 450)")] = None,
-    model: Annotated[str, typer.Option(help="alexnet (sample photos) or digits (trained)")]
-    = "alexnet",
-    per_record: Annotated[int, typer.Option(
-        "--per-record", min=1, metavar="N", help="images per record")] = 500,
-    memory: MemoryOpt = None,
-    concurrency: ConcurrencyOpt = None,
-    micro_batch: MicroBatchOpt = None,
-    arch: ArchOpt = "x86_64",
-    store: StoreOpt = DEFAULT_STORE,
-    store_option: StoreOptions = None,
-    backend: BackendOpt = "local",
-    backend_option: BackendOptions = None,
-    quantize: QuantizeOpt = None,
-    weights: WeightsOpt = None,
-    calibration_images: CalibrationOpt = 64,
-) -> None:
-    """The paper's experiment in small: sample photos, AlexNet in 4 stages, local functions.
-
-    With --model digits: the trained digits CNN on its held-out images, with accuracy.
-    """
-    from ..data import sources
-    from ..data.samples import make_sample_images
-    from ..driver.prepare import prepare_job
-    from ..driver.spec import DEFAULT_CONCURRENCY
-    from ..model.presets import DEMO_CUTS
-
-    model = model.lower()
-    if model not in DEMO_CUTS:
-        fail(f"--model must be one of {', '.join(sorted(DEMO_CUTS))}, got {model!r}")
-    _check_precision(quantize, weights, calibration_images)
-    st, runner = _start(store, store_option, backend, backend_option,
-                        concurrency or DEFAULT_CONCURRENCY, None, KEEP_ALIVE_S)
-    layout = JobLayout("demo")
-    st.delete(layout.job)  # the demo always starts fresh
-
-    def make() -> Any:
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="serveless-demo-") as tmp:
-            if model == "digits":
-                count = _write_digits(Path(tmp), images)
-                say(f"wrote {count} held-out digits (32×32 JPEGs in class folders)…")
-            else:
-                count = 2000 if images is None else images
-                say(f"generating {count} sample photos (about 500×375, ~100 KB each)…")
-                make_sample_images(tmp, count)
-            names = sources.pack(tmp, st, layout.records_prefix, per_record)
-        say(f"packed {len(names)} records of up to {per_record} images "
-            f"({time.perf_counter() - t0:.1f} s)")
-        return prepare_job(st, "demo", model, cuts=DEMO_CUTS[model], memory=memory,
-                           micro_batch=micro_batch, concurrency=concurrency,
-                           say=lambda m: say(m), quantize=quantize, weights=weights,
-                           calibration_images=calibration_images)
-
-    spec = _prepare(st, runner, "demo", make)
-    result = _execute(st, spec, runner, arch, progress=sys.stderr.isatty())
-    if not result.ok:
-        raise typer.Exit(1)
-
-
-def _write_digits(dest: Path, limit: int | None) -> int:
-    """The digits model's held-out images as JPEGs in class folders 0..9 (labels 0..9)."""
-    from ..model.digits import CLASSES, heldout_examples
-    from ..model.loading import load_model
-
-    load_model("digits")  # train (or load) first, so the timing line reads apart from it
-    examples = heldout_examples(limit=limit)
-    for c in range(CLASSES):  # every class folder, even empty: pack's labels stay 0..9
-        (dest / str(c)).mkdir(parents=True, exist_ok=True)
-    for i, (data, label) in enumerate(examples):
-        (dest / str(label) / f"digit_{i:04d}.jpg").write_bytes(data)
-    return len(examples)
-
-
-@app.command()
-def report(
-    jobs: Annotated[list[str], typer.Argument(help="job name(s)")],
-    store: StoreOpt = DEFAULT_STORE,
-    store_option: StoreOptions = None,
-    arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
-    out: Annotated[Path | None, typer.Option(
-        help="write DIR/report.md with tables, plots, machine and versions")] = None,
-    as_json: Annotated[bool, typer.Option(
-        "--json", help="print the summary as JSON on stdout (a list for several jobs)")] = False,
-) -> None:
-    """Re-print jobs' summaries from their invocation logs alone (or write a report)."""
-    from ..driver.log import load_driver_requests, load_log
-    from ..driver.spec import JobSpec
-    from ..report.summary import failed_image_lines, job_notes, log_wall_s, print_summary
-
-    if as_json:
-        from ..report.summary import summary_json
-
-        st = open_store(store, store_option)
-        found = []
-        for job in jobs:
-            rows, spec, acc = guarded(lambda job=job: _report_inputs(st, job, store))
-            driver = load_driver_requests(st, job)
-            found.append(guarded(lambda r=rows, s=spec, a=acc, d=driver: summary_json(
-                r, arch, s, a, d)))
-        typer.echo(json.dumps(found[0] if len(found) == 1 else found, indent=2))
+    """List the jobs in the store with their state, images, cost and last run."""
+    if ctx.invoked_subcommand is not None:
         return
-    if out is not None:
-        from .experiments import write_report_dir
+    from ..driver.jobs import job_status, list_jobs
 
-        path = write_report_dir(jobs, store, store_option, arch, out)
-        say(f"wrote {path}")
-        return
     st = open_store(store, store_option)
-    for job in jobs:
-        rows = guarded(lambda job=job: load_log(st, JobLayout(job).job))
-        if not rows:
-            fail(f"no invocation log for job {job!r} in {store}")
-        if len(jobs) > 1:
-            console.print(f"[bold]job {job}[/bold]")
-        spec = guarded(lambda job=job: JobSpec.load(st, job) if st.exists(
-            JobLayout(job).spec) else None)
-        notes = job_notes(st, job, spec.quantize if spec else None,
-                          spec.model if spec else None)
-        print_summary(rows, log_wall_s(rows), arch, console, notes,
-                      driver=load_driver_requests(st, job))
-        for line in failed_image_lines(rows):
-            say(line)
+    names = guarded(lambda: list_jobs(st))
+    if not names:
+        say(f"no jobs in {st.url}")
+        return
+    table = Table(box=box.SIMPLE_HEAD, title=f"jobs in {st.url}", title_justify="left")
+    for col, right in (("job", False), ("state", False), ("records", True), ("images", True),
+                       ("failed images", True), ("cost $", True), ("$ per 1M", True),
+                       ("last run (UTC)", False)):
+        table.add_column(col, justify="right" if right else "left", no_wrap=True)
+    for name in names:
+        s = guarded(lambda name=name: job_status(st, name, arch))
+        table.add_row(s.job, s.state, f"{s.records_done}/{s.records}", f"{s.images:,}",
+                      f"{s.failed_images:,}", f"{s.cost:.6f}", f"{s.per_million:.2f}",
+                      s.last_run or "-")
+    console.print(table)
 
 
-def _report_inputs(st: Store, job: str, store: str) -> tuple[list, dict, dict | None]:
-    """(log rows, job.json, accuracy of the labelled predictions) of a job, for --json."""
-    from ..data.predictions import accuracy
-    from ..driver.log import load_log
+@jobs_app.command("show")
+def jobs_show(
+    job: JobArg,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    arch: ArchOpt = "x86_64",
+    as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+) -> None:
+    """What a job was asked (job.json) and where it stands."""
+    from ..driver.jobs import job_status, status_json
 
-    layout = JobLayout(job)
-    rows = load_log(st, layout.job)
-    if not rows:
-        fail(f"no invocation log for job {job!r} in {store}")
-    spec = json.loads(st.get_bytes(layout.spec)) if st.exists(layout.spec) else {"job": job}
-    return rows, spec, accuracy(st, job)
+    st = open_store(store, store_option)
+    s = guarded(lambda: job_status(st, job, arch))
+    if as_json:
+        typer.echo(status_json(s))
+        return
+    spec = s.spec
+    lines = [
+        f"job {s.job}: {s.state}, {s.records_done} of {s.records} records done, "
+        f"{s.images:,} images served, {s.failed_images:,} failed",
+        f"model {spec.model}; cuts {','.join(spec.cuts) or '(none: one stage)'}; memory "
+        f"{','.join(map(str, spec.memory))} MB; micro-batch {spec.micro_batch}; concurrency "
+        f"{spec.concurrency}; retries {spec.retries}; intermediates {spec.format}",
+        f"modeled cost ${s.cost:.6f} (${s.per_million:.2f} per 1M images, {arch}); last run "
+        f"{s.last_run or '-'} UTC",
+    ]
+    for line in lines:
+        say(line)
+    for rec, why in sorted(s.failed_records.items()):
+        say(f"failed record {rec}: {why}")
+
+
+@jobs_app.command("clean")
+def jobs_clean(
+    job: JobArg,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+) -> None:
+    """Remove a job's intermediate outputs; keep its records, models, predictions and log."""
+    from ..driver.jobs import clean_job
+
+    st = open_store(store, store_option)
+    freed = guarded(lambda: clean_job(st, job))
+    say(f"removed the intermediates of {job}: {freed / 1e6:,.1f} MB freed")
+
+
+@jobs_app.command("delete")
+def jobs_delete(
+    job: JobArg,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")]
+    = False,
+    keep_models: Annotated[bool, typer.Option(
+        "--keep-models", help="keep its stage models even when no other job uses them")]
+    = False,
+) -> None:
+    """Delete a job and everything it holds in the store, and its stage models (shared by
+    jobs of the same model and cuts) once no other job uses them."""
+    from ..driver.jobs import delete_job, job_status, shared_models, unused_models
+
+    st = open_store(store, store_option)
+    s = guarded(lambda: job_status(st, job))
+    if not yes and not typer.confirm(
+            f"delete job {job} ({s.state}, {s.images:,} images) from {st.url}?", default=False):
+        fail("not deleted", 1)
+    freed = guarded(lambda: delete_job(st, job))
+    say(f"deleted {job}: {freed / 1e6:,.1f} MB freed")
+    prefixes = shared_models(s.spec)
+    if keep_models or not prefixes:
+        return
+    unused, why = guarded(lambda: unused_models(st, prefixes))
+    if why:
+        say(f"kept its stage models ({', '.join(prefixes)}): {why}")
+    for prefix in unused:
+        size = guarded(lambda prefix=prefix: st.du(prefix))
+        guarded(lambda prefix=prefix: st.delete(prefix))
+        say(f"deleted {prefix}, used by no other job: {size / 1e6:,.1f} MB freed")
+    for prefix in prefixes:
+        if prefix not in unused and not why:
+            say(f"kept {prefix}: other jobs use it")

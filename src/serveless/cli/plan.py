@@ -450,20 +450,12 @@ def apply_plan(path: Path, records: str | None,
 def _repack(records: str, per_record: int, tmp: str) -> str:
     """The records as they are when they already hold `per_record` images (the last may be
     short); else the same images repacked into records of `per_record`."""
-    from ..data.records import count_examples
-    from ..data.sources import find_records
-    from ..experiments import load_pool, pack_split
+    from ..data.sources import repack
 
-    files = find_records(records)
-    counts = []
-    for f in files:
-        with open(f, "rb") as fh:
-            counts.append(count_examples(fh, f))  # type: ignore[arg-type]
-    if all(c == per_record for c in counts[:-1]) and counts[-1] <= per_record:
-        return records
-    pool = load_pool(records, None, 1, Path(tmp))
     dest = Path(tmp) / "records"
-    pack_split(pool, per_record, dest, "p")
-    console.print(f"repacked {len(pool)} images into records of {per_record} (the plan's size)",
+    count = repack(records, per_record, dest)
+    if count is None:
+        return records
+    console.print(f"repacked {count} images into records of {per_record} (the plan's size)",
                   markup=False, highlight=False)
     return str(dest)

@@ -278,14 +278,14 @@ def copy_record(f: InputFile, store: Store, key: str) -> int:
 # -- images ----------------------------------------------------------------------------------
 
 
-def record_chunks(items: Sequence[T], per_record: int,
-                  prefix: str) -> Iterator[tuple[str, str, Sequence[T]]]:
+def record_chunks(items: Sequence[T], per_record: int, prefix: str,
+                  stem: str = "") -> Iterator[tuple[str, str, Sequence[T]]]:
     """(name, store key, items) of each record when `items` are packed `per_record` to a
-    record under `prefix`: ``<prefix>/<00000..>.tfrecord``, in order."""
+    record under `prefix`: ``<prefix>/<stem><00000..>.tfrecord``, in order."""
     if per_record < 1:
         raise ValueError(f"per_record must be >= 1, got {per_record}")
     for n, start in enumerate(range(0, len(items), per_record)):
-        name = f"{n:05d}"
+        name = f"{stem}{n:05d}"
         yield name, record_key(prefix, name), items[start:start + per_record]
 
 
@@ -421,3 +421,51 @@ def find_records(source: str) -> list[str]:
     if not inputs.records:
         raise SourceError(f"no records at {source!r} (it holds images: use run --input)")
     return [f.path for f in inputs.records]
+
+
+def write_records(examples: Sequence[Example], store: Store, prefix: str, per_record: int,
+                  stem: str = "") -> list[str]:
+    """Examples already read, into records ``<prefix>/<stem><00000..>.tfrecord`` of the
+    store (the last may be short), each written atomically; returns the record names."""
+    names = []
+    for name, key, chunk in record_chunks(examples, per_record, prefix, stem):
+        with store.writer(key) as f:
+            write_record(f, chunk)
+        names.append(name)
+    return names
+
+
+def repack(records: str, per_record: int, dest: str | Path, stem: str = "p-") -> int | None:
+    """The images of local records, in order, into records of `per_record` in the folder
+    `dest` (`<stem><00000..>.tfrecord`, the last may be short); None, and nothing written,
+    when they already hold `per_record` images each (the last may hold fewer). Else the
+    number of images repacked. One record's images are in memory at a time."""
+    files = find_records(records)
+    counts = []
+    for path in files:
+        with open(path, "rb") as f:
+            counts.append(count_examples(f, path))  # type: ignore[arg-type]
+    if all(c == per_record for c in counts[:-1]) and counts[-1] <= per_record:
+        return None
+    from ..store import Store
+
+    store = Store(str(dest))
+    chunk: list[Example] = []
+    written = 0
+
+    def flush() -> None:
+        nonlocal written, chunk
+        with store.writer(record_key("", f"{stem}{written // per_record:05d}")) as out:
+            write_record(out, chunk)
+        written += len(chunk)
+        chunk = []
+
+    for path in files:
+        with open(path, "rb") as f:
+            for ex in iter_record(f, path):  # type: ignore[arg-type]
+                chunk.append(ex)
+                if len(chunk) == per_record:
+                    flush()
+    if chunk:
+        flush()
+    return written

@@ -97,18 +97,6 @@ def pack_records(pool: Sequence[Example], size: int, count: int, dest: Path,
     return paths
 
 
-def pack_split(pool: Sequence[Example], per_record: int, dest: Path, prefix: str) -> list[Path]:
-    """The whole pool in records of `per_record` (the last one may be short), like `pack`."""
-    dest.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, start in enumerate(range(0, len(pool), per_record)):
-        path = dest / f"{prefix}-{i:05d}.tfrecord"
-        with open(path, "wb") as f:
-            write_record(f, pool[start:start + per_record])
-        paths.append(path)
-    return paths
-
-
 # -- running jobs ------------------------------------------------------------------------------
 
 

@@ -1,0 +1,377 @@
+"""`serveless run` and `serveless demo`: lay a job out, run it on a backend, print what it
+cost. The store and the backend are checked before anything is written, and a new job that
+fails or is interrupted during setup leaves no folder behind."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import USER_ERRORS
+from ..store import DEFAULT_STORE, JobLayout, Store, validate_job_name
+from . import common
+from .app import app
+from .common import (
+    KEEP_ALIVE_S,
+    ArchOpt,
+    BackendOpt,
+    BackendOptions,
+    CalibrationOpt,
+    ConcurrencyOpt,
+    CutsOpt,
+    JobOpt,
+    KeepAliveOpt,
+    MaxInstancesOpt,
+    MemoryOpt,
+    MicroBatchOpt,
+    ModelOpt,
+    PresetOpt,
+    QuantizeOpt,
+    RetriesOpt,
+    StoreOpt,
+    StoreOptions,
+    WeightsOpt,
+    check_precision,
+    console,
+    err_console,
+    fail,
+    guarded,
+    open_store,
+    parse_options,
+    say,
+)
+
+
+def _start(store_url: str, store_option: list[str] | None, backend_name: str,
+           backend_option: list[str] | None, concurrency: int, max_instances: int | None,
+           keep_alive: float) -> tuple[Store, Any]:
+    """The store, probed for writing, and the backend, with its dependencies: both checked
+    before a job writes anything, so a mistake here leaves the store as it was."""
+    from ..backends import make_backend
+
+    st = open_store(store_url, store_option)
+    guarded(st.check)
+    backend = guarded(lambda: make_backend(
+        backend_name, parse_options(backend_option), max_instances=max_instances or concurrency,
+        keep_alive_s=keep_alive))
+    return st, backend
+
+
+def _prepare(st: Store, backend: Any, job: str, make: Any) -> Any:
+    """Lay the job out; if that fails (or is interrupted), a new job leaves no folder."""
+    layout = JobLayout(job)
+    new = not st.exists(layout.spec)
+    try:
+        return make()
+    except BaseException as exc:
+        backend.close()
+        if new:
+            st.delete(layout.job)
+        if isinstance(exc, KeyboardInterrupt):
+            fail("interrupted before the job started; nothing was kept", 130)
+        if isinstance(exc, USER_ERRORS) and not common.DEBUG:
+            fail(str(exc))
+        raise
+
+
+def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = True,
+             keep_intermediates: bool = True) -> Any:
+    from ..driver.scheduler import run_job
+    from ..report.summary import job_notes, print_summary
+
+    try:
+        result = run_job(store, spec, backend, concurrency=spec.concurrency,
+                         retries=spec.retries, progress=progress,
+                         keep_intermediates=keep_intermediates,
+                         say=lambda m: say(m, err=True))
+    except KeyboardInterrupt:
+        backend.close()  # stop every instance before saying anything
+        fail("interrupted; run the same command again to resume", 130)
+    except USER_ERRORS as exc:
+        if common.DEBUG:
+            raise
+        fail(str(exc))
+    finally:
+        backend.close()
+    from ..data.images import describe_transform, make_transform
+
+    notes = [f"CPU share: {result.backend['cpu_share']}"]
+    for stage, mem in sorted(result.raised.items()):
+        notes.append(f"[yellow]stage {stage} ran out of memory; raised to {mem} MB[/yellow]")
+    notes += job_notes(store, spec.job, spec.quantize, spec.model)
+    transform = dict(spec.transform or make_transform())
+    transform["resize"] = transform.get("resize") or spec.preprocess.get("resize")
+    notes.append(describe_transform(transform, spec.input_hw))
+    notes.append(f"scores: {spec.scores}" + (
+        f"; the model's fixed batch size {spec.fixed_batch} could not be made dynamic: "
+        f"served in micro-batches of {spec.fixed_batch}" if spec.fixed_batch else ""))
+    print_summary(result.rows, result.wall_s, arch, console, notes,
+                  driver=result.driver_requests,
+                  run_images=result.images_run)
+    layout = JobLayout(spec.job)
+    say(f"predictions: {store.path(layout.predictions_prefix)}/*.jsonl")
+    say(f"invocation log: {store.path(layout.log)}")
+    console.print(
+        f"served {result.images - result.image_errors} images; failed images "
+        f"{result.image_errors}; failed records {len(result.failed_records)}; retried "
+        f"invocations {result.retried}; OOM raises {len(result.raised)}")
+    if result.failed_records:
+        err_console.print(f"[bold red]{len(result.failed_records)} records failed:[/bold red]")
+        for rec, why in sorted(result.failed_records.items()):
+            say(f"  {rec}: {why}", err=True)
+    if result.image_errors:
+        _print_failed_images(result.rows)
+    return result
+
+
+def _print_failed_images(rows: list[dict[str, Any]]) -> None:
+    """The first failed images and why, from the log (the last stage lists them): no
+    prediction object is read again."""
+    from ..report.summary import failed_image_lines
+
+    for line in failed_image_lines(rows):
+        say(line, err=True)
+
+
+@app.command()
+def run(
+    job: JobOpt = None,
+    records: Annotated[str | None, typer.Option(
+        "--input", "--records", metavar="DIR|GLOB|URL",
+        help="records or images (told apart by content): a folder, a glob or an fsspec URL")]
+    = None,
+    per_record: Annotated[int, typer.Option(
+        "--per-record", min=1, metavar="N", help="images per record when --input holds images")]
+    = 1000,
+    model: ModelOpt = None,
+    preset: PresetOpt = None,
+    cuts: CutsOpt = None,
+    memory: MemoryOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    micro_batch: MicroBatchOpt = None,
+    retries: RetriesOpt = None,
+    preprocess: Annotated[str | None, typer.Option(
+        metavar="NAME", help="imagenet, inception ([-1, 1]) or raw ([0, 1]) [default: imagenet]")]
+    = None,
+    resize: Annotated[int | None, typer.Option(
+        metavar="N", help="shorter side before the center crop [default: crop × 256/224]")]
+    = None,
+    crop: Annotated[str | None, typer.Option(metavar="H,W", help="the model's input size")]
+    = None,
+    mean: Annotated[str | None, typer.Option(metavar="R,G,B", help="mean of [0, 1] pixels")]
+    = None,
+    std: Annotated[str | None, typer.Option(metavar="R,G,B", help="std of [0, 1] pixels")]
+    = None,
+    softmax: Annotated[str | None, typer.Option(
+        metavar="auto|always|never",
+        help="softmax before top-k: auto = when the model does not end in one [default: auto]")]
+    = None,
+    save_scores: Annotated[bool | None, typer.Option(
+        "--save-scores/--no-save-scores", show_default=False,
+        help="keep every image's whole score vector, for export --with-scores [default: no]")]
+    = None,
+    float16: Annotated[bool | None, typer.Option(
+        "--float16/--no-float16", show_default=False,
+        help="store intermediates as float16 [default: float32]")] = None,
+    compress: Annotated[bool | None, typer.Option(
+        "--compress/--no-compress", show_default=False,
+        help="zstd-compress intermediates [default: no]")] = None,
+    keep_intermediates: Annotated[bool, typer.Option(
+        "--keep-intermediates/--no-keep-intermediates", show_default=False,
+        help="keep stage outputs after a record's predictions are written [default: keep]")]
+    = True,
+    arch: ArchOpt = "x86_64",
+    max_instances: MaxInstancesOpt = None,
+    keep_alive: KeepAliveOpt = KEEP_ALIVE_S,
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    backend: BackendOpt = "local",
+    backend_option: BackendOptions = None,
+    quantize: QuantizeOpt = None,
+    weights: WeightsOpt = None,
+    calibration_images: CalibrationOpt = 64,
+    plan: Annotated[Path | None, typer.Option(
+        "--plan", metavar="PLAN.json",
+        help="run a plan from 'serveless plan': its model, cuts, memory, micro-batch, "
+             "concurrency and images per record (refused before anything runs if a stage "
+             "would not fit)")] = None,
+) -> None:
+    """Run a job: every record through every stage. Run it again with the same --job to
+    resume; options left out are taken from the job, and only --memory, --concurrency and
+    --retries may change."""
+    from ..data.sources import scan_inputs
+    from ..data.tensors import TensorFormat
+    from ..driver.prepare import prepare_job
+    from ..driver.spec import DEFAULT_CONCURRENCY
+
+    source, repacked = records, None  # a plan may repack the records in a temporary folder
+    if plan is not None:
+        from .plan import apply_plan
+
+        repacked = tempfile.mkdtemp(prefix="serveless-plan-")
+        try:
+            model, cuts, memory, micro_batch, concurrency, records, planned_q = apply_plan(
+                plan, records, repacked)
+        except BaseException:
+            shutil.rmtree(repacked, ignore_errors=True)
+            raise
+        if quantize is not None and quantize != planned_q:
+            shutil.rmtree(repacked, ignore_errors=True)
+            fail(f"--quantize {quantize} differs from the plan's ({planned_q or 'fp32'})")
+        quantize = planned_q
+    if job is None and records is None:
+        fail("give --input DIR to start a job (or --job NAME to resume one)")
+    check_precision(quantize, weights, calibration_images)
+    if job is not None:
+        guarded(lambda: validate_job_name(job))
+    transform = guarded(lambda: _transform(preprocess, resize, crop, mean, std))
+    if records is not None:  # before a job is named or anything written
+        guarded(lambda: scan_inputs(records, parse_options(store_option)))
+    st, runner = _start(store, store_option, backend, backend_option,
+                        concurrency or DEFAULT_CONCURRENCY, max_instances, keep_alive)
+    if job is None:
+        job = new_job_name(st, source or "job")
+        say(f"job {job}", err=True)
+    fmt = None
+    if float16 is not None or compress is not None:
+        fmt = TensorFormat("float16" if float16 else "float32", bool(compress))
+    try:
+        spec = _prepare(st, runner, job, lambda: prepare_job(
+            st, job, model, cuts, preset, memory, micro_batch, records, fmt,
+            concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True),
+            quantize=quantize, weights=weights, calibration_images=calibration_images,
+            per_record=per_record, input_options=parse_options(store_option),
+            transform=transform, softmax=softmax, save_scores=save_scores))
+    finally:
+        if repacked:  # the job holds its own copy of the records now
+            shutil.rmtree(repacked, ignore_errors=True)
+    result = _execute(st, spec, runner, arch, keep_intermediates=keep_intermediates)
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _floats(text: str | None, what: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
+
+
+def _transform(preset: str | None, resize: int | None, crop: str | None, mean: str | None,
+               std: str | None) -> dict[str, Any] | None:
+    """--preprocess and its explicit overrides as recorded in job.json; None if none given
+    (a new job then gets ImageNet's, a resumed one keeps its own)."""
+    from ..data.images import make_transform
+    from ..driver.spec import parse_ints
+
+    if preset is None and resize is None and crop is None and mean is None and std is None:
+        return None
+    out: dict[str, Any] = make_transform(preset or "imagenet", resize, _floats(mean, "--mean"),
+                                         _floats(std, "--std"))
+    if crop is not None:
+        hw = parse_ints(crop, "--crop")
+        out["crop"] = hw * 2 if len(hw) == 1 else hw
+    return out
+
+
+def new_job_name(store: Store, records: str) -> str:
+    """'<records folder>-<date>-<n>': readable, and new in this store."""
+    import re
+
+    folder = Path(records.rstrip("/")).expanduser()
+    while any(ch in folder.name for ch in "*?[") and folder.parent != folder:
+        folder = folder.parent  # a glob: name the job after the folder it searches
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name.removesuffix(".tfrecord")).strip("-.")
+    stem = f"{base or 'job'}-{time.strftime('%Y%m%d')}"
+    n = 1
+    while store.exists(JobLayout(f"{stem}-{n}").job):
+        n += 1
+    return f"{stem}-{n}"
+
+
+@app.command()
+def demo(
+    images: Annotated[int | None, typer.Option(
+        min=1, metavar="N", help="number of images (alexnet: sample photos, default 2000; "
+        "digits: held-out images, default all 450)")] = None,
+    model: Annotated[str, typer.Option(help="alexnet (sample photos) or digits (trained)")]
+    = "alexnet",
+    per_record: Annotated[int, typer.Option(
+        "--per-record", min=1, metavar="N", help="images per record")] = 500,
+    memory: MemoryOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    micro_batch: MicroBatchOpt = None,
+    arch: ArchOpt = "x86_64",
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    backend: BackendOpt = "local",
+    backend_option: BackendOptions = None,
+    quantize: QuantizeOpt = None,
+    weights: WeightsOpt = None,
+    calibration_images: CalibrationOpt = 64,
+) -> None:
+    """The paper's experiment in small: sample photos, AlexNet in 4 stages, local functions.
+
+    With --model digits: the trained digits CNN on its held-out images, with accuracy.
+    """
+    from ..data import sources
+    from ..data.samples import make_sample_images
+    from ..driver.prepare import prepare_job
+    from ..driver.spec import DEFAULT_CONCURRENCY
+    from ..model.presets import DEMO_CUTS
+
+    model = model.lower()
+    if model not in DEMO_CUTS:
+        fail(f"--model must be one of {', '.join(sorted(DEMO_CUTS))}, got {model!r}")
+    check_precision(quantize, weights, calibration_images)
+    st, runner = _start(store, store_option, backend, backend_option,
+                        concurrency or DEFAULT_CONCURRENCY, None, KEEP_ALIVE_S)
+    layout = JobLayout("demo")
+    st.delete(layout.job)  # the demo always starts fresh
+
+    def make() -> Any:
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="serveless-demo-") as tmp:
+            if model == "digits":
+                count = _write_digits(Path(tmp), images)
+                say(f"wrote {count} held-out digits (32×32 JPEGs in class folders)…")
+            else:
+                count = 2000 if images is None else images
+                say(f"generating {count} sample photos (about 500×375, ~100 KB each)…")
+                make_sample_images(tmp, count)
+            names = sources.pack(tmp, st, layout.records_prefix, per_record)
+        say(f"packed {len(names)} records of up to {per_record} images "
+            f"({time.perf_counter() - t0:.1f} s)")
+        return prepare_job(st, "demo", model, cuts=DEMO_CUTS[model], memory=memory,
+                           micro_batch=micro_batch, concurrency=concurrency,
+                           say=lambda m: say(m), quantize=quantize, weights=weights,
+                           calibration_images=calibration_images)
+
+    spec = _prepare(st, runner, "demo", make)
+    result = _execute(st, spec, runner, arch, progress=sys.stderr.isatty())
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+def _write_digits(dest: Path, limit: int | None) -> int:
+    """The digits model's held-out images as JPEGs in class folders 0..9 (labels 0..9)."""
+    from ..model.digits import CLASSES, heldout_examples
+    from ..model.loading import load_model
+
+    load_model("digits")  # train (or load) first, so the timing line reads apart from it
+    examples = heldout_examples(limit=limit)
+    for c in range(CLASSES):  # every class folder, even empty: pack's labels stay 0..9
+        (dest / str(c)).mkdir(parents=True, exist_ok=True)
+    for i, (data, label) in enumerate(examples):
+        (dest / str(label) / f"digit_{i:04d}.jpg").write_bytes(data)
+    return len(examples)
+
+
