@@ -60,7 +60,7 @@ def test_a_secret_given_by_store_option_is_in_no_object_log_or_output(
     make_sample_images(tmp_path / "images", 10, classes=3, seed=5)
     pack(tmp_path / "images", Store(str(tmp_path / "records")), "", 10)
     seen_argv: list[str] = []
-    import serveless.backends.local as local
+    import serveless.backends.local.backend as local
 
     real_popen = local.subprocess.Popen
 
