@@ -143,12 +143,7 @@ def _message_class(name: str) -> Any:
     return message_factory.GetMessageClass(_POOL.FindMessageTypeByName(f"tensorflow.{name}"))
 
 
-#: Message classes wire-compatible with ``tf.train.*`` (for reading/writing other features).
-BytesListPB = _message_class("BytesList")
-FloatListPB = _message_class("FloatList")
-Int64ListPB = _message_class("Int64List")
-FeaturePB = _message_class("Feature")
-FeaturesPB = _message_class("Features")
+#: The message class wire-compatible with ``tf.train.Example``.
 ExamplePB = _message_class("Example")
 
 

@@ -75,13 +75,9 @@ def remember(path: str, key: list[int], sha: str) -> None:
         pass
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file, streamed; remembered while the file stays unchanged. Raises
-    OSError when the file changed while it was read."""
-    return _file_sha256(os.path.abspath(path))[0]
-
-
-def _file_sha256(path: str) -> tuple[str, list[int]]:
+def hash_file(path: str) -> tuple[str, list[int]]:
+    """(SHA-256 of a file, streamed, and the stat key it was taken under); remembered while
+    the file stays unchanged. Raises OSError when the file changed while it was read."""
     with open(path, "rb") as f:
         key = _stat_key(os.fstat(f.fileno()))
         sha = recall(path, key)
@@ -143,7 +139,7 @@ def load_hashed(path: str | os.PathLike[str]) -> tuple[onnx.ModelProto, str | No
     if sha is None or before is None:
         return model, None
     try:
-        hashed = {loc: _file_sha256(p) for loc, p in files.items()}
+        hashed = {loc: hash_file(p) for loc, p in files.items()}
     except OSError:
         return model, None
     if any(key != before[loc] for loc, (_, key) in hashed.items()):

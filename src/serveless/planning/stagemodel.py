@@ -99,11 +99,6 @@ class StageModel:
         extra = sum(float(b.get("first_run_ms", 0.0)) for b in self.blocks)
         return extra + (_path(self.cal, "stage0_first_call_ms") if self.first == 0 else 0.0)
 
-    def cpu_ms_per_image(self) -> float:
-        """CPU work per image at 1 vCPU: the model, and its input and output sides."""
-        c = sum(self._ms_at_batch(b) for b in self.blocks)
-        return c + self.input_ms_per_image() + self.output_ms_per_image()
-
     def ms_per_image(self, vcpus: Any, cpu_factor: float = 1.0) -> Any:
         """Wall ms per image at `vcpus` (array or scalar); see `wall_ms_per_image`."""
         v = np.asarray(vcpus, dtype=float)

@@ -115,7 +115,7 @@ class InstanceLimits:
         self.vcpus = vcpus
         self.mode = mode
         self.cpu_exact = cpu_exact
-        self.reason = reason  # why this mode: shown by `cgroup_support` and in run summaries
+        self.reason = reason  # why this mode: shown in run summaries
         self._dirs = list(dirs or [])  # v2: [dir]; v1: [memory dir] or [memory dir, cpu dir]
         self._peak_fd: int | None = None  # v2 memory.peak resets are per open file
 
@@ -286,20 +286,6 @@ class InstanceLimits:
         failcnt = int((_read(d / "memory.failcnt") or "0").strip() or 0)
         return failcnt > 0 and not _procs(d)
 
-    def throttled_s(self) -> float | None:
-        """Seconds the CPU quota has held the instance back (None without a kernel quota).
-
-        Tells a slow invocation that hit its CPU share apart from one starved by other load.
-        """
-        if not self.cpu_exact or not self._dirs:
-            return None
-        stat = _read(self._dirs[-1] / "cpu.stat")
-        if self.mode == "cgroup-v2":
-            usec = _keyed(stat, "throttled_usec")
-            return None if usec is None else usec / 1e6
-        nsec = _keyed(stat, "throttled_time")
-        return None if nsec is None else nsec / 1e9
-
     def remove(self) -> None:
         """Delete the cgroup directories; safe to call twice, and after the process died."""
         if self._peak_fd is not None:
@@ -342,12 +328,6 @@ def probe_limits() -> tuple[str, str, bool]:
         return probe.mode, reason, probe.cpu_exact
     finally:
         probe.remove()
-
-
-def cgroup_support() -> tuple[str, str]:
-    """(mode `InstanceLimits.create` picks here, why), found by creating a probe cgroup."""
-    mode, reason, _ = probe_limits()
-    return mode, reason
 
 
 def cleanup_stale() -> int:
