@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import random
 import shutil
@@ -30,16 +29,15 @@ import flakyfs  # noqa: E402  (the flaky:// test filesystem)
 from common import OUT, machine, save, workload  # noqa: E402
 
 from serveless.backends.local import LocalBackend, instance_processes  # noqa: E402
+from serveless.data.predictions import read_predictions  # noqa: E402
 from serveless.data.records import Example, read_record, write_record
 from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
-from serveless.store import JobLayout, Store  # noqa: E402
+from serveless.store import Store  # noqa: E402
 
 
 def count_rows(store: Store, job: str, expected: set[tuple[str, int]]) -> tuple[int, int, int]:
-    rows = []
-    for key in store.list(JobLayout(job).key("predictions"), ".jsonl"):
-        rows += [json.loads(x) for x in store.get_bytes(key).decode().splitlines()]
+    rows = read_predictions(store, job)
     counts = Counter((r["record"], r["index"]) for r in rows)
     lost = len(expected - set(counts))
     dup = sum(c - 1 for c in counts.values())

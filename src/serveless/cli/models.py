@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..store.layout import stage_file
 from .app import app, models_app
 from .common import (
     CalibrationOpt,
@@ -102,7 +103,7 @@ def partition_cmd(
                                  input_hw(onnx_model), preprocessing(onnx_model),
                                  calibration_images)
         for k, stage in enumerate(stages):
-            save_model(stage, out / f"stage-{k}.onnx")
+            save_model(stage, out / stage_file(k))
         say(f"wrote {len(stages)} {mode} stages to {out}")
         for line in q.summary_lines(info):
             say(line)

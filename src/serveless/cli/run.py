@@ -15,6 +15,7 @@ import typer
 
 from ..errors import USER_ERRORS
 from ..store import DEFAULT_STORE, JobLayout, Store, validate_job_name
+from ..store.layout import record_name
 from . import common
 from .app import app
 from .common import (
@@ -289,7 +290,7 @@ def new_job_name(store: Store, records: str) -> str:
     folder = Path(records.rstrip("/")).expanduser()
     while any(ch in folder.name for ch in "*?[") and folder.parent != folder:
         folder = folder.parent  # a glob: name the job after the folder it searches
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name.removesuffix(".tfrecord")).strip("-.")
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", record_name(folder.name)).strip("-.")
     stem = f"{base or 'job'}-{time.strftime('%Y%m%d')}"
     n = 1
     while store.exists(JobLayout(f"{stem}-{n}").job):

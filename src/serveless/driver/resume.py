@@ -18,8 +18,9 @@ from .spec import JobSpec
 
 
 def remove_stale_temporaries(store: Store, layout: JobLayout) -> None:
-    """`*.tmp-*` objects under the job are what writers killed mid-write left (a driver
-    runs its job alone, so none is being written now): remove them, never fail for it."""
+    """Temporary objects under the job (store.layout.is_temporary) are what writers killed
+    mid-write left (a driver runs its job alone, so none is being written now): remove them,
+    never fail for it."""
     with contextlib.suppress(OSError, StoreError):
         for key in store.stale_temporaries(layout.job):
             with contextlib.suppress(OSError, StoreError):

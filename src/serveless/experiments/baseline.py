@@ -15,6 +15,7 @@ import numpy as np
 from ..data.records import Example, iter_record
 from ..report.machine import machine_info, machine_markdown
 from ..report.tables import markdown_table
+from ..store.layout import record_name
 from .common import Setup, fmt, model_label, pack_records, record_times, write_json
 
 
@@ -79,7 +80,7 @@ def time_whole_model(model: str, paths: Sequence[Path], micro_batch: int,
                     batch = []
         if batch:
             _top5(sess, name, batch)
-        per_record.append({"record": path.name.removesuffix(".tfrecord"), "images": n,
+        per_record.append({"record": record_name(path.name), "images": n,
                            "seconds": time.perf_counter() - t})
     return {"provider": provider, "provider_note": why, "threads": threads,
             "load_s": load_s, "records": per_record}

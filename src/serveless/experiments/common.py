@@ -23,6 +23,7 @@ from ..driver.spec import JobSpec, parse_memory
 from ..errors import JobError
 from ..report.summary import log_wall_s, summarize
 from ..store import JobLayout, Store
+from ..store.layout import RECORD_SUFFIX, record_file, record_name
 
 PROFILE_MEMORY_MB = 3008
 """Profiling memory: the paper's memMax. Fixed so every size gets the same CPU share."""
@@ -90,7 +91,7 @@ def pack_records(pool: Sequence[Example], size: int, count: int, dest: Path,
     dest.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        path = dest / f"{prefix}-{i:03d}.tfrecord"
+        path = dest / record_file(f"{prefix}-{i:03d}")
         with open(path, "wb") as f:
             write_record(f, (pool[(i * size + j) % len(pool)] for j in range(size)))
         paths.append(path)
@@ -140,8 +141,8 @@ class Setup:
         # the first job's, and skip loading and hashing the model again.
         template = JobSpec.load(self.store, self._template)
         names = []
-        for path in sorted(records_dir.glob("*.tfrecord")):
-            name = path.name.removesuffix(".tfrecord")
+        for path in sorted(records_dir.glob(f"*{RECORD_SUFFIX}")):
+            name = record_name(path.name)
             self.store.put_file(path, layout.record(name))
             names.append(name)
         if not names:

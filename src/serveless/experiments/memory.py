@@ -15,6 +15,7 @@ from ..errors import JobError
 from ..report.machine import machine_info, machine_markdown
 from ..report.summary import log_wall_s
 from ..report.tables import markdown_table
+from ..runtime.protocol import OUT_OF_MEMORY
 from .common import (
     PROFILE_MEMORY_MB,
     Setup,
@@ -93,7 +94,7 @@ def memory_compare_from_logs(logs: dict[tuple[str, int], list[dict[str, Any]]],
             "records": len({r["record"] for r in rows}), "images": cost["images"],
             "wall_s": log_wall_s(rows), "gb_s": cost["gb_s"], "cost": cost["cost"],
             "per_million": cost["per_million"],
-            "oom": sum(1 for r in rows if (r.get("error") or {}).get("type") == "OutOfMemory"),
+            "oom": sum(1 for r in rows if (r.get("error") or {}).get("type") == OUT_OF_MEMORY),
         })
     return {"table1": table1, "table2": table2}
 

@@ -25,6 +25,7 @@ from serveless.model.graph import save_model
 from serveless.model.presets import PAPER_PRESET
 
 from ..errors import PartitionError
+from ..store.layout import stage_file
 from .sessions import in_memory_session, random_feeds, skeleton
 
 # Ops whose output changes from run to run: never folded as constants (copying them into
@@ -445,7 +446,7 @@ def partition(model: onnx.ModelProto, cuts: Sequence[str], out_dir: str | Path |
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for k, stage in enumerate(stages):
-            save_model(stage, out / f"stage-{k}.onnx")
+            save_model(stage, out / stage_file(k))
     return stages
 
 

@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..data.images import preprocess
 from ..data.records import Example, count_examples, iter_record
 from ..errors import QuantizeError
-from ..store.layout import stage_key
+from ..store.layout import stage_file, stage_key
 
 VERSION = 1  # of the recipe below: part of the cache key
 QUANTIZE_MODES = ("int8",)
@@ -210,7 +210,7 @@ def quantize_stages(stages: Sequence[onnx.ModelProto], calibration: np.ndarray,
     x = calibration
     with tempfile.TemporaryDirectory(prefix="serveless-quantize-") as tmp, _quiet_root_logger():
         for k, stage in enumerate(stages):
-            src = os.path.join(tmp, f"stage-{k}.onnx")
+            src = os.path.join(tmp, stage_file(k))
             dst = os.path.join(tmp, f"stage-{k}-int8.onnx")
             with open(src, "wb") as f:  # onnx.save_model(external) would modify `stage`
                 f.write(stage.SerializeToString())

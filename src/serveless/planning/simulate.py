@@ -28,6 +28,7 @@ from typing import Any
 
 from ..cost import LAMBDA_GB_SECOND, bill, billed_ms, vcpus
 from ..errors import SimulationError
+from ..runtime.protocol import TIMEOUT, InvocationError
 from ..store import READ_BLOCK
 from .stagemodel import StageModel, stage_models
 
@@ -365,7 +366,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
             row[key] = round(row[key] * stretch, 3)
         error = None
         if job.timed_out:
-            error = {"type": "Timeout", "message": f"ran past {target.timeout_s:.0f} s"}
+            error = InvocationError(TIMEOUT, f"ran past {target.timeout_s:.0f} s").to_dict()
             stats["timeouts"] += 1
         row.update(init_ms=round(init_ms, 3), duration_ms=round(duration, 3),
                    billed_ms=billed_ms(duration, init_ms), error=error)

@@ -221,7 +221,7 @@ def _error_of(exc: BaseException | None) -> dict[str, Any]:
     name = type(exc).__name__
     if isinstance(exc, MemoryError) or type(exc).__name__ in DETERMINISTIC:
         return error_of(exc).to_dict()
-    if "TooManyRequests" in name or "TooManyRequests" in text or "Rate exceeded" in text:
+    if TOO_MANY_REQUESTS in name or TOO_MANY_REQUESTS in text or "Rate exceeded" in text:
         name = TOO_MANY_REQUESTS  # Lambda's 429: the driver backs off, no retry is spent
     elif isinstance(exc, TimeoutError) and "maximum time" in text:
         name = TIMEOUT
