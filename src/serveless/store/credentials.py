@@ -1,8 +1,8 @@
 """Store credentials: which options are secrets, and how they reach a function without
 travelling.
 
-A store opened with credentials in its options (`--store-option key=… secret=…`) keeps
-them in this process. What goes into events, Lithops payloads and logs is the store's
+A store opened with secrets in its options (any option not in PUBLIC_OPTIONS) keeps them
+in this process. What goes into events, Lithops payloads and logs is the store's
 `spec()`: the options that are not credentials and an opaque reference to the rest
 (`register`). A local worker gets the credentials of the stores its driver opened through
 its environment (`credentials_env`, never its command line); a remote function uses its
@@ -15,38 +15,58 @@ import json
 import os
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 CREDENTIALS_ENV = "SERVELESS_STORE_CREDENTIALS"
-_CREDENTIAL_NAMES = {"key", "secret", "token", "profile", "password", "username",
-                     "credentials"}
-_CREDENTIAL_PARTS = ("secret", "token", "password", "credential", "access_key", "account_key",
-                     "key_id", "connection_string", "profile", "sas_")
+PUBLIC_OPTIONS: dict[str, Any] = {
+    # fsspec and s3fs settings that say where and how, never who
+    "endpoint_url": None, "anon": None, "use_ssl": None, "requester_pays": None,
+    "version_aware": None, "cache_regions": None, "default_block_size": None,
+    "default_fill_cache": None, "default_cache_type": None, "use_listings_cache": None,
+    "listings_expiry_time": None, "max_paths": None, "auto_mkdir": None,
+    "client_kwargs": {"region_name": None, "endpoint_url": None, "verify": None,
+                      "use_ssl": None},
+    "config_kwargs": {"signature_version": None, "connect_timeout": None,
+                      "read_timeout": None, "retries": True, "s3": True,
+                      "max_pool_connections": None},
+}
+"""The store options that may travel (into events, Lithops payloads, job.json, logs): an
+allow-list, because a list of secrets is never complete (`s3_additional_kwargs` carries an
+SSE-C key, `headers` an Authorization, an endpoint `user:pass@`). Every other option, and
+any value that embeds a password, is a secret: it stays in the process that opened the
+store and reaches a local function through its environment, never its command line. A
+nested dict is public as far as its own allow-list goes; `True` allows a whole value."""
 _credentials: dict[str, dict[str, Any]] = {}  # reference -> credential options, this process
 _refs: dict[str, str] = {}  # canonical JSON of credential options -> reference
 
 
-def is_credential(name: str) -> bool:
-    """Whether a store option is a credential (or names one, as a profile does)."""
-    low = name.lower()
-    return low in _CREDENTIAL_NAMES or any(part in low for part in _CREDENTIAL_PARTS)
-
-
-def split_credentials(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(options without credentials, the credentials), also inside nested dicts such as
-    client_kwargs={'aws_access_key_id': ...}."""
+def split_credentials(options: dict[str, Any], allowed: dict[str, Any] | None = None,
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the options that may travel, every other one): by PUBLIC_OPTIONS, also inside nested
+    dicts such as client_kwargs={'region_name': ..., 'aws_access_key_id': ...}."""
+    allowed = PUBLIC_OPTIONS if allowed is None else allowed
     public: dict[str, Any] = {}
     secret: dict[str, Any] = {}
     for name, value in options.items():
-        if is_credential(str(name)):
-            secret[name] = value
-        elif isinstance(value, dict):
-            pub, sec = split_credentials(value)
-            public[name] = pub
+        rule = allowed.get(str(name), False) if name in allowed else False
+        if rule is True or (rule is None and not _embeds_secret(value)):
+            public[name] = value
+        elif isinstance(rule, dict) and isinstance(value, dict):
+            pub, sec = split_credentials(value, rule)
+            if pub:
+                public[name] = pub
             if sec:
                 secret[name] = sec
         else:
-            public[name] = value
+            secret[name] = value
     return public, secret
+
+
+def _embeds_secret(value: Any) -> bool:
+    """A value that carries a password of its own: a URL with user info (`user:pass@`)."""
+    if not isinstance(value, str) or "://" not in value:
+        return False
+    return bool(urlsplit(value).password or urlsplit(value).username)
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -80,10 +80,10 @@ class _Instance:
         spec = {"store": fn.store, "model_key": fn.model_key, "threads": fn.threads}
         # A fresh interpreter (not fork: onnxruntime's threads; not multiprocessing's spawn:
         # it re-runs the caller's __main__, which fails from stdin or notebooks).
-        # The store's credentials go through the environment, never argv or events.
+        # Its spec goes over the socket and the store's credentials through the environment:
+        # nothing of the store is on its command line, which `ps` shows to every user.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno()),
-             json.dumps(spec)],
+            [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno())],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
             # Out of the terminal's process group: Ctrl-C reaches the driver alone, which
             # stops its instances; one still importing would print a KeyboardInterrupt.
@@ -95,7 +95,7 @@ class _Instance:
         self.pid = self.proc.pid
         self.limits.attach(self.pid)
         self.watchdog.watch(self.pid, fn.memory_mb)
-        self.conn.send_bytes(b"go")
+        self.conn.send_bytes(json.dumps({"go": spec}).encode())  # after it is in its cgroup
         self.init_ms: float | None = None
 
     def _wait(self, timeout: float) -> bytes | None:

@@ -1,7 +1,9 @@
-"""A function instance of the local backend: `python -m serveless.backends.local.worker FD SPEC`.
+"""A function instance of the local backend: `python -m serveless.backends.local.worker FD`.
 
-It waits to be placed in its cgroup, loads its stage (the cold start), then serves JSON
-events from the driver over the socket FD until told to stop or the driver goes away.
+It waits to be placed in its cgroup and for its spec (the store, the stage model, its
+threads) over the socket FD, loads its stage (the cold start), then serves JSON events from
+the driver over the same socket until told to stop or the driver goes away. Nothing of the
+store is on its command line; the store's credentials are in its environment.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def main(fd: int, spec: dict) -> None:
+def main(fd: int) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when we stop
     conn = mpc.Connection(fd)
-    if conn.recv_bytes() != b"go":
-        return
+    try:
+        spec = json.loads(conn.recv_bytes())["go"]
+    except (EOFError, OSError, ValueError, KeyError, TypeError):
+        return  # the driver went away, or this is not a driver
     from ...runtime.handler import handle
     from ...runtime.loader import load_stage
     from ...runtime.protocol import error_of
@@ -54,4 +58,4 @@ def main(fd: int, spec: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), json.loads(sys.argv[2]))
+    main(int(sys.argv[1]))
