@@ -1,9 +1,11 @@
 """`serveless run` and `serveless demo`: lay a job out, run it on a backend, print what it
-cost. The store and the backend are checked before anything is written, and a new job that
-fails or is interrupted during setup leaves no folder behind."""
+cost. The store and the backend are checked before anything is written, and a job whose
+setup fails or is interrupted leaves the store as it found it: what this run wrote is
+removed, and nothing else."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -13,9 +15,9 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import USER_ERRORS
+from ..errors import USER_ERRORS, StoreError
 from ..store import DEFAULT_STORE, JobLayout, Store, validate_job_name
-from ..store.layout import record_name
+from ..store.layout import RECORD_SUFFIX
 from . import common
 from .app import app
 from .common import (
@@ -65,20 +67,30 @@ def _start(store_url: str, store_option: list[str] | None, backend_name: str,
 
 
 def _prepare(st: Store, backend: Any, job: str, make: Any) -> Any:
-    """Lay the job out; if that fails (or is interrupted), a new job leaves no folder."""
+    """Lay the job out; if that fails (or is interrupted), remove what this run wrote, and
+    nothing else: an object that was in the job's folder before stays, whoever wrote it."""
     layout = JobLayout(job)
-    new = not st.exists(layout.spec)
-    try:
-        return make()
-    except BaseException as exc:
-        backend.close()
-        if new:
-            st.delete(layout.job)
-        if isinstance(exc, KeyboardInterrupt):
-            fail("interrupted before the job started; nothing was kept", 130)
-        if isinstance(exc, USER_ERRORS) and not common.DEBUG:
-            fail(str(exc))
-        raise
+    before = set(guarded(lambda: st.find(layout.job)))
+    with st.journal() as written:
+        try:
+            return make()
+        except BaseException as exc:
+            backend.close()
+            _remove_written(st, written, before)
+            if isinstance(exc, KeyboardInterrupt):
+                fail("interrupted before the job started; nothing was kept", 130)
+            if isinstance(exc, USER_ERRORS) and not common.DEBUG:
+                fail(str(exc))
+            raise
+
+
+def _remove_written(st: Store, written: list[str], before: set[str]) -> None:
+    """Delete the objects a failed setup wrote (newest first) that were not there before;
+    a failure here leaves an object behind, it never hides why the setup failed."""
+    for key in reversed(dict.fromkeys(written)):
+        if key not in before:
+            with contextlib.suppress(OSError, StoreError):
+                st.delete(key)
 
 
 def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = True,
@@ -283,6 +295,9 @@ def _transform(preset: str | None, resize: int | None, crop: str | None, mean: s
     return out
 
 
+JOB_NAME_BASE = 100  # + '-YYYYMMDD-n' stays within a job name's 128 characters
+
+
 def new_job_name(store: Store, records: str) -> str:
     """'<records folder>-<date>-<n>': readable, and new in this store."""
     import re
@@ -290,7 +305,9 @@ def new_job_name(store: Store, records: str) -> str:
     folder = Path(records.rstrip("/")).expanduser()
     while any(ch in folder.name for ch in "*?[") and folder.parent != folder:
         folder = folder.parent  # a glob: name the job after the folder it searches
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", record_name(folder.name)).strip("-.")
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name.removesuffix(RECORD_SUFFIX))
+    # a job name has at most 128 characters: room for the date and a number after the base
+    base = base[:JOB_NAME_BASE].strip("-.")
     stem = f"{base or 'job'}-{time.strftime('%Y%m%d')}"
     n = 1
     while store.exists(JobLayout(f"{stem}-{n}").job):
@@ -336,7 +353,13 @@ def demo(
     st, runner = _start(store, store_option, backend, backend_option,
                         concurrency or DEFAULT_CONCURRENCY, None, KEEP_ALIVE_S)
     layout = JobLayout("demo")
-    st.delete(layout.job)  # the demo always starts fresh
+    # the demo always starts fresh, but clears only a job: never a folder of other data
+    if st.exists(layout.spec):
+        st.delete(layout.job)
+    elif guarded(lambda: st.find(layout.job)):
+        runner.close()
+        fail(f"{st.url.rstrip('/')}/demo holds objects but no job.json: it is not a demo job "
+             "and is left alone; give the demo another --store")
 
     def make() -> Any:
         t0 = time.perf_counter()

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 _HEAD = 16
 NOT_A_RECORD = "not a TFRecord file (the first entry's length CRC does not match)"
+NOT_UTF8 = "its name is not valid UTF-8 (rename the file to serve it)"
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,21 @@ def walk_files(root: str | Path) -> Iterator[tuple[str, int]]:
                     yield entry.path, entry.stat().st_size
 
 
+def _utf8(name: str) -> bool:
+    """Whether a file name is text: a local name that was not UTF-8 comes from the file
+    system with surrogate escapes, which no JSON row, key or terminal can carry."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _printable(name: str) -> str:
+    """A file name with its undecodable bytes shown as \\xNN, for a message."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def is_record_head(head: bytes) -> bool:
     """Whether bytes start like a TFRecord file: a length whose masked CRC32C follows it."""
     if len(head) < 12:
@@ -116,6 +132,12 @@ def is_record_head(head: bytes) -> bool:
 
 def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
+
+
+def input_location(source: str, options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(file system, path in it) of an input as a user names it: a local path or a URL."""
+    fs, path, _ = _open_fs(source, options)
+    return fs, path
 
 
 def _open_fs(source: str, options: dict[str, Any] | None) -> tuple[Any, str, bool]:
@@ -200,6 +222,9 @@ def scan_inputs(source: str, options: dict[str, Any] | None = None) -> Inputs:
     out.classes = classes
     index = {name: i for i, name in enumerate(classes)}
     for path, rel, size in listing:
+        if not _utf8(rel):  # its name could not be written in a row, a key or a report
+            out.skipped.append((_printable(shown[path]), NOT_UTF8))
+            continue
         f = InputFile(fs, path, rel, shown[path], size)
         if rel == LABELS_FILE:
             out.labels_file = f

@@ -8,6 +8,7 @@ framing, and on a resume that the new settings may be mixed with the outputs alr
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,45 @@ from .spec import (
     flag,
     parse_memory,
 )
+
+
+def check_job_folder(store: Store, layout: JobLayout, is_job: bool, source: str | None,
+                     options: dict[str, Any] | None = None) -> None:
+    """Refuse, before anything is written, a job whose folder would hold or touch data that
+    is not the job's: a folder of that name that is not a job (no job.json), or an input
+    that is the job's folder, lies inside it or holds it. A job writes, replaces and (on a
+    failed setup, or `jobs delete`) deletes objects in its folder."""
+    where = f"{store.url.rstrip('/')}/{layout.job}"
+    if not is_job and store.find(layout.job):
+        raise JobError(f"{where} already holds objects but no job.json: it is not a "
+                       "serveless job, and a job may not write into it; give another --job")
+    if source and _overlap(store, layout.job, source, options):
+        raise JobError(f"--input {source} and the job's folder {where} overlap (one is, or "
+                       "holds, the other): a job writes and deletes in its folder; keep the "
+                       "input elsewhere, or give another --job")
+
+
+def _overlap(store: Store, folder: str, source: str, options: dict[str, Any] | None) -> bool:
+    """Whether an input (folder, file, glob or URL) and a folder of the store share objects:
+    the same file system, and one path equal to or under the other."""
+    from ..data.sources import input_location
+
+    fs, path = input_location(source, options)
+    if set(_protocols(fs)) & set(_protocols(store.fs)) == set():
+        return False
+    if any(ch in path for ch in "*?["):  # a glob: the folder it searches
+        path = path[:min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+    mine = store.path(folder)
+    if store.local:
+        mine, path = os.path.realpath(mine), os.path.realpath(path)
+    mine, path = mine.rstrip("/"), path.rstrip("/")
+    return mine == path or path.startswith(mine + "/") or mine.startswith(path + "/")
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    proto = fs.protocol
+    found = (proto,) if isinstance(proto, str) else tuple(proto)
+    return tuple("s3" if p == "s3a" else p for p in found)
 
 
 def resolve_scores(model: Any, softmax: str) -> str:
@@ -108,6 +148,7 @@ def prepare_job(
     requests_before = store.requests.copy()
     store.check()
     old = JobSpec.load(store, job) if store.exists(layout.spec) else None
+    check_job_folder(store, layout, old is not None, records, input_options)
     model = model or (old.model if old else DEFAULT_MODEL)
     loaded, file_sha = load_model_hashed(model)
     onnx_model, fixed_batch = make_batch_dynamic(loaded)

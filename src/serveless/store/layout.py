@@ -11,14 +11,19 @@
 ```
 
 Names are rules as much as keys: a job name must stay inside its folder and must not be a
-folder the store keeps for itself (`models`); an object being written lives under a
-temporary name (`<key>.tmp-<id>`) that listings skip and a driver's start removes. Keeping
-the keys and the rules together is what lets a reader check that a job touches only what it
-wrote (several defects came from the same rule written twice, once differently).
+folder the store keeps for itself (`models`); an object being written lives, beside its
+key, under a temporary name (`.serveless-tmp-<id>`) that no name from outside can take
+(names of files that start with '.' are hidden and never read, job names start with a
+letter or digit), that listings skip and that a driver's start removes; its length does not
+grow with the key's, so a long record name cannot overflow the file system's limit through
+it. Keeping the keys and the rules together is what lets a reader check that a job touches
+only what it wrote (several defects came from the same rule written twice, once
+differently: a record named `x.tmp-1.tfrecord` was taken for a leftover and deleted).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import uuid
@@ -29,14 +34,14 @@ CALIBRATION_PREFIX = "calibration"  # <store>/calibration/<model>.json
 RECORD_SUFFIX = ".tfrecord"
 LABELS_FILE = "labels.json"  # class names, index = label: beside packed records, in a job
 DATA_SUFFIX = ".data"  # a stage's weights, stored beside its graph as ONNX external data
-TEMP_MARK = ".tmp-"  # <key>.tmp-<id>: an object being written
-_JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TEMP_PREFIX = ".serveless-tmp-"  # <folder>/.serveless-tmp-<id>: an object being written
+_JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 def validate_job_name(job: str) -> str:
     """Refuse names that could escape the job folder (path separators, '..')."""
-    if not _JOB_NAME.match(job) or ".." in job:
+    if not isinstance(job, str) or not _JOB_NAME.fullmatch(job) or ".." in job:
         raise ValueError(
             f"invalid job name {job!r}: use letters, digits, '_', '-', '.', no path separators "
             "and no '..'"
@@ -47,14 +52,17 @@ def validate_job_name(job: str) -> str:
 
 
 def temporary(path: str) -> str:
-    """The name an object (or a local file) is written under before it is renamed to `path`."""
-    return f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
+    """The name an object (or a local file) is written under, in the same folder, before it
+    is renamed to `path`."""
+    folder, _, _ = path.rpartition("/")
+    name = f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+    return f"{folder}/{name}" if folder else name
 
 
 def is_temporary(name: str) -> bool:
     """Whether a key's last part names an object still being written (or left by a writer
     that was killed): listings skip it, a driver's start removes it."""
-    return TEMP_MARK in name.rsplit("/", 1)[-1]
+    return name.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
 
 
 def probe_key() -> str:
@@ -67,9 +75,26 @@ def record_file(name: str) -> str:
     return f"{name}{RECORD_SUFFIX}"
 
 
+MAX_NAME_BYTES = 200
+"""The longest record name kept as it is, in UTF-8 bytes: its longest object name,
+`<name>.meta.json`, then stays within the 255 bytes most file systems allow."""
+
+
 def record_name(path: str) -> str:
-    """A record's name from its key or file name: the last part without `.tfrecord`."""
-    return Path(path).name.removesuffix(RECORD_SUFFIX)
+    """A record's name from its key or file name: the last part without `.tfrecord`, made
+    safe for every key it names: a name that starts with '.' (hidden, like a temporary
+    object) gets a '_' in front, and one over MAX_NAME_BYTES keeps its start and gains 16
+    hex digits of its SHA-256, so two long names stay two names. Idempotent: a key made
+    from a safe name gives the same name back."""
+    name = Path(path).name.removesuffix(RECORD_SUFFIX)
+    if not name or name.startswith("."):
+        name = "_" + name
+    data = name.encode("utf-8", "surrogatepass")
+    if len(data) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    head = data[:MAX_NAME_BYTES - len(digest) - 1].decode("utf-8", "ignore")
+    return f"{head}-{digest}"
 
 
 def record_key(prefix: str, name: str) -> str:

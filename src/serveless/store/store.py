@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -97,6 +98,8 @@ class Store:
         # Requests this Store object made, by S3 price class, one per call (retries not
         # counted): the driver's share of the bill (the functions count their own).
         self.requests: Counter[str] = Counter()
+        self._journals: list[list[str]] = []  # open journal() blocks: keys written in each
+        self._journal_lock = threading.Lock()
         if "://" not in url:
             url = Path(url).expanduser().resolve().as_uri()
         fs_options = dict(self.options)
@@ -183,11 +186,30 @@ class Store:
         """The file's path on this machine when the store is a local folder, else None."""
         return self.path(key) if self.local else None
 
+    @contextlib.contextmanager
+    def journal(self) -> Iterator[list[str]]:
+        """The keys of the objects this Store object writes inside the block, in order: what
+        a failed setup removes, and nothing else."""
+        written: list[str] = []
+        with self._journal_lock:
+            self._journals.append(written)
+        try:
+            yield written
+        finally:
+            with self._journal_lock:
+                self._journals.remove(written)
+
+    def _wrote(self, key: str) -> None:
+        with self._journal_lock:
+            for written in self._journals:
+                written.append(key.strip("/"))
+
     def put_bytes(self, key: str, data: bytes) -> None:
         if self.local:
             with self.writer(key) as f:
                 f.write(data)
-        elif self.s3 and len(data) <= S3_MAX_PUT:
+            return
+        if self.s3 and len(data) <= S3_MAX_PUT:
             self.requests["put"] += 1
             md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
             _retrying(lambda: self._put_object(self.path(key), lambda: _Bytes(data),
@@ -195,6 +217,7 @@ class Store:
         else:
             self.requests["put"] += 1
             _retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
+        self._wrote(key)
 
     def put_file(self, local: str | os.PathLike[str], key: str) -> None:
         """Upload a finished local file as one object, atomically."""
@@ -205,6 +228,7 @@ class Store:
         else:
             self.requests["put"] += 1
             self._upload(os.fspath(local), dest, key)
+            self._wrote(key)
 
     def _upload(self, local: str, dest: str, key: str) -> None:
         """One object from a finished local file: a PUT, or an atomic multipart upload.
@@ -298,6 +322,7 @@ class Store:
                 with open(tmp, "wb") as f:
                     yield f
                 os.replace(tmp, dest)
+                self._wrote(key)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -307,6 +332,7 @@ class Store:
                 with os.fdopen(fd, "wb") as f:
                     yield f
                 self._upload(tmp, dest, key)
+                self._wrote(key)
             finally:
                 os.unlink(tmp)
 
@@ -362,9 +388,9 @@ class Store:
                 md5.update(chunk)
         return md5.hexdigest()
 
-    def stale_temporaries(self, prefix: str) -> list[str]:
-        """Keys of temporary objects (`layout.is_temporary`) anywhere under a prefix: what
-        killed writers left."""
+    def find(self, prefix: str) -> list[str]:
+        """Keys of every object anywhere under a prefix, sorted; [] if there is none (one
+        listing request, paginated by the store as it needs)."""
         self.requests["list"] += 1
         base = self.path(prefix)
         try:
@@ -372,8 +398,12 @@ class Store:
         except FileNotFoundError:
             return []
         root = self.root + "/" if self.root else ""
-        return sorted(str(p).removeprefix(root) for p in found
-                      if is_temporary(str(p)))
+        return sorted(str(p).removeprefix(root) for p in found)
+
+    def stale_temporaries(self, prefix: str) -> list[str]:
+        """Keys of temporary objects (`layout.is_temporary`) anywhere under a prefix: what
+        killed writers left."""
+        return [key for key in self.find(prefix) if is_temporary(key)]
 
     def delete(self, key: str) -> None:
         self.requests["delete"] += 1
@@ -432,8 +462,8 @@ class Store:
         where = f"store {self.url!r}"
         if self.s3:
             bucket = self.root.split("/", 1)[0]
-            creds = ("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or "
-                     "--store-option key=... --store-option secret=...")
+            creds = ("AWS_PROFILE (a profile in ~/.aws/credentials), or "
+                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
             cause = type(exc.__cause__).__name__
             if {name, cause} & {"NoCredentialsError", "PartialCredentialsError"}:
                 return f"{where}: no AWS credentials found ({text}); set {creds}"
