@@ -31,5 +31,8 @@ def main() -> None:
     except Exception as exc:  # not a user mistake (those exit 2 with their message)
         if common.DEBUG or "--debug" in sys.argv:
             raise
-        common.fail(f"internal error: {type(exc).__name__}: {exc} (run again with "
-                    "'serveless --debug …' for the traceback, and please report it)", 1)
+        # said here, outside the command: typer.Exit would be raised past typer, with a
+        # traceback of its own
+        common.say_error(f"internal error: {type(exc).__name__}: {exc} (run again with "
+                         "'serveless --debug …' for the traceback, and please report it)")
+        raise SystemExit(1) from None

@@ -134,8 +134,14 @@ def say(text: str, err: bool = False) -> None:
     (err_console if err else console).print(text, markup=False, highlight=False)
 
 
+def say_error(message: str) -> None:
+    """`error: <message>` on stderr, as one line (no markup: paths keep their brackets)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message))
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
-    err_console.print(Text.assemble(("error:", "bold red"), " ", message))  # no markup in paths
+    """Inside a command: say the error and end the command with `code`."""
+    say_error(message)
     raise typer.Exit(code)
 
 

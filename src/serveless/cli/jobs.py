@@ -8,6 +8,7 @@ import typer
 from rich import box
 from rich.table import Table
 
+from ..errors import JobError
 from ..store import DEFAULT_STORE
 from .app import app
 from .common import ArchOpt, StoreOpt, StoreOptions, console, fail, guarded, open_store, say
@@ -41,12 +42,20 @@ def jobs_list(
                        ("failed images", True), ("cost $", True), ("$ per 1M", True),
                        ("last run (UTC)", False)):
         table.add_column(col, justify="right" if right else "left", no_wrap=True)
+    unreadable = []
     for name in names:
-        s = guarded(lambda name=name: job_status(st, name, arch))
+        try:
+            s = job_status(st, name, arch)
+        except JobError as exc:  # one broken job.json must not hide the store's other jobs
+            unreadable.append(str(exc))
+            table.add_row(name, "unreadable", "-", "-", "-", "-", "-", "-")
+            continue
         table.add_row(s.job, s.state, f"{s.records_done}/{s.records}", f"{s.images:,}",
                       f"{s.failed_images:,}", f"{s.cost:.6f}", f"{s.per_million:.2f}",
                       s.last_run or "-")
     console.print(table)
+    for why in unreadable:
+        say(why, err=True)
 
 
 @jobs_app.command("show")

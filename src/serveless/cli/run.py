@@ -377,7 +377,7 @@ def demo(
         return prepare_job(st, "demo", model, cuts=DEMO_CUTS[model], memory=memory,
                            micro_batch=micro_batch, concurrency=concurrency,
                            say=lambda m: say(m), quantize=quantize, weights=weights,
-                           calibration_images=calibration_images)
+                           calibration_images=calibration_images, records_placed=True)
 
     spec = _prepare(st, runner, "demo", make)
     result = _execute(st, spec, runner, arch, progress=sys.stderr.isatty())

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from .jpeg import FastPathRefused, normalize_into, preprocess_jpeg
+from .jpeg import FastPathRefused, dct_scale, jpeg_frame, normalize_into, preprocess_jpeg
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -123,6 +123,7 @@ def preprocess(
     std: Sequence[float] | None = None,
     out: np.ndarray | None = None,
     fast: bool = True,
+    max_decode_bytes: float | None = None,
 ) -> np.ndarray:
     """Encoded image bytes -> normalized float32 array of shape (3, H, W).
 
@@ -132,6 +133,8 @@ def preprocess(
     JPEGs take the libjpeg-turbo fast path (`jpeg.py`); PNG, CMYK and whatever it refuses
     take the Pillow path, which gives the same pixels to within rounding. The result is
     written into `out` (a (3, H, W) float32 array, e.g. a row of a batch) when given.
+    An image whose decode would need more than `max_decode_bytes` is refused before it is
+    decoded (`check_decode_budget`).
     """
     mean = MEAN if mean is None else mean
     std = STD if std is None else std
@@ -140,6 +143,8 @@ def preprocess(
         raise ImageDecodeError(EMPTY_FILE)
     if resize is None:
         resize = round(max(out_h, out_w) * 256 / 224)
+    if max_decode_bytes is not None:
+        check_decode_budget(data, resize, max_decode_bytes)
     if fast:
         try:
             return preprocess_jpeg(data, (out_h, out_w), resize, mean, std, max_pixels, out)
@@ -150,6 +155,44 @@ def preprocess(
         out = np.empty((3, out_h, out_w), np.float32)
     normalize_into(arr, mean, std, out)
     return out
+
+
+DECODE_SHARE = 0.25
+"""The share of a function's memory one image's decode may take. A 524-byte progressive
+JPEG that claims 10000×9999 pixels makes libjpeg hold every DCT coefficient of the full
+image (2 bytes per pixel and component: 600 MB) whatever the scale it decodes at; at the
+memory `profile` recommends for stage 0 it had the whole record OOM-killed. Refused as that
+image's error instead, the other images of the record are served."""
+
+
+def decode_bytes(data: bytes, resize: int) -> tuple[int, str]:
+    """(bytes a decode of this image holds at its peak, estimated from its header alone,
+    and how the image reads in a message). A baseline JPEG decodes at 1/2, 1/4 or 1/8 scale
+    when it is large, a progressive one buffers its whole coefficient array first, and the
+    Pillow path decodes any other format at full size (4 bytes a pixel at most)."""
+    frame = jpeg_frame(data) if data[:2] == b"\xff\xd8" else None
+    if frame is not None:
+        w, h, comps, progressive = frame
+        k = dct_scale(w, h, resize) if w and h else 1
+        scaled = -(-w // k) * -(-h // k) * 3
+        kind = "progressive JPEG" if progressive else "JPEG"
+        return (w * h * comps * 2 + scaled if progressive else scaled), f"{w}×{h} {kind}"
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            return w * h * 4, f"{w}×{h} {img.format or 'image'}"
+    except Exception:  # not readable: the decode itself says why
+        return 0, "image"
+
+
+def check_decode_budget(data: bytes, resize: int, max_bytes: float) -> None:
+    """Refuse, as this image's error, an image whose decode would take more than max_bytes."""
+    need, what = decode_bytes(data, resize)
+    if need > max_bytes:
+        raise ImageDecodeError(
+            f"decoding this {what} needs about {need / 2**20:,.0f} MB, over the "
+            f"{max_bytes / 2**20:,.0f} MB one image may take ({DECODE_SHARE:.0%} of the "
+            "function's memory)")
 
 
 def preprocess_pillow(

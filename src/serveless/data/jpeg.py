@@ -246,9 +246,46 @@ def _tiff_orientation(tiff: bytes) -> int | None:
             return None
         tag, kind, n = struct.unpack(order + "HHI", tiff[entry:entry + 8])
         if tag == ORIENTATION_TAG:
-            if kind != 3 or n < 1:  # SHORT
+            code = _TIFF_INTEGERS.get(kind)
+            if code is None or n < 1:  # not an integer: Pillow ignores it too
                 return None
-            (value,) = struct.unpack(order + "H", tiff[entry + 8:entry + 10])
+            field = tiff[entry + 8:entry + 8 + struct.calcsize(code)]
+            (value,) = struct.unpack(order + code, field)
             return value if 1 <= value <= 8 else None
+    return None
+
+
+_TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
+"""TIFF's integer types by code (BYTE, SHORT, LONG and their signed kinds) and their
+struct formats: the orientation is a SHORT by the standard, yet writers store it as any of
+them, and Pillow applies it whichever it is, so the fast path must too."""
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int, bool] | None:
+    """(width, height, components, progressive) from a JPEG's frame header; None when it
+    has none before its first scan. A header walk: nothing is decoded."""
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA):
+            return None
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if length < 2:
+            return None
+        if marker in _SOF and pos + 10 <= end:
+            h, w, comps = struct.unpack(">HHB", data[pos + 5:pos + 10])
+            return w, h, comps, marker in _PROGRESSIVE
+        pos += 2 + length
     return None
 

@@ -58,6 +58,36 @@ def prediction_row(
     return row
 
 
+def parse_classes(data: bytes, where: str) -> list[str]:
+    """Class names from a labels.json (index = label): a JSON list of strings. Anything
+    else is a ValueError naming the object: a mistake in the store, not one that a retry
+    can mend."""
+    try:
+        classes = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where}: not JSON: {exc}") from exc
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise ValueError(f"{where}: expected a JSON list of class names, got "
+                         f"{type(classes).__name__}")
+    return classes
+
+
+def parse_meta(data: bytes, where: str) -> dict[str, Any]:
+    """A record's meta (what stage 0 found: names, labels, per-image errors), checked."""
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{where}: not JSON: {exc}") from exc
+    ok = (isinstance(meta, dict) and isinstance(meta.get("n"), int)
+          and isinstance(meta.get("filenames"), list) and isinstance(meta.get("labels"), list)
+          and isinstance(meta.get("errors", {}), dict)
+          and len(meta["filenames"]) == len(meta["labels"]) == meta["n"]
+          and all(isinstance(x, int) for x in meta["labels"]))
+    if not ok:
+        raise ValueError(f"{where}: not a record's meta (n, filenames, labels, errors)")
+    return meta
+
+
 def prediction_keys(store: Store, job: str) -> list[str]:
     """The keys of a job's predictions objects, in record name order."""
     return store.list(JobLayout(job).predictions_prefix, ".jsonl")

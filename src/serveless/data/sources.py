@@ -26,6 +26,7 @@ from ..errors import RecordError, SourceError
 from ..store import file_md5
 from ..store.layout import LABELS_FILE, RECORD_SUFFIX, record_key, record_name
 from .images import EMPTY_FILE, IMAGE_FORMATS, NOT_AN_IMAGE, sniff_image
+from .predictions import parse_classes
 from .records import Example, count_examples, iter_record, masked_crc32c, write_record
 
 T = TypeVar("T")
@@ -357,12 +358,9 @@ def labels_json(classes: list[str]) -> bytes:
 def read_labels(data: bytes, where: str) -> list[str]:
     """Class names from a labels.json: a JSON list of strings (index = label)."""
     try:
-        classes = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{where}: not JSON: {exc}") from exc
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise SourceError(f"{where}: expected a JSON list of class names")
-    return classes
+        return parse_classes(data, where)
+    except ValueError as exc:
+        raise SourceError(str(exc)) from exc
 
 
 @dataclass

@@ -77,7 +77,9 @@ def load_driver_requests(store: Store, job: str) -> dict[str, int]:
         data = json.loads(store.get_bytes(key)) if store.exists(key) else {}
     except (StoreError, json.JSONDecodeError):
         return {}
-    return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def save_driver_requests(store: Store, layout: JobLayout, before: Any) -> dict[str, int]:
@@ -98,13 +100,27 @@ def load_log(store: Store, job: str) -> list[dict[str, Any]]:
     if not store.exists(key):
         return []
     rows = []
-    for line in store.get_bytes(key).decode().splitlines():
+    for line in store.get_bytes(key).decode("utf-8", "replace").splitlines():
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a torn last line from a killed driver; that invocation reruns
+            if is_row(row):
+                rows.append(row)
     return rows
+
+
+_ROW_FIELDS = {"stage": int, "record": str, "attempt": int, "started": (int, float),
+               "memory_mb": int, "init_ms": (int, float), "duration_ms": (int, float)}
+
+
+def is_row(row: Any) -> bool:
+    """Whether a line of the log is an invocation row every reader can use: one edited by
+    hand into something else is left out (its invocation, if it wrote nothing, runs again)."""
+    return isinstance(row, dict) and all(
+        isinstance(row.get(k), typ) and not isinstance(row.get(k), bool)
+        for k, typ in _ROW_FIELDS.items())
 
 
 def log_row(stage: int, record: str, attempt: int, fn: FunctionSpec, res: InvocationResult,

@@ -31,13 +31,18 @@ from .spec import (
 
 
 def check_job_folder(store: Store, layout: JobLayout, is_job: bool, source: str | None,
-                     options: dict[str, Any] | None = None) -> None:
+                     options: dict[str, Any] | None = None,
+                     records_placed: bool = False) -> None:
     """Refuse, before anything is written, a job whose folder would hold or touch data that
     is not the job's: a folder of that name that is not a job (no job.json), or an input
     that is the job's folder, lies inside it or holds it. A job writes, replaces and (on a
-    failed setup, or `jobs delete`) deletes objects in its folder."""
+    failed setup, or `jobs delete`) deletes objects in its folder. `records_placed`: the
+    caller has put the job's records in place itself (the demo), the folder's only content."""
     where = f"{store.url.rstrip('/')}/{layout.job}"
-    if not is_job and store.find(layout.job):
+    found = store.find(layout.job) if not is_job else []
+    if records_placed:
+        found = [k for k in found if not k.startswith(layout.records_prefix + "/")]
+    if found:
         raise JobError(f"{where} already holds objects but no job.json: it is not a "
                        "serveless job, and a job may not write into it; give another --job")
     if source and _overlap(store, layout.job, source, options):
@@ -104,6 +109,7 @@ def prepare_job(
     softmax: str | None = None,
     save_scores: bool | None = None,
     progress: Callable[[int], None] | None = None,
+    records_placed: bool = False,
 ) -> JobSpec:
     """Validate everything, partition the model, and lay the job out in the store.
 
@@ -148,7 +154,8 @@ def prepare_job(
     requests_before = store.requests.copy()
     store.check()
     old = JobSpec.load(store, job) if store.exists(layout.spec) else None
-    check_job_folder(store, layout, old is not None, records, input_options)
+    check_job_folder(store, layout, old is not None, records, input_options,
+                     records_placed=records_placed)
     model = model or (old.model if old else DEFAULT_MODEL)
     loaded, file_sha = load_model_hashed(model)
     onnx_model, fixed_batch = make_batch_dynamic(loaded)

@@ -79,11 +79,50 @@ class JobSpec:
     def load(cls, store: Store, job: str) -> JobSpec:
         layout = JobLayout(job)
         try:
-            data = json.loads(store.get_bytes(layout.spec))
+            raw = store.get_bytes(layout.spec)
         except StoreError as exc:
             raise JobError(f"no job {job!r} in {store.url} (missing {layout.spec})") from exc
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise JobError(f"{store.url}/{layout.spec} is not JSON ({exc}): the job cannot be "
+                           "read") from exc
+        problem = _spec_problem(data, job)
+        if problem:
+            raise JobError(f"{store.url}/{layout.spec} is not a job's spec: {problem}")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_SPEC_TYPES: dict[str, Any] = {
+    "job": str, "model": str, "cuts": list, "memory": list, "micro_batch": int, "format": dict,
+    "records": list, "input_hw": list, "concurrency": int, "retries": int,
+    "preprocess": dict, "precision": str, "quantize": dict, "models": str, "transform": dict,
+    "scores": str, "classes": bool, "save_scores": bool, "version": str,
+}
+
+
+def _spec_problem(data: Any, job: str) -> str | None:
+    """What is wrong with job.json as read (edited by hand, or not ours), or None."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    for name in ("job", "model", "cuts", "memory"):
+        if name not in data:
+            return f"no {name!r}"
+    for name, typ in _SPEC_TYPES.items():
+        if name in data and not isinstance(data[name], typ):
+            return f"{name!r} is a {type(data[name]).__name__}, not a {typ.__name__}"
+    if data["job"] != job:
+        return f"it names the job {data['job']!r}"
+    if not all(isinstance(x, str) for x in data["cuts"] + data.get("records", [])):
+        return "cuts and records must be names"
+    if len(data["memory"]) != len(data["cuts"]) + 1 or not all(
+            isinstance(m, int) and not isinstance(m, bool) for m in data["memory"]):
+        return "memory must be one whole number of MB per stage"
+    if "fixed_batch" in data and data["fixed_batch"] is not None and not isinstance(
+            data["fixed_batch"], int):
+        return "'fixed_batch' must be a number or null"
+    return None
 
 
 def parse_ints(text: str | Sequence[int], what: str) -> list[int]:

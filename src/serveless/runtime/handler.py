@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..cost import vcpus
+from ..data.predictions import parse_classes, parse_meta
 from ..data.tensors import TensorFormat
 from ..store import JobLayout, Store
 from .counters import Counters
@@ -123,12 +124,12 @@ def _serve(ev: Event, store: Store, layout: JobLayout, fmt: TensorFormat, sessio
             if meta is None:
                 raw = store.get_bytes(layout.record_meta(ev.record))
                 c.got(len(raw), 1 if store.s3 else None)
-                meta = json.loads(raw)
+                meta = parse_meta(raw, layout.record_meta(ev.record))
             classes = None
             if ev.classes:
                 raw = store.get_bytes(layout.labels)
                 c.got(len(raw))
-                classes = json.loads(raw)
+                classes = parse_classes(raw, layout.labels)
             out_key = layout.predictions(ev.record)
             kept: list[np.ndarray] | None = [] if ev.save_scores else None
             written, failed = write_predictions(store, out_key, ev.record, outputs, meta, c,

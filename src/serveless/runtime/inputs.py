@@ -78,9 +78,10 @@ def image_blocks(
     The images of a micro-batch are decoded on `ev.threads` threads (the function's vCPUs):
     libjpeg-turbo, Pillow's resize and numpy release the GIL, so they run in parallel.
     """
-    from ..data.images import preprocess
+    from ..data.images import DECODE_SHARE, preprocess
     from ..data.records import count_examples, iter_record
 
+    budget = DECODE_SHARE * ev.memory_mb * 2**20  # one image's decode, at most
     n = count_examples(src, key)
     src.seek(0)  # a local file (see _Input): no second fetch
     meta: dict[str, Any] = {"n": n, "filenames": [], "labels": [], "errors": {}}
@@ -91,7 +92,7 @@ def image_blocks(
     def decode(batch: np.ndarray, row: int, data: bytes) -> dict[str, str] | None:
         try:
             preprocess(data, ev.size, resize=resize, max_pixels=ev.max_pixels, mean=mean,
-                       std=std, out=batch[row])
+                       std=std, out=batch[row], max_decode_bytes=budget)
             return None
         except ValueError as exc:
             batch[row] = 0.0

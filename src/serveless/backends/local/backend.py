@@ -24,6 +24,8 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
@@ -68,8 +70,13 @@ def instance_processes(parent: int | None = None) -> list[Any]:
 class _Instance:
     _ids = itertools.count(1)  # next() is atomic under the GIL: concurrent cold starts
 
-    def __init__(self, fn: FunctionSpec, watchdog: Watchdog, model_cache: str):
+    def __init__(self, fn: FunctionSpec, watchdog: Watchdog, model_cache: str, tmp_root: str,
+                 spawn: Callable[..., subprocess.Popen[bytes]]):
         self.id = f"stage{fn.stage}-{fn.memory_mb}mb-{next(_Instance._ids)}"
+        # Its own temporary folder (TMPDIR): the records it downloads and anything a killed
+        # call leaves go with the instance when it stops, not into the machine's /tmp.
+        self.tmp = os.path.join(tmp_root, self.id)
+        os.makedirs(self.tmp, exist_ok=True)
         self.fn = fn
         self.watchdog = watchdog
         self.invocations = 0
@@ -82,13 +89,14 @@ class _Instance:
         # it re-runs the caller's __main__, which fails from stdin or notebooks).
         # Its spec goes over the socket and the store's credentials through the environment:
         # nothing of the store is on its command line, which `ps` shows to every user.
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [sys.executable, "-m", WORKER_MODULE, str(theirs.fileno())],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, close_fds=True,
             # Out of the terminal's process group: Ctrl-C reaches the driver alone, which
             # stops its instances; one still importing would print a KeyboardInterrupt.
             start_new_session=True,
-            env={**os.environ, **credentials_env(), MODEL_CACHE_ENV: model_cache},
+            env={**os.environ, **credentials_env(), MODEL_CACHE_ENV: model_cache,
+                 "TMPDIR": self.tmp},
         )
         theirs.close()  # the instance holds the only other end: its death reads as EOF
         self.conn = mpc.Connection(ours.detach())
@@ -182,16 +190,18 @@ class _Instance:
         self.watchdog.unwatch(self.pid)
         self.conn.close()
         self.limits.remove()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 STALE_CACHE_S = 3600.0
 
 
 def remove_stale_caches(root: str | None = None) -> int:
-    """Remove model caches (serveless-models-<pid>-<id>) of drivers that are gone and left
-    them more than an hour ago: a SIGKILLed driver cannot remove its own. The age keeps a
-    cache whose driver lives in another PID namespace (and so looks dead) for the length of
-    any job that still uses it; what is removed is only a cache, fetched again if needed."""
+    """Remove the model caches and instance folders (serveless-models-<pid>-<id>,
+    serveless-instances-<pid>-<id>) of drivers that are gone and left them more than an hour
+    ago: a SIGKILLed driver cannot remove its own. The age keeps a folder whose driver lives
+    in another PID namespace (and so looks dead) for the length of any job that still uses
+    it; what is removed is only a cache or scratch, made again if needed."""
     root = root or tempfile.gettempdir()
     count = 0
     try:
@@ -199,7 +209,7 @@ def remove_stale_caches(root: str | None = None) -> int:
     except OSError:
         return 0
     for e in entries:
-        m = re.fullmatch(r"serveless-models-(\d+)-[0-9a-f]{8}", e.name)
+        m = re.fullmatch(r"serveless-(?:models|instances)-(\d+)-[0-9a-f]{8}", e.name)
         if not m or not e.is_dir(follow_symlinks=False):
             continue
         pid = int(m.group(1))
@@ -240,10 +250,17 @@ class LocalBackend:
         # the instances of this backend and removed with it.
         # Made by the first instance that caches a stage (S3 stores only), so a run on a
         # local folder leaves no trace even if the driver is killed.
-        self.model_cache = os.path.join(tempfile.gettempdir(),
-                                        f"serveless-models-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.model_cache = os.path.join(tempfile.gettempdir(), f"serveless-models-{tag}")
+        # Each instance's temporary folder, below one of this backend's, removed with both.
+        self.tmp_root = os.path.join(tempfile.gettempdir(), f"serveless-instances-{tag}")
+        # Instances are started from one thread that lives as long as the backend: an
+        # instance dies with the thread that started it (PR_SET_PDEATHSIG follows the
+        # thread, not the process), and the driver's invoking threads end with each job,
+        # so a backend used for a second job lost its warm instances.
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serveless-spawn")
         cleanup_stale()  # cgroups of a driver that was SIGKILLed
-        remove_stale_caches()  # and its instances' model caches
+        remove_stale_caches()  # and its instances' model caches and folders
         self.mode, self.mode_reason, self.cpu_exact = probe_limits()
         # Without cgroups the watchdog is the memory cap: every 50 ms, children included.
         # With them the kernel caps each instance's whole tree and the watchdog is only a
@@ -292,7 +309,7 @@ class LocalBackend:
                     break
                 self._lock.wait(timeout=0.5)
         try:
-            inst = _Instance(fn, self.watchdog, self.model_cache)
+            inst = _Instance(fn, self.watchdog, self.model_cache, self.tmp_root, self._spawn)
         except BaseException:
             with self._lock:
                 self._count[key] -= 1
@@ -373,7 +390,13 @@ class LocalBackend:
         for inst in instances:
             inst.stop()
         self.watchdog.stop()
+        self._spawner.shutdown(wait=False)
         shutil.rmtree(self.model_cache, ignore_errors=True)
+        shutil.rmtree(self.tmp_root, ignore_errors=True)
+
+    def _spawn(self, args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """A process started on the backend's own thread (see __init__)."""
+        return self._spawner.submit(subprocess.Popen, args, **kwargs).result()
 
     def __enter__(self) -> LocalBackend:
         return self
