@@ -84,6 +84,9 @@ def jobs_show(
         f"modeled cost ${s.cost:.6f} (${s.per_million:.2f} per 1M images, {arch}); last run "
         f"{s.last_run or '-'} UTC",
     ]
+    from ..driver.lease import describe
+
+    lines.append(f"driver: {describe(s.lease)}" if s.lease else "driver: none (not running)")
     for line in lines:
         say(line)
     for rec, why in sorted(s.failed_records.items()):
@@ -117,10 +120,17 @@ def jobs_delete(
 ) -> None:
     """Delete a job and everything it holds in the store, and its stage models (shared by
     jobs of the same model and cuts) once no other job uses them."""
-    from ..driver.jobs import delete_job, job_status, shared_models, unused_models
+    from ..driver.jobs import (
+        check_not_running,
+        delete_job,
+        job_status,
+        shared_models,
+        unused_models,
+    )
 
     st = open_store(store, store_option)
     s = guarded(lambda: job_status(st, job))
+    guarded(lambda: check_not_running(st, job))
     if not yes and not typer.confirm(
             f"delete job {job} ({s.state}, {s.images:,} images) from {st.url}?", default=False):
         fail("not deleted", 1)

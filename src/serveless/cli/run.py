@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import USER_ERRORS, StoreError
+from ..errors import USER_ERRORS, JobError, StoreError
 from ..store import DEFAULT_STORE, JobLayout, Store, validate_job_name
 from ..store.layout import RECORD_SUFFIX
 from . import common
@@ -94,7 +94,7 @@ def _remove_written(st: Store, written: list[str], before: set[str]) -> None:
 
 
 def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = True,
-             keep_intermediates: bool = True) -> Any:
+             keep_intermediates: bool = True, lease: Any = None) -> Any:
     from ..driver.scheduler import run_job
     from ..report.summary import job_notes, print_summary
 
@@ -102,7 +102,7 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
         result = run_job(store, spec, backend, concurrency=spec.concurrency,
                          retries=spec.retries, progress=progress,
                          keep_intermediates=keep_intermediates,
-                         say=lambda m: say(m, err=True))
+                         say=lambda m: say(m, err=True), lease=lease)
     except KeyboardInterrupt:
         backend.close()  # stop every instance before saying anything
         fail("interrupted; run the same command again to resume", 130)
@@ -129,7 +129,7 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
                   run_images=result.images_run)
     layout = JobLayout(spec.job)
     say(f"predictions: {store.path(layout.predictions_prefix)}/*.jsonl")
-    say(f"invocation log: {store.path(layout.log)}")
+    say(f"invocation log: {store.path(layout.log_prefix)}/")
     console.print(
         f"served {result.images - result.image_errors} images; failed images "
         f"{result.image_errors}; failed records {len(result.failed_records)}; retried "
@@ -251,22 +251,41 @@ def run(
     if job is None:
         job = new_job_name(st, source or "job")
         say(f"job {job}", err=True)
+    lease = _take_lease(st, runner, job)
     fmt = None
     if float16 is not None or compress is not None:
         fmt = TensorFormat("float16" if float16 else "float32", bool(compress))
     try:
-        spec = _prepare(st, runner, job, lambda: prepare_job(
-            st, job, model, cuts, preset, memory, micro_batch, records, fmt,
-            concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True),
-            quantize=quantize, weights=weights, calibration_images=calibration_images,
-            per_record=per_record, input_options=parse_options(store_option),
-            transform=transform, softmax=softmax, save_scores=save_scores))
+        try:
+            spec = _prepare(st, runner, job, lambda: prepare_job(
+                st, job, model, cuts, preset, memory, micro_batch, records, fmt,
+                concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True),
+                quantize=quantize, weights=weights, calibration_images=calibration_images,
+                per_record=per_record, input_options=parse_options(store_option),
+                transform=transform, softmax=softmax, save_scores=save_scores))
+        finally:
+            if repacked:  # the job holds its own copy of the records now
+                shutil.rmtree(repacked, ignore_errors=True)
+        result = _execute(st, spec, runner, arch, keep_intermediates=keep_intermediates,
+                          lease=lease)
     finally:
-        if repacked:  # the job holds its own copy of the records now
-            shutil.rmtree(repacked, ignore_errors=True)
-    result = _execute(st, spec, runner, arch, keep_intermediates=keep_intermediates)
+        lease.release()
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _take_lease(st: Store, backend: Any, job: str) -> Any:
+    """The job's lease, taken before anything is written; a job another driver runs is one
+    line and exit status 2."""
+    from ..driver.lease import JobLease
+
+    try:
+        return JobLease(st, job, say=lambda m: say(m, err=True)).acquire()
+    except (JobError, StoreError) as exc:
+        backend.close()
+        if common.DEBUG:
+            raise
+        fail(str(exc))
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -354,12 +373,16 @@ def demo(
                         concurrency or DEFAULT_CONCURRENCY, None, KEEP_ALIVE_S)
     layout = JobLayout("demo")
     # the demo always starts fresh, but clears only a job: never a folder of other data
-    if st.exists(layout.spec):
-        st.delete(layout.job)
-    elif guarded(lambda: st.find(layout.job)):
+    is_job = st.exists(layout.spec)
+    if not is_job and [k for k in guarded(lambda: st.find(layout.job)) if k != layout.lease]:
         runner.close()
         fail(f"{st.url.rstrip('/')}/demo holds objects but no job.json: it is not a demo job "
              "and is left alone; give the demo another --store")
+    lease = _take_lease(st, runner, "demo")
+    if is_job:
+        for key in st.find(layout.job):
+            if key != layout.lease:
+                st.delete(key)
 
     def make() -> Any:
         t0 = time.perf_counter()
@@ -379,8 +402,11 @@ def demo(
                            say=lambda m: say(m), quantize=quantize, weights=weights,
                            calibration_images=calibration_images, records_placed=True)
 
-    spec = _prepare(st, runner, "demo", make)
-    result = _execute(st, spec, runner, arch, progress=sys.stderr.isatty())
+    try:
+        spec = _prepare(st, runner, "demo", make)
+        result = _execute(st, spec, runner, arch, progress=sys.stderr.isatty(), lease=lease)
+    finally:
+        lease.release()
     if not result.ok:
         raise typer.Exit(1)
 

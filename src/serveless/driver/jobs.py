@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from ..data.predictions import prediction_keys, record_of
 from ..errors import JobError
 from ..report.summary import summarize
 from ..store import MODELS_PREFIX, JobLayout, Store
+from .lease import TTL_S, describe, gone, read_lease
 from .log import load_driver_requests, load_log
 from .spec import JobSpec
 
@@ -33,6 +35,7 @@ class JobStatus:
     last_run: str  # UTC date and time of the last invocation, "" if none
     spec: JobSpec
     failed_records: dict[str, str]
+    lease: dict[str, Any] | None = None  # the driver that runs it now (lease.py), if any
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "spec"}
@@ -80,7 +83,7 @@ def job_status(store: Store, job: str, arch: str = "x86_64") -> JobStatus:
         images=summary["images"] if summary else 0, failed_images=failed_images,
         cost=summary["cost"] if summary else 0.0,
         per_million=summary["per_million"] if summary else 0.0,
-        last_run=when, spec=spec, failed_records=failed,
+        last_run=when, spec=spec, failed_records=failed, lease=read_lease(store, job),
     )
 
 
@@ -91,10 +94,20 @@ def intermediate_prefixes(store: Store, job: str) -> list[str]:
             if key.rsplit("/", 1)[-1].startswith("stage-")]
 
 
+def check_not_running(store: Store, job: str) -> None:
+    """Refuse to change a job that a driver is running now (its lease is fresh)."""
+    lease = read_lease(store, job)
+    if lease is not None and time.time() - float(lease.get("renewed", 0)) <= TTL_S \
+            and not gone(lease):
+        raise JobError(f"job {job!r} is being run by a driver ({describe(lease)}); "
+                       "wait for it to finish")
+
+
 def clean_job(store: Store, job: str) -> int:
     """Remove a job's intermediate outputs, keeping records, models, predictions and the
     log; returns the bytes freed. Unfinished records restart from stage 0 on resume."""
     JobSpec.load(store, job)  # a clear error if there is no such job
+    check_not_running(store, job)
     freed = 0
     for prefix in intermediate_prefixes(store, job):
         freed += store.du(prefix)
@@ -107,6 +120,7 @@ def delete_job(store: Store, job: str) -> int:
     layout = JobLayout(job)
     if not store.exists(layout.spec):
         raise JobError(f"no job {job!r} in {store.url}")
+    check_not_running(store, job)
     freed = store.du(layout.job)
     store.delete(layout.job)
     return freed

@@ -39,7 +39,7 @@ def check_job_folder(store: Store, layout: JobLayout, is_job: bool, source: str 
     failed setup, or `jobs delete`) deletes objects in its folder. `records_placed`: the
     caller has put the job's records in place itself (the demo), the folder's only content."""
     where = f"{store.url.rstrip('/')}/{layout.job}"
-    found = store.find(layout.job) if not is_job else []
+    found = [k for k in store.find(layout.job) if k != layout.lease] if not is_job else []
     if records_placed:
         found = [k for k in found if not k.startswith(layout.records_prefix + "/")]
     if found:

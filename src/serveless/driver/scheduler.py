@@ -46,6 +46,7 @@ import math
 import os
 import random
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ from ..data.tensors import TensorFormat
 from ..errors import JobError, StoreError
 from ..runtime.protocol import OUT_OF_MEMORY, TOO_MANY_REQUESTS, Event, InvocationError, Metrics
 from ..store import JobLayout, Store
+from .lease import JobLease
 from .log import InvocationLog, log_row, save_driver_requests
 from .progress import Progress
 from .resume import completed_stages, remove_stale_temporaries
@@ -107,12 +109,16 @@ def run_job(
     rng: random.Random | None = None,
     keep_intermediates: bool = True,
     say: Callable[[str], None] | None = None,
+    lease: JobLease | None = None,
 ) -> JobResult:
     """Serve every record through every stage; returns what happened, never loses a record.
 
     Intermediate outputs stay in the store (as in the paper, and for inspection) unless
     `keep_intermediates` is False: then a record's are deleted once its predictions are
     written, so a large job does not leave ~0.35 MB per image behind.
+
+    The job's lease (lease.py) is held throughout: the caller's, or one taken here. A job
+    another driver runs is refused before anything is written or invoked.
     """
     if concurrency < 1:
         raise JobError("--concurrency must be >= 1")
@@ -121,6 +127,20 @@ def run_job(
     problem = getattr(backend, "store_problem", lambda url: None)(store.url)
     if problem:
         raise JobError(problem)
+    own = lease is None
+    held = lease or JobLease(store, spec.job, say).acquire()
+    try:
+        return _run(store, spec, backend, concurrency, retries, progress, rng,
+                    keep_intermediates, say, held, requests_before)
+    finally:
+        if own:
+            held.release()
+
+
+def _run(store: Store, spec: JobSpec, backend: Backend, concurrency: int, retries: int,
+         progress: bool, rng: random.Random | None, keep_intermediates: bool,
+         say: Callable[[str], None] | None, lease: JobLease,
+         requests_before: Any) -> JobResult:
     layout = JobLayout(spec.job)
     fmt = TensorFormat.from_dict(spec.format)
     remove_stale_temporaries(store, layout)
@@ -128,7 +148,12 @@ def run_job(
     rng = rng or random.Random()
     memory = list(spec.memory)
     raised: dict[int, int] = {}
-    done_stage = completed_stages(store, layout, spec, log.rows)
+    done_stage, recovered = completed_stages(store, layout, spec, log.rows)
+    for row in recovered:  # calls whose rows a killed driver did not flush: counted again
+        log.append(row)
+    if recovered and say:
+        say(f"recovered {len(recovered)} calls the log had lost from what they stored with "
+            "their outputs")
     order = {r: i for i, r in enumerate(spec.records)}
     heap: list[_Task] = []
     for record in spec.records:
@@ -157,19 +182,22 @@ def run_job(
         return FunctionSpec(stage=stage, memory_mb=mem, model_key=spec.stage_model_key(stage),
                             store=store.spec(), threads=_threads(mem, cores))
 
-    def invoke(task: _Task, fn: FunctionSpec) -> tuple[InvocationResult, float]:
+    def invoke(task: _Task, fn: FunctionSpec, call: str) -> tuple[InvocationResult, float]:
         started = time.time()
         event = Event(store=store.spec(), job=spec.job, stage=task.stage, stages=spec.stages,
                       record=task.record, memory_mb=fn.memory_mb, micro_batch=spec.micro_batch,
                       threads=fn.threads, format=fmt.to_dict(), size=spec.input_hw,
                       preprocess=spec.preprocess, model=fn.model_key, transform=spec.transform,
-                      scores=spec.scores, classes=spec.classes, save_scores=spec.save_scores)
+                      scores=spec.scores, classes=spec.classes, save_scores=spec.save_scores,
+                      call=call)
         return backend.invoke(fn, event.to_dict()), started
 
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="serveless-invoke")
-    inflight: dict[Future[tuple[InvocationResult, float]], tuple[_Task, FunctionSpec]] = {}
+    inflight: dict[Future[tuple[InvocationResult, float]], tuple[_Task, FunctionSpec, str]] = {}
     try:
         while heap or inflight:
+            if lease.lost:  # another driver has the job now: stop before doing its work twice
+                raise JobError(lease.lost)
             now = time.monotonic()
             deferred = []
             while heap and len(inflight) < concurrency:
@@ -178,7 +206,8 @@ def run_job(
                     deferred.append(task)
                     continue
                 fn = fn_for(task.stage)
-                inflight[pool.submit(invoke, task, fn)] = (task, fn)
+                call = uuid.uuid4().hex
+                inflight[pool.submit(invoke, task, fn, call)] = (task, fn, call)
             for task in deferred:
                 heapq.heappush(heap, task)
             if not inflight:
@@ -186,14 +215,14 @@ def run_job(
                 continue
             done, _ = wait(inflight, timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in done:
-                task, fn = inflight.pop(fut)
+                task, fn, call = inflight.pop(fut)
                 try:
                     result, started = fut.result()
                 except Exception as exc:  # the backend itself failed (fds, spawn): retry
                     result, started = InvocationResult(
                         None, InvocationError(type(exc).__name__, str(exc)), False, 0.0,
                         0.0, None), time.time()
-                row = log_row(task.stage, task.record, task.attempt, fn, result, started)
+                row = log_row(task.stage, task.record, task.attempt, fn, result, started, call)
                 if ephemeral_mb:
                     row["ephemeral_mb"] = int(ephemeral_mb)
                 log.append(row)
@@ -242,7 +271,7 @@ def run_job(
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        log.flush()
+        log.close()
         bar.close()
         with contextlib.suppress(OSError, StoreError):
             driver_requests = save_driver_requests(store, layout, requests_before)

@@ -21,7 +21,7 @@ from ..cost import check_memory
 from ..data.tensors import TensorFormat
 from ..errors import JobError, StoreError
 from ..store import JobLayout, Store
-from ..store.layout import stage_key
+from ..store.layout import record_file, record_name, stage_key
 
 DEFAULT_MEMORY_MB = 1769
 DEFAULT_MICRO_BATCH = 32
@@ -116,6 +116,9 @@ def _spec_problem(data: Any, job: str) -> str | None:
         return f"it names the job {data['job']!r}"
     if not all(isinstance(x, str) for x in data["cuts"] + data.get("records", [])):
         return "cuts and records must be names"
+    unsafe = [r for r in data.get("records", []) if record_name(record_file(r)) != r]
+    if unsafe:  # every key of a record is made from its name: it must stay in the job
+        return f"record name {unsafe[0]!r} is not one a job makes"
     if len(data["memory"]) != len(data["cuts"]) + 1 or not all(
             isinstance(m, int) and not isinstance(m, bool) for m in data["memory"]):
         return "memory must be one whole number of MB per stage"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb
 from .memory import reset_rss_peak as reset_peak
 from .memory import rss_peak_mb as peak_mb
 from .outputs import write_predictions, write_tensor
-from .protocol import Event, Metrics
+from .protocol import Event, Metrics, call_metadata
 
 _invocations = 0
 
@@ -48,56 +49,77 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
 
     model_key = ev.model or layout.stage_model(ev.stage)
     loaded = load_stage(store, model_key, ev.threads)
-    session, init_ms = loaded.session, loaded.init_ms
     # The first call after an instance's init (the local backend loads the stage before
     # the first event) reports that load: where the model came from, and its requests.
-    load = reported(loaded)
-    model_source = load.source
-    if load.bytes:
-        c.got(load.bytes, load.gets)
-    c.heads += load.heads
-    cpu0 = time.process_time()
-    with ChargeSampler() as sampler:  # the peak the memory cap is held to (memory.py)
-        n, meta, written, failed = _serve(ev, store, layout, fmt, session, c)
+    call = _Call(ev, t0, loaded.init_ms, reported(loaded))
+    if call.load.bytes:
+        c.got(call.load.bytes, call.load.gets)
+    c.heads += call.load.heads
+    with ChargeSampler() as call.sampler:  # the peak the memory cap is held to (memory.py)
+        n, meta, written, failed = _serve(ev, store, layout, fmt, loaded.session, c, call)
     errors = len(meta.get("errors", {})) if meta else 0
-    rss_peak, cgroup_peak = peak_mb(), cgroup_peak_mb()
-    charges = [p for p in (sampler.peak_mb, load.charge_peak_mb) if p is not None]
-    peak = enforced_peak_mb(rss_peak, max(charges) if charges else None)
-    duration_ms = (time.perf_counter() - t0) * 1000 - init_ms
-    # CPU of all the process's threads while serving: below duration × vCPUs, the call
-    # waited (on the store, or on cores shared with other instances), not on its quota.
-    cpu_ms = (time.process_time() - cpu0) * 1000
-    return Metrics(
-        stage=ev.stage,
-        record=ev.record,
-        images=n,
-        image_errors=errors,
-        cold=init_ms > 0,
-        model_source=model_source,
-        handler_init_ms=round(init_ms, 3),
-        duration_ms=round(duration_ms, 3),
-        read_ms=round(c.read_ms, 3),
-        compute_ms=round(c.compute_ms, 3),
-        write_ms=round(c.write_ms, 3),
-        cpu_ms=round(cpu_ms, 3),
-        bytes_in=c.bytes_in,
-        bytes_out=c.bytes_out,
-        gets=c.gets,
-        heads=c.heads,
-        puts=c.puts,
-        peak_mb=round(peak, 1),
-        peak_rss_mb=round(rss_peak, 1),
-        peak_cgroup_mb=round(cgroup_peak, 1) if cgroup_peak else None,
-        # the sampled charge less file cache (None without a cgroup of its own)
-        peak_working_set_mb=round(max(charges), 1) if charges else None,
-        output=written,
-        failed_images=failed,
-    ).to_dict()
+    return call.metrics(c, n, errors, written, failed).to_dict()
+
+
+class _Call:
+    """One invocation being served: its figures at any moment, for its metrics at the end
+    and for the call stored with its output (which resume recovers a lost log row from)."""
+
+    def __init__(self, ev: Event, t0: float, init_ms: float, load: Any):
+        self.ev, self.t0, self.init_ms, self.load = ev, t0, init_ms, load
+        self.started = time.time() - (time.perf_counter() - t0)  # wall clock, at the call
+        self.cpu0 = time.process_time()
+        self.sampler: ChargeSampler | None = None
+
+    def metrics(self, c: Counters, n: int, errors: int, written: dict[str, Any] | None,
+                failed: list[list[str]] | None, writing: int | None = None) -> Metrics:
+        """The call's metrics now; `writing`: the bytes of an object being written, counted
+        as one more PUT."""
+        rss_peak, cgroup_peak = peak_mb(), cgroup_peak_mb()
+        sampled = self.sampler.peak_mb if self.sampler is not None else None
+        charges = [p for p in (sampled, self.load.charge_peak_mb) if p is not None]
+        peak = enforced_peak_mb(rss_peak, max(charges) if charges else None)
+        # CPU of all the process's threads while serving: below duration × vCPUs, the call
+        # waited (on the store, or on cores shared with other instances), not on its quota.
+        cpu_ms = (time.process_time() - self.cpu0) * 1000
+        return Metrics(
+            stage=self.ev.stage,
+            record=self.ev.record,
+            images=n,
+            image_errors=errors,
+            cold=self.init_ms > 0,
+            model_source=self.load.source,
+            handler_init_ms=round(self.init_ms, 3),
+            duration_ms=round((time.perf_counter() - self.t0) * 1000 - self.init_ms, 3),
+            read_ms=round(c.read_ms, 3),
+            compute_ms=round(c.compute_ms, 3),
+            write_ms=round(c.write_ms, 3),
+            cpu_ms=round(cpu_ms, 3),
+            bytes_in=c.bytes_in,
+            bytes_out=c.bytes_out + (writing or 0),
+            gets=c.gets,
+            heads=c.heads,
+            puts=c.puts + (writing is not None),
+            peak_mb=round(peak, 1),
+            peak_rss_mb=round(rss_peak, 1),
+            peak_cgroup_mb=round(cgroup_peak, 1) if cgroup_peak else None,
+            # the sampled charge less file cache (None without a cgroup of its own)
+            peak_working_set_mb=round(max(charges), 1) if charges else None,
+            output=written,
+            failed_images=failed,
+        )
+
+    def stored(self, c: Counters, n: int, errors: Callable[[], int],
+               ) -> Callable[[int], dict[str, str]]:
+        """What a writer stores with the call's output: the call, as it stands when the
+        object of `size` bytes is written."""
+        return lambda size: call_metadata(
+            self.ev, self.metrics(c, n, errors(), None, None, writing=size), self.started)
 
 
 def _serve(ev: Event, store: Store, layout: JobLayout, fmt: TensorFormat, session: Any,
-           c: Counters) -> tuple[int, dict[str, Any] | None, dict[str, Any],
-                                 list[list[str]] | None]:
+           c: Counters, call: _Call) -> tuple[int, dict[str, Any] | None, dict[str, Any],
+                                              list[list[str]] | None]:
     """Read the input, run the stage, write the output: (images, record meta, written
     object, the failed images the last stage lists)."""
     input_name = session.get_inputs()[0].name
@@ -132,8 +154,10 @@ def _serve(ev: Event, store: Store, layout: JobLayout, fmt: TensorFormat, sessio
                 classes = parse_classes(raw, layout.labels)
             out_key = layout.predictions(ev.record)
             kept: list[np.ndarray] | None = [] if ev.save_scores else None
-            written, failed = write_predictions(store, out_key, ev.record, outputs, meta, c,
-                                                ev.scores, classes, kept)
+            errors = meta.get("errors", {})
+            written, failed = write_predictions(
+                store, out_key, ev.record, outputs, meta, c, ev.scores, classes, kept,
+                call.stored(c, meta["n"], lambda: len(errors)))
             if kept is not None:
                 buf = io.BytesIO()
                 np.save(buf, np.concatenate(kept) if kept else np.zeros((0, 0), np.float32))
@@ -141,7 +165,9 @@ def _serve(ev: Event, store: Store, layout: JobLayout, fmt: TensorFormat, sessio
                 c.put(buf.tell())
         else:
             out_key = layout.stage_output(ev.stage, ev.record, fmt.suffix)
-            written = write_tensor(store, out_key, n, outputs, fmt, c)
+            found = meta.get("errors", {}) if meta is not None else {}
+            written = write_tensor(store, out_key, n, outputs, fmt, c,
+                                   call.stored(c, n, lambda: len(found)))
             if meta is not None:  # after the tensor: its errors are known once all decoded
                 data = json.dumps(meta).encode()
                 store.put_bytes(layout.record_meta(ev.record), data)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import google_crc32c
@@ -53,9 +53,12 @@ class HashingWriter:
 
 def write_tensor(
     store: Store, key: str, n: int, outputs: Iterator[np.ndarray], fmt: TensorFormat,
-    c: Counters,
+    c: Counters, call: Callable[[int], dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    with store.writer(key) as f:
+    """The stage's output tensor; `call` gives, from the object's size, the metadata stored
+    with it (the call that wrote it)."""
+    hw: HashingWriter | None = None
+    with store.writer(key, _metadata(call, lambda: hw)) as f:
         hw = HashingWriter(f)
         writer: TensorWriter | None = None
         for out in outputs:
@@ -76,7 +79,7 @@ def write_tensor(
 def write_predictions(
     store: Store, key: str, record: str, outputs: Iterator[np.ndarray], meta: dict[str, Any],
     c: Counters, scores: str = "probs", classes: list[str] | None = None,
-    kept: list[np.ndarray] | None = None,
+    kept: list[np.ndarray] | None = None, call: Callable[[int], dict[str, str]] | None = None,
 ) -> tuple[dict[str, Any], list[list[str]]]:
     """One JSONL row per image; returns (the object written, the failed images listed up to
     MAX_FAILED_LISTED with their reasons, for the log and the summary)."""
@@ -84,7 +87,9 @@ def write_predictions(
     filenames, labels = meta["filenames"], meta["labels"]
     index = 0
     failed: list[list[str]] = []
-    with store.writer(key) as f:  # the object appears only if the whole block succeeds
+    hw: HashingWriter | None = None
+    # the object appears only if the whole block succeeds
+    with store.writer(key, _metadata(call, lambda: hw)) as f:
         hw = HashingWriter(f)
         for out in outputs:
             t = time.perf_counter()
@@ -114,3 +119,18 @@ def write_predictions(
                 f"record {record}: {index} predictions for {meta['n']} images")
     c.put(hw.size)
     return {"key": key, "size": hw.size, "crc32c": hw.hexdigest()}, failed
+
+
+def _metadata(call: Callable[[int], dict[str, str]] | None,
+              writer: Callable[[], HashingWriter | None]) -> Callable[[], dict[str, str]] | None:
+    """The store's metadata callback for an object written through a HashingWriter: the
+    call, given the object's size and CRC32C once everything is written."""
+    if call is None:
+        return None
+
+    def metadata() -> dict[str, str]:
+        hw = writer()
+        size = hw.size if hw is not None else 0
+        return {**call(size), "serveless-crc32c": hw.hexdigest() if hw is not None else ""}
+
+    return metadata

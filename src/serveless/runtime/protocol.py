@@ -22,6 +22,7 @@ literals elsewhere:
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -78,6 +79,7 @@ class Event:
     scores: str = "probs"  # what the model outputs: probs, softmax(logits) (applied here), logits
     classes: bool = False  # the job has <job>/labels.json: rows get class_name
     save_scores: bool = False  # also write every image's whole score row (run --save-scores)
+    call: str = ""  # this invocation's id: stored with its output, so resume can recover it
 
     def to_dict(self) -> dict[str, Any]:
         """The event as JSON-safe data, for a backend to carry."""
@@ -147,6 +149,36 @@ class Metrics:
         """Metrics as they arrived; fields it does not know are ignored (a newer function)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in (data or {}).items() if k in names})
+
+
+CALL_METADATA = "serveless-call"
+"""The metadata key under which a function stores its call with its output object."""
+_CALL_FIELDS = ("images", "image_errors", "cold", "model_source", "handler_init_ms",
+                "duration_ms", "read_ms", "compute_ms", "write_ms", "cpu_ms", "bytes_in",
+                "bytes_out", "gets", "heads", "puts", "peak_mb", "peak_rss_mb",
+                "peak_cgroup_mb", "peak_working_set_mb")
+
+
+def call_metadata(ev: Event, metrics: Metrics, started: float) -> dict[str, str]:
+    """The call that wrote an output, stored with it (S3 user metadata, 2 KB at most: the
+    numbers only; the stage, record and key follow from where the object is)."""
+    record = {"v": 1, "call": ev.call, "started": round(started, 3), "memory_mb": ev.memory_mb,
+              **{k: getattr(metrics, k) for k in _CALL_FIELDS}}
+    return {CALL_METADATA: json.dumps(record, separators=(",", ":"))}
+
+
+def parse_call_metadata(metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The call stored with an output, or None when it has none (or not ours)."""
+    try:
+        record = json.loads(metadata.get(CALL_METADATA, ""))
+    except (json.JSONDecodeError, TypeError):
+        return None
+    ok = (isinstance(record, dict) and record.get("v") == 1
+          and isinstance(record.get("started"), (int, float))
+          and isinstance(record.get("memory_mb"), int)
+          and isinstance(record.get("duration_ms"), (int, float))
+          and isinstance(record.get("handler_init_ms"), (int, float)))
+    return record if ok else None
 
 
 @dataclass

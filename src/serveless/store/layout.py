@@ -2,7 +2,8 @@
 
 ```
 <store>/models/<digest>/stage-<k>.onnx[.data], manifest.json   shared stage models
-<store>/<job>/job.json, invocations.jsonl, driver.json        what was asked; the log
+<store>/<job>/job.json, driver.json, lease                   what was asked; who runs it
+<store>/<job>/log/<run>-<n>.jsonl                             the invocation log, in segments
 <store>/<job>/records/<r>.tfrecord                            input records
 <store>/<job>/stage-<k>/<r>.npy[.zst]; stage-0/<r>.meta.json  intermediates
 <store>/<job>/predictions/<r>.jsonl; scores/<r>.npy           outputs
@@ -63,6 +64,22 @@ def is_temporary(name: str) -> bool:
     """Whether a key's last part names an object still being written (or left by a writer
     that was killed): listings skip it, a driver's start removes it."""
     return name.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
+
+
+SIDECAR_PREFIX = ".serveless-meta-"  # <folder>/.serveless-meta-<name>: an object's metadata
+
+
+def sidecar_key(key: str) -> str:
+    """Where a store without object metadata keeps an object's (beside it, hidden)."""
+    folder, _, name = key.rpartition("/")
+    return f"{folder}/{SIDECAR_PREFIX}{name}" if folder else f"{SIDECAR_PREFIX}{name}"
+
+
+def is_internal(name: str) -> bool:
+    """Whether a key's last part is the store's own bookkeeping (a temporary object, a
+    check probe, an object's metadata): never a job's object, and never a user's."""
+    last = name.rsplit("/", 1)[-1]
+    return last.startswith((TEMP_PREFIX, ".serveless-check-", SIDECAR_PREFIX))
 
 
 def probe_key() -> str:
@@ -138,13 +155,32 @@ class JobLayout:
         return self.key("job.json")
 
     @property
-    def log(self) -> str:
+    def log_prefix(self) -> str:
+        """The invocation log: append-only segments, one object per flush of one run."""
+        return self.key("log")
+
+    def log_segment(self, run: str, seq: int) -> str:
+        """A run's seq-th segment: `log/<run>-<seq>.jsonl` (names sort in time)."""
+        return f"{self.log_prefix}/{run}-{seq:06d}.jsonl"
+
+    def log_run(self, run: str) -> str:
+        """A finished run's segments as one object: `log/<run>.jsonl`."""
+        return f"{self.log_prefix}/{run}.jsonl"
+
+    @property
+    def legacy_log(self) -> str:
+        """The one-file log of jobs from before segments (read, never written)."""
         return self.key("invocations.jsonl")
 
     @property
     def driver(self) -> str:
         """The driver's own store requests for this job, by kind, over all its runs."""
         return self.key("driver.json")
+
+    @property
+    def lease(self) -> str:
+        """Which driver runs the job now (host, pid, since, renewed): driver/lease.py."""
+        return self.key("lease")
 
     @property
     def labels(self) -> str:

@@ -28,6 +28,7 @@ import base64
 import contextlib
 import hashlib
 import inspect
+import json
 import math
 import os
 import random
@@ -46,7 +47,7 @@ import fsspec.asyn
 
 from ..errors import StoreError
 from .credentials import lookup, merge, register, split_credentials
-from .layout import is_temporary, probe_key, temporary
+from .layout import is_internal, is_temporary, probe_key, sidecar_key, temporary
 
 T = TypeVar("T")
 DEFAULT_STORE = "./serveless-store"
@@ -230,7 +231,8 @@ class Store:
             self._upload(os.fspath(local), dest, key)
             self._wrote(key)
 
-    def _upload(self, local: str, dest: str, key: str) -> None:
+    def _upload(self, local: str, dest: str, key: str,
+                metadata: dict[str, str] | None = None) -> None:
         """One object from a finished local file: a PUT, or an atomic multipart upload.
 
         Every attempt sends the file from its first byte (a fresh file object per attempt,
@@ -240,18 +242,23 @@ class Store:
         size = os.path.getsize(local)
         if self.s3 and size <= S3_MAX_PUT:
             md5 = _file_md5(local)
-            _retrying(lambda: self._put_object(dest, lambda: open(local, "rb"), size, md5), key)
+            _retrying(lambda: self._put_object(dest, lambda: open(local, "rb"), size, md5,
+                                               metadata), key)
         elif self.s3:  # s3fs sends each part as bytes read for that part: re-sendable
+            extra = {"Metadata": metadata} if metadata else {}
+
             def multipart() -> None:
-                self.fs.put_file(local, dest, **_s3_upload_options(size))
+                self.fs.put_file(local, dest, **_s3_upload_options(size), **extra)
                 self._confirm_size(dest, size)
 
             _retrying(multipart, key)
         else:
+            if metadata:  # before the object: where the object is, its metadata is too
+                self._put_sidecar(key, metadata)
             _retrying(lambda: self.fs.put_file(local, dest), key)
 
     def _put_object(self, dest: str, open_body: Callable[[], Any], size: int,
-                    md5: str) -> None:
+                    md5: str, metadata: dict[str, str] | None = None) -> None:
         """One S3 PUT of exactly `size` bytes, confirmed; called once per attempt.
 
         Not through s3fs's call_s3: its retry loop re-sends the same body object, which
@@ -264,7 +271,8 @@ class Store:
         """
         bucket, key, _ = self.fs.split_path(dest)
         with open_body() as body:
-            reply = self._s3_call("put_object", Bucket=bucket, Key=key, Body=body,
+            extra = {"Metadata": metadata} if metadata else {}
+            reply = self._s3_call("put_object", Bucket=bucket, Key=key, Body=body, **extra,
                                   ContentLength=size,
                                   ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode())
         self.fs.invalidate_cache(dest)
@@ -310,9 +318,143 @@ class Store:
             # connection resets, timeouts, a body cut short: worth another attempt
             raise TransientStoreError(f"{type(exc).__name__}: {exc}") from exc
 
+    # -- conditional writes: what a job's lease rests on ----------------------------------
+
+    def create(self, key: str, data: bytes) -> bool:
+        """Write an object only if there is none, atomically; False when there is one. On
+        S3 a PUT with If-None-Match: *, on a local folder a hard link of a finished file
+        (refused if the name exists), elsewhere a check and then a write."""
+        self.requests["put"] += 1
+        if self.local:
+            dest = self.path(key)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            tmp = temporary(dest)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                try:
+                    os.link(tmp, dest)
+                except FileExistsError:
+                    return False
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        elif self.s3:
+            bucket, k, _ = self.fs.split_path(self.path(key))
+            if not self._conditional_put(bucket, k, data, IfNoneMatch="*"):
+                return False
+        else:
+            if self.exists(key):
+                return False
+            _retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
+        self._wrote(key)
+        return True
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """(the object's bytes, its version: the ETag on S3, else an MD5 of the bytes), or
+        None when there is no object: what `replace` compares."""
+        self.requests["get"] += 1
+        if self.s3:
+            bucket, k, _ = self.fs.split_path(self.path(key))
+            try:
+                reply = _retrying(lambda: self._s3_call("get_object", Bucket=bucket, Key=k), key)
+            except FileNotFoundError:
+                return None
+            body = reply["Body"]
+            data = fsspec.asyn.sync(self.fs.loop, body.read)
+            return data, str(reply.get("ETag", "")).strip('"')
+        try:
+            data = _retrying(lambda: self.fs.cat_file(self.path(key)), key)
+        except FileNotFoundError:
+            return None
+        return data, hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def replace(self, key: str, data: bytes, version: str) -> str | None:
+        """Overwrite an object only while it is still at `version`; its new version, or
+        None when someone else changed or removed it first. On S3 a PUT with If-Match; on a
+        local folder a compare and rename under an exclusive lock on a file beside it."""
+        self.requests["put"] += 1
+        if self.s3:
+            bucket, k, _ = self.fs.split_path(self.path(key))
+            return self._conditional_put(bucket, k, data, IfMatch=f'"{version}"') or None
+        with self._local_lock(key):
+            try:
+                current = _retrying(lambda: self.fs.cat_file(self.path(key)), key)
+            except FileNotFoundError:
+                return None
+            if hashlib.md5(current, usedforsecurity=False).hexdigest() != version:
+                return None
+            if self.local:
+                with self.writer(key) as f:
+                    self.requests["put"] -= 1  # counted above
+                    f.write(data)
+            else:
+                _retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
+        return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+    def _conditional_put(self, bucket: str, key: str, data: bytes, **condition: str) -> str:
+        """One S3 PUT with a condition; its ETag, or "" when the condition failed (412)."""
+        from botocore.exceptions import ClientError
+
+        fs = self.fs
+
+        async def call() -> dict[str, Any]:
+            await fs.set_session()
+            s3 = await fs.get_s3(bucket)
+            return await s3.put_object(Bucket=bucket, Key=key, Body=data, **condition)
+
+        for attempt in range(STORE_RETRIES + 1):
+            try:
+                reply = fsspec.asyn.sync(fs.loop, call)
+                fs.invalidate_cache(f"{bucket}/{key}")
+                return str(reply.get("ETag", "")).strip('"')
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return ""
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if status < 500 and code not in ("SlowDown", "RequestTimeout"):
+                    raise self._translated(exc) from exc
+            except OSError:
+                if attempt == STORE_RETRIES:
+                    raise
+            time.sleep(min(2.0, 0.02 * 2**attempt) * (0.5 + random.random()))
+        raise TransientStoreError(f"conditional write of {bucket}/{key} kept failing")
+
+    @staticmethod
+    def _translated(exc: Exception) -> OSError:
+        from s3fs.errors import translate_boto_error
+
+        return translate_boto_error(exc)
+
     @contextlib.contextmanager
-    def writer(self, key: str) -> Iterator[IO[bytes]]:
-        """A file to write an object into; the object appears only if the block succeeds."""
+    def _local_lock(self, key: str) -> Iterator[None]:
+        """An exclusive lock for a compare-and-write of `key` by processes of this machine:
+        flock on the folder that holds it, so that no lock file is left behind (a no-op for
+        stores that are not local)."""
+        if not self.local:
+            yield
+            return
+        import fcntl
+
+        folder = os.path.dirname(self.path(key))
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    @contextlib.contextmanager
+    def writer(self, key: str, metadata: Callable[[], dict[str, str]] | None = None,
+               ) -> Iterator[IO[bytes]]:
+        """A file to write an object into; the object appears only if the block succeeds.
+
+        `metadata` is called once the block has written everything, and its small text
+        fields are stored with the object, in the same request (S3 user metadata) or, on
+        stores without metadata, in a hidden sidecar written before the object appears:
+        where the object is, its metadata is (`head`)."""
         self.requests["put"] += 1
         dest = self.path(key)
         if self.local:
@@ -321,6 +463,8 @@ class Store:
             try:
                 with open(tmp, "wb") as f:
                     yield f
+                if metadata is not None:
+                    self._put_sidecar(key, metadata())
                 os.replace(tmp, dest)
                 self._wrote(key)
             finally:
@@ -331,7 +475,7 @@ class Store:
             try:
                 with os.fdopen(fd, "wb") as f:
                     yield f
-                self._upload(tmp, dest, key)
+                self._upload(tmp, dest, key, metadata() if metadata is not None else None)
                 self._wrote(key)
             finally:
                 os.unlink(tmp)
@@ -347,7 +491,7 @@ class Store:
         keys = []
         for entry in entries:
             name = str(entry).rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith(suffix) and not is_temporary(name):
+            if name.endswith(suffix) and not is_internal(name):
                 keys.append(f"{prefix.strip('/')}/{name}")
         return sorted(keys)
 
@@ -405,7 +549,65 @@ class Store:
         killed writers left."""
         return [key for key in self.find(prefix) if is_temporary(key)]
 
+    def sizes(self, prefix: str, suffix: str = "") -> dict[str, int]:
+        """Key -> size of the objects directly under a prefix ending in suffix (one listing
+        request; the store's own bookkeeping left out); {} if the prefix is absent."""
+        self.requests["list"] += 1
+        base = self.path(prefix)
+        try:
+            entries = _retrying(lambda: self.fs.ls(base, detail=True), prefix)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for entry in entries:
+            name = str(entry["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") != "directory" and name.endswith(suffix) \
+                    and not is_internal(name):
+                out[f"{prefix.strip('/')}/{name}"] = int(entry.get("size") or 0)
+        return out
+
+    def head(self, key: str) -> tuple[int, dict[str, str]] | None:
+        """(size, the metadata stored with it) of an object, or None when there is none: one
+        HEAD on S3; elsewhere the object's size and its sidecar."""
+        self.requests["head"] += 1
+        if self.s3:
+            bucket, k, _ = self.fs.split_path(self.path(key))
+            try:
+                head = _retrying(lambda: self._s3_call("head_object", Bucket=bucket, Key=k), key)
+            except FileNotFoundError:
+                return None
+            meta = {str(a).lower(): str(b) for a, b in (head.get("Metadata") or {}).items()}
+            return int(head.get("ContentLength", 0)), meta
+        try:
+            size = int(_retrying(lambda: self.fs.size(self.path(key)), key))
+        except FileNotFoundError:
+            return None
+        try:
+            raw = _retrying(lambda: self.fs.cat_file(self.path(sidecar_key(key))), key)
+            meta = json.loads(raw)
+        except (FileNotFoundError, ValueError):
+            meta = {}
+        if not isinstance(meta, dict):
+            meta = {}
+        return size, {str(a): str(b) for a, b in meta.items()}
+
+    def _put_sidecar(self, key: str, metadata: dict[str, str]) -> None:
+        """Metadata of an object on a store that has none of its own: written whole, not
+        counted (it stands for what S3 keeps with the object for free)."""
+        data = json.dumps(metadata).encode()
+        path = self.path(sidecar_key(key))
+        if self.local:
+            tmp = temporary(path)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            _retrying(lambda: self.fs.pipe_file(path, data), key)
+
     def delete(self, key: str) -> None:
+        if not self.s3:  # its sidecar too, where it has one
+            with contextlib.suppress(FileNotFoundError, OSError):
+                self.fs.rm(self.path(sidecar_key(key)))
         self.requests["delete"] += 1
         with contextlib.suppress(FileNotFoundError):
             _retrying(lambda: self.fs.rm(self.path(key), recursive=True), key)
