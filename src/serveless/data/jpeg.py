@@ -255,10 +255,11 @@ def _tiff_orientation(tiff: bytes) -> int | None:
     return None
 
 
-_TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
-"""TIFF's integer types by code (BYTE, SHORT, LONG and their signed kinds) and their
-struct formats: the orientation is a SHORT by the standard, yet writers store it as any of
-them, and Pillow applies it whichever it is, so the fast path must too."""
+_TIFF_INTEGERS = {3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
+"""TIFF's integer types by code (SHORT, LONG, SBYTE, SSHORT, SLONG) and their struct
+formats: the orientation is a SHORT by the standard, yet writers store it as any of these,
+and Pillow applies it whichever it is, so the fast path must too. An unsigned BYTE (1)
+Pillow reads as bytes and does not apply: neither path applies it."""
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}

@@ -166,12 +166,18 @@ def _serve(ev: Event, store: Store, layout: JobLayout, fmt: TensorFormat, sessio
         else:
             out_key = layout.stage_output(ev.stage, ev.record, fmt.suffix)
             found = meta.get("errors", {}) if meta is not None else {}
+
+            def put_meta() -> None:
+                """Stage 0's record meta: its errors are known once every image is
+                decoded, and it is written before the tensor appears, so a tensor in the
+                store always has its meta (resume counts stage 0 done by the tensor)."""
+                if meta is not None:
+                    data = json.dumps(meta).encode()
+                    store.put_bytes(layout.record_meta(ev.record), data)
+                    c.put(len(data))
+
             written = write_tensor(store, out_key, n, outputs, fmt, c,
-                                   call.stored(c, n, lambda: len(found)))
-            if meta is not None:  # after the tensor: its errors are known once all decoded
-                data = json.dumps(meta).encode()
-                store.put_bytes(layout.record_meta(ev.record), data)
-                c.put(len(data))
+                                   call.stored(c, n, lambda: len(found)), put_meta)
         src.count(c)
 
     return n, meta, written, failed

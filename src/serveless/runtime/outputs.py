@@ -54,9 +54,11 @@ class HashingWriter:
 def write_tensor(
     store: Store, key: str, n: int, outputs: Iterator[np.ndarray], fmt: TensorFormat,
     c: Counters, call: Callable[[int], dict[str, str]] | None = None,
+    before_publish: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """The stage's output tensor; `call` gives, from the object's size, the metadata stored
-    with it (the call that wrote it)."""
+    with it (the call that wrote it); `before_publish` runs once every block is written and
+    before the object appears, so what it writes is there whenever the tensor is."""
     hw: HashingWriter | None = None
     with store.writer(key, _metadata(call, lambda: hw)) as f:
         hw = HashingWriter(f)
@@ -71,6 +73,8 @@ def write_tensor(
         if writer is None:
             writer = TensorWriter(hw, 0, (), fmt)  # type: ignore[arg-type]
         writer.close()
+        if before_publish is not None:
+            before_publish()
     c.write_ms += (time.perf_counter() - t) * 1000
     c.put(hw.size)
     return {"key": key, "size": hw.size, "crc32c": hw.hexdigest()}
