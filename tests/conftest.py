@@ -20,7 +20,7 @@ from serveless.store import Store
 def model_cache(tmp_path_factory):
     """A private model cache for the session: tests never read or fill the user's. The
     machine's cache of checked stage sets is off (tests that count partitions would depend
-    on their order; test_stagecache.py turns it on in a folder of its own)."""
+    on their order; test_model_stagecache.py turns it on in a folder of its own)."""
     from serveless.model.stagecache import STAGE_CACHE_ENV
     from serveless.paths import CACHE_ENV
 

@@ -92,7 +92,7 @@ def test_peak_is_the_cgroups_charge_with_rss_beside_it(tmp_path, records_dir):
     """Where an instance has a cgroup, its peak charge (what the cap is held to) is logged
     as peak_cgroup_mb beside the RSS high-water mark peak_rss_mb; peak_mb, on which
     memory advice rests, is the charge less reclaimable page cache, never below the RSS
-    peak (tests/test_memory.py checks the measure itself)."""
+    peak (tests/test_runtime_memory.py checks the measure itself)."""
     store = Store(str(tmp_path))
     spec = prepare_job(store, "p", "alexnet", preset="paper", records=str(records_dir))
     spec.records = spec.records[:1]

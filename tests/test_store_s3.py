@@ -65,7 +65,7 @@ def check_layout_in_bucket(keys: list[str], prefix: str, job: str, records: list
 
 @pytest.fixture(scope="module")
 def s3_job(s3_server, records_dir):
-    """The test_pipeline job, with every object in the bucket; workers reach it by options."""
+    """The test_driver_job job, with every object in the bucket; workers reach it by options."""
     store = Store(s3_server.url("e2e"), s3_server.options())
     assert store.local_path("x") is None  # no shortcut through a local folder
     store.check()

@@ -17,7 +17,7 @@ from typing import Any
 
 import psutil
 import pytest
-from test_s3 import check_layout_in_bucket, check_predictions
+from test_store_s3 import check_layout_in_bucket, check_predictions
 
 from serveless.backends import FunctionSpec, make_backend
 from serveless.backends.lithops import LithopsBackend
@@ -202,7 +202,7 @@ def _probe(event: dict[str, Any]) -> dict[str, Any]:
 
 def test_calls_end_with_a_result_whatever_happens_to_them():
     before = _snapshot()
-    backend = LithopsBackend({"backend": "localhost", "function": "test_lithops:_probe",
+    backend = LithopsBackend({"backend": "localhost", "function": "test_backend_lithops:_probe",
                               "timeout_s": 4, "grace_s": 4})
     cases = ["ok", "raise", "sleep", "die", "hang"]
     t0 = time.perf_counter()
