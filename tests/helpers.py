@@ -1,4 +1,5 @@
-"""Checks shared by the end-to-end tests: prediction rows and the whole-model reference."""
+"""Checks shared by the end-to-end tests: prediction rows, the whole-model reference, a job's
+objects in a bucket, and small record sets and models to run jobs on."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import onnxruntime as ort
 from serveless.data.images import preprocess
 from serveless.data.predictions import read_predictions
 from serveless.data.records import read_record
+from serveless.data.samples import make_sample_images
+from serveless.data.sources import pack
 from serveless.store import Store
 
 
@@ -27,16 +30,58 @@ def assert_one_row_per_image(rows: list[dict[str, Any]], expected: int) -> None:
 
 
 def whole_model_probs(model: Any, records_dir: Path) -> dict[tuple[str, int], np.ndarray]:
-    """The reference: the whole model in one onnxruntime session, record by record."""
+    """The reference: the whole model in one onnxruntime session, record by record, on its
+    own input (name and H×W from the graph, as stage 0 decodes to)."""
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (feed,) = sess.get_inputs()
+    hw = tuple(feed.shape[2:])
     out = {}
     for path in sorted(records_dir.glob("*.tfrecord")):
         examples = read_record(path.read_bytes())
-        batch = np.stack([preprocess(ex.encoded) for ex in examples])
-        (probs,) = sess.run(None, {"input": batch})
+        batch = np.stack([preprocess(ex.encoded, hw) for ex in examples])
+        (probs,) = sess.run(None, {feed.name: batch})
         for i, p in enumerate(probs):
             out[(path.stem, i)] = p
     return out
+
+
+def check_predictions(store: Store, job: str, records_dir: Path, model: Any, images: int) -> None:
+    """One row per image, each equal to the whole model's top-5 within 1e-4."""
+    rows = rows_of(store, job)
+    keys = [(r["record"], r["index"]) for r in rows]
+    assert len(keys) == images and len(set(keys)) == images
+    expected = whole_model_probs(model, records_dir)
+    assert set(expected) == set(keys)
+    for r in rows:
+        probs = expected[(r["record"], r["index"])]
+        assert r["error"] is None and r["label"] in (0, 1, 2)
+        assert r["filename"].endswith(".jpg")
+        np.testing.assert_allclose(np.array(r["probs"]), probs[r["top5"]], atol=1e-4)
+        np.testing.assert_allclose(np.array(r["probs"]), np.sort(probs)[::-1][:5], atol=1e-4)
+
+
+def check_layout_in_bucket(keys: list[str], prefix: str, job: str, records: list[str],
+                           stages: int, models: str) -> None:
+    """Everything of the job is in the bucket, as DESIGN.md lays it out; nothing else."""
+    names = {k.removeprefix(f"{prefix}/{job}/") for k in keys}
+    assert "job.json" in names and "invocations.jsonl" in names
+    assert models.startswith("models/") and f"{prefix}/{models}/manifest.json" in keys
+    for k in range(stages):  # shared by the jobs of the same model and cuts in this store
+        assert f"{prefix}/{models}/stage-{k}.onnx" in keys
+    for rec in records:
+        assert f"records/{rec}.tfrecord" in names and f"predictions/{rec}.jsonl" in names
+        assert f"stage-0/{rec}.meta.json" in names
+        for k in range(stages - 1):
+            assert f"stage-{k}/{rec}.npy" in names
+    assert not [k for k in keys if ".tmp-" in k or ".serveless-check-" in k]
+
+
+def small_records(root: Path, seed: int, images: int = 20, per_record: int = 10) -> Path:
+    """`images` sample photos of 3 classes in records of `per_record`, under root/records:
+    a job of a few calls (Lithops localhost starts a process per call)."""
+    make_sample_images(root / "images", images, classes=3, seed=seed)
+    pack(root / "images", Store(str(root / "records")), "", per_record)
+    return root / "records"
 
 
 def tiny_classifier(classes: int = 10, seed: int = 0) -> Any:

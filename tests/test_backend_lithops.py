@@ -17,13 +17,11 @@ from typing import Any
 
 import psutil
 import pytest
-from test_store_s3 import check_layout_in_bucket, check_predictions
+from helpers import check_layout_in_bucket, check_predictions, small_records
 
 from serveless.backends import FunctionSpec, make_backend
 from serveless.backends.lithops import LithopsBackend
 from serveless.backends.lithops.backend import build_config
-from serveless.data.samples import make_sample_images
-from serveless.data.sources import pack
 from serveless.driver.log import load_log
 from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
@@ -59,13 +57,10 @@ def _assert_nothing_left(before: dict[str, Any], after: dict[str, Any]) -> None:
 # -- the end-to-end job -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_records(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", name="small_records")
+def _small_records(tmp_path_factory) -> Path:
     """20 images in records of 10: Lithops localhost v1 starts a process per call."""
-    root = tmp_path_factory.mktemp("lithops")
-    make_sample_images(root / "images", 20, classes=3, seed=11)
-    pack(root / "images", Store(str(root / "records")), "", 10)
-    return root / "records"
+    return small_records(tmp_path_factory.mktemp("lithops"), seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,12 @@ bounded uploads, endpoints from the environment, and clear errors before any inv
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import fsspec.asyn
 import numpy as np
 import pytest
-from helpers import rows_of, whole_model_probs
+from helpers import check_layout_in_bucket, check_predictions, rows_of
 
 from serveless.backends import FunctionSpec, InvocationResult
 from serveless.backends.local import LocalBackend
@@ -24,40 +23,6 @@ from serveless.store import store as store_module
 pytest_plugins = ["s3server"]
 
 FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
-
-
-# -- helpers shared with test_lithops -------------------------------------------------------
-
-
-def check_predictions(store: Store, job: str, records_dir: Path, model: Any, images: int) -> None:
-    """One row per image, each equal to the whole model's top-5 within 1e-4."""
-    rows = rows_of(store, job)
-    keys = [(r["record"], r["index"]) for r in rows]
-    assert len(keys) == images and len(set(keys)) == images
-    expected = whole_model_probs(model, records_dir)
-    assert set(expected) == set(keys)
-    for r in rows:
-        probs = expected[(r["record"], r["index"])]
-        assert r["error"] is None and r["label"] in (0, 1, 2)
-        assert r["filename"].endswith(".jpg")
-        np.testing.assert_allclose(np.array(r["probs"]), probs[r["top5"]], atol=1e-4)
-        np.testing.assert_allclose(np.array(r["probs"]), np.sort(probs)[::-1][:5], atol=1e-4)
-
-
-def check_layout_in_bucket(keys: list[str], prefix: str, job: str, records: list[str],
-                           stages: int, models: str) -> None:
-    """Everything of the job is in the bucket, as DESIGN.md lays it out; nothing else."""
-    names = {k.removeprefix(f"{prefix}/{job}/") for k in keys}
-    assert "job.json" in names and "invocations.jsonl" in names
-    assert models.startswith("models/") and f"{prefix}/{models}/manifest.json" in keys
-    for k in range(stages):  # shared by the jobs of the same model and cuts in this store
-        assert f"{prefix}/{models}/stage-{k}.onnx" in keys
-    for rec in records:
-        assert f"records/{rec}.tfrecord" in names and f"predictions/{rec}.jsonl" in names
-        assert f"stage-0/{rec}.meta.json" in names
-        for k in range(stages - 1):
-            assert f"stage-{k}/{rec}.npy" in names
-    assert not [k for k in keys if ".tmp-" in k or ".serveless-check-" in k]
 
 
 # -- the end-to-end job on S3 -----------------------------------------------------------------

@@ -10,10 +10,9 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 import pytest
+from helpers import small_records
 
 from serveless.backends.local import LocalBackend
-from serveless.data.samples import make_sample_images
-from serveless.data.sources import pack
 from serveless.driver.log import load_log
 from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
@@ -111,12 +110,9 @@ def test_an_object_is_one_put_and_one_get_on_the_wire(s3_server, s3_proxy, tmp_p
 # -- a whole job through a faulty network -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_records(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faulty")
-    make_sample_images(root / "images", 20, classes=3, seed=13)
-    pack(root / "images", Store(str(root / "records")), "", 10)
-    return root / "records"
+@pytest.fixture(scope="module", name="small_records")
+def _small_records(tmp_path_factory) -> Path:
+    return small_records(tmp_path_factory.mktemp("faulty"), seed=13)
 
 
 def test_job_through_a_faulty_network_loses_no_row_and_no_byte(
