@@ -282,3 +282,15 @@ def test_a_bad_config_fails_at_start_and_leaves_nothing():
         LithopsBackend({"backend": "aws_lambda", "storage": "aws_s3", "aws.region": "us-east-1",
                         "aws_lambda.runtime_timeout": 300})
     _assert_nothing_left(before, _snapshot())
+
+
+def test_lithops_on_lambda_reports_its_ephemeral_storage():
+    pytest.importorskip("lithops")
+    from serveless.backends.lithops import LithopsBackend
+
+    backend = object.__new__(LithopsBackend)  # no sidecar: only describe() is looked at
+    backend.compute, backend.storage, backend.info = "aws_lambda", "aws_s3", {}
+    backend.config = {"aws_lambda": {"ephemeral_storage": 2048}}
+    assert backend.describe()["ephemeral_mb"] == 2048
+    backend.config = {"aws_lambda": {}}
+    assert backend.describe()["ephemeral_mb"] == 512
