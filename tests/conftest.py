@@ -110,3 +110,45 @@ def flaky_filesystem(monkeypatch):
     flakyfs.register()
     for name, value in flakyfs.environment().items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """helpers.tiny_classifier saved as an ONNX file: a whole job in a second or two."""
+    from helpers import tiny_classifier
+
+    from serveless.model.graph import save_model
+
+    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    save_model(tiny_classifier(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def done_store(tmp_path_factory, tiny, records_dir) -> Path:
+    """A store with one finished two-stage job, 'done' (run by the CLI, once per module)."""
+    from typer.testing import CliRunner
+
+    from serveless.cli import app
+
+    store = tmp_path_factory.mktemp("store")
+    res = CliRunner().invoke(app, ["run", "--job", "done", "--records", str(records_dir),
+                                   "--model", str(tiny), "--cuts", "flat", "--store",
+                                   str(store)])
+    assert res.exit_code == 0, res.output
+    return store
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_stray_processes():
+    """After each module, no function instance of the local backend is left running (they
+    are given up to 0.5 s to be reaped)."""
+    import time
+
+    from serveless.backends.local import instance_processes
+
+    yield
+    deadline = time.monotonic() + 0.5
+    while instance_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not instance_processes(), "function instances left running"

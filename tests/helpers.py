@@ -3,6 +3,8 @@ objects in a bucket, and small record sets and models to run jobs on."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,18 @@ from serveless.data.records import read_record
 from serveless.data.samples import make_sample_images
 from serveless.data.sources import pack
 from serveless.store import Store
+
+
+def run_cli(*args: str, **kw: Any) -> subprocess.Popen:
+    """`python -m serveless.cli ARGS` in a process of its own, as a user runs it (pipes)."""
+    return subprocess.Popen([sys.executable, "-m", "serveless.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    """Every path under root with its size: compare before and after to see what changed."""
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*")} \
+        if root.exists() else {}
 
 
 def rows_of(store: Store, job: str) -> list[dict[str, Any]]:

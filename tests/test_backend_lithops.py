@@ -1,5 +1,6 @@
 """The Lithops backend on Lithops' localhost engine, with the store on the S3 test server:
-the end-to-end job, calls that time out or die, config handling, and nothing left behind."""
+the end-to-end job, calls that time out or die, config handling, and nothing left behind;
+what it says of a cloud engine (vCPUs, ephemeral storage) without starting one."""
 
 from __future__ import annotations
 
@@ -294,3 +295,14 @@ def test_lithops_on_lambda_reports_its_ephemeral_storage():
     assert backend.describe()["ephemeral_mb"] == 2048
     backend.config = {"aws_lambda": {}}
     assert backend.describe()["ephemeral_mb"] == 512
+
+
+def test_lithops_on_a_cloud_gives_functions_their_own_vcpus():
+    pytest.importorskip("lithops")
+    from serveless.backends.lithops import LithopsBackend
+
+    backend = object.__new__(LithopsBackend)  # no sidecar: only the rule is looked at
+    backend.compute = "aws_lambda"
+    assert backend.function_cores() is None
+    backend.compute = "localhost"
+    assert backend.function_cores() == os.cpu_count()

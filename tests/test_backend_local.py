@@ -1,4 +1,5 @@
-"""The local backend behaves like Lambda: warm reuse, keep-alive, caps, errors, Ctrl-C."""
+"""The local backend behaves like Lambda: warm reuse, keep-alive, caps, errors, Ctrl-C; it
+calls its CPU share exact only when a quota was written, and checks its options."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from serveless.backends import FunctionSpec
 from serveless.backends.local import LocalBackend, instance_processes
+from serveless.backends.local import isolation as L
 from serveless.driver.prepare import prepare_job
 from serveless.store import JobLayout, Store
 
@@ -174,3 +176,29 @@ def test_model_caches_of_dead_drivers_are_removed(tmp_path):
     assert not made["dead-old"].exists()
     assert made["dead-new"].exists() and made["alive-old"].exists()
     assert (tmp_path / "unrelated").exists()
+
+
+def test_cpu_share_is_exact_only_when_the_quota_was_written(monkeypatch):
+    """Memory cgroups work but no CPU quota can be written (no cpu hierarchy or cpu.max):
+    the summary must say what was applied, not 'exact'."""
+    with LocalBackend() as backend:
+        described = backend.describe()
+        if backend.mode == "watchdog":
+            assert described["cpu_share"].startswith("approximate")
+            pytest.skip("no writable cgroup here: the memory-only case cannot be built")
+        assert described["cpu_share"].startswith("exact") == backend.cpu_exact
+    real_v1 = L.own_v1_dir
+    monkeypatch.setattr(L, "own_v2_dir", lambda: None)  # as on a host with only v1 memory
+    monkeypatch.setattr(L, "own_v1_dir", lambda c: None if c == "cpu" else real_v1(c))
+    with LocalBackend() as backend:
+        described = backend.describe()
+    if backend.mode == "watchdog":
+        pytest.skip("no v1 memory hierarchy here")
+    assert backend.mode == "cgroup-v1" and not backend.cpu_exact
+    assert described["cpu_share"].startswith("approximate")
+    assert "no CPU quota" in described["cpu_share"] and "cgroup-v1" in described["cpu_share"]
+
+
+def test_throttle_rate_is_checked():
+    with pytest.raises(ValueError, match="throttle_rate"):
+        LocalBackend(throttle_rate=1.5)

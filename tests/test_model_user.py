@@ -1,6 +1,7 @@
-"""Models as users export them (issue 11, item 4): a fixed batch size made dynamic or served
-in micro-batches of that size, logits turned into probabilities for top-k (and said so), and
-the preprocessing chosen, recorded in job.json and printed."""
+"""Models as users export them (issue 11, item 4): a user's .onnx file runs where a model is
+named, at its own input size; a fixed batch size is made dynamic or served in micro-batches
+of that size, logits are turned into probabilities for top-k (and said so), and the
+preprocessing chosen is recorded in job.json and printed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from datakit import SIZE, image_folder, save, tiny_classifier
-from helpers import rows_of
+from helpers import assert_one_row_per_image, rows_of, tiny_conv_classifier
 from typer.testing import CliRunner
 
 from serveless.backends.local import LocalBackend
@@ -22,7 +23,8 @@ from serveless.data.records import read_record
 from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
 from serveless.errors import JobError
-from serveless.model.graph import make_batch_dynamic, output_is_distribution
+from serveless.model.builtins import build_alexnet
+from serveless.model.graph import make_batch_dynamic, output_is_distribution, save_model
 from serveless.store import Store
 
 runner = CliRunner()
@@ -160,3 +162,38 @@ def test_bad_softmax_choice_is_refused(tmp_path, photos):
     path = save(tiny_classifier(), tmp_path / "m.onnx")
     with pytest.raises(JobError, match="--softmax must be auto, always or never, got 'yes'"):
         prepare_job(Store(str(tmp_path / "s")), "j", path, records=str(photos), softmax="yes")
+
+
+def test_user_model_file_runs(tmp_path, records_dir):
+    """A user .onnx file works where a model is named (here: AlexNet exported to a file)."""
+    path = tmp_path / "alex.onnx"
+    save_model(build_alexnet(seed=1), path)
+    store = Store(str(tmp_path / "s"))
+    spec = prepare_job(store, "user", str(path), cuts="pool2", records=str(records_dir))
+    with LocalBackend() as backend:
+        result = run_job(store, spec, backend, concurrency=2, progress=False)
+    assert result.ok and spec.stages == 2
+    assert_one_row_per_image(rows_of(store, "user"), 60)
+
+
+def test_user_model_with_its_own_input_size(tmp_path, records_dir):
+    import onnx
+
+    model = tiny_conv_classifier(64, 48, channels=8)  # non-square, cut at "r1"
+    path = tmp_path / "small.onnx"
+    onnx.save(model, path)
+    store = Store(str(tmp_path / "s"))
+    spec = prepare_job(store, "small", str(path), cuts="r1", records=str(records_dir))
+    assert spec.input_hw == [64, 48]
+    with LocalBackend() as backend:
+        result = run_job(store, spec, backend, concurrency=2, progress=False)
+    assert result.ok
+    rows = rows_of(store, "small")
+    assert len(rows) == 60
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for r in rows[:10]:
+        ex = read_record((records_dir / f"{r['record']}.tfrecord").read_bytes())[r["index"]]
+        x = preprocess(ex.encoded, (64, 48))[None]
+        assert x.shape == (1, 3, 64, 48)
+        (p,) = sess.run(None, {"img": x})
+        np.testing.assert_allclose(p[0][r["top5"]], r["probs"], atol=1e-5)

@@ -1,7 +1,8 @@
 """peak_mb is the charge the memory cap is held to: page cache the kernel can reclaim does
 not count, memory charged outside the process's pages (tmpfs, memfd) does, and a brief
 allocation is seen. Measured in a child process placed in a cgroup of its own, as a local
-backend instance is."""
+backend instance is; and in a job, where each invocation logs that peak beside the cgroup's
+raw charge and the RSS high-water mark."""
 
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ import json
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
+from serveless.backends import FunctionSpec, InvocationResult
+from serveless.backends.local import LocalBackend
 from serveless.backends.local import isolation as L
+from serveless.driver.log import load_log
+from serveless.driver.prepare import prepare_job
+from serveless.driver.scheduler import run_job
 from serveless.runtime.memory import ChargeSampler, enforced_peak_mb
+from serveless.store import Store
 
 CHILD = textwrap.dedent("""
     import json, os, sys, time
@@ -121,3 +129,38 @@ def test_sampling_interval_comes_from_the_environment(monkeypatch, value, second
         monkeypatch.setenv(memory.SAMPLE_ENV, value)
     assert memory._sample_s() == pytest.approx(seconds)
     assert ChargeSampler().interval_s == pytest.approx(seconds)
+
+
+def test_peak_is_the_cgroups_charge_with_rss_beside_it(tmp_path, records_dir):
+    """Where an instance has a cgroup, its peak charge (what the cap is held to) is logged
+    as peak_cgroup_mb beside the RSS high-water mark peak_rss_mb; peak_mb, on which
+    memory advice rests, is the charge less reclaimable page cache, never below the RSS
+    peak (tests/test_runtime_memory.py checks the measure itself)."""
+    store = Store(str(tmp_path))
+    spec = prepare_job(store, "p", "alexnet", preset="paper", records=str(records_dir))
+    spec.records = spec.records[:1]
+    with LocalBackend() as backend:
+        if backend.mode == "watchdog":
+            pytest.skip("no cgroup here: peak_mb is the RSS peak")
+        seen: list[float | None] = []
+        real = backend.invoke
+
+        def invoke(fn: FunctionSpec, event: dict[str, Any]) -> InvocationResult:
+            res = real(fn, event)
+            inst = [i for idle in backend._idle.values() for i in idle if i.id == res.instance]
+            seen.append(inst[0].limits.peak_mb() if inst else None)
+            return res
+
+        backend.invoke = invoke  # type: ignore[method-assign]
+        result = run_job(store, spec, backend, concurrency=1, progress=False)
+    assert result.ok
+    rows = load_log(store, "p")
+    assert len(rows) == spec.stages
+    for row, cgroup_peak in zip(rows, seen, strict=True):
+        assert cgroup_peak is not None and row["peak_rss_mb"] > 20
+        assert row["peak_cgroup_mb"] == pytest.approx(cgroup_peak, abs=0.2)
+        ws = row["peak_working_set_mb"]  # sampled in the function: charge less file cache
+        assert ws is not None and 0 < ws <= cgroup_peak + 1
+        assert row["peak_mb"] == max(row["peak_rss_mb"], ws)
+    # (here the charge is below the RSS peak: the libraries and the model file were paged
+    # in, and charged, by the driver first; a fresh sandbox is charged for all of them)

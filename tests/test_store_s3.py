@@ -1,5 +1,6 @@
 """The store on a real S3 API (moto's server on 127.0.0.1): the end-to-end job, atomic and
-bounded uploads, endpoints from the environment, and clear errors before any invocation."""
+bounded uploads, endpoints from the environment, stale temporaries found inside their job
+only, and clear errors before any invocation."""
 
 from __future__ import annotations
 
@@ -263,3 +264,10 @@ def test_missing_credentials_are_said_at_once(s3_server, monkeypatch, tmp_path):
                                           "skip_instance_cache": True})
     with pytest.raises(StoreError, match="no AWS credentials found"):
         st.check()
+
+
+def test_stale_temporaries_on_s3_stay_inside_the_job(s3_server):
+    store = Store(s3_server.url("tmps"), s3_server.options())
+    for key in ["j/a.npy.tmp-1", "j2/a.npy.tmp-2", "j/a.npy"]:
+        store.put_bytes(key, b"x")
+    assert store.stale_temporaries("j") == ["j/a.npy.tmp-1"]
