@@ -3,6 +3,8 @@ objects in a bucket, and small record sets and models to run jobs on."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -141,3 +143,19 @@ def tiny_conv_classifier(h: int = 32, w: int = 32, channels: int = 16) -> Any:
         nodes, "tiny", [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, h, w])],
         [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 7])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@contextlib.contextmanager
+def no_hang(seconds: float = 5.0):
+    """Fail instead of hanging: a reader that stops advancing is a bug."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError(f"reader still running after {seconds}s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

@@ -129,18 +129,3 @@ def test_labelled_jobs_get_accuracy_in_summary_and_report(job):
     assert result.exit_code == 0, result.output
     md = (root / "report" / "report.md").read_text()
     assert "Failed images: 1." in md and line in md
-
-
-def test_accuracy_of_the_untrained_builtin_alexnet_says_why_it_is_near_zero(monkeypatch):
-    """A new user's first labelled job on the built-in AlexNet scores about 0%: the summary
-    says that its weights are untrained, and says nothing of the kind for other models."""
-    from serveless.report import summary as report
-
-    monkeypatch.setattr(report, "accuracy", lambda store, job: {
-        "labelled": 300, "top1": 0.0, "top5": 0.0033})
-    (line,) = report.job_notes(None, "j", None, "alexnet")
-    assert line.startswith("accuracy on 300 labelled images: top-1 0.00%, top-5 0.33% (")
-    assert "untrained" in line
-    for other in ("digits", "/models/resnet50.onnx", None):
-        assert report.job_notes(None, "j", None, other) == [
-            "accuracy on 300 labelled images: top-1 0.00%, top-5 0.33%"]

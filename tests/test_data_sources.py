@@ -1,22 +1,25 @@
 """Inputs found by content (issue 11, items 1 and 2): TensorFlow-named shards in a folder, a
 glob or an S3 prefix; every record's framing checked before any invocation, with errors that
-name the user's own file, the byte offset and the reason."""
+name the user's own file, the byte offset and the reason; folders of images scanned (the
+one scanner) and packed into records (the one packer)."""
 
 from __future__ import annotations
 
+import math
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
-from datakit import CLASSES, image_folder, save, tiny_classifier
-from helpers import rows_of
+from datakit import CLASSES, gray_jpeg_bytes, image_folder, png_bytes, save, tiny_classifier
+from helpers import no_hang, rows_of
 
 from serveless.backends.local import LocalBackend
-from serveless.data.records import Example, read_record, write_record
-from serveless.data.sources import NOT_A_RECORD, check_records, scan_inputs
+from serveless.data.records import Example, count_examples, iter_record, read_record, write_record
+from serveless.data.sources import NOT_A_RECORD, check_records, pack, record_chunks, scan_inputs
 from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
-from serveless.errors import JobError, RecordError
+from serveless.errors import JobError, RecordError, SourceError
 from serveless.store import JobLayout, Store
 
 pytest_plugins = ["s3server"]
@@ -263,3 +266,166 @@ def test_run_input_says_which_files_it_skipped(tmp_path, model_path):
     i = lines.index(f"skipped 1 files of {src} (neither records nor images):")
     assert lines[i + 1] == (f"  {src / 'notes.txt'}: not an image (unrecognised format) and "
                             "not a TFRecord file")
+
+
+# --- scanning a folder of images (the one scanner: sources.scan_inputs) -------------
+
+
+def touch(path: Path, data: bytes | None = None) -> Path:
+    """A file; an 8×8 PNG unless `data` says otherwise (images are found by content)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes() if data is None else data)
+    return path
+
+
+def scanned(root: Path) -> list[tuple[str, int]]:
+    """(path relative to root, label) of every image scan_inputs finds, in its order."""
+    return [(f.rel, label) for f, label in scan_inputs(str(root)).images]
+
+
+def test_scan_imagefolder_labels_in_sorted_order(tmp_path):
+    touch(tmp_path / "dog" / "b.jpg")
+    touch(tmp_path / "dog" / "a.JPEG")
+    touch(tmp_path / "cat" / "z.png")
+    touch(tmp_path / "cat" / "deep" / "y.Png")
+    touch(tmp_path / "cat" / "notes.txt", b"not an image")
+    touch(tmp_path / "cat" / ".hidden.jpg")
+    (tmp_path / "empty-class").mkdir()
+    touch(tmp_path / "zebra" / "q.jpg")
+    touch(tmp_path / ".cache" / "x.jpg")
+    # cat=0, dog=1, empty-class=2 (keeps its slot as in ImageFolder), zebra=3
+    assert scanned(tmp_path) == [
+        ("cat/deep/y.Png", 0),
+        ("cat/z.png", 0),
+        ("dog/a.JPEG", 1),
+        ("dog/b.jpg", 1),
+        ("zebra/q.jpg", 3),
+    ]
+    inputs = scan_inputs(str(tmp_path))
+    assert inputs.classes == ["cat", "dog", "empty-class", "zebra"]
+    assert [Path(name).name for name, _ in inputs.skipped] == ["notes.txt"]
+
+
+def test_scan_flat_folder_has_unknown_labels(tmp_path):
+    for name in ["b.png", "a.jpg", "c.JPG"]:
+        touch(tmp_path / name)
+    touch(tmp_path / "readme.md", b"# not an image")
+    (tmp_path / "no-images-here").mkdir()
+    assert scanned(tmp_path) == [("a.jpg", -1), ("b.png", -1), ("c.JPG", -1)]
+
+
+def test_scan_finds_images_by_content_not_by_name(tmp_path):
+    touch(tmp_path / "photo.dat")  # a PNG, whatever its name says
+    touch(tmp_path / "fake.jpg", b"this is text")  # named as an image, is not one
+    assert scanned(tmp_path) == [("photo.dat", -1)]
+    assert [Path(name).name for name, _ in scan_inputs(str(tmp_path)).skipped] == ["fake.jpg"]
+
+
+def test_scan_rejects_empty_or_missing_folder(tmp_path):
+    with pytest.raises(SourceError, match="no records or images"):
+        scan_inputs(str(tmp_path))
+    touch(tmp_path / "sub" / "notes.txt", b"text")
+    with pytest.raises(SourceError, match="no records or images"):
+        scan_inputs(str(tmp_path))
+    with pytest.raises(SourceError, match="no such file or folder"):
+        scan_inputs(str(tmp_path / "missing"))
+
+
+def test_scan_survives_symlink_loop(tmp_path):
+    touch(tmp_path / "cls" / "a.jpg")
+    (tmp_path / "cls" / "loop").symlink_to(tmp_path / "cls", target_is_directory=True)
+    with no_hang():
+        found = scanned(tmp_path)
+    assert found == [("cls/a.jpg", 0)]
+
+
+# --- packing (the one packer: sources.pack_images, through sources.pack) -------------
+
+
+def make_dataset(root: Path) -> list[tuple[str, bytes, int]]:
+    """Seven images in two classes; returns (relative name, bytes, label) in scan order."""
+    expected = []
+    for label, cls in enumerate(["cat", "dog"]):
+        for i in range(3 + label):
+            name = f"{cls}/img{i}.png" if i % 2 else f"{cls}/img{i}.jpg"
+            data = png_bytes((i * 30, label * 100, 5)) if i % 2 else gray_jpeg_bytes(8 + i)
+            touch(root / name, data)
+            expected.append((name, data, label))
+    return expected
+
+
+@pytest.fixture(params=["memory", "local"])
+def store(request, tmp_path):
+    if request.param == "memory":
+        url = f"memory://test-records-{uuid.uuid4().hex}"
+        yield Store(url)
+        Store(url).delete("")
+    else:
+        yield Store(str(tmp_path / "store"))
+
+
+@pytest.mark.parametrize("per_record", [1, 3, 7, 100])
+def test_pack(tmp_path, store, per_record):
+    expected = make_dataset(tmp_path / "images")
+    calls: list[int] = []
+    names = pack(tmp_path / "images", store, "job/records", per_record, calls.append)
+
+    n_records = math.ceil(len(expected) / per_record)
+    assert names == [f"{i:05d}" for i in range(n_records)]
+    assert store.list("job/records", ".tfrecord") == [
+        f"job/records/{name}.tfrecord" for name in names
+    ]
+    sizes = [min(per_record, len(expected) - i * per_record) for i in range(n_records)]
+    assert calls == sizes
+    assert sizes[-1] == len(expected) - per_record * (n_records - 1)
+
+    got = []
+    for name, size in zip(names, sizes, strict=True):
+        key = f"job/records/{name}.tfrecord"
+        with store.open_read(key) as f:
+            examples = list(iter_record(f, key))
+        with store.open_read(key) as f:
+            assert count_examples(f, key) == size
+        assert len(examples) == size
+        got.extend(examples)
+    assert got == [Example(data, name, label) for name, data, label in expected]
+
+
+def test_record_chunks_name_and_key_each_record_in_order():
+    """The one naming of records that the packer uses, for a job's records and `pack`'s."""
+    got = list(record_chunks(list(range(7)), 3, "/job/records/"))
+    assert got == [("00000", "job/records/00000.tfrecord", [0, 1, 2]),
+                   ("00001", "job/records/00001.tfrecord", [3, 4, 5]),
+                   ("00002", "job/records/00002.tfrecord", [6])]
+    assert [k for _, k, _ in record_chunks("ab", 5, "")] == ["00000.tfrecord"]
+    assert list(record_chunks([], 5, "x")) == []
+    with pytest.raises(ValueError, match="per_record"):
+        list(record_chunks([1], 0, "x"))
+
+
+def test_pack_rejects_bad_per_record(tmp_path):
+    make_dataset(tmp_path)
+    store = Store(f"memory://test-records-{uuid.uuid4().hex}")
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="per-record"):
+            pack(tmp_path, store, "r", bad)
+    assert store.list("r") == []
+
+
+def test_pack_flat_folder_without_progress(tmp_path):
+    b, a = png_bytes((1, 2, 3)), gray_jpeg_bytes(9)
+    touch(tmp_path / "src" / "b.png", b)
+    touch(tmp_path / "src" / "a.jpg", a)
+    store = Store(str(tmp_path / "out"))
+    assert pack(tmp_path / "src", store, "recs/", 5) == ["00000"]
+    assert read_record(store.get_bytes("recs/00000.tfrecord")) == [
+        Example(a, "a.jpg", -1),
+        Example(b, "b.png", -1),
+    ]
+
+
+def test_pack_refuses_a_source_of_records(tmp_path, store):
+    make_dataset(tmp_path / "images")
+    pack(tmp_path / "images", Store(str(tmp_path / "recs")), "", 4)
+    with pytest.raises(SourceError, match="holds records, not images"):
+        pack(tmp_path / "recs", store, "again", 4)
