@@ -23,8 +23,6 @@ from serveless.store import store as store_module
 
 pytest_plugins = ["s3server"]
 
-FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
-
 
 # -- the end-to-end job on S3 -----------------------------------------------------------------
 
@@ -197,22 +195,6 @@ def test_wrong_credentials_are_a_clear_store_error(s3_server, which):
     with pytest.raises(StoreError, match="access denied to bucket 'serveless-test'.*credentials"):
         st.check()
     assert s3_server.keys("creds/") == []
-
-
-def test_unreachable_endpoint_is_a_clear_store_error():
-    st = Store("s3://bucket/prefix", {"endpoint_url": "http://127.0.0.1:9", "key": "a",
-                                      "secret": "b", **FAST_FAIL})
-    with pytest.raises(StoreError, match="cannot reach the S3 endpoint"):
-        st.check()
-
-
-def test_check_of_local_folders_writes_nothing(tmp_path):
-    Store(str(tmp_path / "new" / "nested")).check()
-    assert list(tmp_path.iterdir()) == []
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(StoreError, match="not a folder"):
-        Store(str(tmp_path / "file")).check()
-    Store("memory://serveless-check-test").check()
 
 
 class _CountingBackend:
