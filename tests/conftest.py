@@ -139,6 +139,31 @@ def done_store(tmp_path_factory, tiny, records_dir) -> Path:
     return store
 
 
+@pytest.fixture(scope="session")
+def tiny_plan(tmp_path_factory):
+    """plankit's tiny residual model calibrated and planned by the CLI (for the local
+    target, 60 images): (its folder, with tiny.onnx, cal.json and plan.json; the plan)."""
+    import json
+
+    from plankit import tiny_residual_model
+    from typer.testing import CliRunner
+
+    from serveless.cli import app
+
+    runner = CliRunner()
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_residual_model(root / "tiny.onnx")
+    store = root / "store"
+    res = runner.invoke(app, ["calibrate", str(model), "--out", str(root / "cal.json"),
+                              "--store", str(store)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["plan", str(model), "--images", "60", "--deadline", "3600",
+                              "--target", "local", "--max-concurrency", "2", "--calibration",
+                              str(root / "cal.json"), "--out", str(root / "plan.json"),
+                              "--memory-step", "256"])
+    assert res.exit_code == 0, res.output
+    return root, json.loads((root / "plan.json").read_text())
+
 @pytest.fixture(scope="module", autouse=True)
 def _no_stray_processes():
     """After each module, no function instance of the local backend is left running (they
