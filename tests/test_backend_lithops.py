@@ -131,6 +131,7 @@ class _CredentialWatch:
         self._pass()
 
 
+@pytest.mark.e2e
 def test_lithops_job_gives_one_row_per_image_equal_to_the_whole_model(
         lithops_job, small_records, alexnet, s3_server):
     store, spec, result, described = (lithops_job.store, lithops_job.spec,
@@ -142,6 +143,7 @@ def test_lithops_job_gives_one_row_per_image_equal_to_the_whole_model(
                            spec.stages, spec.models)
 
 
+@pytest.mark.e2e
 def test_lithops_job_logs_each_call_with_its_stats(lithops_job):
     store, spec, wall = lithops_job.store, lithops_job.spec, lithops_job.wall
     log = load_log(store, "lj")
@@ -159,10 +161,12 @@ def test_lithops_job_logs_each_call_with_its_stats(lithops_job):
     assert wall < 120  # no hang
 
 
+@pytest.mark.e2e
 def test_lithops_job_leaves_no_process_or_folder(lithops_job):
     _assert_nothing_left(lithops_job.before, lithops_job.after)
 
 
+@pytest.mark.e2e
 def test_lithops_job_sends_no_credentials(lithops_job, s3_server):
     """The store's secret (given as a store option) is in no payload, message or log of
     Lithops, nor in the bucket; the runners got it from the sidecar's environment."""
@@ -196,6 +200,7 @@ def _probe(event: dict[str, Any]) -> dict[str, Any]:
             "cold": True}
 
 
+@pytest.mark.e2e
 def test_calls_end_with_a_result_whatever_happens_to_them():
     before = _snapshot()
     backend = LithopsBackend({"backend": "localhost", "function": "test_backend_lithops:_probe",
@@ -230,6 +235,7 @@ def test_calls_end_with_a_result_whatever_happens_to_them():
         backend.invoke(FunctionSpec(0, 512, "m", {}), {"do": "ok"})
 
 
+@pytest.mark.e2e
 def test_many_back_to_back_calls_neither_hang_nor_get_lost():
     """Localhost version 2 hung after 11-34 back-to-back maps and lost 1-2% of calls."""
     before = _snapshot()
@@ -277,6 +283,7 @@ def test_cloud_functions_refuse_a_store_on_this_machine():
     assert LithopsBackend.store_problem(lam, "s3://bucket/prefix") is None
 
 
+@pytest.mark.e2e
 def test_a_bad_config_fails_at_start_and_leaves_nothing():
     before = _snapshot()
     with pytest.raises(ValueError, match="execution_role"):

@@ -35,6 +35,7 @@ def _call(backend, store, spec, stage=0, record="00000", memory=1769):
     return backend.invoke(fn, event)
 
 
+@pytest.mark.e2e
 def test_warm_reuse_and_keep_alive(job):
     store, spec = job
     with LocalBackend(keep_alive_s=1.0) as backend:
@@ -48,6 +49,7 @@ def test_warm_reuse_and_keep_alive(job):
         assert third.cold and third.instance != first.instance
 
 
+@pytest.mark.e2e
 def test_handler_errors_come_back_as_data(job):
     store, spec = job
     with LocalBackend() as backend:
@@ -58,6 +60,7 @@ def test_handler_errors_come_back_as_data(job):
         assert again.ok and not again.cold
 
 
+@pytest.mark.e2e
 def test_oom_within_seconds_names_stage_record_cap_and_peak(job):
     store, spec = job
     with LocalBackend() as backend:
@@ -75,6 +78,7 @@ def _our_cgroups() -> list[str]:
             if f"-{os.getpid()}-" in p]
 
 
+@pytest.mark.e2e
 def test_instances_of_different_stages_have_separate_cgroups_removed_after(job):
     store, spec = job
     backend = LocalBackend()
@@ -91,6 +95,7 @@ def test_instances_of_different_stages_have_separate_cgroups_removed_after(job):
     assert _our_cgroups() == []
 
 
+@pytest.mark.e2e
 def test_ctrl_c_stops_cleanly(tmp_path, records_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "serveless.cli", "run", "--store", str(tmp_path), "--job", "c",
@@ -117,6 +122,7 @@ def test_ctrl_c_stops_cleanly(tmp_path, records_dir):
     assert leftovers == []
 
 
+@pytest.mark.e2e
 def test_ctrl_c_during_setup_leaves_no_job(tmp_path, records_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "serveless.cli", "run", "--store", str(tmp_path), "--job", "c",
@@ -136,6 +142,7 @@ def test_ctrl_c_during_setup_leaves_no_job(tmp_path, records_dir):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.e2e
 def test_init_failures_are_reported_not_raised_and_never_pooled(job):
     store, spec = job
     lay = JobLayout(spec.job)

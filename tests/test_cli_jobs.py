@@ -46,6 +46,7 @@ def three_jobs(tmp_path, done_store, tiny, records_dir) -> Path:
     return store
 
 
+@pytest.mark.e2e
 def test_jobs_list_and_show(three_jobs):
     res = run("jobs", "--store", str(three_jobs))
     assert res.exit_code == 0, res.output
@@ -61,6 +62,7 @@ def test_jobs_list_and_show(three_jobs):
     assert res.exit_code == 2 and "no job 'nosuch'" in res.output
 
 
+@pytest.mark.e2e
 def test_jobs_clean_keeps_predictions(three_jobs):
     job = three_jobs / "done"
     assert (job / "stage-0").exists()
@@ -73,6 +75,7 @@ def test_jobs_clean_keeps_predictions(three_jobs):
     assert re.search(r"^\s+done\s+done\s+3/3", res.output, re.M)  # still done
 
 
+@pytest.mark.e2e
 def test_jobs_delete_asks_first(three_jobs):
     res = run("jobs", "delete", "partial", "--store", str(three_jobs), input="n\n")
     assert res.exit_code == 1 and (three_jobs / "partial").exists()
@@ -83,6 +86,7 @@ def test_jobs_delete_asks_first(three_jobs):
     assert (three_jobs / "done" / "job.json").exists()
 
 
+@pytest.mark.e2e
 def test_jobs_delete_frees_stage_models_no_other_job_uses(three_jobs):
     """Stage models are shared by the jobs of one model and cuts: deleting a job deletes
     them with it once no job left uses them (--keep-models keeps them), never before."""

@@ -94,6 +94,7 @@ def test_calibration_defaults_to_the_store_where_plan_finds_it(tmp_path):
     assert res.exit_code == 2 and "serveless calibrate alexnet" in " ".join(res.output.split())
 
 
+@pytest.mark.e2e
 def test_plan_round_trips_into_run_plan(tiny_plan, records_dir, tmp_path, monkeypatch):
     root, plan = tiny_plan
     store = tmp_path / "store"
@@ -133,6 +134,7 @@ def test_plan_with_a_stage_over_its_memory_is_refused_before_any_invocation(
     assert not (store / "refused").exists()
 
 
+@pytest.mark.e2e
 def test_plan_quantize_int8_calibrates_int8_blocks_and_runs_quantized(
         tiny_plan, records_dir, tmp_path):
     """calibrate --quantize int8 times the int8 blocks (QDQ nodes in what it timed);

@@ -110,6 +110,7 @@ def test_version():
     assert res.exit_code == 0 and res.output.strip() == f"serveless {__version__}"
 
 
+@pytest.mark.e2e
 def test_corrupt_record_is_refused_before_anything_runs(tmp_path, records_dir):
     """A flipped bit in the user's file: named (their path, byte offset), nothing invoked."""
     rec_dir = tmp_path / "recs"
@@ -131,6 +132,7 @@ def test_corrupt_record_is_refused_before_anything_runs(tmp_path, records_dir):
     assert not (store_dir / "crc" / "invocations.jsonl").exists()
 
 
+@pytest.mark.e2e
 def test_bad_input_refused_before_any_invocation(tmp_path, records_dir):
     import onnx
     from onnx import TensorProto, helper
@@ -163,6 +165,7 @@ def test_bad_input_refused_before_any_invocation(tmp_path, records_dir):
 # -- resume --------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("args", "stored", "given"), [
     (["--micro-batch", "8"], "--micro-batch 32", "--micro-batch 8"),
     (["--float16"], "--no-float16 --no-compress", "--float16 --no-compress"),
@@ -177,6 +180,7 @@ def test_resume_refuses_a_changed_option(done_store, args, stored, given):
     assert (done_store / "done" / "job.json").read_text() == before
 
 
+@pytest.mark.e2e
 def test_resume_takes_what_was_left_out_and_may_change_memory(done_store, records_dir):
     # --records again without --cuts: the stored cuts, not "the cuts differ"
     res = run("run", "--job", "done", "--store", str(done_store), "--records", str(records_dir),
@@ -192,6 +196,7 @@ def test_resume_takes_what_was_left_out_and_may_change_memory(done_store, record
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.e2e
 def test_new_jobs_get_unique_readable_names(tmp_path, tiny, records_dir):
     store = tmp_path / "store"
     names = []
@@ -207,6 +212,7 @@ def test_new_jobs_get_unique_readable_names(tmp_path, tiny, records_dir):
     assert jobs == sorted(names)
 
 
+@pytest.mark.e2e
 def test_setup_steps_are_shown(tmp_path, tiny, records_dir):
     res = run("run", "--job", "s", "--records", str(records_dir), "--model", str(tiny),
               "--cuts", "flat", "--store", str(tmp_path))
@@ -218,6 +224,7 @@ def test_setup_steps_are_shown(tmp_path, tiny, records_dir):
 # -- demo ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_demo_command(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "serveless.cli", "demo", "--images", "40", "--store", str(tmp_path)],

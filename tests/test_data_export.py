@@ -19,6 +19,8 @@ from serveless.data.export import COLUMNS, export
 from serveless.errors import ExportError
 from serveless.store import Store
 
+pytestmark = pytest.mark.e2e
+
 pq = pytest.importorskip("pyarrow.parquet")
 runner = CliRunner()
 

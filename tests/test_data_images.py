@@ -204,6 +204,7 @@ def test_broken_images_say_why_exactly(data, message):
 # -- in a job: stage 0 decodes on the function's vCPUs, and refused JPEGs still get rows ------
 
 
+@pytest.mark.e2e
 def test_refused_jpegs_get_prediction_rows_and_decode_threads_agree(tmp_path):
     import onnx
     import onnxruntime as ort

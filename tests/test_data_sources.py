@@ -48,6 +48,7 @@ def _run(store: Store, spec) -> None:
     assert result.ok, result.failed_records
 
 
+@pytest.mark.e2e
 def test_tf_named_shards_in_a_folder_are_records(tmp_path, shards, model_path):
     inputs = scan_inputs(str(shards))
     assert [f.record_name for f in inputs.records] == ["train-00000-of-00003",
@@ -76,6 +77,7 @@ def test_a_glob_of_shards(tmp_path, shards, model_path):
                                                        "train-00001-of-00003"]
 
 
+@pytest.mark.e2e
 def test_tf_named_shards_from_an_s3_prefix(tmp_path, shards, s3_server, model_path):
     client = s3_server.client()
     for f in sorted(shards.iterdir()):
@@ -166,6 +168,7 @@ def test_records_and_images_in_one_source_are_refused(tmp_path, records_dir, mod
                               "of one kind")
 
 
+@pytest.mark.e2e
 def test_images_straight_in_are_packed_into_the_jobs_records(tmp_path, model_path):
     src = tmp_path / "photos"
     names = image_folder(src, per_class=3)
@@ -187,6 +190,7 @@ def test_images_straight_in_are_packed_into_the_jobs_records(tmp_path, model_pat
         prepare_job(store, "img", model_path, records=str(src), per_record=5)
 
 
+@pytest.mark.e2e
 def test_images_under_an_s3_prefix_are_found_by_content_with_their_classes(s3_server,
                                                                           tmp_path):
     photos = tmp_path / "photos"
@@ -201,6 +205,7 @@ def test_images_under_an_s3_prefix_are_found_by_content_with_their_classes(s3_se
         ("cat/img_0", 0), ("cat/img_1", 0), ("dog/img_0", 1), ("dog/img_1", 1)]
 
 
+@pytest.mark.e2e
 def test_packed_records_carry_labels_json_into_predictions(tmp_path, model_path):
     from serveless.data.sources import pack_source
 
@@ -218,6 +223,7 @@ def test_packed_records_carry_labels_json_into_predictions(tmp_path, model_path)
         ("dog/img_0.jpg", 1, "dog"), ("dog/img_1.jpg", 1, "dog")]
 
 
+@pytest.mark.e2e
 def test_records_option_stays_an_alias_of_input(tmp_path, shards, model_path):
     from typer.testing import CliRunner
 
@@ -251,6 +257,7 @@ def test_resume_refuses_other_preprocessing(tmp_path, shards, model_path):
     assert prepare_job(store, "re").transform == make_transform()  # left out: as before
 
 
+@pytest.mark.e2e
 def test_run_input_says_which_files_it_skipped(tmp_path, model_path):
     from typer.testing import CliRunner
 

@@ -17,6 +17,7 @@ import threading
 import time
 
 import psutil
+import pytest
 from helpers import assert_one_row_per_image, rows_of
 from PIL import Image
 
@@ -26,6 +27,8 @@ from serveless.driver.log import load_log
 from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
 from serveless.store import Store
+
+pytestmark = pytest.mark.e2e
 
 
 def test_instances_sigkilled_at_random(tmp_path, records_dir):

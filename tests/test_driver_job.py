@@ -18,6 +18,8 @@ from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
 from serveless.store import JobLayout, Store
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def finished_job(tmp_path_factory, records_dir):

@@ -105,6 +105,7 @@ def test_outputs_are_checked_whole_by_their_crc32c_and_old_logs_by_sha256(tmp_pa
     assert not _whole(store, out)
 
 
+@pytest.mark.e2e
 def test_driver_sigkilled_then_resumed(tmp_path, records_dir):
     store_dir = tmp_path / "store"
     args = ("run", "--store", str(store_dir), "--job", "resume", "--records", str(records_dir),

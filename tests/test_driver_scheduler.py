@@ -71,6 +71,7 @@ def job(tmp_path_factory, records_dir):
     return store, spec
 
 
+@pytest.mark.e2e
 def test_a_memory_error_in_the_function_is_out_of_memory(job):
     """A batch too large to allocate (an absurd input size) raises MemoryError inside the
     instance: the driver must see OutOfMemory (and raise the memory), as for an OOM kill."""
@@ -86,6 +87,7 @@ def test_a_memory_error_in_the_function_is_out_of_memory(job):
     assert error_of(MemoryError()).type == "OutOfMemory"
 
 
+@pytest.mark.e2e
 def test_a_deterministic_failure_is_not_retried_and_says_why(job):
     """Records run at a size the model refuses: onnxruntime's InvalidArgument comes out the
     same every time, so each record is tried once, and the failure says why."""
@@ -101,6 +103,7 @@ def test_a_deterministic_failure_is_not_retried_and_says_why(job):
     assert all(r["error"]["final"] for r in log)
 
 
+@pytest.mark.e2e
 def test_oom_is_reported_then_retried_with_more_memory(tmp_path, records_dir):
     store = Store(str(tmp_path))
     spec = prepare_job(store, "oom", "alexnet", preset="paper", records=str(records_dir),
@@ -141,6 +144,7 @@ def test_oom_is_reported_then_retried_with_more_memory(tmp_path, records_dir):
     assert last and all(r["memory_mb"] >= raised_to[3] for r in last)
 
 
+@pytest.mark.e2e
 def test_throttled_invocations_back_off_without_spending_retries(tmp_path, records_dir):
     store = Store(str(tmp_path))
     spec = prepare_job(store, "t", "alexnet", preset="paper", records=str(records_dir))

@@ -146,6 +146,7 @@ def profiled(env):
     return out, text
 
 
+@pytest.mark.e2e
 def test_profile_table_png_and_recommendation_match_the_logs(env, profiled):
     out, text = profiled
     check_png(out / "profile.png")
@@ -219,6 +220,7 @@ def test_recommendation_takes_the_largest_peak_over_sizes_and_ignores_failures()
 # -- baseline -------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_baseline_table_and_png(env):
     out = env["root"] / "baseline"
     invoke("baseline", "--model", env["model"], "--cuts", "p1", "--per-record", "4,8",
@@ -266,6 +268,7 @@ def test_baseline_says_when_the_cuda_provider_cannot_run(env, monkeypatch):
 # -- sweep ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_sweep_table_marks_oversubscription(env):
     out = env["root"] / "sweep"
     invoke("sweep", "--model", env["model"], "--cuts", "p1", "--concurrency", "1,2,4",
@@ -306,6 +309,7 @@ def test_sweep_table_marks_oversubscription(env):
 # -- memory-compare -------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_memory_compare_tables_match_the_logs(env, profiled):
     out = env["root"] / "memcmp"
     profile_json = profiled[0] / "profile.json"
@@ -342,6 +346,7 @@ def test_memory_compare_tables_match_the_logs(env, profiled):
 # -- report ---------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_report_md_embeds_pngs_and_matches_the_log(env, profiled):
     out = env["root"] / "report"
     invoke("report", "profile-4", "profile-8", "--store", env["store"], "--out", str(out))
@@ -390,6 +395,7 @@ def _non_square_model():
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.mark.e2e
 def test_every_job_of_an_experiment_keeps_the_models_input_size(tmp_path, records_dir):
     path = save_model(_non_square_model(), tmp_path / "ns.onnx")
     setup = Setup(store=Store(str(tmp_path / "store")), model=str(path), cuts=[])

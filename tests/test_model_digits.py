@@ -100,6 +100,7 @@ def test_model_declares_its_preprocessing(digits_model, alexnet):
             preprocessing(bad)
 
 
+@pytest.mark.e2e
 def test_stage0_uses_the_models_preprocessing(tmp_path, digits_model, digits_records):
     store = Store(str(tmp_path / "store"))
     spec = prepare_job(store, "dg", "digits", cuts="pool1", records=str(digits_records))
@@ -140,6 +141,7 @@ def test_accuracy_is_none_without_labels(tmp_path):
     assert accuracy(store, "j") == {"labelled": 2, "top1": 0.5, "top5": 1.0}
 
 
+@pytest.mark.e2e
 def test_demo_digits_prints_accuracy_and_report_shows_it(tmp_path, digits_model):
     store = str(tmp_path / "store")
     res = runner.invoke(app, ["demo", "--model", "digits", "--images", "40", "--per-record",

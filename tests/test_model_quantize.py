@@ -39,6 +39,7 @@ def int8_job(tmp_path_factory, digits_records):
     return store, spec, result
 
 
+@pytest.mark.e2e
 def test_int8_stages_chain_and_run_end_to_end(int8_job, digits_model):
     store, spec, result = int8_job
     assert result.ok and result.images == 120 and spec.stages == 2
@@ -55,6 +56,7 @@ def test_int8_stages_chain_and_run_end_to_end(int8_job, digits_model):
     assert top1 >= 0.95  # a trained model stays accurate in int8
 
 
+@pytest.mark.e2e
 def test_int8_job_records_sensible_fidelity(int8_job):
     store, spec, _ = int8_job
     info = JobSpec.load(store, "q8").quantize
@@ -70,6 +72,7 @@ def test_int8_job_records_sensible_fidelity(int8_job):
     assert f"on {f['images']} held-out images" in lines[1] and "top-1 accuracy" in lines[1]
 
 
+@pytest.mark.e2e
 def test_second_job_reuses_the_cached_stages(int8_job, digits_records, counted_partition):
     store, spec, _ = int8_job
     again = prepare_job(store, "q8-again", "digits", cuts="pool1", records=str(digits_records),
@@ -86,6 +89,7 @@ def test_second_job_reuses_the_cached_stages(int8_job, digits_records, counted_p
     assert counted_partition == [["pool1"]]  # a miss: partitioned (and checked) once
 
 
+@pytest.mark.e2e
 def test_resume_keeps_the_precision_and_refuses_another(int8_job, digits_records):
     store, spec, _ = int8_job
     with pytest.raises(JobError, match="--quantize int8"):

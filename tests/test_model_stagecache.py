@@ -61,6 +61,7 @@ def test_a_new_store_uploads_the_cached_set_without_partitioning(
     assert counted_partition == [["r1"], ["g"]]  # other cuts: another set
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("damage", ["flip", "truncate", "no-manifest", "bad-manifest",
                                     "missing-file"])
 def test_a_damaged_cache_entry_is_made_again_never_used(

@@ -34,6 +34,7 @@ class CountingStore(Store):
         super().put_bytes(key, data)
 
 
+@pytest.mark.e2e
 def test_second_job_with_the_same_model_and_cuts_does_no_partition_and_no_upload(
         tmp_path, records_dir, model_file, counted_partition, caplog):
     store = CountingStore(str(tmp_path / "store"))
@@ -66,6 +67,7 @@ def test_second_job_with_the_same_model_and_cuts_does_no_partition_and_no_upload
     assert other.models != first.models
 
 
+@pytest.mark.e2e
 def test_damaged_stage_models_are_rebuilt(tmp_path, records_dir, model_file, counted_partition):
     store = Store(str(tmp_path / "store"))
     spec = prepare_job(store, "a", str(model_file), cuts="r1", records=str(records_dir))

@@ -80,6 +80,7 @@ def check_top5(rows: dict, expected: dict, key: str = "probs") -> None:
         np.testing.assert_allclose(r[key], want[r["top5"]], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_fixed_batch_of_one_is_made_dynamic(tmp_path, photos):
     model = tiny_classifier(batch=1)
     dynamic, fixed = make_batch_dynamic(model)
@@ -91,6 +92,7 @@ def test_fixed_batch_of_one_is_made_dynamic(tmp_path, photos):
     assert all(r["scores"] == "probs" for r in rows.values())
 
 
+@pytest.mark.e2e
 def test_fixed_batch_the_graph_keeps_is_served_in_micro_batches_of_that_size(tmp_path, photos):
     model = tiny_classifier(batch=4, reshape_to_batch=True)  # Reshape to the constant [4, -1]
     assert make_batch_dynamic(model) == (model, 4)
@@ -99,6 +101,7 @@ def test_fixed_batch_the_graph_keeps_is_served_in_micro_batches_of_that_size(tmp
     check_top5(rows, reference(model, store))  # records of 6 and 4: chunks of 4, zero-padded
 
 
+@pytest.mark.e2e
 def test_a_logits_model_gets_softmax_for_top5_and_rows_say_so(tmp_path, photos):
     model = tiny_classifier(softmax=False)
     assert not output_is_distribution(model)
@@ -115,6 +118,7 @@ def test_a_logits_model_gets_softmax_for_top5_and_rows_say_so(tmp_path, photos):
     assert all(r["scores"] == "logits" and "probs" not in r for r in never.values())
 
 
+@pytest.mark.e2e
 def test_softmax_always_on_a_probability_model(tmp_path, photos):
     model = tiny_classifier()
     rows, spec, store = run(tmp_path, model, photos, softmax="always")
@@ -122,6 +126,7 @@ def test_softmax_always_on_a_probability_model(tmp_path, photos):
     check_top5(rows, {k: softmax(v) for k, v in reference(model, store).items()})
 
 
+@pytest.mark.e2e
 def test_inception_preprocessing_is_recorded_and_applied(tmp_path, photos):
     transform = make_transform("inception")
     assert transform == {"name": "inception", "resize": None, "mean": [0.5] * 3,
@@ -136,6 +141,7 @@ def test_inception_preprocessing_is_recorded_and_applied(tmp_path, photos):
     assert x.min() >= -1 and x.max() <= 1 and x.min() < -0.2
 
 
+@pytest.mark.e2e
 def test_cli_prints_and_records_explicit_preprocessing(tmp_path, photos):
     model = save(tiny_classifier(), tmp_path / "m.onnx")
     store = tmp_path / "store"
@@ -164,6 +170,7 @@ def test_bad_softmax_choice_is_refused(tmp_path, photos):
         prepare_job(Store(str(tmp_path / "s")), "j", path, records=str(photos), softmax="yes")
 
 
+@pytest.mark.e2e
 def test_user_model_file_runs(tmp_path, records_dir):
     """A user .onnx file works where a model is named (here: AlexNet exported to a file)."""
     path = tmp_path / "alex.onnx"
@@ -176,6 +183,7 @@ def test_user_model_file_runs(tmp_path, records_dir):
     assert_one_row_per_image(rows_of(store, "user"), 60)
 
 
+@pytest.mark.e2e
 def test_user_model_with_its_own_input_size(tmp_path, records_dir):
     import onnx
 

@@ -22,6 +22,7 @@ runner = CliRunner()
 # -- the summary at 80, 100 and 160 columns ---------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("width", [40, 80, 100, 160])
 def test_summary_fits_the_terminal_with_every_value_whole(done_store, width):
     rows = load_log(Store(str(done_store)), "done")
@@ -42,6 +43,7 @@ def test_summary_fits_the_terminal_with_every_value_whole(done_store, width):
 # -- failed images and accuracy ---------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_a_runs_summary_lists_the_first_ten_failed_images(tmp_path):
     src = tmp_path / "photos"
     image_folder(src, per_class=3, classes=("a",))

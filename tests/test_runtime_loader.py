@@ -19,6 +19,8 @@ from serveless.store.layout import DATA_SUFFIX
 
 pytest_plugins = ["s3server", "faultproxy"]
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def tiny_records(tmp_path_factory):

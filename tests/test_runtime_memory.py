@@ -131,6 +131,7 @@ def test_sampling_interval_comes_from_the_environment(monkeypatch, value, second
     assert ChargeSampler().interval_s == pytest.approx(seconds)
 
 
+@pytest.mark.e2e
 def test_peak_is_the_cgroups_charge_with_rss_beside_it(tmp_path, records_dir):
     """Where an instance has a cgroup, its peak charge (what the cap is held to) is logged
     as peak_cgroup_mb beside the RSS high-water mark peak_rss_mb; peak_mb, on which

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from serveless.data.samples import make_sample_images
@@ -47,6 +48,7 @@ def test_spec_holds_no_credentials_and_resolves_them_where_handed_over(tmp_path)
     assert json.loads(handed.stdout) == options
 
 
+@pytest.mark.e2e
 def test_a_secret_given_by_store_option_is_in_no_object_log_or_output(
         s3_server, tmp_path, monkeypatch):
     """`run --store-option secret=...` on S3: the job runs (the workers authenticate with

@@ -23,6 +23,8 @@ from serveless.store import store as store_module
 
 pytest_plugins = ["s3server"]
 
+pytestmark = pytest.mark.e2e
+
 
 # -- the end-to-end job on S3 -----------------------------------------------------------------
 

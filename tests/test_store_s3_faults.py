@@ -20,6 +20,8 @@ from serveless.store import Store
 
 pytest_plugins = ["s3server", "faultproxy"]
 
+pytestmark = pytest.mark.e2e
+
 # botocore's "legacy" retries with 2 retries: 3 attempts, then s3fs (or we) take over.
 FEW_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "legacy"}}}
 
