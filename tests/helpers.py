@@ -4,6 +4,7 @@ objects in a bucket, and small record sets and models to run jobs on."""
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
 from serveless.data.images import preprocess
 from serveless.data.predictions import read_predictions
@@ -159,3 +161,30 @@ def no_hang(seconds: float = 5.0):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def tables(md: str) -> list[list[dict[str, str]]]:
+    """Every pipe table of a markdown text as a list of {header: cell} rows."""
+    out, lines = [], md.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and re.match(r"^\|[ :|-]+\|$",
+                                                                        lines[i + 1]):
+            head = [c.strip() for c in lines[i].strip("|").split("|")]
+            rows, i = [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(dict(zip(head, [c.strip() for c in lines[i].strip("|").split("|")],
+                                     strict=True)))
+                i += 1
+            out.append(rows)
+        else:
+            i += 1
+    return out
+
+
+def check_png(path: Path) -> None:
+    assert path.stat().st_size > 10_000, path
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width >= 400 and img.height >= 300, img.size

@@ -313,3 +313,57 @@ def test_lithops_on_a_cloud_gives_functions_their_own_vcpus():
     assert backend.function_cores() is None
     backend.compute = "localhost"
     assert backend.function_cores() == os.cpu_count()
+
+
+def test_lithops_failures_become_the_protocols_error_kinds():
+    """The sidecar names what Lithops reports in the kinds the driver's rules read:
+    MemoryError is OutOfMemory, a deterministic error is final, a 429 is TooManyRequests,
+    Lambda's time limit a Timeout, a runner that exited InstanceDied; else its own name."""
+    pytest.importorskip("lithops")
+    from serveless.backends.lithops.sidecar import _error_of
+
+    class InvalidArgument(Exception):
+        pass
+
+    class TooManyRequestsException(Exception):
+        pass
+
+    assert _error_of(None) == {"type": "LithopsError",
+                               "message": "the call failed without an exception"}
+    assert _error_of(MemoryError("no room"))["type"] == "OutOfMemory"
+    final = _error_of(InvalidArgument("got 3 channels"))
+    assert final["type"] == "InvalidArgument" and final["final"] is True
+    assert "deterministic" in final["why"]
+    assert _error_of(TooManyRequestsException("slow down"))["type"] == "TooManyRequests"
+    assert _error_of(RuntimeError("Rate exceeded"))["type"] == "TooManyRequests"
+    assert _error_of(TimeoutError("the maximum time of 900 s was reached"))["type"] == "Timeout"
+    assert _error_of(RuntimeError("worker exited with code 137"))["type"] == "InstanceDied"
+    other = _error_of(KeyError("x"))
+    assert other == {"type": "KeyError", "message": "'x'"}
+
+
+def test_a_lithops_calls_result_bills_the_worker_less_the_model_load():
+    """A call's result from the handler's metrics and Lithops' stats: the duration billed
+    is the worker's execution less the model load (never less than the handler's own),
+    the peak the larger of the handler's and the worker's, cold as Lithops saw it."""
+    pytest.importorskip("lithops")
+    from serveless.backends.lithops.sidecar import _result
+
+    metrics = {"handler_init_ms": 300.0, "duration_ms": 500.0, "peak_mb": 120.0, "cold": False}
+    stats = {"worker_exec_time": 1.0, "worker_peak_memory_end": 200 * 2**20,
+             "worker_cold_start": True, "worker_func_exec_time": 0.9, "unlisted": 1}
+    r = _result(metrics, None, 0.0, stats)
+    assert (r["metrics"], r["error"], r["cold"]) == (metrics, None, True)
+    assert r["init_ms"] == 300.0 and r["duration_ms"] == pytest.approx(700.0)
+    assert r["peak_mb"] == 200.0 and r["instance"] == ""
+    assert r["extra"]["lithops"] == {"worker_exec_time": 1.0,
+                                     "worker_peak_memory_end": 200 * 2**20,
+                                     "worker_cold_start": True, "worker_func_exec_time": 0.9}
+    slow = _result({**metrics, "duration_ms": 900.0}, None, 0.0, stats)
+    assert slow["duration_ms"] == pytest.approx(900.0)  # the handler's own time at least
+    bare = _result(metrics, None, 0.0)  # no stats: cold as the handler said
+    assert bare["cold"] is False and bare["peak_mb"] == 120.0 and bare["duration_ms"] == 500.0
+    t0 = time.perf_counter()
+    failed = _result(None, {"type": "Timeout", "message": "m"}, t0)
+    assert failed["error"]["type"] == "Timeout" and failed["peak_mb"] is None
+    assert failed["duration_ms"] >= 0.0 and failed["init_ms"] == 0.0

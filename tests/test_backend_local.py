@@ -209,3 +209,66 @@ def test_cpu_share_is_exact_only_when_the_quota_was_written(monkeypatch):
 def test_throttle_rate_is_checked():
     with pytest.raises(ValueError, match="throttle_rate"):
         LocalBackend(throttle_rate=1.5)
+
+
+def test_a_worker_serves_events_over_its_socket_until_told_to_stop(
+        tmp_path, records_dir, model_file, monkeypatch):
+    """worker.main, a function instance's loop, run in this process against a socket: on
+    'go' it loads its stage and says ready, answers each event with the handler's metrics
+    or its error as data, and returns on 'stop'; a stage it cannot load is an error sent
+    instead of 'ready'."""
+    import json
+    import multiprocessing.connection as mpc
+    import socket
+    import threading
+
+    from serveless.backends.local import worker
+    from serveless.runtime import loader
+
+    store = Store(str(tmp_path / "s"))
+    spec = prepare_job(store, "w", str(model_file), cuts="r1", records=str(records_dir))
+    monkeypatch.setattr(loader, "_SESSIONS", {})  # a cold instance, and none kept after
+    parent_death = []
+    monkeypatch.setattr(worker, "_die_with_parent", lambda: parent_death.append(True))
+    event = {"store": store.spec(), "job": "w", "stage": 0, "stages": spec.stages,
+             "record": "00000", "size": spec.input_hw, "model": spec.stage_model_key(0)}
+
+    def serve(model_key: str, messages: list[bytes]) -> list[dict]:
+        """Run the worker here; a thread plays the driver, sending each message in turn
+        and reading a reply after each but 'stop'."""
+        ours, theirs = socket.socketpair()
+        driver = mpc.Connection(ours.detach())
+        replies: list[dict] = []
+
+        def talk() -> None:
+            for msg in [b"go", *messages]:
+                driver.send_bytes(msg)
+                if msg == b"stop" or not driver.poll(60):
+                    return
+                replies.append(json.loads(driver.recv_bytes()))
+                if "error" in replies[-1] and msg == b"go":
+                    return
+
+        thread = threading.Thread(target=talk, daemon=True)
+        thread.start()
+        sigint = signal.getsignal(signal.SIGINT)
+        try:
+            worker.main(theirs.detach(), {"store": store.spec(), "model_key": model_key,
+                                          "threads": 1})
+        finally:
+            signal.signal(signal.SIGINT, sigint)  # main ignores Ctrl-C: give it back
+            thread.join(60)
+            driver.close()
+        assert not thread.is_alive(), "the worker stopped answering"
+        return replies
+
+    ready, served, failed = serve(spec.stage_model_key(0), [
+        json.dumps(event).encode(), json.dumps({**event, "record": "no-such"}).encode(),
+        b"stop"])
+    assert ready == {"ready": True} and parent_death == [True]
+    metrics = served["ok"]
+    assert metrics["record"] == "00000" and metrics["images"] == 25 and metrics["stage"] == 0
+    assert store.exists(metrics["output"]["key"])
+    assert failed["error"]["type"] == "StoreError" and "no-such" in failed["error"]["message"]
+    (refused,) = serve(JobLayout("w").key("model", "nope.onnx"), [])
+    assert refused["error"]["type"] == "StoreError" and "nope.onnx" in refused["error"]["message"]

@@ -120,3 +120,40 @@ def test_a_job_json_names_only_models_prefixes_for_deletion():
     for bad in ("", "models", "models/", "models/..", "models/a/b", "../models/x", "done",
                 "/models/x", "models/."):
         assert shared_models(spec(bad)) == [], bad
+
+
+def test_jobs_list_show_and_clean_a_recorded_job(recorded_job):
+    """`jobs` on a store's job.json, log and predictions alone (a recorded job: nothing
+    run): its state, records, images and cost as the log prices them; a missing
+    predictions object makes it partial; clean removes intermediates only."""
+    import datetime as dt
+
+    from serveless.cost import LAMBDA_GB_SECOND, LAMBDA_REQUEST, S3_GET, S3_PUT
+
+    store, job, rows = recorded_job
+    gb_s = sum(r["memory_mb"] / 1024 * r["billed_ms"] / 1000 for r in rows)
+    cost = (gb_s * LAMBDA_GB_SECOND["x86_64"] + len(rows) * LAMBDA_REQUEST
+            + sum(r["gets"] + r.get("heads", 0) for r in rows) * S3_GET
+            + sum(r["puts"] for r in rows) * S3_PUT)
+    when = dt.datetime.fromtimestamp(max(r["started"] for r in rows), dt.UTC)
+    res = run("jobs", "--store", store.root)
+    assert res.exit_code == 0, res.output
+    assert re.search(rf"^\s*{job}\s+done\s+4/4\s+100\s+0\s+{cost:.6f}\s+"
+                     rf"{cost / 100 * 1e6:.2f}\s+{when:%Y-%m-%d %H:%M}", res.output, re.M), (
+        res.output)
+    res = run("jobs", "show", job, "--store", store.root, "--json")
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.output)
+    assert (shown["state"], shown["records"], shown["records_done"], shown["images"]) == (
+        "done", 4, 4, 100)
+    assert shown["failed_records"] == {} and shown["spec"]["cuts"] == ["pool5"]
+    assert shown["cost"] == pytest.approx(cost, rel=1e-12)
+    store.delete(f"{job}/predictions/00003.jsonl")
+    store.put_bytes(f"{job}/stage-0/00003.npy", b"x" * 1000)
+    res = run("jobs", "show", job, "--store", store.root)
+    assert res.exit_code == 0, res.output
+    assert f"job {job}: partial, 3 of 4 records done" in " ".join(res.output.split())
+    res = run("jobs", "clean", job, "--store", store.root)
+    assert res.exit_code == 0 and "MB freed" in res.output, res.output
+    assert not store.exists(f"{job}/stage-0/00003.npy")
+    assert len(store.list(f"{job}/predictions")) == 3 and store.exists(f"{job}/job.json")

@@ -110,6 +110,19 @@ def test_version():
     assert res.exit_code == 0 and res.output.strip() == f"serveless {__version__}"
 
 
+@pytest.mark.parametrize("module", ["serveless", "serveless.cli"])
+def test_python_m_runs_the_command_line(module, monkeypatch, capsys):
+    """`python -m serveless` and `python -m serveless.cli` are the `serveless` script (run
+    here in this process, as `python -m` runs them)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [module, "--version"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert done.value.code in (0, None)
+    assert capsys.readouterr().out.strip() == f"serveless {__version__}"
+
+
 @pytest.mark.e2e
 def test_corrupt_record_is_refused_before_anything_runs(tmp_path, records_dir):
     """A flipped bit in the user's file: named (their path, byte offset), nothing invoked."""

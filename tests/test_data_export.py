@@ -19,8 +19,6 @@ from serveless.data.export import COLUMNS, export
 from serveless.errors import ExportError
 from serveless.store import Store
 
-pytestmark = pytest.mark.e2e
-
 pq = pytest.importorskip("pyarrow.parquet")
 runner = CliRunner()
 
@@ -46,6 +44,7 @@ def cli_export(store: Path, out: Path, *args: str) -> str:
     return result.output
 
 
+@pytest.mark.e2e
 def test_parquet_reads_back_row_for_row_equal_to_the_jsonl(job):
     root, store, _ = job
     assert cli_export(store, root / "p.parquet") == f"wrote 9 rows to {root / 'p.parquet'}\n"
@@ -69,6 +68,7 @@ def test_parquet_reads_back_row_for_row_equal_to_the_jsonl(job):
     assert broken[0]["top5"] is None and broken[0]["class_name"] == "dog"
 
 
+@pytest.mark.e2e
 def test_csv_has_the_same_rows(job):
     root, store, _ = job
     cli_export(store, root / "p.csv", "--format", "csv")
@@ -83,6 +83,7 @@ def test_csv_has_the_same_rows(job):
         assert (c["error"] or None) == j["error"]
 
 
+@pytest.mark.e2e
 def test_with_scores_adds_the_whole_score_vector(job):
     root, store, _ = job
     cli_export(store, root / "s.parquet", "--with-scores")
@@ -97,6 +98,7 @@ def test_with_scores_adds_the_whole_score_vector(job):
         np.testing.assert_allclose(scores[r["top5"]], r["top5_scores"], rtol=1e-5)
 
 
+@pytest.mark.e2e
 def test_with_scores_needs_a_job_that_kept_them(tmp_path, job, records_dir):
     _, store, _ = job
     st = Store(str(store))
@@ -115,6 +117,7 @@ def test_with_scores_needs_a_job_that_kept_them(tmp_path, job, records_dir):
         export(st, "nope", "csv", str(tmp_path / "x.csv"))
 
 
+@pytest.mark.e2e
 def test_labelled_jobs_get_accuracy_in_summary_and_report(job):
     root, store, output = job
     rows = [r for r in rows_of(Store(str(store)), "ex") if r["error"] is None]
@@ -131,3 +134,31 @@ def test_labelled_jobs_get_accuracy_in_summary_and_report(job):
     assert result.exit_code == 0, result.output
     md = (root / "report" / "report.md").read_text()
     assert "Failed images: 1." in md and line in md
+
+
+def test_a_recorded_jobs_predictions_are_one_table_in_every_format(recorded_job, tmp_path):
+    """export() on the predictions a store holds (a recorded job: nothing run): one row per
+    image in record then index order, the stored row's values under the table's columns,
+    the same rows in JSONL, CSV and Parquet."""
+    store, job, _ = recorded_job
+    stored = rows_of(store, job)
+    assert export(store, job, "jsonl", str(tmp_path / "t.jsonl")) == len(stored) == 100
+    lines = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [(r["record"], r["index"]) for r in lines] == sorted(
+        (s["record"], s["index"]) for s in stored)
+    by_key = {(s["record"], s["index"]): s for s in stored}
+    for r in lines:
+        s = by_key[(r["record"], r["index"])]
+        assert list(r) == list(COLUMNS)
+        assert (r["filename"], r["label"], r["top5"], r["top5_scores"], r["scores"],
+                r["error"], r["class_name"]) == (s["filename"], s["label"], s["top5"],
+                                                 s["probs"], "probs", None, None)
+    assert export(store, job, "csv", str(tmp_path / "t.csv")) == 100
+    with open(tmp_path / "t.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(c["record"], int(c["index"]), json.loads(c["top5"])) for c in rows] == [
+        (r["record"], r["index"], r["top5"]) for r in lines]
+    assert export(store, job, "parquet", str(tmp_path / "t.parquet")) == 100
+    assert pq.read_table(tmp_path / "t.parquet").to_pylist() == lines
+    with pytest.raises(ExportError, match="was run without --save-scores"):
+        export(store, job, "jsonl", str(tmp_path / "s.jsonl"), with_scores=True)

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import check_png, tables
 from onnx import TensorProto, helper, numpy_helper
-from PIL import Image
 from typer.testing import CliRunner
 
 from serveless.cli import app
@@ -80,33 +80,6 @@ def invoke(*args: str) -> str:
 def log(env, job: str) -> list[dict]:
     path = Path(env["store"]) / job / "invocations.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def tables(md: str) -> list[list[dict[str, str]]]:
-    """Every pipe table of a markdown text as a list of {header: cell} rows."""
-    out, lines = [], md.splitlines()
-    i = 0
-    while i < len(lines):
-        if lines[i].startswith("|") and i + 1 < len(lines) and re.match(r"^\|[ :|-]+\|$",
-                                                                        lines[i + 1]):
-            head = [c.strip() for c in lines[i].strip("|").split("|")]
-            rows, i = [], i + 2
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append(dict(zip(head, [c.strip() for c in lines[i].strip("|").split("|")],
-                                     strict=True)))
-                i += 1
-            out.append(rows)
-        else:
-            i += 1
-    return out
-
-
-def check_png(path: Path) -> None:
-    assert path.stat().st_size > 10_000, path
-    with Image.open(path) as img:
-        img.verify()
-    with Image.open(path) as img:
-        assert img.format == "PNG" and img.width >= 400 and img.height >= 300, img.size
 
 
 def close(cell: str, value: float, digits: int) -> None:
@@ -216,6 +189,37 @@ def test_recommendation_takes_the_largest_peak_over_sizes_and_ignores_failures()
     cell = p["stages"][0]["sizes"]["8"]
     assert cell == {"invocations": 2, "failed": 1, "peak_mb": 200.0, "duration_s": 0.2}
 
+
+
+def test_sweep_numbers_recompute_from_recorded_logs(recorded_job):
+    """sweep_from_logs and its table on a recorded log (nothing run): wall time, GB-s and
+    cost per concurrency from the rows, and oversubscription where c × vCPU > cores."""
+    from serveless.experiments import sweep_from_logs, sweep_markdown
+    from serveless.report.machine import machine_info
+
+    store, job, rows = recorded_job
+    cores = os.cpu_count() or 1
+    # at 1769 MB (1 vCPU) each: within the cores, exactly all of them, more than there are
+    levels = sorted({1, cores, 2 * cores})
+    result = sweep_from_logs({c: rows for c in levels}, [1769, 1769], "x86_64")
+    assert result["cores"] == cores and result["vcpus_per_function"] == pytest.approx(1.0)
+    result.update({"model": "alexnet", "records": 4, "jobs": [job], "store": store.url,
+                   "memory": [1769, 1769], "arch": "x86_64", "machine": machine_info()})
+    md = sweep_markdown(result)
+    (table,) = [t for t in tables(md) if t and "concurrency" in t[0]]
+    assert [int(r["concurrency"]) for r in table] == levels
+    gb_s, usd = modeled(rows)
+    for row in table:
+        close(row["wall s"], span(rows), 3)
+        close(row["GB-s"], gb_s, 4)
+        close(row["cost USD"], usd, 8)
+        close(row["USD per 1M images"], usd / 100 * 1e6, 2)
+        assert int(row["cold starts"]) == sum(bool(r["cold"]) for r in rows)
+        over = int(row["concurrency"]) > cores
+        assert row[f"oversubscribed (> {cores} cores)"] == ("**yes**" if over else "no")
+    assert [p["oversubscribed"] for p in result["points"]] == [c > cores for c in levels]
+    assert result["points"][-1]["oversubscribed"]
+    assert "this machine's limit" in md and "Fig. 5" in md
 
 # -- baseline -------------------------------------------------------------------------------
 
