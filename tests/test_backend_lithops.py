@@ -1,6 +1,8 @@
 """The Lithops backend on Lithops' localhost engine, with the store on the S3 test server:
 the end-to-end job, calls that time out or die, config handling, and nothing left behind;
-what it says of a cloud engine (vCPUs, ephemeral storage) without starting one."""
+what it says of a cloud engine (vCPUs, ephemeral storage) without starting one; how the
+sidecar turns what Lithops reports into results. (What every backend must do, this one
+included, is test_backend_contract.py.)"""
 
 from __future__ import annotations
 
