@@ -1,5 +1,8 @@
-"""Shared fixtures: a small image set, its records, AlexNet and the trained digits model,
-each built once per session."""
+"""Shared fixtures (tests/README.md lists them): the session's private model cache, a small
+image set and its records, AlexNet and the trained digits model, each built once per
+session; tiny models and a finished job made by the CLI per module; a tiny model
+calibrated and planned; a job recorded in tests/data, nothing run; the partition counter
+and the flaky store; and the check that no function instance outlives a module."""
 
 from __future__ import annotations
 

@@ -1,3 +1,9 @@
+"""The intermediate tensors between stages (data/tensors.py): written and read in blocks,
+float16 and compressed too; plain .npy readable by numpy; truncated, foreign, pickled or
+integer data refused; a writer holds its declared number of rows."""
+
+from __future__ import annotations
+
 import io
 
 import numpy as np

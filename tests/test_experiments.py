@@ -221,6 +221,56 @@ def test_sweep_numbers_recompute_from_recorded_logs(recorded_job):
     assert result["points"][-1]["oversubscribed"]
     assert "this machine's limit" in md and "Fig. 5" in md
 
+
+def test_memory_compare_and_baseline_numbers_recompute_from_a_recorded_log(recorded_job):
+    """Tables 1-2 and Fig. 4's table from a recorded log (nothing run): memory and peak per
+    stage, time and cost per configuration and size, the pipeline's time per record
+    against one process's."""
+    from serveless.experiments import (
+        baseline_from,
+        baseline_markdown,
+        memory_compare_from_logs,
+        memory_compare_markdown,
+    )
+    from serveless.report.machine import machine_info
+
+    store, job, rows = recorded_job
+    m = memory_compare_from_logs({("memMin", 25): rows}, {"memMin": [1769, 1769]}, "x86_64")
+    m.update({"model": "alexnet", "sizes": [25], "concurrency": 1, "store": store.url,
+              "arch": "x86_64", "machine": machine_info()})
+    t1, peaks, t2 = tables(memory_compare_markdown(m))
+    assert [(r["configuration"], r["stage 0 MB"], r["stage 1 MB"]) for r in t1] == [
+        ("memMin", "1769", "1769")]  # it ran at the sizes asked: no OOM note
+    for k in (0, 1):
+        close(peaks[0][f"stage {k} MB"], max(r["peak_mb"] for r in ok_rows(rows, k)), 1)
+    (row,) = t2
+    gb_s, usd = modeled(rows)
+    assert (int(row["images per record"]), int(row["records"]), int(row["images"])) == (
+        25, 4, 100)
+    close(row["wall s"], span(rows), 3)
+    close(row["GB-s"], gb_s, 4)
+    close(row["cost USD"], usd, 8)
+    assert int(row["OOM"]) == 0
+    base = {"records": [{"images": 25, "seconds": 0.5}, {"images": 25, "seconds": 1.5}],
+            "provider": "CPUExecutionProvider", "threads": 1, "provider_note": "as asked",
+            "load_s": 0.25}
+    b = baseline_from(rows, base, [25])
+    b.update({"baseline": base, "model": "alexnet", "job": job, "store": store.url,
+              "cuts": ["pool5"], "memory": [1769, 1769], "micro_batch": 25,
+              "machine": machine_info()})
+    (table,) = [t for t in tables(baseline_markdown(b)) if t and "records" in t[0]]
+    (row,) = table
+    per_record = {}
+    for r in ok_rows(rows):
+        per_record.setdefault(r["record"], []).append(r)
+    assert int(row["images per record"]) == 25 and int(row["records"]) == len(per_record) == 4
+    sums = [sum(r["duration_ms"] for r in rs) / 1000 for rs in per_record.values()]
+    close(row["serverless s (sum of stages)"], statistics.fmean(sums), 3)
+    close(row["serverless s (end to end)"],
+          statistics.fmean(span(rs) for rs in per_record.values()), 3)
+    close(row["one process s"], 1.0, 3)
+    close(row["serverless / one process"], statistics.fmean(sums) / 1.0, 2)
+
 # -- baseline -------------------------------------------------------------------------------
 
 
