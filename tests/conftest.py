@@ -1,5 +1,8 @@
-"""Shared fixtures: a small image set, its records, AlexNet and the trained digits model,
-each built once per session."""
+"""Shared fixtures (tests/README.md lists them): the session's private model cache, a small
+image set and its records, AlexNet and the trained digits model, each built once per
+session; tiny models and a finished job made by the CLI per module; a tiny model
+calibrated and planned; a job recorded in tests/data, nothing run; the partition counter
+and the flaky store; and the check that no function instance outlives a module."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from serveless.store import Store
 def model_cache(tmp_path_factory):
     """A private model cache for the session: tests never read or fill the user's. The
     machine's cache of checked stage sets is off (tests that count partitions would depend
-    on their order; test_stagecache.py turns it on in a folder of its own)."""
+    on their order; test_model_stagecache.py turns it on in a folder of its own)."""
     from serveless.model.stagecache import STAGE_CACHE_ENV
     from serveless.paths import CACHE_ENV
 
@@ -110,3 +113,101 @@ def flaky_filesystem(monkeypatch):
     flakyfs.register()
     for name, value in flakyfs.environment().items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """helpers.tiny_classifier saved as an ONNX file: a whole job in a second or two."""
+    from helpers import tiny_classifier
+
+    from serveless.model.graph import save_model
+
+    path = tmp_path_factory.mktemp("model") / "tiny.onnx"
+    save_model(tiny_classifier(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def done_store(tmp_path_factory, tiny, records_dir) -> Path:
+    """A store with one finished two-stage job, 'done' (run by the CLI, once per module)."""
+    from typer.testing import CliRunner
+
+    from serveless.cli import app
+
+    store = tmp_path_factory.mktemp("store")
+    res = CliRunner().invoke(app, ["run", "--job", "done", "--records", str(records_dir),
+                                   "--model", str(tiny), "--cuts", "flat", "--store",
+                                   str(store)])
+    assert res.exit_code == 0, res.output
+    return store
+
+
+@pytest.fixture(scope="session")
+def tiny_plan(tmp_path_factory):
+    """plankit's tiny residual model calibrated and planned by the CLI (for the local
+    target, 60 images): (its folder, with tiny.onnx, cal.json and plan.json; the plan)."""
+    import json
+
+    from plankit import tiny_residual_model
+    from typer.testing import CliRunner
+
+    from serveless.cli import app
+
+    runner = CliRunner()
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_residual_model(root / "tiny.onnx")
+    store = root / "store"
+    res = runner.invoke(app, ["calibrate", str(model), "--out", str(root / "cal.json"),
+                              "--store", str(store)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["plan", str(model), "--images", "60", "--deadline", "3600",
+                              "--target", "local", "--max-concurrency", "2", "--calibration",
+                              str(root / "cal.json"), "--out", str(root / "plan.json"),
+                              "--memory-step", "256"])
+    assert res.exit_code == 0, res.output
+    return root, json.loads((root / "plan.json").read_text())
+
+@pytest.fixture
+def recorded_job(tmp_path):
+    """A finished job in a fresh local store, with nothing run: job 'replay', whose log is
+    that of a real local run recorded in tests/data (AlexNet cut at pool5: 4 records of 25
+    images, 2 stages at 1769 MB), with its job.json and prediction rows made up to match
+    (labels 0-2, seeded). Returns (store, job name, log rows)."""
+    import json
+
+    import numpy as np
+
+    from serveless.data.predictions import prediction_row
+    from serveless.driver.spec import JobSpec
+
+    store = Store(str(tmp_path / "store"))
+    text = (Path(__file__).parent / "data" / "replay-invocations.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    records = sorted({r["record"] for r in rows})
+    JobSpec(job="replay", model="alexnet", cuts=["pool5"], memory=[1769, 1769],
+            micro_batch=25, records=records, concurrency=1).save(store)
+    store.put_bytes("replay/invocations.jsonl", text.encode())
+    rng = np.random.default_rng(5)
+    for rec in records:
+        lines = []
+        for i in range(25):
+            probs = rng.dirichlet(np.ones(1000))
+            top = np.argsort(-probs, kind="stable")[:5]
+            lines.append(json.dumps(prediction_row(rec, i, f"{rec}/{i}.jpg", i % 3, top,
+                                                   probs[top], None)))
+        store.put_bytes(f"replay/predictions/{rec}.jsonl", ("\n".join(lines) + "\n").encode())
+    return store, "replay", rows
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_stray_processes():
+    """After each module, no function instance of the local backend is left running (they
+    are given up to 0.5 s to be reaped)."""
+    import time
+
+    from serveless.backends.local import instance_processes
+
+    yield
+    deadline = time.monotonic() + 0.5
+    while instance_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not instance_processes(), "function instances left running"

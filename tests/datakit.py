@@ -77,3 +77,15 @@ def image_folder(root: Path, per_class: int = 4, classes: tuple[str, ...] = ("ca
             (root / rel).write_bytes(encode(picture(seed + 100 * c + i), fmt))
             names.append(rel)
     return names
+
+
+def png_bytes(color: tuple[int, int, int] = (200, 10, 10), size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def gray_jpeg_bytes(size: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (size, size), 77).save(buf, "JPEG")
+    return buf.getvalue()

@@ -55,6 +55,7 @@ def long_job(tmp_path_factory) -> Path:
     return base
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("columns", [None, "40", "300"])
 def test_piped_errors_are_whole_lines(long_job: Path, tmp_path: Path, columns: str | None):
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}

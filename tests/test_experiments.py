@@ -1,4 +1,5 @@
-"""The experiment commands (profile, baseline, sweep, memory-compare, report --out) end to end.
+"""The experiment commands (profile, baseline, sweep, memory-compare, report --out) end to end,
+and every job an experiment makes keeps the model's input H×W (non-square too).
 
 A tiny two-stage ONNX model and a few sample photos keep each command to seconds. Every
 number a command prints in its markdown tables is recomputed here from the invocation logs
@@ -18,13 +19,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import check_png, tables
 from onnx import TensorProto, helper, numpy_helper
-from PIL import Image
 from typer.testing import CliRunner
 
 from serveless.cli import app
 from serveless.cost import LAMBDA_GB_SECOND, LAMBDA_REQUEST, S3_GET, S3_PUT
-from serveless.experiments import recommend_memory
+from serveless.experiments import Setup, recommend_memory, time_whole_model
+from serveless.model.graph import save_model
+from serveless.store import Store
 
 runner = CliRunner()
 
@@ -79,33 +82,6 @@ def log(env, job: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def tables(md: str) -> list[list[dict[str, str]]]:
-    """Every pipe table of a markdown text as a list of {header: cell} rows."""
-    out, lines = [], md.splitlines()
-    i = 0
-    while i < len(lines):
-        if lines[i].startswith("|") and i + 1 < len(lines) and re.match(r"^\|[ :|-]+\|$",
-                                                                        lines[i + 1]):
-            head = [c.strip() for c in lines[i].strip("|").split("|")]
-            rows, i = [], i + 2
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append(dict(zip(head, [c.strip() for c in lines[i].strip("|").split("|")],
-                                     strict=True)))
-                i += 1
-            out.append(rows)
-        else:
-            i += 1
-    return out
-
-
-def check_png(path: Path) -> None:
-    assert path.stat().st_size > 10_000, path
-    with Image.open(path) as img:
-        img.verify()
-    with Image.open(path) as img:
-        assert img.format == "PNG" and img.width >= 400 and img.height >= 300, img.size
-
-
 def close(cell: str, value: float, digits: int) -> None:
     """A table cell printed with `digits` decimals equals value up to that rounding."""
     assert abs(float(cell) - value) <= 0.5 * 10**-digits + 1e-9, (cell, value)
@@ -143,6 +119,7 @@ def profiled(env):
     return out, text
 
 
+@pytest.mark.e2e
 def test_profile_table_png_and_recommendation_match_the_logs(env, profiled):
     out, text = profiled
     check_png(out / "profile.png")
@@ -213,9 +190,91 @@ def test_recommendation_takes_the_largest_peak_over_sizes_and_ignores_failures()
     assert cell == {"invocations": 2, "failed": 1, "peak_mb": 200.0, "duration_s": 0.2}
 
 
+
+def test_sweep_numbers_recompute_from_recorded_logs(recorded_job):
+    """sweep_from_logs and its table on a recorded log (nothing run): wall time, GB-s and
+    cost per concurrency from the rows, and oversubscription where c × vCPU > cores."""
+    from serveless.experiments import sweep_from_logs, sweep_markdown
+    from serveless.report.machine import machine_info
+
+    store, job, rows = recorded_job
+    cores = os.cpu_count() or 1
+    # at 1769 MB (1 vCPU) each: within the cores, exactly all of them, more than there are
+    levels = sorted({1, cores, 2 * cores})
+    result = sweep_from_logs({c: rows for c in levels}, [1769, 1769], "x86_64")
+    assert result["cores"] == cores and result["vcpus_per_function"] == pytest.approx(1.0)
+    result.update({"model": "alexnet", "records": 4, "jobs": [job], "store": store.url,
+                   "memory": [1769, 1769], "arch": "x86_64", "machine": machine_info()})
+    md = sweep_markdown(result)
+    (table,) = [t for t in tables(md) if t and "concurrency" in t[0]]
+    assert [int(r["concurrency"]) for r in table] == levels
+    gb_s, usd = modeled(rows)
+    for row in table:
+        close(row["wall s"], span(rows), 3)
+        close(row["GB-s"], gb_s, 4)
+        close(row["cost USD"], usd, 8)
+        close(row["USD per 1M images"], usd / 100 * 1e6, 2)
+        assert int(row["cold starts"]) == sum(bool(r["cold"]) for r in rows)
+        over = int(row["concurrency"]) > cores
+        assert row[f"oversubscribed (> {cores} cores)"] == ("**yes**" if over else "no")
+    assert [p["oversubscribed"] for p in result["points"]] == [c > cores for c in levels]
+    assert result["points"][-1]["oversubscribed"]
+    assert "this machine's limit" in md and "Fig. 5" in md
+
+
+def test_memory_compare_and_baseline_numbers_recompute_from_a_recorded_log(recorded_job):
+    """Tables 1-2 and Fig. 4's table from a recorded log (nothing run): memory and peak per
+    stage, time and cost per configuration and size, the pipeline's time per record
+    against one process's."""
+    from serveless.experiments import (
+        baseline_from,
+        baseline_markdown,
+        memory_compare_from_logs,
+        memory_compare_markdown,
+    )
+    from serveless.report.machine import machine_info
+
+    store, job, rows = recorded_job
+    m = memory_compare_from_logs({("memMin", 25): rows}, {"memMin": [1769, 1769]}, "x86_64")
+    m.update({"model": "alexnet", "sizes": [25], "concurrency": 1, "store": store.url,
+              "arch": "x86_64", "machine": machine_info()})
+    t1, peaks, t2 = tables(memory_compare_markdown(m))
+    assert [(r["configuration"], r["stage 0 MB"], r["stage 1 MB"]) for r in t1] == [
+        ("memMin", "1769", "1769")]  # it ran at the sizes asked: no OOM note
+    for k in (0, 1):
+        close(peaks[0][f"stage {k} MB"], max(r["peak_mb"] for r in ok_rows(rows, k)), 1)
+    (row,) = t2
+    gb_s, usd = modeled(rows)
+    assert (int(row["images per record"]), int(row["records"]), int(row["images"])) == (
+        25, 4, 100)
+    close(row["wall s"], span(rows), 3)
+    close(row["GB-s"], gb_s, 4)
+    close(row["cost USD"], usd, 8)
+    assert int(row["OOM"]) == 0
+    base = {"records": [{"images": 25, "seconds": 0.5}, {"images": 25, "seconds": 1.5}],
+            "provider": "CPUExecutionProvider", "threads": 1, "provider_note": "as asked",
+            "load_s": 0.25}
+    b = baseline_from(rows, base, [25])
+    b.update({"baseline": base, "model": "alexnet", "job": job, "store": store.url,
+              "cuts": ["pool5"], "memory": [1769, 1769], "micro_batch": 25,
+              "machine": machine_info()})
+    (table,) = [t for t in tables(baseline_markdown(b)) if t and "records" in t[0]]
+    (row,) = table
+    per_record = {}
+    for r in ok_rows(rows):
+        per_record.setdefault(r["record"], []).append(r)
+    assert int(row["images per record"]) == 25 and int(row["records"]) == len(per_record) == 4
+    sums = [sum(r["duration_ms"] for r in rs) / 1000 for rs in per_record.values()]
+    close(row["serverless s (sum of stages)"], statistics.fmean(sums), 3)
+    close(row["serverless s (end to end)"],
+          statistics.fmean(span(rs) for rs in per_record.values()), 3)
+    close(row["one process s"], 1.0, 3)
+    close(row["serverless / one process"], statistics.fmean(sums) / 1.0, 2)
+
 # -- baseline -------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_baseline_table_and_png(env):
     out = env["root"] / "baseline"
     invoke("baseline", "--model", env["model"], "--cuts", "p1", "--per-record", "4,8",
@@ -263,6 +322,7 @@ def test_baseline_says_when_the_cuda_provider_cannot_run(env, monkeypatch):
 # -- sweep ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_sweep_table_marks_oversubscription(env):
     out = env["root"] / "sweep"
     invoke("sweep", "--model", env["model"], "--cuts", "p1", "--concurrency", "1,2,4",
@@ -303,6 +363,7 @@ def test_sweep_table_marks_oversubscription(env):
 # -- memory-compare -------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_memory_compare_tables_match_the_logs(env, profiled):
     out = env["root"] / "memcmp"
     profile_json = profiled[0] / "profile.json"
@@ -339,6 +400,7 @@ def test_memory_compare_tables_match_the_logs(env, profiled):
 # -- report ---------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_report_md_embeds_pngs_and_matches_the_log(env, profiled):
     out = env["root"] / "report"
     invoke("report", "profile-4", "profile-8", "--store", env["store"], "--out", str(out))
@@ -363,3 +425,39 @@ def test_report_md_embeds_pngs_and_matches_the_log(env, profiled):
     assert "CPU:" in md and f"{os.cpu_count()} cores" in md
     for lib in ("python", "serveless", "onnxruntime", "numpy", "onnx"):
         assert f"{lib} " in md
+
+
+# -- any model's input size ------------------------------------------------------------------
+
+
+H, W = 40, 56
+
+
+def _non_square_model():
+    """Conv -> global average pool -> flatten -> softmax over 4 classes, input 3×40×56."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3))
+                                .astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+             helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Softmax", ["f"], ["probabilities"], name="softmax")]
+    graph = helper.make_graph(
+        nodes, "nonsquare",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, H, W])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 4])],
+        initializer=[w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.e2e
+def test_every_job_of_an_experiment_keeps_the_models_input_size(tmp_path, records_dir):
+    path = save_model(_non_square_model(), tmp_path / "ns.onnx")
+    setup = Setup(store=Store(str(tmp_path / "store")), model=str(path), cuts=[])
+    first = setup.prepare("first", [512], records_dir)
+    second = setup.prepare("second", [1024], records_dir)  # copied from the first
+    assert first.input_hw == [H, W] and second.input_hw == [H, W]
+    setup.run(second, concurrency=2)
+    rows = [r for r in setup.store.get_bytes("second/invocations.jsonl").decode().splitlines()]
+    assert rows and all('"error": null' in r for r in rows)
+    whole = time_whole_model(str(path), sorted(records_dir.glob("*.tfrecord"))[:1], 8, 1)
+    assert whole["records"][0]["images"] == 25

@@ -21,6 +21,8 @@ from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
 from serveless.store import Store
 
+pytestmark = pytest.mark.e2e
+
 
 def _jpeg(seed: int) -> bytes:
     import io

@@ -1,7 +1,14 @@
+"""The store (store/): job names that cannot escape, the layout's keys, atomic writes, a
+memory store; and the checks made before a job that need no server: a local folder is
+checked without writing, an unreachable S3 endpoint is said as such."""
+
+from __future__ import annotations
+
 import os
 
 import pytest
 
+from serveless.errors import StoreError
 from serveless.store import JobLayout, Store, validate_job_name
 
 
@@ -39,3 +46,22 @@ def test_memory_store_round_trip():
     assert st.get_bytes("k/x.txt") == b"hello"
     assert st.size("k/x.txt") == 5
     assert not st.local
+
+
+FAST_FAIL = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
+
+
+def test_check_of_local_folders_writes_nothing(tmp_path):
+    Store(str(tmp_path / "new" / "nested")).check()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match="not a folder"):
+        Store(str(tmp_path / "file")).check()
+    Store("memory://serveless-check-test").check()
+
+
+def test_unreachable_endpoint_is_a_clear_store_error():
+    st = Store("s3://bucket/prefix", {"endpoint_url": "http://127.0.0.1:9", "key": "a",
+                                      "secret": "b", **FAST_FAIL})
+    with pytest.raises(StoreError, match="cannot reach the S3 endpoint"):
+        st.check()

@@ -1,0 +1,105 @@
+"""The simulator (planning/simulate.py): it replays a recorded local job within tolerance,
+shows Lambda's concurrency ramp, fails and bills timeouts, shares the cores between local
+invocations in flight, and runs local cold starts under the instance's CPU share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from plankit import synthetic_calibration
+
+from serveless.cost import bill
+from serveless.planning.calibrate import validate
+from serveless.planning.simulate import SIMULATED, Target, simulate
+from serveless.planning.stagemodel import StageModel
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_simulator_replays_a_recorded_local_job_within_tolerance():
+    """tests/data: a measured local job (bench/record_replay.py) and the calibration made
+    just before it on the same machine."""
+    cal = validate(json.loads((DATA / "replay-calibration.json").read_text()))
+    assert cal["write_ms_per_mb"] > 0 and cal["blocks"][0]["first_run_ms"] > 0  # timed paths
+    rows = [json.loads(x) for x in (DATA / "replay-invocations.jsonl").read_text().splitlines()]
+    ends = [r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows]
+    measured_wall = max(ends) - min(r["started"] for r in rows)
+    measured_cost = bill(rows)["total"].total
+    plan = {"cuts": ["pool5"], "memory": [1769, 1769], "images_per_record": 25,
+            "micro_batch": 25, "concurrency": 1, "images": 100}
+    sim = simulate(plan, cal, Target.make("local", cal))
+    assert sim.images == 100 and len(sim.rows) == len(rows)
+    assert sum(r["cold"] for r in sim.rows) == sum(r["cold"] for r in rows) == 2
+    assert sim.wall_s == pytest.approx(measured_wall, rel=0.15)
+    assert sim.cost == pytest.approx(measured_cost, rel=0.05)
+    assert all(r["label"] == SIMULATED for r in sim.rows)
+
+
+def test_lambda_ramp_shows_in_a_5000_way_job():
+    cal = synthetic_calibration()
+    plan = {"cuts": [], "memory": [2048], "images_per_record": 100, "micro_batch": 16,
+            "concurrency": 5000, "images": 500_000}
+    ramped = simulate(plan, cal, Target.make("lambda", concurrency_limit=10_000),
+                      keep_rows=False)
+    free = simulate(plan, cal, Target.make("lambda", concurrency_limit=10_000,
+                                           ramp_per_10s=None), keep_rows=False)
+    assert free.throttles == 0 and ramped.throttles > 0
+    # 5,000 environments need 4 more 10 s steps after the first 1,000
+    assert ramped.wall_s >= free.wall_s + 20 and ramped.wall_s > 3 * free.wall_s
+    assert ramped.images == free.images == 500_000
+    # the default account limit (1,000 at a time) holds it back too
+    capped = simulate(plan, cal, Target.make("lambda"), keep_rows=False)
+    assert capped.wall_s > free.wall_s + 20 and capped.throttles > 0
+
+
+def test_timeout_fails_records_and_is_billed_at_900_s():
+    cal = synthetic_calibration()
+    plan = {"cuts": [], "memory": [128], "images_per_record": 5000, "micro_batch": 1,
+            "concurrency": 2, "images": 5000}
+    sim = simulate(plan, cal, Target.make("lambda"), retries=1)
+    assert sim.timeouts == 2 and sim.failed_records == 1 and sim.images == 0
+    assert all(r["init_ms"] + r["duration_ms"] == pytest.approx(900_000) for r in sim.rows)
+    # locally too, with the cores shared: the call ends at the timeout, billed up to it
+    local = simulate({**plan, "memory": [3008], "images": 10_000}, cal,
+                     Target.make("local", cal, cores=2.0, timeout_s=5.0), retries=1)
+    assert local.timeouts == 4 and local.failed_records == 2 and local.images == 0
+    assert all(r["init_ms"] + r["duration_ms"] == pytest.approx(5000) for r in local.rows)
+    assert local.wall_s == pytest.approx(10.0 + 0.2, abs=0.01)  # a try, the backoff, a try
+
+
+def test_local_simulation_shares_the_cores_between_invocations_in_flight():
+    """Two 3008 MB (1.7 vCPU) invocations on 2 cores: both run at 2/3.4 of their share for
+    as long as both handlers run (processor sharing), not one at full speed and the
+    other slowed; alone, one runs at its full share. Their cold starts run on one thread
+    each, 1 vCPU of the 2 cores: not slowed."""
+    cal = synthetic_calibration()
+    tgt = Target.make("local", cal, cores=2.0)
+    plan = {"cuts": [], "memory": [3008], "images_per_record": 100, "micro_batch": 16,
+            "concurrency": 2, "images": 200}
+    pair = simulate(plan, cal, tgt).rows
+    alone = simulate({**plan, "concurrency": 1, "images": 100}, cal, tgt).rows[0]
+    assert len(pair) == 2 and pair[0]["started"] == pair[1]["started"] == 0.0
+    a, b = ((r["init_ms"], r["duration_ms"]) for r in pair)
+    assert a == pytest.approx(b, abs=2e-3)  # symmetric: same work, same share
+    slow = 2 * 3008 / 1769 / 2
+    assert a[0] == pytest.approx(alone["init_ms"], rel=1e-6)
+    assert a[1] == pytest.approx(alone["duration_ms"] * slow, rel=1e-6)
+    # within the cores (2 × 0.58 vCPU at 1024 MB) nothing is slowed
+    small = simulate({**plan, "memory": [1024]}, cal, tgt).rows
+    one = simulate({**plan, "memory": [1024], "concurrency": 1, "images": 100}, cal, tgt).rows
+    assert small[0]["duration_ms"] == pytest.approx(one[0]["duration_ms"], rel=1e-9)
+
+
+def test_local_cold_start_runs_under_the_instance_cpu_share():
+    """Locally the process start (calibrated at 1 vCPU) runs in the instance's cgroup, so
+    at 512 MB it takes 1769/512 as long; Lambda's platform init is an assumption, unscaled."""
+    cal = synthetic_calibration()
+    plan = {"cuts": [], "memory": [512], "images_per_record": 100, "micro_batch": 16,
+            "concurrency": 1, "images": 100}
+    load = float(StageModel(cal, 0, 3, 16).load_ms(512 / 1769))
+    local = simulate(plan, cal, Target.make("local", cal)).rows[0]
+    assert local["init_ms"] == pytest.approx(cal["start_ms"] * 1769 / 512 + load, rel=1e-6)
+    lam = simulate(plan, cal, Target.make("lambda", bandwidth_mb_s=1e9, request_ms=0.0)).rows[0]
+    assert lam["init_ms"] == pytest.approx(800.0 + load, rel=1e-6)
