@@ -6,6 +6,7 @@ removed, and nothing else."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -91,6 +92,28 @@ def _remove_written(st: Store, written: list[str], before: set[str]) -> None:
         if key not in before:
             with contextlib.suppress(OSError, StoreError):
                 st.delete(key)
+
+
+def _local_folders(st: Store, prefix: str) -> set[str] | None:
+    """The folders under a local store's prefix (None on an object store, which has none):
+    a failed setup removes the empty ones it made, and no folder that was there before."""
+    root = st.local_path(prefix)
+    if root is None:
+        return None
+    return {os.path.normpath(d) for d, _, _ in os.walk(root)}
+
+
+def _remove_new_folders(st: Store, prefix: str, before: set[str] | None) -> None:
+    """Remove the folders a failed setup made under a local store's prefix once they are
+    empty, deepest first, so the store looks as it did (an object store has no folders)."""
+    root = st.local_path(prefix)
+    if root is None or before is None:
+        return
+    made = [os.path.normpath(d) for d, _, _ in os.walk(root, topdown=False)]
+    for folder in made:
+        if folder not in before:
+            with contextlib.suppress(OSError):  # not empty: something not ours is in it
+                os.rmdir(folder)
 
 
 def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = True,
@@ -251,7 +274,9 @@ def run(
     if job is None:
         job = new_job_name(st, source or "job")
         say(f"job {job}", err=True)
+    folders = _local_folders(st, JobLayout(job).job)  # before the lease makes the folder
     lease = _take_lease(st, runner, job)
+    spec = None
     fmt = None
     if float16 is not None or compress is not None:
         fmt = TensorFormat("float16" if float16 else "float32", bool(compress))
@@ -270,6 +295,8 @@ def run(
                           lease=lease)
     finally:
         lease.release()
+        if spec is None:  # the setup failed: the folders it made go with what it wrote
+            _remove_new_folders(st, JobLayout(job).job, folders)
     if not result.ok:
         raise typer.Exit(1)
 
@@ -378,7 +405,9 @@ def demo(
         runner.close()
         fail(f"{st.url.rstrip('/')}/demo holds objects but no job.json: it is not a demo job "
              "and is left alone; give the demo another --store")
+    folders = _local_folders(st, layout.job)
     lease = _take_lease(st, runner, "demo")
+    spec = None
     if is_job:
         for key in st.find(layout.job):
             if key != layout.lease:
@@ -407,6 +436,8 @@ def demo(
         result = _execute(st, spec, runner, arch, progress=sys.stderr.isatty(), lease=lease)
     finally:
         lease.release()
+        if spec is None:
+            _remove_new_folders(st, layout.job, folders)
     if not result.ok:
         raise typer.Exit(1)
 
