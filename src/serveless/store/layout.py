@@ -66,20 +66,23 @@ def is_temporary(name: str) -> bool:
     return name.rsplit("/", 1)[-1].startswith(TEMP_PREFIX)
 
 
-SIDECAR_PREFIX = ".serveless-meta-"  # <folder>/.serveless-meta-<name>: an object's metadata
+SIDECAR_DIR = ".serveless-meta"  # <top>/.serveless-meta/<rest of the key>: its metadata
 
 
 def sidecar_key(key: str) -> str:
-    """Where a store without object metadata keeps an object's (beside it, hidden)."""
-    folder, _, name = key.rpartition("/")
-    return f"{folder}/{SIDECAR_PREFIX}{name}" if folder else f"{SIDECAR_PREFIX}{name}"
+    """Where a store without object metadata keeps an object's: in one hidden folder under
+    the key's first part (the job's folder), mirroring the rest of the key. Not beside the
+    object: a user's `predictions/*.jsonl` (pathlib's glob matches hidden files, and so
+    did the demo test's) must find predictions only."""
+    top, _, rest = key.strip("/").partition("/")
+    return f"{top}/{SIDECAR_DIR}/{rest}" if rest else f"{SIDECAR_DIR}/{top}"
 
 
 def is_internal(name: str) -> bool:
-    """Whether a key's last part is the store's own bookkeeping (a temporary object, a
-    check probe, an object's metadata): never a job's object, and never a user's."""
-    last = name.rsplit("/", 1)[-1]
-    return last.startswith((TEMP_PREFIX, ".serveless-check-", SIDECAR_PREFIX))
+    """Whether a key (or any folder on its way) is the store's own bookkeeping (a temporary
+    object, a check probe, objects' metadata): never a job's object, and never a user's."""
+    return any(part.startswith((TEMP_PREFIX, ".serveless-check-", SIDECAR_DIR))
+               for part in name.split("/"))
 
 
 def probe_key() -> str:

@@ -264,8 +264,8 @@ class Store:
         Not through s3fs's call_s3: its retry loop re-sends the same body object, which
         after a failed attempt (botocore's own retries exhausted, e.g. by 503 SlowDown)
         is read to its end, so S3 stores an empty or short object and reports success
-        (tests/test_s3.py reproduces it through a fault-injecting proxy). Here botocore
-        still retries within the call (it rewinds our fresh body to its start), and
+        (tests/test_store_s3_faults.py reproduces it through a fault-injecting proxy). Here
+        botocore still retries within the call (it rewinds our fresh body to its start), and
         `_retrying` makes each further attempt with a new body. Content-Length and
         Content-MD5 are sent, so S3 itself refuses a body that is not the one meant.
         """
@@ -453,8 +453,8 @@ class Store:
 
         `metadata` is called once the block has written everything, and its small text
         fields are stored with the object, in the same request (S3 user metadata) or, on
-        stores without metadata, in a hidden sidecar written before the object appears:
-        where the object is, its metadata is (`head`)."""
+        stores without metadata, in a hidden folder (`layout.sidecar_key`) written before the
+        object appears: where the object is, its metadata is (`head`)."""
         self.requests["put"] += 1
         dest = self.path(key)
         if self.local:
@@ -597,6 +597,7 @@ class Store:
         data = json.dumps(metadata).encode()
         path = self.path(sidecar_key(key))
         if self.local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = temporary(path)
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -605,9 +606,9 @@ class Store:
             _retrying(lambda: self.fs.pipe_file(path, data), key)
 
     def delete(self, key: str) -> None:
-        if not self.s3:  # its sidecar too, where it has one
+        if not self.s3:  # its metadata too (a folder's, for a folder), where it has any
             with contextlib.suppress(FileNotFoundError, OSError):
-                self.fs.rm(self.path(sidecar_key(key)))
+                self.fs.rm(self.path(sidecar_key(key)), recursive=True)
         self.requests["delete"] += 1
         with contextlib.suppress(FileNotFoundError):
             _retrying(lambda: self.fs.rm(self.path(key), recursive=True), key)
