@@ -1,4 +1,4 @@
-"""Record the small local job and calibration that tests/test_plan.py replays.
+"""Record the small local job and calibration that tests/test_planning_simulate.py replays.
 
     python bench/record_replay.py tests/data
 

@@ -77,6 +77,21 @@ def records_dir(tmp_path_factory, image_dir) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def paper_job(tmp_path_factory, records_dir):
+    """(store, spec, result) of the paper preset's job over records_dir, run once on the
+    local backend at concurrency 2: for tests that only read what a finished job left."""
+    from serveless.backends.local import LocalBackend
+    from serveless.driver.prepare import prepare_job
+    from serveless.driver.scheduler import run_job
+
+    store = Store(str(tmp_path_factory.mktemp("paper-job")))
+    spec = prepare_job(store, "e2e", "alexnet", preset="paper", records=str(records_dir))
+    with LocalBackend() as backend:
+        result = run_job(store, spec, backend, concurrency=2, progress=False)
+    return store, spec, result
+
+
 @pytest.fixture
 def counted_partition(monkeypatch):
     """Every call of the partition (which runs the equivalence check), by its cuts."""

@@ -82,7 +82,7 @@ def check_layout_in_bucket(keys: list[str], prefix: str, job: str, records: list
                            stages: int, models: str) -> None:
     """Everything of the job is in the bucket, as DESIGN.md lays it out; nothing else."""
     names = {k.removeprefix(f"{prefix}/{job}/") for k in keys}
-    assert "job.json" in names and "invocations.jsonl" in names
+    assert "job.json" in names and any(re.fullmatch(r"log/[^/]+\.jsonl", n) for n in names)
     assert models.startswith("models/") and f"{prefix}/{models}/manifest.json" in keys
     for k in range(stages):  # shared by the jobs of the same model and cuts in this store
         assert f"{prefix}/{models}/stage-{k}.onnx" in keys

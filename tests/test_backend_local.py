@@ -205,7 +205,8 @@ def test_throttle_rate_is_checked():
 def test_a_worker_serves_events_over_its_socket_until_told_to_stop(
         tmp_path, records_dir, model_file, monkeypatch):
     """worker.main, a function instance's loop, run in this process against a socket: on
-    'go' it loads its stage and says ready, answers each event with the handler's metrics
+    'go' with its spec (never in argv, where other users could read it) it loads its stage
+    and says ready, answers each event with the handler's metrics
     or its error as data, and returns on 'stop'; a stage it cannot load is an error sent
     instead of 'ready'."""
     import json
@@ -232,20 +233,21 @@ def test_a_worker_serves_events_over_its_socket_until_told_to_stop(
         replies: list[dict] = []
 
         def talk() -> None:
-            for msg in [b"go", *messages]:
+            go = json.dumps({"go": {"store": store.spec(), "model_key": model_key,
+                                    "threads": 1}}).encode()
+            for msg in [go, *messages]:
                 driver.send_bytes(msg)
                 if msg == b"stop" or not driver.poll(60):
                     return
                 replies.append(json.loads(driver.recv_bytes()))
-                if "error" in replies[-1] and msg == b"go":
+                if "error" in replies[-1] and msg == go:
                     return
 
         thread = threading.Thread(target=talk, daemon=True)
         thread.start()
         sigint = signal.getsignal(signal.SIGINT)
         try:
-            worker.main(theirs.detach(), {"store": store.spec(), "model_key": model_key,
-                                          "threads": 1})
+            worker.main(theirs.detach())
         finally:
             signal.signal(signal.SIGINT, sigint)  # main ignores Ctrl-C: give it back
             thread.join(60)

@@ -12,6 +12,7 @@ from helpers import snapshot
 from typer.testing import CliRunner
 
 from serveless.cli import app
+from serveless.driver.log import load_log
 from serveless.driver.prepare import prepare_job
 from serveless.driver.spec import JobSpec
 from serveless.store import Store
@@ -21,6 +22,12 @@ runner = CliRunner()
 
 def run(*args: str, input: str | None = None):
     return runner.invoke(app, list(args), input=input)
+
+
+def calls(job: Path) -> int:
+    """One call per record and stage: what a finished job's log holds."""
+    spec = json.loads((job / "job.json").read_text())
+    return len(spec["records"]) * (len(spec["cuts"]) + 1)
 
 
 @pytest.fixture()
@@ -70,7 +77,7 @@ def test_jobs_clean_keeps_predictions(three_jobs):
     res = run("jobs", "clean", "done", "--store", str(three_jobs))
     assert res.exit_code == 0 and "MB freed" in res.output, res.output
     assert not list(job.glob("stage-*")) and snapshot(job / "predictions") == preds
-    assert (job / "job.json").exists() and (job / "invocations.jsonl").exists()
+    assert len(load_log(Store(str(three_jobs)), "done")) == calls(job)  # the log is kept
     res = run("jobs", "--store", str(three_jobs))
     assert re.search(r"^\s+done\s+done\s+3/3", res.output, re.M)  # still done
 

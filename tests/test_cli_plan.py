@@ -16,10 +16,12 @@ from plankit import synthetic_calibration, tiny_residual_model
 from typer.testing import CliRunner
 
 from serveless.cli import app
+from serveless.driver.log import load_log
 from serveless.errors import PlanError
 from serveless.planning.calibrate import validate
 from serveless.planning.plan import check_plan
 from serveless.planning.simulate import SIMULATED
+from serveless.store import Store
 
 runner = CliRunner()
 
@@ -108,8 +110,7 @@ def test_plan_round_trips_into_run_plan(tiny_plan, records_dir, tmp_path, monkey
     spec = json.loads((store / "planned" / "job.json").read_text())
     assert spec["cuts"] == plan["cuts"] and spec["micro_batch"] == plan["micro_batch"]
     assert spec["model"] == plan["model"]
-    rows = [json.loads(x) for x in (store / "planned" / "invocations.jsonl").read_text()
-            .splitlines()]
+    rows = load_log(Store(str(store)), "planned")
     per = plan["images_per_record"]
     assert len(spec["records"]) == math.ceil(60 / per)  # repacked to the plan's size
     assert {r["memory_mb"] for r in rows if r["stage"] == 0} == {plan["memory"][0]}

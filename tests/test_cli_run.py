@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from serveless import __version__
 from serveless.cli import app
 from serveless.data.records import read_record
+from serveless.driver.log import load_log
 from serveless.driver.spec import JobSpec
 from serveless.errors import RecordError
 from serveless.store import Store
@@ -142,7 +143,7 @@ def test_corrupt_record_is_refused_before_anything_runs(tmp_path, records_dir):
     assert proc.returncode == 2, out + err
     flat = " ".join(err.split()).replace(" ", "")
     assert f"{rec_dir / '00001.tfrecord'}:byte" in flat and "dataCRCmismatch" in flat
-    assert not (store_dir / "crc" / "invocations.jsonl").exists()
+    assert not (store_dir / "crc").exists()  # refused before the job had a folder
 
 
 @pytest.mark.e2e
@@ -247,6 +248,5 @@ def test_demo_command(tmp_path):
     assert "40 images" in out.stdout and "GB-s" in out.stdout and "per 1M images" in out.stdout
     preds = sorted((tmp_path / "demo" / "predictions").glob("*.jsonl"))
     assert preds and sum(len(p.read_text().splitlines()) for p in preds) == 40
-    log = tmp_path / "demo" / "invocations.jsonl"
-    assert len(log.read_text().splitlines()) == 4  # one record, four stages
-    assert str(log) in out.stdout.replace("\n", "")
+    assert len(load_log(Store(str(tmp_path)), "demo")) == 4  # one record, four stages
+    assert f"invocation log: {tmp_path / 'demo' / 'log'}/" in out.stdout.replace("\n", "")

@@ -21,17 +21,8 @@ from serveless.store import JobLayout, Store
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def finished_job(tmp_path_factory, records_dir):
-    store = Store(str(tmp_path_factory.mktemp("store")))
-    spec = prepare_job(store, "e2e", "alexnet", preset="paper", records=str(records_dir))
-    with LocalBackend() as backend:
-        result = run_job(store, spec, backend, concurrency=2, progress=False)
-    return store, spec, result
-
-
-def test_every_image_has_one_row_equal_to_the_whole_model(finished_job, records_dir, alexnet):
-    store, spec, result = finished_job
+def test_every_image_has_one_row_equal_to_the_whole_model(paper_job, records_dir, alexnet):
+    store, spec, result = paper_job
     assert spec.stages == 4 and result.ok
     rows = rows_of(store, "e2e")
     keys = [(r["record"], r["index"]) for r in rows]
@@ -50,8 +41,8 @@ def test_every_image_has_one_row_equal_to_the_whole_model(finished_job, records_
     assert worst <= 1e-4
 
 
-def test_invocation_log_has_one_line_per_invocation(finished_job):
-    store, spec, result = finished_job
+def test_invocation_log_has_one_line_per_invocation(paper_job):
+    store, spec, result = paper_job
     log = load_log(store, "e2e")
     assert len(log) == 3 * 4  # records x stages, no failures
     assert {(r["record"], r["stage"]) for r in log} == {
@@ -72,8 +63,8 @@ def test_invocation_log_has_one_line_per_invocation(finished_job):
     assert any(len(c) > 1 for c in by_instance.values())  # instances were reused
 
 
-def test_store_layout_matches_design(finished_job):
-    store, spec, _ = finished_job
+def test_store_layout_matches_design(paper_job):
+    store, spec, _ = paper_job
     lay = JobLayout("e2e")
     assert store.exists(lay.spec)
     assert spec.models.startswith("models/")  # shared by jobs of the same model and cuts

@@ -10,7 +10,6 @@ import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 from helpers import assert_one_row_per_image, rows_of, run_cli
@@ -20,7 +19,7 @@ from serveless.driver.prepare import prepare_job
 from serveless.driver.scheduler import run_job
 from serveless.driver.spec import JobSpec
 from serveless.errors import JobError
-from serveless.store import Store
+from serveless.store import JobLayout, Store
 
 pytest_plugins = ["s3server"]
 
@@ -64,45 +63,72 @@ class _Idle:
 
 
 def test_resume_removes_the_jobs_stale_temporaries_only(tmp_path):
+    """Temporary names (store.layout.temporary) in the job's folder are what killed writers
+    left: a driver's start removes them; the same names elsewhere, and a user's file that
+    merely ends like an old temporary name, stay."""
     store = Store(str(tmp_path))
-    mine = ["j/stage-0/r.npy.tmp-0123abcd", "j/predictions/r.jsonl.tmp-ffff", "j/x.tmp-1"]
-    theirs = ["j2/stage-0/r.npy.tmp-0123abcd", "other/j/a.tmp-2"]
-    for key in [*mine, *theirs, "j/stage-0/r.npy"]:
+    mine = ["j/stage-0/.serveless-tmp-0123abcd", "j/predictions/.serveless-tmp-ffff",
+            "j/.serveless-tmp-1"]
+    theirs = ["j2/stage-0/.serveless-tmp-0123abcd", "other/j/.serveless-tmp-2"]
+    kept = ["j/stage-0/r.npy", "j/notes.tmp-1"]
+    for key in [*mine, *theirs, *kept]:
         (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / key).write_bytes(b"half")
     assert sorted(store.stale_temporaries("j")) == sorted(mine)
     spec = JobSpec(job="j", model="alexnet", cuts=[], memory=[1769], records=[])
     run_job(store, spec, _Idle(), progress=False)
     assert not any((tmp_path / key).exists() for key in mine)
-    assert all((tmp_path / key).exists() for key in theirs)
-    assert (tmp_path / "j/stage-0/r.npy").exists()
+    assert all((tmp_path / key).exists() for key in [*theirs, *kept])
 
 
-def test_outputs_are_checked_whole_by_their_crc32c_and_old_logs_by_sha256(tmp_path):
-    """Resume trusts an output only with the size and checksum its writer logged: CRC32C
-    now, SHA-256 in logs from before; a same-size corruption is caught by either."""
-    import hashlib
+def test_resume_trusts_what_the_log_or_the_stored_call_accounts_for(tmp_path):
+    """An output the log has a row for, of the same size, is done at no request; one whose
+    row the log lost is vouched for by the call stored with it (one HEAD) and comes back as
+    a recovered row; one with neither (not ours, or not what the log says) runs again, and
+    stage 0 is done only with its record meta."""
+    import json
 
-    from serveless.data.tensors import TensorFormat
-    from serveless.driver.resume import whole as _whole
-    from serveless.runtime.counters import Counters as _Counters
-    from serveless.runtime.outputs import write_tensor as _write_tensor
+    from serveless.driver.resume import completed_stages
+    from serveless.runtime.protocol import CALL_METADATA
 
     store = Store(str(tmp_path))
-    blocks = [np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.ones((1, 3, 4), np.float32)]
-    out = _write_tensor(store, "j/stage-0/r.npy", 3, iter(blocks), TensorFormat(), _Counters())
-    data = store.get_bytes(out["key"])
-    assert set(out) == {"key", "size", "crc32c"} and out["size"] == len(data)
-    assert _whole(store, out)
-    legacy = {"key": out["key"], "size": out["size"],
-              "sha256": hashlib.sha256(data).hexdigest()}
-    assert _whole(store, legacy)
-    flipped = bytearray(data)
-    flipped[-1] ^= 0x01
-    store.put_bytes(out["key"], bytes(flipped))
-    assert not _whole(store, out) and not _whole(store, legacy)
-    store.put_bytes(out["key"], data[:-4])
-    assert not _whole(store, out)
+    lay = JobLayout("j")
+    records = ["logged", "lost", "foreign", "resized", "nometa"]
+    spec = JobSpec(job="j", model="alexnet", cuts=["a"], memory=[1024, 2048], records=records)
+    call = {"v": 1, "call": "c-lost", "started": 100.0, "memory_mb": 2048, "cold": True,
+            "handler_init_ms": 400.0, "duration_ms": 1234.5, "images": 7}
+
+    def put(key: str, data: bytes, with_call: dict | None = None) -> None:
+        meta = (lambda: {CALL_METADATA: json.dumps(with_call)}) if with_call else None
+        with store.writer(key, meta) as f:
+            f.write(data)
+
+    put(lay.predictions("logged"), b"x" * 10)
+    put(lay.predictions("lost"), b"x" * 11, call)
+    put(lay.predictions("foreign"), b"x" * 12)  # no call: not written by this job
+    put(lay.stage_output(0, "foreign"), b"t" * 20, {**call, "call": "c-s0", "memory_mb": 1024})
+    put(lay.predictions("resized"), b"x" * 13, {**call, "call": "c-r"})
+    put(lay.stage_output(0, "nometa"), b"t" * 20)
+    for r in ["logged", "lost", "foreign", "resized"]:
+        store.put_bytes(lay.record_meta(r), b"{}")
+    rows = [{"stage": 1, "record": "logged", "error": None, "output": {"size": 10}},
+            {"stage": 0, "record": "nometa", "error": None, "output": {"size": 20}},
+            # an earlier attempt's row: the object now there is another call's, vouched
+            # for by the call stored with it
+            {"stage": 1, "record": "resized", "error": None, "output": {"size": 99}}]
+    heads = store.requests["head"]
+    done, recovered = completed_stages(store, lay, spec, rows)
+    assert done == {"logged": 1, "lost": 1, "foreign": 0, "resized": 1}
+    # one HEAD per output the log does not account for: lost, foreign twice, resized
+    assert store.requests["head"] - heads == 4
+    by_call = {r["call"]: r for r in recovered}
+    assert set(by_call) == {"c-lost", "c-s0", "c-r"}
+    lost = by_call["c-lost"]
+    assert (lost["record"], lost["stage"], lost["recovered"]) == ("lost", 1, True)
+    assert lost["output"] == {"key": lay.predictions("lost"), "size": 11, "crc32c": ""}
+    assert lost["memory_mb"] == 2048 and lost["images"] == 7 and lost["cold"] is True
+    assert lost["billed_ms"] == 1635  # 1234.5 + 400 of init, rounded up to the ms
+    assert by_call["c-s0"]["stage"] == 0 and by_call["c-s0"]["memory_mb"] == 1024
 
 
 @pytest.mark.e2e

@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from serveless.cli import app
 from serveless.cost import LAMBDA_GB_SECOND, LAMBDA_REQUEST, S3_GET, S3_PUT
+from serveless.driver.log import load_log
 from serveless.experiments import Setup, recommend_memory, time_whole_model
 from serveless.model.graph import save_model
 from serveless.store import Store
@@ -78,8 +79,7 @@ def invoke(*args: str) -> str:
 
 
 def log(env, job: str) -> list[dict]:
-    path = Path(env["store"]) / job / "invocations.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return load_log(Store(env["store"]), job)
 
 
 def close(cell: str, value: float, digits: int) -> None:
@@ -457,7 +457,7 @@ def test_every_job_of_an_experiment_keeps_the_models_input_size(tmp_path, record
     second = setup.prepare("second", [1024], records_dir)  # copied from the first
     assert first.input_hw == [H, W] and second.input_hw == [H, W]
     setup.run(second, concurrency=2)
-    rows = [r for r in setup.store.get_bytes("second/invocations.jsonl").decode().splitlines()]
-    assert rows and all('"error": null' in r for r in rows)
+    rows = load_log(setup.store, "second")
+    assert rows and all(r["error"] is None for r in rows)
     whole = time_whole_model(str(path), sorted(records_dir.glob("*.tfrecord"))[:1], 8, 1)
     assert whole["records"][0]["images"] == 25

@@ -24,7 +24,10 @@ def test_layout_keys():
     assert lay.stage_output(2, "00001") == "demo/stage-2/00001.npy"
     assert lay.stage_model(0) == "demo/model/stage-0.onnx"
     assert lay.predictions("r") == "demo/predictions/r.jsonl"
-    assert lay.log == "demo/invocations.jsonl"
+    assert lay.log_segment("run1", 3) == "demo/log/run1-000003.jsonl"
+    assert lay.log_run("run1") == "demo/log/run1.jsonl"
+    assert lay.legacy_log == "demo/invocations.jsonl"  # read, from jobs before segments
+    assert lay.lease == "demo/lease"
 
 
 def test_atomic_writer_leaves_nothing_on_failure(tmp_path):

@@ -252,6 +252,7 @@ def test_missing_credentials_are_said_at_once(s3_server, monkeypatch, tmp_path):
 
 def test_stale_temporaries_on_s3_stay_inside_the_job(s3_server):
     store = Store(s3_server.url("tmps"), s3_server.options())
-    for key in ["j/a.npy.tmp-1", "j2/a.npy.tmp-2", "j/a.npy"]:
+    mine, theirs = "j/stage-0/.serveless-tmp-1", "j2/stage-0/.serveless-tmp-2"
+    for key in [mine, theirs, "j/a.npy", "j/a.npy.tmp-1"]:  # the last: a user's name
         store.put_bytes(key, b"x")
-    assert store.stale_temporaries("j") == ["j/a.npy.tmp-1"]
+    assert store.stale_temporaries("j") == [mine]

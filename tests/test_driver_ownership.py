@@ -99,6 +99,12 @@ def test_a_failed_setup_removes_what_it_wrote_and_nothing_else(tmp_path, images,
               str(st), "--per-record", "2", "--cuts", "r1")
     assert res.exit_code != 0
     assert snapshot(st) == before, "the failed setup left objects, or took some away"
+    assert not (st / "new").exists(), "the failed setup left the job's (empty) folder"
+    (st / "mine").mkdir()  # a folder the user made before is theirs, even empty
+    res = run("run", "--job", "mine", "--input", str(images), "--model", model, "--store",
+              str(st), "--per-record", "2", "--cuts", "r1")
+    assert res.exit_code != 0 and (st / "mine").is_dir() and not any((st / "mine").iterdir())
+    (st / "mine").rmdir()
     # a resume that fails after adding records removes those records, and only those
     more = tmp_path / "more"
     image_folder(more, per_class=2, classes=("cat", "dog", "eel"), seed=50)

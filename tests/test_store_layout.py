@@ -135,10 +135,18 @@ def test_metadata_is_stored_with_the_object_and_goes_with_it(store):
     assert size == 4 and meta == {"serveless-call": '{"v":1}'}
     assert store.sizes("j/predictions") == {"j/predictions/r.jsonl": 4}  # no sidecar listed
     assert store.list("j/predictions") == ["j/predictions/r.jsonl"]
+    # nothing hidden beside the object: a glob of the folder (pathlib's matches dot files)
+    # finds the predictions only
+    assert [k.rsplit("/", 1)[-1] for k in store.find("j/predictions")] == ["r.jsonl"]
     store.put_bytes("j/plain", b"x")
     assert store.head("j/plain") == (1, {})
     store.delete("j/predictions/r.jsonl")
     assert store.head("j/predictions/r.jsonl") is None and store.find("j/predictions") == []
+    # a folder deleted whole takes its objects' metadata with it
+    with store.writer("j/stage-0/a.npy", lambda: {"serveless-call": "{}"}) as f:
+        f.write(b"t")
+    store.delete("j/stage-0")
+    assert [k for k in store.find("j") if k != "j/plain"] == []
 
 
 def test_metadata_on_s3_is_the_objects_own(s3_server):

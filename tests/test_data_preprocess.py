@@ -70,7 +70,7 @@ def independent(data: bytes, size: int = 224, resize: int = 256) -> np.ndarray:
 
 @pytest.mark.e2e
 def test_a_jobs_top5_matches_the_whole_model_on_independently_preprocessed_images(
-        finished_job, records_dir, alexnet):
+        paper_job, records_dir, alexnet):
     """The paper preset's predictions of 60 photos against AlexNet whole in onnxruntime on
     the images preprocessed independently: top-1 agrees on nearly all (95% measured; 18%
     with mean and std swapped)."""
@@ -78,7 +78,7 @@ def test_a_jobs_top5_matches_the_whole_model_on_independently_preprocessed_image
 
     from serveless.data.records import read_record
 
-    store, spec, _ = finished_job
+    store, spec, _ = paper_job
     rows = {(r["record"], r["index"]): r for r in rows_of(store, spec.job)}
     sess = ort.InferenceSession(alexnet.SerializeToString(), providers=["CPUExecutionProvider"])
     agree = overlap = n = 0
@@ -95,17 +95,3 @@ def test_a_jobs_top5_matches_the_whole_model_on_independently_preprocessed_image
     assert n == 60
     assert agree / n >= 0.8, f"top-1 agrees on {agree} of {n}"
     assert overlap / (5 * n) >= 0.8, f"top-5 overlap {overlap / (5 * n):.0%}"
-
-
-@pytest.fixture(scope="module")
-def finished_job(tmp_path_factory, records_dir):
-    from serveless.backends.local import LocalBackend
-    from serveless.driver.prepare import prepare_job
-    from serveless.driver.scheduler import run_job
-    from serveless.store import Store
-
-    store = Store(str(tmp_path_factory.mktemp("store")))
-    spec = prepare_job(store, "e2e", "alexnet", preset="paper", records=str(records_dir))
-    with LocalBackend() as backend:
-        result = run_job(store, spec, backend, concurrency=2, progress=False)
-    return store, spec, result
