@@ -19,7 +19,7 @@ from serveless.driver.scheduler import run_job
 from serveless.driver.spec import JobSpec
 from serveless.errors import StoreError
 from serveless.store import Store
-from serveless.store import store as store_module
+from serveless.store import s3 as s3_module
 
 pytest_plugins = ["s3server"]
 
@@ -142,8 +142,8 @@ def test_writer_leaves_nothing_when_the_block_fails(s3_server):
 
 def test_multipart_upload_is_atomic_and_aborted_on_failure(s3_server, monkeypatch, tmp_path):
     """Objects over S3's PUT limit go multipart: visible only when complete, aborted on error."""
-    monkeypatch.setattr(store_module, "S3_MAX_PUT", 1 << 20)
-    monkeypatch.setattr(store_module, "S3_PART_SIZE", 5 << 20)  # S3's smallest part
+    monkeypatch.setattr(s3_module, "S3_MAX_PUT", 1 << 20)
+    monkeypatch.setattr(s3_module, "S3_PART_SIZE", 5 << 20)  # S3's smallest part
     st = Store(s3_server.url("mpu"), s3_server.options())
     src = tmp_path / "big"
     data = np.random.default_rng(1).bytes(12 << 20)
@@ -156,8 +156,8 @@ def test_multipart_upload_is_atomic_and_aborted_on_failure(s3_server, monkeypatc
     client = s3_server.client()
     assert client.list_multipart_uploads(Bucket=s3_server.bucket).get("Uploads", []) == []
     monkeypatch.undo()
-    monkeypatch.setattr(store_module, "S3_MAX_PUT", 1 << 20)
-    monkeypatch.setattr(store_module, "S3_PART_SIZE", 5 << 20)
+    monkeypatch.setattr(s3_module, "S3_MAX_PUT", 1 << 20)
+    monkeypatch.setattr(s3_module, "S3_PART_SIZE", 5 << 20)
     calls = _record_calls(monkeypatch, st)
     st.put_file(src, "o/big")
     assert calls.count("upload_part") == 3 and calls[-2] == "complete_multipart_upload"

@@ -20,74 +20,46 @@ Credentials never travel: `spec()`, what goes into events, Lithops payloads and 
 the options that are not credentials and an opaque reference to the rest. The process that
 opened the store keeps them; its local workers get them through their environment
 (`credentials_env()`); remote functions use their own role or environment.
+
+The parts: S3's own requests (single verified PUTs, conditional PUTs, multipart bounds) are
+in s3.py, retries in retry.py, `check` and the wording of store errors in check.py, key
+rules in layout.py; this module is what every store shares.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import inspect
 import json
-import math
 import os
-import random
 import re
 import shutil
 import tempfile
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import fsspec
-import fsspec.asyn
 
 from ..errors import StoreError
+from . import s3 as s3limits
+from .check import StoreCheck
 from .credentials import lookup, merge, register, split_credentials
-from .layout import is_internal, is_temporary, probe_key, sidecar_key, temporary
+from .layout import is_internal, is_temporary, sidecar_key, temporary
+from .retry import retrying
+from .s3 import S3_PROTOCOLS, Bytes, S3Requests, upload_options
 
-T = TypeVar("T")
 DEFAULT_STORE = "./serveless-store"
-_S3_PROTOCOLS = {"s3", "s3a"}
-S3_MAX_PUT = 5 << 30  # S3's limit for one PUT; larger objects go multipart
-S3_PART_SIZE = 64 << 20  # multipart part size (above S3_MAX_PUT only)
-S3_UPLOAD_CONCURRENCY = 2  # parts in flight: at most 128 MiB buffered per upload
-S3_MAX_PARTS = 10_000  # S3's limit on parts per upload
 READ_BLOCK = 64 << 20
 """One ranged GET per 64 MiB of an object: what the S3 reader fetches at a time, and what the
 functions' request counts and the simulator assume of any object store."""
 
 
 
-class TransientStoreError(OSError):
-    """A store request failed in a way that may succeed when tried again."""
-
-
-STORE_RETRIES = 5
-
-
-def _retrying(op: Callable[[], T], what: str) -> T:
-    """Object stores fail transiently (throttling, resets): retry with backoff and jitter.
-
-    Missing objects and permission errors are final and raised at once.
-    """
-    for attempt in range(STORE_RETRIES + 1):
-        try:
-            return op()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
-            raise
-        except OSError:
-            if attempt == STORE_RETRIES:
-                raise
-            time.sleep(min(2.0, 0.02 * 2**attempt) * (0.5 + random.random()))
-    raise AssertionError(what)  # unreachable
-
-
-
-class Store:
+class Store(S3Requests, StoreCheck):
     """A folder-like view of an fsspec URL. Keys are '/'-separated paths below the root."""
 
     def __init__(self, url: str = DEFAULT_STORE, options: dict[str, Any] | None = None):
@@ -104,7 +76,7 @@ class Store:
         if "://" not in url:
             url = Path(url).expanduser().resolve().as_uri()
         fs_options = dict(self.options)
-        if url.split("://", 1)[0] in _S3_PROTOCOLS:
+        if url.split("://", 1)[0] in S3_PROTOCOLS:
             # Functions in other processes write objects this process may have listed:
             # a cached listing would hide them (s3fs answers "missing" from it, no HEAD).
             fs_options.setdefault("use_listings_cache", False)
@@ -114,7 +86,7 @@ class Store:
             raise StoreError(f"cannot open store {self.url!r}: {exc}") from exc
         self.root = root.rstrip("/")
         self.local = "file" in _protocols(self.fs)
-        self.s3 = bool(_S3_PROTOCOLS & set(_protocols(self.fs)))
+        self.s3 = bool(S3_PROTOCOLS & set(_protocols(self.fs)))
         # s3fs >= 2026.2 splits a whole-object GET into 10 ranged GETs of 50 MiB at once:
         # up to 500 MB in flight (and twice the object for cat_file). One GET instead.
         self._one_get = {m: {"max_concurrency": 1} if self.s3 and _takes(self.fs, m) else {}
@@ -148,12 +120,12 @@ class Store:
 
     def exists(self, key: str) -> bool:
         self.requests["head"] += 1
-        return _retrying(lambda: bool(self.fs.exists(self.path(key))), key)
+        return retrying(lambda: bool(self.fs.exists(self.path(key))), key)
 
     def size(self, key: str) -> int:
         self.requests["head"] += 1
         try:
-            return _retrying(lambda: int(self.fs.size(self.path(key))), key)
+            return retrying(lambda: int(self.fs.size(self.path(key))), key)
         except FileNotFoundError as exc:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
@@ -161,7 +133,7 @@ class Store:
         self.requests["get"] += 1
         kwargs = self._one_get["_cat_file"]
         try:
-            return _retrying(lambda: self.fs.cat_file(self.path(key), **kwargs), key)
+            return retrying(lambda: self.fs.cat_file(self.path(key), **kwargs), key)
         except FileNotFoundError as exc:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
@@ -170,7 +142,7 @@ class Store:
         self.requests["get"] += 1
         kwargs: dict[str, Any] = {"block_size": READ_BLOCK} if self.s3 else {}
         try:
-            return _retrying(lambda: self.fs.open(self.path(key), "rb", **kwargs), key)
+            return retrying(lambda: self.fs.open(self.path(key), "rb", **kwargs), key)
         except FileNotFoundError as exc:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
@@ -179,7 +151,7 @@ class Store:
         self.requests["get"] += 1
         kwargs = self._one_get["_get_file"]
         try:
-            _retrying(lambda: self.fs.get_file(self.path(key), os.fspath(local), **kwargs), key)
+            retrying(lambda: self.fs.get_file(self.path(key), os.fspath(local), **kwargs), key)
         except FileNotFoundError as exc:
             raise StoreError(f"missing object {self.url}/{key}") from exc
 
@@ -210,14 +182,14 @@ class Store:
             with self.writer(key) as f:
                 f.write(data)
             return
-        if self.s3 and len(data) <= S3_MAX_PUT:
+        if self.s3 and len(data) <= s3limits.S3_MAX_PUT:
             self.requests["put"] += 1
             md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-            _retrying(lambda: self._put_object(self.path(key), lambda: _Bytes(data),
+            retrying(lambda: self._put_object(self.path(key), lambda: Bytes(data),
                                                len(data), md5), key)
         else:
             self.requests["put"] += 1
-            _retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
+            retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
         self._wrote(key)
 
     def put_file(self, local: str | os.PathLike[str], key: str) -> None:
@@ -240,83 +212,22 @@ class Store:
         its size and checksum.
         """
         size = os.path.getsize(local)
-        if self.s3 and size <= S3_MAX_PUT:
+        if self.s3 and size <= s3limits.S3_MAX_PUT:
             md5 = _file_md5(local)
-            _retrying(lambda: self._put_object(dest, lambda: open(local, "rb"), size, md5,
+            retrying(lambda: self._put_object(dest, lambda: open(local, "rb"), size, md5,
                                                metadata), key)
         elif self.s3:  # s3fs sends each part as bytes read for that part: re-sendable
             extra = {"Metadata": metadata} if metadata else {}
 
             def multipart() -> None:
-                self.fs.put_file(local, dest, **_s3_upload_options(size), **extra)
+                self.fs.put_file(local, dest, **upload_options(size), **extra)
                 self._confirm_size(dest, size)
 
-            _retrying(multipart, key)
+            retrying(multipart, key)
         else:
             if metadata:  # before the object: where the object is, its metadata is too
                 self._put_sidecar(key, metadata)
-            _retrying(lambda: self.fs.put_file(local, dest), key)
-
-    def _put_object(self, dest: str, open_body: Callable[[], Any], size: int,
-                    md5: str, metadata: dict[str, str] | None = None) -> None:
-        """One S3 PUT of exactly `size` bytes, confirmed; called once per attempt.
-
-        Not through s3fs's call_s3: its retry loop re-sends the same body object, which
-        after a failed attempt (botocore's own retries exhausted, e.g. by 503 SlowDown)
-        is read to its end, so S3 stores an empty or short object and reports success
-        (tests/test_store_s3_faults.py reproduces it through a fault-injecting proxy). Here
-        botocore still retries within the call (it rewinds our fresh body to its start), and
-        `_retrying` makes each further attempt with a new body. Content-Length and
-        Content-MD5 are sent, so S3 itself refuses a body that is not the one meant.
-        """
-        bucket, key, _ = self.fs.split_path(dest)
-        with open_body() as body:
-            extra = {"Metadata": metadata} if metadata else {}
-            reply = self._s3_call("put_object", Bucket=bucket, Key=key, Body=body, **extra,
-                                  ContentLength=size,
-                                  ContentMD5=base64.b64encode(bytes.fromhex(md5)).decode())
-        self.fs.invalidate_cache(dest)
-        etag = str(reply.get("ETag", "")).strip('"')
-        plain = (reply.get("ServerSideEncryption") in (None, "AES256")
-                 and not reply.get("SSECustomerAlgorithm"))
-        if plain and re.fullmatch(r"[0-9a-f]{32}", etag):
-            if etag != md5:  # a plain PUT's ETag is the MD5 of what S3 stored
-                raise TransientStoreError(
-                    f"S3 stored {dest} with MD5 {etag}, not the {size} bytes sent (MD5 "
-                    f"{md5}): written again")
-        else:  # SSE-KMS/C ETags are not MD5s: check the size S3 stored
-            self._confirm_size(dest, size)
-
-    def _confirm_size(self, dest: str, size: int) -> None:
-        bucket, key, _ = self.fs.split_path(dest)
-        stored = int(self._s3_call("head_object", Bucket=bucket, Key=key)["ContentLength"])
-        if stored != size:
-            raise TransientStoreError(f"S3 stored {stored} bytes for {dest}, not {size}")
-
-    def _s3_call(self, method: str, **kwargs: Any) -> dict[str, Any]:
-        """One botocore call (with botocore's own retries only); errors as OSErrors."""
-        fs = self.fs
-
-        async def call() -> dict[str, Any]:
-            await fs.set_session()
-            s3 = await fs.get_s3(kwargs.get("Bucket"))
-            fn = getattr(s3, method)
-            return await fn(**fs._get_s3_method_kwargs(fn, **kwargs))
-
-        try:
-            return fsspec.asyn.sync(fs.loop, call)
-        except OSError:
-            raise
-        except Exception as exc:
-            from botocore.exceptions import ClientError
-            from s3fs.errors import translate_boto_error
-
-            if isinstance(exc, ClientError):
-                raise translate_boto_error(exc) from exc
-            if type(exc).__name__ in {"NoCredentialsError", "PartialCredentialsError"}:
-                raise PermissionError(str(exc)) from exc  # final: no retry finds credentials
-            # connection resets, timeouts, a body cut short: worth another attempt
-            raise TransientStoreError(f"{type(exc).__name__}: {exc}") from exc
+            retrying(lambda: self.fs.put_file(local, dest), key)
 
     # -- conditional writes: what a job's lease rests on ----------------------------------
 
@@ -346,7 +257,7 @@ class Store:
         else:
             if self.exists(key):
                 return False
-            _retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
+            retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
         self._wrote(key)
         return True
 
@@ -357,14 +268,14 @@ class Store:
         if self.s3:
             bucket, k, _ = self.fs.split_path(self.path(key))
             try:
-                reply = _retrying(lambda: self._s3_call("get_object", Bucket=bucket, Key=k), key)
+                reply = retrying(lambda: self._s3_call("get_object", Bucket=bucket, Key=k), key)
             except FileNotFoundError:
                 return None
             body = reply["Body"]
             data = fsspec.asyn.sync(self.fs.loop, body.read)
             return data, str(reply.get("ETag", "")).strip('"')
         try:
-            data = _retrying(lambda: self.fs.cat_file(self.path(key)), key)
+            data = retrying(lambda: self.fs.cat_file(self.path(key)), key)
         except FileNotFoundError:
             return None
         return data, hashlib.md5(data, usedforsecurity=False).hexdigest()
@@ -379,7 +290,7 @@ class Store:
             return self._conditional_put(bucket, k, data, IfMatch=f'"{version}"') or None
         with self._local_lock(key):
             try:
-                current = _retrying(lambda: self.fs.cat_file(self.path(key)), key)
+                current = retrying(lambda: self.fs.cat_file(self.path(key)), key)
             except FileNotFoundError:
                 return None
             if hashlib.md5(current, usedforsecurity=False).hexdigest() != version:
@@ -389,43 +300,8 @@ class Store:
                     self.requests["put"] -= 1  # counted above
                     f.write(data)
             else:
-                _retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
+                retrying(lambda: self.fs.pipe_file(self.path(key), data), key)
         return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-    def _conditional_put(self, bucket: str, key: str, data: bytes, **condition: str) -> str:
-        """One S3 PUT with a condition; its ETag, or "" when the condition failed (412)."""
-        from botocore.exceptions import ClientError
-
-        fs = self.fs
-
-        async def call() -> dict[str, Any]:
-            await fs.set_session()
-            s3 = await fs.get_s3(bucket)
-            return await s3.put_object(Bucket=bucket, Key=key, Body=data, **condition)
-
-        for attempt in range(STORE_RETRIES + 1):
-            try:
-                reply = fsspec.asyn.sync(fs.loop, call)
-                fs.invalidate_cache(f"{bucket}/{key}")
-                return str(reply.get("ETag", "")).strip('"')
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    return ""
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if status < 500 and code not in ("SlowDown", "RequestTimeout"):
-                    raise self._translated(exc) from exc
-            except OSError:
-                if attempt == STORE_RETRIES:
-                    raise
-            time.sleep(min(2.0, 0.02 * 2**attempt) * (0.5 + random.random()))
-        raise TransientStoreError(f"conditional write of {bucket}/{key} kept failing")
-
-    @staticmethod
-    def _translated(exc: Exception) -> OSError:
-        from s3fs.errors import translate_boto_error
-
-        return translate_boto_error(exc)
 
     @contextlib.contextmanager
     def _local_lock(self, key: str) -> Iterator[None]:
@@ -485,7 +361,7 @@ class Store:
         self.requests["list"] += 1
         base = self.path(prefix)
         try:
-            entries = _retrying(lambda: self.fs.ls(base, detail=False), prefix)
+            entries = retrying(lambda: self.fs.ls(base, detail=False), prefix)
         except FileNotFoundError:
             return []
         keys = []
@@ -498,16 +374,15 @@ class Store:
     def du(self, prefix: str) -> int:
         """Bytes under a prefix (0 if it is absent)."""
         try:
-            return int(_retrying(lambda: self.fs.du(self.path(prefix), total=True), prefix))
+            return int(retrying(lambda: self.fs.du(self.path(prefix), total=True), prefix))
         except FileNotFoundError:
             return 0
 
     def etag(self, key: str) -> str | None:
         """The object's S3 ETag (one HEAD; a content hash), None if it does not exist."""
         self.requests["head"] += 1
-        bucket, k, _ = self.fs.split_path(self.path(key))
         try:
-            head = _retrying(lambda: self._s3_call("head_object", Bucket=bucket, Key=k), key)
+            head = self._head_object(key, self.path(key))
         except FileNotFoundError:
             return None
         return str(head.get("ETag", "")).strip('"') or None
@@ -517,9 +392,8 @@ class Store:
         else computed by reading it."""
         self.requests["head"] += 1
         if self.s3:
-            bucket, k, _ = self.fs.split_path(self.path(key))
             try:
-                head = _retrying(lambda: self._s3_call("head_object", Bucket=bucket, Key=k), key)
+                head = self._head_object(key, self.path(key))
             except FileNotFoundError as exc:
                 raise StoreError(f"missing object {self.url}/{key}") from exc
             etag = str(head.get("ETag", "")).strip('"')
@@ -538,7 +412,7 @@ class Store:
         self.requests["list"] += 1
         base = self.path(prefix)
         try:
-            found = _retrying(lambda: self.fs.find(base), prefix)
+            found = retrying(lambda: self.fs.find(base), prefix)
         except FileNotFoundError:
             return []
         root = self.root + "/" if self.root else ""
@@ -555,7 +429,7 @@ class Store:
         self.requests["list"] += 1
         base = self.path(prefix)
         try:
-            entries = _retrying(lambda: self.fs.ls(base, detail=True), prefix)
+            entries = retrying(lambda: self.fs.ls(base, detail=True), prefix)
         except FileNotFoundError:
             return {}
         out = {}
@@ -571,19 +445,18 @@ class Store:
         HEAD on S3; elsewhere the object's size and its sidecar."""
         self.requests["head"] += 1
         if self.s3:
-            bucket, k, _ = self.fs.split_path(self.path(key))
             try:
-                head = _retrying(lambda: self._s3_call("head_object", Bucket=bucket, Key=k), key)
+                head = self._head_object(key, self.path(key))
             except FileNotFoundError:
                 return None
             meta = {str(a).lower(): str(b) for a, b in (head.get("Metadata") or {}).items()}
             return int(head.get("ContentLength", 0)), meta
         try:
-            size = int(_retrying(lambda: self.fs.size(self.path(key)), key))
+            size = int(retrying(lambda: self.fs.size(self.path(key)), key))
         except FileNotFoundError:
             return None
         try:
-            raw = _retrying(lambda: self.fs.cat_file(self.path(sidecar_key(key))), key)
+            raw = retrying(lambda: self.fs.cat_file(self.path(sidecar_key(key))), key)
             meta = json.loads(raw)
         except (FileNotFoundError, ValueError):
             meta = {}
@@ -603,7 +476,7 @@ class Store:
                 f.write(data)
             os.replace(tmp, path)
         else:
-            _retrying(lambda: self.fs.pipe_file(path, data), key)
+            retrying(lambda: self.fs.pipe_file(path, data), key)
 
     def delete(self, key: str) -> None:
         if not self.s3:  # its metadata too (a folder's, for a folder), where it has any
@@ -611,81 +484,7 @@ class Store:
                 self.fs.rm(self.path(sidecar_key(key)), recursive=True)
         self.requests["delete"] += 1
         with contextlib.suppress(FileNotFoundError):
-            _retrying(lambda: self.fs.rm(self.path(key), recursive=True), key)
-
-    def check(self) -> None:
-        """Fail now, with a clear StoreError, if jobs cannot read and write this store.
-
-        Called before anything is invoked: a missing bucket or wrong credentials would
-        otherwise surface as every function failing (and retrying) one by one. A local
-        folder is checked without writing (the nearest existing folder must be writable);
-        any other store gets a tiny probe object written, read back and deleted.
-        """
-        if self.local:
-            self._check_local()
-            return
-        key = probe_key()
-        probe = self.path(key)
-        try:  # transient errors are retried as for any request; the rest are final
-            # put_bytes, not a bare pipe_file: on S3 it sends Content-MD5 and checks the
-            # ETag, so an upload cut short on the wire is written again, not reported as
-            # a store that returns what it was not given
-            self.put_bytes(key, b"ok")
-            self.requests.update(get=1, delete=1)
-            if _retrying(lambda: self.fs.cat_file(probe), probe) != b"ok":
-                raise StoreError(f"store {self.url!r} did not return what was written to it")
-            _retrying(lambda: self.fs.rm(probe), probe)
-        except StoreError:
-            raise
-        except Exception as exc:  # s3fs/botocore raise many types; all mean "unusable"
-            raise StoreError(self._explain(exc)) from exc
-
-    def _check_local(self) -> None:
-        path = Path(self.root)
-        if path.exists() and not path.is_dir():
-            raise StoreError(f"store {self.url!r} is a file, not a folder")
-        existing = path
-        while not existing.exists():
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise StoreError(f"cannot write to store {self.url!r}: {existing} is not writable")
-        try:  # os.access says yes to root everywhere, /sys and /proc included: try it
-            with tempfile.TemporaryFile(dir=existing):
-                pass
-        except OSError as exc:
-            raise StoreError(f"cannot write to store {self.url!r}: {existing} does not take "
-                             f"files ({exc.strerror or exc})") from exc
-
-    def _explain(self, exc: BaseException) -> str:
-        """Say what is wrong with the store in words a user can act on."""
-        if isinstance(exc, TransientStoreError) and exc.__cause__ is not None:
-            exc = exc.__cause__  # what botocore said, not our wrapper for retrying it
-        name = type(exc).__name__
-        text = str(exc) or name
-        where = f"store {self.url!r}"
-        if self.s3:
-            bucket = self.root.split("/", 1)[0]
-            creds = ("AWS_PROFILE (a profile in ~/.aws/credentials), or "
-                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment")
-            cause = type(exc.__cause__).__name__
-            if {name, cause} & {"NoCredentialsError", "PartialCredentialsError"}:
-                return f"{where}: no AWS credentials found ({text}); set {creds}"
-            if isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text:
-                return (f"{where}: bucket {bucket!r} does not exist (create it first, or check "
-                        f"the endpoint and region): {text}")
-            if isinstance(exc, PermissionError):
-                return (f"{where}: access denied to bucket {bucket!r}: {text}. Check the "
-                        f"credentials ({creds}) and that they may read, write and delete "
-                        "objects there")
-            if name in {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionError",
-                        "ClientConnectorError"}:
-                return (f"{where}: cannot reach the S3 endpoint ({text}); check "
-                        "AWS_ENDPOINT_URL / --store-option endpoint_url=...")
-        if isinstance(exc, PermissionError):
-            return f"{where}: access denied: {text}"
-        if isinstance(exc, FileNotFoundError):
-            return f"{where} does not exist: {text}"
-        return f"{where} cannot be used: {name}: {text}"
+            retrying(lambda: self.fs.rm(self.path(key), recursive=True), key)
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:
@@ -701,19 +500,6 @@ def _takes(fs: Any, method: str) -> bool:
         return False
 
 
-class _Bytes:
-    """bytes as a context manager, like an open file: a body for `Store._put_object`."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    def __enter__(self) -> bytes:
-        return self.data
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
 def file_md5(path: str | os.PathLike[str]) -> str:
     """MD5 of a local file, hex (what `Store.content_md5` gives for the same bytes)."""
     return _file_md5(os.fspath(path))
@@ -725,11 +511,3 @@ def _file_md5(path: str) -> str:
         while chunk := f.read(1 << 22):
             md5.update(chunk)
     return md5.hexdigest()
-
-
-def _s3_upload_options(size: int) -> dict[str, int]:
-    """s3fs upload arguments that bound the memory one upload holds (see the module doc)."""
-    return {"chunksize": max(S3_PART_SIZE, math.ceil(size / S3_MAX_PARTS)),
-            "max_concurrency": S3_UPLOAD_CONCURRENCY}
-
-
