@@ -188,30 +188,11 @@ def recorded_job(tmp_path):
     that of a real local run recorded in tests/data (AlexNet cut at pool5: 4 records of 25
     images, 2 stages at 1769 MB), with its job.json and prediction rows made up to match
     (labels 0-2, seeded). Returns (store, job name, log rows)."""
-    import json
-
-    import numpy as np
-
-    from serveless.data.predictions import prediction_row
-    from serveless.driver.spec import JobSpec
+    from helpers import write_recorded_job
 
     store = Store(str(tmp_path / "store"))
-    text = (Path(__file__).parent / "data" / "replay-invocations.jsonl").read_text()
-    rows = [json.loads(line) for line in text.splitlines()]
-    records = sorted({r["record"] for r in rows})
-    JobSpec(job="replay", model="alexnet", cuts=["pool5"], memory=[1769, 1769],
-            micro_batch=25, records=records, concurrency=1).save(store)
-    store.put_bytes("replay/invocations.jsonl", text.encode())
-    rng = np.random.default_rng(5)
-    for rec in records:
-        lines = []
-        for i in range(25):
-            probs = rng.dirichlet(np.ones(1000))
-            top = np.argsort(-probs, kind="stable")[:5]
-            lines.append(json.dumps(prediction_row(rec, i, f"{rec}/{i}.jpg", i % 3, top,
-                                                   probs[top], None)))
-        store.put_bytes(f"replay/predictions/{rec}.jsonl", ("\n".join(lines) + "\n").encode())
-    return store, "replay", rows
+    return store, "replay", write_recorded_job(store, "replay")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _no_stray_processes():

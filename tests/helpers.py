@@ -188,3 +188,28 @@ def check_png(path: Path) -> None:
         img.verify()
     with Image.open(path) as img:
         assert img.format == "PNG" and img.width >= 400 and img.height >= 300, img.size
+
+
+def write_recorded_job(store: Store, job: str) -> list[dict]:
+    """The recorded job (see recorded_job) written into `store` as `job`; its log rows."""
+    import json
+
+    from serveless.data.predictions import prediction_row
+    from serveless.driver.spec import JobSpec
+
+    text = (Path(__file__).resolve().parent / "data" / "replay-invocations.jsonl").read_text()
+    rows = [json.loads(line) for line in text.splitlines()]
+    records = sorted({r["record"] for r in rows})
+    JobSpec(job=job, model="alexnet", cuts=["pool5"], memory=[1769, 1769],
+            micro_batch=25, records=records, concurrency=1).save(store)
+    store.put_bytes(f"{job}/invocations.jsonl", text.encode())
+    rng = np.random.default_rng(5)
+    for rec in records:
+        lines = []
+        for i in range(25):
+            probs = rng.dirichlet(np.ones(1000))
+            top = np.argsort(-probs, kind="stable")[:5]
+            lines.append(json.dumps(prediction_row(rec, i, f"{rec}/{i}.jpg", i % 3, top,
+                                                   probs[top], None)))
+        store.put_bytes(f"{job}/predictions/{rec}.jsonl", ("\n".join(lines) + "\n").encode())
+    return rows

@@ -159,7 +159,11 @@ def test_jobs_list_show_and_clean_a_recorded_job(recorded_job):
     store.put_bytes(f"{job}/stage-0/00003.npy", b"x" * 1000)
     res = run("jobs", "show", job, "--store", store.root)
     assert res.exit_code == 0, res.output
-    assert f"job {job}: partial, 3 of 4 records done" in " ".join(res.output.split())
+    fields = {line.split(maxsplit=1)[0]: line.split(maxsplit=1)[1].strip()
+              for line in res.output.splitlines()[2:] if line.strip()}
+    assert f"job {job}" in res.output.splitlines()[0]
+    assert fields["state"] == "partial, 3 of 4 records done"
+    assert fields["intermediates"] == "float32, uncompressed" and fields["cuts"] == "pool5"
     res = run("jobs", "clean", job, "--store", store.root)
     assert res.exit_code == 0 and "MB freed" in res.output, res.output
     assert not store.exists(f"{job}/stage-0/00003.npy")

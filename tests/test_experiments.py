@@ -406,7 +406,8 @@ def test_report_md_embeds_pngs_and_matches_the_log(env, profiled):
     invoke("report", "profile-4", "profile-8", "--store", env["store"], "--out", str(out))
     md = (out / "report.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(images) == 4
+    assert len(images) == 6  # per job: time and memory, cost, timeline
+    assert (out / "report.html").read_text().count("<svg") == 6
     for name in images:
         check_png(out / name)
     for job, summary in zip(("profile-4", "profile-8"), [t for t in tables(md)

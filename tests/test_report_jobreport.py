@@ -41,7 +41,7 @@ def test_report_out_writes_tables_plots_and_machine_from_the_log(recorded_job, t
     out = tmp_path / "report"
     res = runner.invoke(app, ["report", job, "--store", store.root, "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert f"wrote {out / 'report.md'}" in " ".join(res.output.split())
+    assert f"wrote {out / 'report.md'} and {out / 'report.html'}" in " ".join(res.output.split())
     md = (out / "report.md").read_text()
     assert md.startswith(f"# serveless report: {job}") and f"## Job `{job}`" in md
     (spec,) = [t for t in tables(md) if t and "job.json" in t[0]]
@@ -65,7 +65,7 @@ def test_report_out_writes_tables_plots_and_machine_from_the_log(recorded_job, t
     assert f"Total: 100 images, {_gb_s(rows):.4f} GB-s" in md and "Failed images: 0." in md
     assert _accuracy_line(store, job) + " (the built-in AlexNet's weights are untrained" in md
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert images == [f"{job}-stages.png", f"{job}-timeline.png"]
+    assert images == [f"{job}-stages.png", f"{job}-costs.png", f"{job}-timeline.png"]
     for name in images:
         check_png(out / name)
     assert "CPU:" in md and f"{os.cpu_count()} cores" in md

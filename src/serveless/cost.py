@@ -97,7 +97,7 @@ class Bill:
 def bill(rows: Iterable[dict[str, Any]], arch: str = "x86_64") -> dict[int | str, Bill]:
     """Per-stage bills and a 'total' from invocation log rows."""
     if arch not in LAMBDA_GB_SECOND:
-        raise ValueError(f"arch must be one of {sorted(LAMBDA_GB_SECOND)}, got {arch!r}")
+        raise ValueError(f"arch must be one of {', '.join(sorted(LAMBDA_GB_SECOND))}, got {arch!r}")
     out: dict[int | str, Bill] = {"total": Bill(arch=arch)}
     for row in rows:
         if row.get("throttled"):  # refused by the platform before running: not billed

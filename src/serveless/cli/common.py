@@ -19,6 +19,7 @@ from ..driver.spec import (
     DEFAULT_RETRIES,
 )
 from ..errors import USER_ERRORS
+from ..report.wrap import wrap_text
 from ..store import Store
 
 T = TypeVar("T")
@@ -29,31 +30,47 @@ PIPE_WIDTH = 1000
 
 
 class CliConsole(Console):
-    """A console that wraps only for a person at a terminal.
+    """A console that wraps only for a person at a terminal, and there only at words.
 
     Rich takes its width from COLUMNS (or 80) even when the output is a pipe, and then
-    breaks long paths mid-name. Here a pipe or file gets a width no line reaches, and
-    plain text is soft-wrapped (left whole) everywhere: a terminal folds it on screen,
-    copy and paste still give back one line.
+    breaks long paths mid-name. Here a pipe or file gets a width no line reaches and text
+    is never wrapped: copy and paste, and grep, get every line whole. At a terminal, text
+    (not tables: report/tables.py fits those) is wrapped at word boundaries by
+    report/wrap.py, so a path is never cut; one too long for the screen stands alone.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(soft_wrap=True, **kwargs)
 
     @property
-    def size(self) -> ConsoleDimensions:
+    def piped(self) -> bool:
         isatty = getattr(self.file, "isatty", None)
         try:
-            piped = isatty is None or not isatty()
+            return isatty is None or not isatty()
         except ValueError:  # closed stream
-            piped = True
-        if piped:
+            return True
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        if self.piped:
             return ConsoleDimensions(PIPE_WIDTH, super().size.height)
         return super().size
 
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:
         Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+    def print(self, *objects: Any, sep: str = " ", markup: bool | None = None,
+              highlight: bool | None = None, emoji: bool | None = None,
+              **kwargs: Any) -> None:
+        # soft_wrap=True, given: the caller wants the text as it is (a command to copy)
+        if (objects and kwargs.get("soft_wrap") is None and not self.piped
+                and all(isinstance(o, str | Text) for o in objects)):
+            parts = [o if isinstance(o, Text) else self.render_str(
+                o, markup=markup, highlight=highlight, emoji=emoji) for o in objects]
+            objects = (wrap_text(Text(sep).join(parts), self.width),)
+        super().print(*objects, sep=sep, markup=markup, highlight=highlight, emoji=emoji,
+                      **kwargs)
 
 
 console = CliConsole()

@@ -70,8 +70,14 @@ def _sizes(text: str, what: str) -> list[int]:
 
 
 def _show(md_path: Path, *paths: Path) -> None:
-    """Print the markdown (plain: tables must stay copy-pastable) and where files are."""
-    typer.echo(md_path.read_text())
+    """Print the report (its tables fitted to the terminal; the markdown itself, raw, to a
+    pipe, where it stays copy-pastable) and where its files are."""
+    from ..report.document import print_markdown
+
+    if console.piped:
+        typer.echo(md_path.read_text())
+    else:
+        print_markdown(console, md_path.read_text(), md_path.parent)
     for p in (md_path, *paths):
         console.print(f"wrote {p}", markup=False, highlight=False)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich import box
-from rich.table import Table
 
 from ..errors import JobError
+from ..report.tables import Table, print_table
 from ..store import DEFAULT_STORE
 from .app import app
 from .common import ArchOpt, StoreOpt, StoreOptions, console, fail, guarded, open_store, say
@@ -37,23 +36,21 @@ def jobs_list(
     if not names:
         say(f"no jobs in {st.url}")
         return
-    table = Table(box=box.SIMPLE_HEAD, title=f"jobs in {st.url}", title_justify="left")
-    for col, right in (("job", False), ("state", False), ("records", True), ("images", True),
-                       ("failed images", True), ("cost $", True), ("$ per 1M", True),
-                       ("last run (UTC)", False)):
-        table.add_column(col, justify="right" if right else "left", no_wrap=True)
+    rows = []
     unreadable = []
     for name in names:
         try:
             s = job_status(st, name, arch)
         except JobError as exc:  # one broken job.json must not hide the store's other jobs
             unreadable.append(str(exc))
-            table.add_row(name, "unreadable", "-", "-", "-", "-", "-", "-")
+            rows.append([name, "unreadable", "-", "-", "-", "-", "-", "-"])
             continue
-        table.add_row(s.job, s.state, f"{s.records_done}/{s.records}", f"{s.images:,}",
-                      f"{s.failed_images:,}", f"{s.cost:.6f}", f"{s.per_million:.2f}",
-                      s.last_run or "-")
-    console.print(table)
+        rows.append([s.job, s.state, f"{s.records_done}/{s.records}", f"{s.images:,}",
+                     f"{s.failed_images:,}", f"{s.cost:.6f}", f"{s.per_million:.2f}",
+                     s.last_run or "-"])
+    print_table(console, Table(
+        ["job", "state", "records", "images", "failed images", "cost $", "$ per 1M",
+         "last run (UTC)"], rows, f"jobs in {st.url}", left=2))
     for why in unreadable:
         say(why, err=True)
 
@@ -74,21 +71,27 @@ def jobs_show(
     if as_json:
         typer.echo(status_json(s))
         return
-    spec = s.spec
-    lines = [
-        f"job {s.job}: {s.state}, {s.records_done} of {s.records} records done, "
-        f"{s.images:,} images served, {s.failed_images:,} failed",
-        f"model {spec.model}; cuts {','.join(spec.cuts) or '(none: one stage)'}; memory "
-        f"{','.join(map(str, spec.memory))} MB; micro-batch {spec.micro_batch}; concurrency "
-        f"{spec.concurrency}; retries {spec.retries}; intermediates {spec.format}",
-        f"modeled cost ${s.cost:.6f} (${s.per_million:.2f} per 1M images, {arch}); last run "
-        f"{s.last_run or '-'} UTC",
-    ]
+    from ..data.tensors import TensorFormat
     from ..driver.lease import describe
 
-    lines.append(f"driver: {describe(s.lease)}" if s.lease else "driver: none (not running)")
-    for line in lines:
-        say(line)
+    spec = s.spec
+    fields = [
+        ("state", f"{s.state}, {s.records_done} of {s.records} records done"),
+        ("images", f"{s.images:,} served, {s.failed_images:,} failed"),
+        ("model", spec.model),
+        ("cuts", ", ".join(spec.cuts) or "none (one stage)"),
+        ("memory", " / ".join(f"{mb} MB" for mb in spec.memory)),
+        ("micro-batch", str(spec.micro_batch)),
+        ("concurrency", str(spec.concurrency)),
+        ("retries", str(spec.retries)),
+        ("precision", spec.precision),
+        ("intermediates", TensorFormat.from_dict(spec.format).describe()),
+        ("modeled cost", f"${s.cost:.6f} (${s.per_million:.2f} per 1M images, {arch})"),
+        ("last run", f"{s.last_run} UTC" if s.last_run else "never"),
+        ("driver", describe(s.lease) if s.lease else "none (not running)"),
+    ]
+    print_table(console, Table(["", ""], [[k, v] for k, v in fields], f"job {s.job}",
+                               left=2, header=False))
     for rec, why in sorted(s.failed_records.items()):
         say(f"failed record {rec}: {why}")
 

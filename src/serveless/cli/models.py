@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..report.tables import Table, print_table
 from ..store.layout import stage_file
 from .app import app, models_app
 from .common import (
@@ -46,9 +47,9 @@ def models_list() -> None:
     from ..model.builtins import BUILTIN
     from ..model.presets import PAPER_PRESET
 
-    for name in sorted(BUILTIN):
-        preset = ",".join(PAPER_PRESET.get(name, [])) or "-"
-        console.print(f"{name}\tpaper preset cuts: {preset}")
+    rows = [[name, ",".join(PAPER_PRESET.get(name, [])) or "-"] for name in sorted(BUILTIN)]
+    print_table(console, Table(["model", "paper preset cuts (--preset paper)"], rows,
+                               "built-in models", left=2))
 
 
 @app.command("partition")
@@ -65,8 +66,6 @@ def partition_cmd(
         help="folder or glob of .tfrecord files to calibrate and measure --quantize on")] = None,
 ) -> None:
     """List cut candidates, or split a model into stages and check them against it."""
-    from rich.table import Table
-
     from ..data.sources import find_records
     from ..model import quantize as q
     from ..model.graph import input_hw, preprocessing, save_model
@@ -77,13 +76,11 @@ def partition_cmd(
     def go() -> None:
         onnx_model = load_model(model)
         if list_cuts:
-            table = Table(title=f"cut candidates of {model} (topological order)")
-            for col in ("tensor", "op", "per-sample shape", "per-sample KB"):
-                table.add_column(col)
-            for c in candidates(onnx_model):
-                table.add_row(c.name, c.op, "×".join(map(str, c.shape)),
-                              f"{c.bytes_per_sample / 1024:,.1f}")
-            console.print(table)
+            rows = [[c.name, c.op, "×".join(map(str, c.shape)),
+                     f"{c.bytes_per_sample / 1024:,.1f}"] for c in candidates(onnx_model)]
+            print_table(console, Table(
+                ["tensor", "op", "per-sample shape", "per-sample KB"], rows,
+                f"cut candidates of {model} (topological order)", left=3))
             return
         if out is None:
             fail("give --out DIR (or --list)")

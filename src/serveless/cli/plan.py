@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
+from ..report.tables import Table, print_table
 from ..store import DEFAULT_STORE
 from .app import app
 from .common import ArchOpt, StoreOpt, StoreOptions, console, fail, guarded, open_store
@@ -117,6 +118,12 @@ def calibrate_cmd(
         st.put_bytes(calibration_key(model, quantize), data.encode())
         where = st.path(calibration_key(model, quantize))
     whole = sum(b["ms_per_image"] for b in cal["blocks"])
+    print_table(console, Table(
+        ["block", "ends at", "ms/image, 1 vCPU", "× at 2 vCPUs", "weights MB", "KB out/image"],
+        [[str(b["index"]), b["end"] or "(model output)", f"{b['ms_per_image']:.2f}",
+          f"{b['speedup_2vcpu']:.2f}", f"{b['weights_mb']:.1f}",
+          f"{b['bytes_out_per_image'] / 1024:,.1f}"] for b in cal["blocks"]],
+        f"{cal['model']}: blocks between cut candidates", left=2))
     console.print(f"{len(cal['blocks'])} blocks; whole model {whole:.1f} ms/image at 1 vCPU "
                   f"(micro-batch {cal['calibration_batch']}), decode "
                   f"{cal['decode_ms_per_image']:.1f} ms/image; CPU: {cal['cpu_control']}",
@@ -132,15 +139,15 @@ SIM_SPLIT = 6  # the plan's settings | what the simulation found, when one table
 
 def _print_sims(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], title: str) -> None:
     """Simulated plans, one row each, fitted to the terminal with every value whole."""
-    from ..report.tables import print_fitting
 
     cells = [[name, ",".join(plan["cuts"]) or "(whole model)",
               "/".join(map(str, plan["memory"])), str(plan["images_per_record"]),
               str(plan["micro_batch"]), str(plan["concurrency"]), f"{s['wall_s']:,.1f}",
               f"{s['cost']:.4f}", f"{s['per_million']:.3f}" if s["per_million"] else "-",
               str(s["cold_starts"]), str(s["throttles"])] for name, plan, s in rows]
-    print_fitting(console, (title, f"{title}: plans", f"{title}: results"), SIM_COLUMNS, cells,
-                  SIM_SPLIT, left=3)
+    print_table(console, Table(SIM_COLUMNS, cells, title, left=3, groups=[
+        (f"{title}: plans", list(range(SIM_SPLIT))),
+        (f"{title}: results", [0, *range(SIM_SPLIT, len(SIM_COLUMNS))])]))
 
 
 @app.command("plan", rich_help_panel=PANEL,

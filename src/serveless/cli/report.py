@@ -30,11 +30,17 @@ def report(
     store_option: StoreOptions = None,
     arch: Annotated[str, typer.Option(help="x86_64 or arm64 Lambda prices")] = "x86_64",
     out: Annotated[Path | None, typer.Option(
-        help="write DIR/report.md with tables, plots, machine and versions")] = None,
+        help="write DIR/report.md with tables, plots, machine and versions, and "
+             "DIR/report.html (the same in one file)")] = None,
+    html_file: Annotated[Path | None, typer.Option(
+        "--html", metavar="FILE",
+        help="write the report as one self-contained HTML page (plots inline, no network)")]
+    = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="print the summary as JSON on stdout (a list for several jobs)")] = False,
 ) -> None:
-    """Re-print jobs' summaries from their invocation logs alone (or write a report)."""
+    """Re-print jobs' summaries from their invocation logs alone (or write a report: markdown
+    with plots, or one HTML page)."""
     from ..driver.log import load_driver_requests, load_log
     from ..driver.spec import JobSpec
     from ..report.summary import failed_image_lines, job_notes, log_wall_s, print_summary
@@ -51,9 +57,12 @@ def report(
                 r, arch, s, a, d)))
         typer.echo(json.dumps(found[0] if len(found) == 1 else found, indent=2))
         return
-    if out is not None:
-        path = write_report_dir(jobs, store, store_option, arch, out)
-        say(f"wrote {path}")
+    if out is not None or html_file is not None:
+        from ..report.jobreport import write_job_report
+
+        st = open_store(store, store_option)
+        written = guarded(lambda: write_job_report(st, jobs, out, html_file, arch))
+        say("wrote " + " and ".join(str(p) for p in written))
         return
     st = open_store(store, store_option)
     for job in jobs:
@@ -83,16 +92,6 @@ def _report_inputs(st: Store, job: str, store: str) -> tuple[list, dict, dict | 
         fail(f"no invocation log for job {job!r} in {store}")
     spec = json.loads(st.get_bytes(layout.spec)) if st.exists(layout.spec) else {"job": job}
     return rows, spec, accuracy(st, job)
-
-
-def write_report_dir(jobs: list[str], store: str, store_option: list[str] | None, arch: str,
-                     out: Path) -> Path:
-    """`report JOB... --out DIR`."""
-    from ..report.jobreport import write_job_report
-
-    st = open_store(store, store_option)
-    path: Path = guarded(lambda: write_job_report(st, jobs, out, arch))
-    return path
 
 
 @app.command("export")

@@ -280,14 +280,20 @@ def run(
     fmt = None
     if float16 is not None or compress is not None:
         fmt = TensorFormat("float16" if float16 else "float32", bool(compress))
+    def make() -> Any:
+        made = prepare_job(
+            st, job, model, cuts, preset, memory, micro_batch, records, fmt,
+            concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True),
+            quantize=quantize, weights=weights, calibration_images=calibration_images,
+            per_record=per_record, input_options=parse_options(store_option),
+            transform=transform, softmax=softmax, save_scores=save_scores)
+        if plan is not None:  # the prediction beside the measurement, in its report
+            st.put_bytes(JobLayout(job).plan, plan.read_bytes())
+        return made
+
     try:
         try:
-            spec = _prepare(st, runner, job, lambda: prepare_job(
-                st, job, model, cuts, preset, memory, micro_batch, records, fmt,
-                concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True),
-                quantize=quantize, weights=weights, calibration_images=calibration_images,
-                per_record=per_record, input_options=parse_options(store_option),
-                transform=transform, softmax=softmax, save_scores=save_scores))
+            spec = _prepare(st, runner, job, make)
         finally:
             if repacked:  # the job holds its own copy of the records now
                 shutil.rmtree(repacked, ignore_errors=True)

@@ -30,7 +30,8 @@ class TensorFormat:
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
-            raise ValueError(f"tensor dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"tensor dtype must be one of {', '.join(sorted(_DTYPES))}, "
+                             f"got {self.dtype!r}")
 
     @property
     def suffix(self) -> str:
@@ -38,6 +39,11 @@ class TensorFormat:
 
     def to_dict(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "compress": self.compress, "level": self.level}
+
+    def describe(self) -> str:
+        """In words, for a person: 'float32, uncompressed' or 'float16, zstd level 3'."""
+        return f"{self.dtype}, " + (f"zstd level {self.level}" if self.compress
+                                    else "uncompressed")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TensorFormat:

@@ -150,7 +150,7 @@ def profile_markdown(p: dict[str, Any], paper: list[int] | None,
         "",
         f"The smallest setting >= max peak × {HEADROOM} over all sizes, in {p['step']} MB steps, "
         f"never below {MIN_MEMORY_MB} MB (Lambda's maximum is {MAX_MEMORY_MB} MB"
-        + (f"; stages {over} exceed it" if over else "") + ").",
+        + (f"; stages {', '.join(map(str, over))} exceed it" if over else "") + ").",
         "",
         markdown_table(head, rec_rows),
         f"`--memory {','.join(map(str, p['recommended_mb']))}`",

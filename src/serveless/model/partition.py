@@ -425,8 +425,9 @@ def check_equivalence(model: onnx.ModelProto, stages: Sequence[onnx.ModelProto],
             raise PartitionError(f"no stage produces the model output {name!r}")
         got = values[name]
         if got.shape != ref.shape:
-            raise PartitionError(f"chained stages give {name!r} shape {list(got.shape)}, "
-                                 f"the whole model {list(ref.shape)}")
+            raise PartitionError(f"chained stages give {name!r} shape "
+                                 f"{'×'.join(map(str, got.shape))}, the whole model "
+                                 f"{'×'.join(map(str, ref.shape))}")
         if ref.size:
             diffs.append(float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))))
     diff = float("nan") if any(math.isnan(d) for d in diffs) else max(diffs)

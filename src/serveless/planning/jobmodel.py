@@ -81,7 +81,8 @@ class Model:
     def __init__(self, cal: dict[str, Any], target: Target, arch: str, memory_step: int,
                  images: int):
         if arch not in LAMBDA_GB_SECOND:
-            raise PlanError(f"--arch must be one of {sorted(LAMBDA_GB_SECOND)}, got {arch!r}")
+            raise PlanError(f"--arch must be one of {', '.join(sorted(LAMBDA_GB_SECOND))}, "
+                            f"got {arch!r}")
         if memory_step < 1:
             raise PlanError("--memory-step must be >= 1")
         self.cal, self.target, self.arch, self.images = cal, target, arch, images

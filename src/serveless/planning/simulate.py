@@ -207,7 +207,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
         raise SimulationError(f"{len(memory)} memory sizes for {len(stages)} stages")
     arch = plan.get("arch", "x86_64")
     if arch not in LAMBDA_GB_SECOND:
-        raise SimulationError(f"arch must be one of {sorted(LAMBDA_GB_SECOND)}")
+        raise SimulationError(f"arch must be one of {', '.join(sorted(LAMBDA_GB_SECOND))}")
     n_rec = math.ceil(n_images / per_record)
     sizes = [per_record] * (n_rec - 1) + [n_images - per_record * (n_rec - 1)]
     k_last = len(stages) - 1

@@ -1,6 +1,9 @@
-"""PNG figures of the paper's experiments, drawn from plain numbers (no store, no logs).
+"""Figures of jobs and of the paper's experiments, drawn from plain numbers (no store, no
+logs).
 
-Every function takes the numbers it draws and a path, and writes one PNG. They use
+Every `plot_*` function takes the numbers it draws and a path, and writes one PNG; the
+`*_figure` ones return the figure, which a report writes as PNG beside its markdown or as
+inline SVG in its HTML page (`svg_of`). They use
 matplotlib's object API (`Figure`) rather than pyplot, so no GUI backend is ever
 selected and no global figure state leaks between calls: the commands run on servers
 and in tests, without a screen, possibly several at once in one process.
@@ -35,6 +38,26 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
+
+
+def svg_of(fig: Figure, prefix: str = "f") -> str:
+    """The figure as an inline `<svg>` element: no XML prolog, no metadata, a viewBox so it
+    scales with the page (text drawn as paths: no font is needed to read it). Its ids are
+    the same for the same figure (a fixed hash salt: a report written twice is the same
+    file) and start with `prefix`, so several figures on one page never share an id."""
+    import io
+    import re
+
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.hashsalt": "serveless"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]
+    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
+    svg = re.sub(r'\bid="', f'id="{prefix}-', svg)
+    return re.sub(r'(url\(#|href="#)', lambda m: f"{m.group(1)}{prefix}-", svg)
 
 
 def _grid(n: int) -> tuple[int, int]:
@@ -231,6 +254,18 @@ def plot_stages(
     path: str | Path,
     title: str,
 ) -> Path:
+    return save_figure(stages_figure(stages, mean_duration_s, mean_init_s, peak_mb, memory_mb,
+                                     title), path)
+
+
+def stages_figure(
+    stages: Sequence[int],
+    mean_duration_s: Sequence[float],
+    mean_init_s: Sequence[float],
+    peak_mb: Sequence[float],
+    memory_mb: Sequence[int],
+    title: str,
+) -> Figure:
     """Per-stage mean duration (with mean cold-start init) and peak memory against the cap."""
     fig = Figure(figsize=(9, 4))
     ax_t, ax_m = fig.subplots(1, 2)
@@ -270,10 +305,40 @@ def plot_stages(
                 fontsize=8, loc="upper right")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
+
+
+def costs_figure(stages: Sequence[int], compute: Sequence[float], requests: Sequence[float],
+                 store_ops: Sequence[float], title: str) -> Figure:
+    """Per-stage cost per 1M images, stacked by what is billed: compute (GB-s), requests,
+    and the stage's S3 requests, so the stage worth resizing stands out."""
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
+    x = list(range(len(stages)))
+    bottom = [0.0] * len(x)
+    for values, label, color in ((compute, "compute (GB-s)", COST_COLOR),
+                                 (requests, "requests", TIME_COLOR),
+                                 (store_ops, "S3 requests", MEMORY_COLOR)):
+        ax.bar(x, values, bottom=bottom, color=color, label=label, width=0.6)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for xi, total in zip(x, bottom, strict=True):
+        ax.annotate(f"${total:.3f}", (xi, total), ha="center", va="bottom", fontsize=8,
+                    xytext=(0, 3), textcoords="offset points")
+    ax.set_xticks(x, [f"stage {k}" for k in stages])
+    ax.set_ylabel("USD per 1M images (modeled)")
+    ax.set_ylim(0, max(bottom + [1e-6]) * 1.25)
+    ax.set_title(title, fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
 
 
 def plot_timeline(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    return save_figure(timeline_figure(rows, title), path)
+
+
+def timeline_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
     """Gantt chart of invocations: one lane per function instance, colored by stage.
 
     Built from the log's `started` and init/duration ms, so it shows where instances
@@ -313,7 +378,7 @@ def plot_timeline(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
                              label="failed invocation"))
     ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 def _lane_label(instance: str) -> str:

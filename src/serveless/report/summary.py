@@ -16,7 +16,7 @@ from rich.console import Console
 
 from ..cost import PRICES_AS_OF, bill, gb_seconds, store_request_cost
 from ..data.predictions import accuracy
-from .tables import markdown_table, print_fitting
+from .tables import Table, markdown_table, print_table
 
 
 @dataclass
@@ -221,12 +221,17 @@ def stage_cells(s: dict[str, Any]) -> list[list[str]]:
     ] for st in s["stages"]]
 
 
+def stage_table(s: dict[str, Any]) -> Table:
+    """The summary's per-stage table; too wide for the console, it splits into time and
+    memory, then cost (an 80-column terminal), each keeping the stage column."""
+    return Table(STAGE_COLUMNS, stage_cells(s), "Per stage (costs in $ per 1M images)", left=0,
+                 groups=[("Per stage: time and memory", list(range(SPLIT_AT))),
+                         ("Per stage: cost ($ per 1M images)",
+                          [0, *range(SPLIT_AT, len(STAGE_COLUMNS))])])
+
+
 def _print_stage_table(console: Console, s: dict[str, Any]) -> None:
-    """One table where it fits; else time/memory and cost as two tables (80 columns); else
-    one line per stage."""
-    print_fitting(console, ("Per stage (costs in $ per 1M images)", "Per stage: time and memory",
-                            "Per stage: cost ($ per 1M images)"),
-                  STAGE_COLUMNS, stage_cells(s), SPLIT_AT, left=0)
+    print_table(console, stage_table(s))
 
 
 def summary_markdown(rows: list[dict[str, Any]], arch: str = "x86_64",

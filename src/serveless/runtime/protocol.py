@@ -91,7 +91,7 @@ class Event:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(event) - known
         if unknown:
-            raise ValueError(f"unknown event fields: {sorted(unknown)}")
+            raise ValueError(f"unknown event fields: {', '.join(sorted(unknown))}")
         ev = cls(**event)
         if not 0 <= ev.stage < ev.stages:
             raise ValueError(f"stage {ev.stage} outside 0..{ev.stages - 1}")

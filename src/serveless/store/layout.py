@@ -181,6 +181,11 @@ class JobLayout:
         return self.key("driver.json")
 
     @property
+    def plan(self) -> str:
+        """The plan a job was run from (`run --plan`), for its report: prediction vs run."""
+        return self.key("plan.json")
+
+    @property
     def lease(self) -> str:
         """Which driver runs the job now (host, pid, since, renewed): driver/lease.py."""
         return self.key("lease")

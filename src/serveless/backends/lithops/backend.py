@@ -88,7 +88,8 @@ def build_config(options: dict[str, Any]) -> dict[str, Any]:
     unknown = {k for k in opts if k not in _OWN_OPTIONS and "." not in k}
     if unknown:
         raise ValueError(
-            f"unknown lithops backend options {sorted(unknown)}; known: {sorted(_OWN_OPTIONS)} "
+            f"unknown lithops backend options {', '.join(sorted(unknown))}; known: "
+            f"{', '.join(sorted(_OWN_OPTIONS))} "
             "or a Lithops config key as section.key (e.g. aws_lambda.execution_role=...)")
     config = _load_user_config(opts.get("config_file"))
     lithops_cfg = config.setdefault("lithops", {}) or {}
