@@ -22,15 +22,15 @@ from serveless.store import Store
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory):
     """A private model cache for the session: tests never read or fill the user's. The
-    machine's cache of checked stage sets is off (tests that count partitions would depend
-    on their order; test_model_stagecache.py turns it on in a folder of its own)."""
-    from serveless.model.stagecache import STAGE_CACHE_ENV
+    machine's cache of checked stage sets is on, in it, as on a user's machine: a job of a
+    (model, cuts) the session has already checked skips the partition and the check (about
+    2 s for AlexNet; 60 s of the suite). Tests that count partitions turn it off
+    (`counted_partition`); test_model_stagecache.py gives it a folder of its own."""
     from serveless.paths import CACHE_ENV
 
     with pytest.MonkeyPatch.context() as mp:
         path = tmp_path_factory.mktemp("model-cache")
         mp.setenv(CACHE_ENV, str(path))
-        mp.setenv(STAGE_CACHE_ENV, "0")
         yield path
 
 
@@ -94,9 +94,16 @@ def paper_job(tmp_path_factory, records_dir):
 
 @pytest.fixture
 def counted_partition(monkeypatch):
-    """Every call of the partition (which runs the equivalence check), by its cuts."""
-    import serveless.model.partition
+    """Every call of the partition (which runs the equivalence check), by its cuts. The
+    session's stage cache is off (unless the test gave the cache a folder of its own, as
+    test_model_stagecache.py does): what is partitioned must not depend on earlier tests."""
+    import os
 
+    import serveless.model.partition
+    from serveless.model.stagecache import STAGE_CACHE_ENV
+
+    if STAGE_CACHE_ENV not in os.environ:
+        monkeypatch.setenv(STAGE_CACHE_ENV, "0")
     calls: list[list[str]] = []
     real = serveless.model.partition.partition
 

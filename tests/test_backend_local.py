@@ -19,6 +19,7 @@ from serveless.backends import FunctionSpec
 from serveless.backends.local import LocalBackend, instance_processes
 from serveless.backends.local import isolation as L
 from serveless.driver.prepare import prepare_job
+from serveless.model.stagecache import STAGE_CACHE_ENV
 from serveless.store import JobLayout, Store
 
 
@@ -118,7 +119,8 @@ def test_ctrl_c_during_setup_leaves_no_job(tmp_path, records_dir):
     proc = subprocess.Popen(
         [sys.executable, "-m", "serveless.cli", "run", "--store", str(tmp_path), "--job", "c",
          "--records", str(records_dir), "--preset", "paper"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, STAGE_CACHE_ENV: "0"})  # a setup that partitions: long enough
     seen = []
     for line in proc.stderr:  # the setup says what it does: interrupt it there
         seen.append(line)

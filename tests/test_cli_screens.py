@@ -337,7 +337,7 @@ def test_calibrate_and_an_experiment_fit_the_terminal(tiny_plan, tmp_path, colum
     check_screen(screen, columns, whole=["ms/image, 1 vCPU", str(tmp_path / "cal.json")])
     out = tmp_path / "sweep"
     code, screen, err = run_on_terminal(
-        "sweep", "--model", str(root / "tiny.onnx"), "--concurrency", "1,2", "--images", "8",
+        "sweep", "--model", str(root / "tiny.onnx"), "--concurrency", "1", "--images", "4",
         "--per-record", "4", "--store", str(tmp_path / "store"), "--out", str(out),
         columns=columns)
     assert code == 0, err + screen
