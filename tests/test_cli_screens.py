@@ -93,6 +93,19 @@ def test_a_table_is_printed_whole_split_or_by_record_never_cut(columns):
         assert "job b\n  state: failed" in screen, screen
 
 
+def test_a_name_that_leaves_room_for_one_value_per_table_gives_a_block_per_row():
+    """`serveless jobs` at 80 columns with a 51-character job name: four tables of the name
+    and one value each would be split, so each job is printed as a block."""
+    t = _jobs_table()
+    t.rows[0][0] = "holiday-photos-from-the-summer-of-2026-20261204-1"
+    with terminal_console(80) as (console, shown):
+        print_table(console, t)
+        screen = shown()
+    check_screen(screen, 80, whole=[c for r in t.rows for c in r])
+    assert "(1 of" not in screen
+    assert f"job {t.rows[0][0]}\n  state: done\n  records: 3/3" in screen, screen
+
+
 def test_a_caller_s_column_groups_are_kept_when_they_fit():
     t = Table(["stage", "a-long-column", "b-long-col", "c-long-column"],
               [["0", "1", "2", "3"]], "T", left=0,

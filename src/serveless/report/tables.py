@@ -5,10 +5,11 @@ Every table the CLI prints goes through `print_table`. Rich, left to itself, squ
 table that is too wide by cutting values (`d…` for a state, `0.00…` for a cost, `1,…` for
 1,500 images), and a value cut that way cannot be read at all. So a table is printed
 whole where it fits; else split into tables that do, each repeating the first column (the
-row's name), in the column groups its caller names if those fit, else as many as it takes;
-else, when not even the name and one column fit (40 columns), one record per block, a
-line per field, wrapped at words (report/wrap.py). The style is rich's SIMPLE_HEAD: a rule
-under the header, no box, as the run summary always had.
+row's name), in the column groups its caller names if those fit, else as many as it takes
+while each holds two columns or more beside the name; else (the name and one column alone
+fit, as at 40 columns, or a long name leaves room for one value per table) one record per
+block, a line per field, wrapped at words (report/wrap.py). The style is rich's
+SIMPLE_HEAD: a rule under the header, no box, as the run summary always had.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ def _split(console: Console, t: Table, width: int) -> list[Table] | None:
             return None
     groups.append(current)
     n = len(groups)
+    if n > 2 and any(len(g) == 2 for g in groups):
+        # A name and one value per table, many tables over: a block per row reads better
+        # (a job name of 51 characters split `serveless jobs` into 4 such tables at 80).
+        return None
     return [t.part(f"{t.title} ({k} of {n})" if t.title else "", cols)
             for k, cols in enumerate(groups, 1)]
 
