@@ -61,7 +61,9 @@ def machine_markdown(info: dict[str, Any], backends: Sequence[dict[str, Any]] = 
         f"- CPU: {info['cpu']}, {info['cores']} cores (os.cpu_count()), "
         f"{info['ram_gb']} GB RAM",
         f"- OS: {info['platform']}",
-        f"- load average (1, 5, 15 min) at the start: {info['load_avg']}",
+        "- load average (1, 5, 15 min) at the start: "
+        + (", ".join(f"{x:.2f}" for x in info["load_avg"]) if info.get("load_avg")
+           else "unknown"),
         f"- versions: {v}",
         f"- written {info['at']} by: `{info['argv']}`",
     ]

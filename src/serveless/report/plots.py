@@ -326,10 +326,10 @@ def costs_figure(stages: Sequence[int], compute: Sequence[float], requests: Sequ
                     xytext=(0, 3), textcoords="offset points")
     ax.set_xticks(x, [f"stage {k}" for k in stages])
     ax.set_ylabel("USD per 1M images (modeled)")
-    ax.set_ylim(0, max(bottom + [1e-6]) * 1.25)
+    ax.set_ylim(0, max(bottom + [1e-6]) * 1.35)  # room for the legend's one row above bars
     ax.set_title(title, fontsize=11)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", ncol=3)
     fig.tight_layout()
     return fig
 
