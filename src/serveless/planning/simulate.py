@@ -12,7 +12,10 @@ timeout, and a CPU speed factor (Lambda's processors are not this machine's). Ta
 and the store's measured bandwidth.
 
 Every invocation becomes a log row like the driver's, billed through `cost.py`; the result
-is labelled simulated everywhere it is shown.
+is labelled simulated everywhere it is shown. The driver's own store requests (uploads,
+job.json, log segments, resume checks, the lease) are counted as driver.json will count
+them (driver/requestmodel.py) and kept apart, as a measured summary keeps them, so the
+simulated cost and a job's measured cost compare like for like.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cost import LAMBDA_GB_SECOND, bill, billed_ms, vcpus
+from ..cost import LAMBDA_GB_SECOND, bill, billed_ms, store_request_cost, vcpus
+from ..driver.requestmodel import driver_requests
 from ..errors import SimulationError
 from ..runtime.protocol import TIMEOUT, InvocationError
 from ..store import READ_BLOCK
@@ -58,6 +62,8 @@ class Target:
     - store_in_cpu: local only, a folder store with a calibration that timed the function's
       reads and writes (its `write_ms_per_mb` ...): those are CPU work of the function,
       counted in the stage's time at its CPU share, so no bandwidth term is added on top.
+    - object_store: the job's store is an object store (S3; a local calibration's store
+      URL says), so the driver probes it before setup and before the run.
     - cores: local only: the cores the instances in flight share. Each progresses at its
       vCPU share × min(1, cores / the vCPUs of all in flight), recomputed whenever one
       starts or ends (processor sharing), init and handler alike.
@@ -80,6 +86,7 @@ class Target:
     throttle_backoff_max_s: float = 20.0
     start_cpu_bound: bool = False
     store_in_cpu: bool = False
+    object_store: bool = True
 
     @property
     def bytes_per_ms(self) -> float:
@@ -101,7 +108,9 @@ class Target:
                     s3_put_per_s=None, invoke_ms=5.0, keep_alive_s=300.0, tmp_mb=10**6,
                     cores=float(os.cpu_count() or 1), start_cpu_bound=True,
                     store_in_cpu=("://" not in str(store.get("url", "://"))
-                                  and "write_ms_per_mb" in (cal or {})))
+                                  and "write_ms_per_mb" in (cal or {})),
+                    object_store="://" in str(store.get("url", "://"))
+                    and not str(store.get("url")).startswith("file://"))
         else:
             raise SimulationError(f"target must be lambda or local, got {name!r}")
         for key, value in overrides.items():
@@ -171,6 +180,14 @@ class SimResult:
     gb_s: float = 0.0
     invocations: int = 0
     cold_starts: int = 0
+    driver_requests: dict[str, int] = field(default_factory=dict)
+    driver_store_ops: float = 0.0  # $, included in cost
+
+    @property
+    def functions_cost(self) -> float:
+        """The invocations' own cost (compute, requests, their S3 requests): `cost` less
+        the driver's requests, to set beside `cost.bill` of a job's log alone."""
+        return self.cost - self.driver_store_ops
 
     def summary(self) -> dict[str, Any]:
         """The JSON form: what was simulated, on which assumptions, and its figures."""
@@ -183,6 +200,9 @@ class SimResult:
             "throttles": self.throttles, "timeouts": self.timeouts,
             "failed_records": self.failed_records, "arch": self.arch,
             "per_stage": self.per_stage,
+            "functions_cost": self.functions_cost,
+            "driver_requests": self.driver_requests,
+            "driver_store_ops": self.driver_store_ops,
         }
 
 
@@ -192,8 +212,13 @@ def _gets(nbytes: float) -> int:
 
 def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
              images: int | None = None, retries: int = 3, seed: int = 0,
-             keep_rows: bool = True) -> SimResult:
-    """Simulate the plan's job; `images` overrides the plan's image count."""
+             keep_rows: bool = True, models_uploaded: bool = True,
+             labels: bool = False) -> SimResult:
+    """Simulate the plan's job; `images` overrides the plan's image count.
+
+    The driver's requests are those of a new job: its records uploaded, its stage models
+    too unless `models_uploaded` is False (a store that holds them from an earlier job),
+    labels.json written when `labels` (images in class folders)."""
     n_images = int(images if images is not None else plan["images"])
     per_record = int(plan["images_per_record"])
     conc = int(plan["concurrency"])
@@ -437,11 +462,19 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
             "peak_mb_predicted": round(stages[k].peak_mb(), 1),
         })
     done = sum(r["images"] for r in rows if r["stage"] == k_last and r["error"] is None)
+    driver = driver_requests(
+        records=n_rec, stages=len(stages),
+        model_files=sum(2 if s.model_bytes > 1024 else 1 for s in stages),  # graph + weights
+        call_ends_s=[r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows],
+        wall_s=wall, object_store=target.object_store, models_uploaded=models_uploaded,
+        labels=labels)
+    driver_cost = store_request_cost(driver)
     return SimResult(target=target.to_dict(), wall_s=wall, rows=rows if keep_rows else [],
                      images=done, throttles=stats["throttles"], timeouts=stats["timeouts"],
                      failed_records=stats["failed"], arch=arch, per_stage=per_stage,
-                     cost=bills["total"].total, gb_s=bills["total"].gb_s,
-                     invocations=len(rows), cold_starts=sum(1 for r in rows if r["cold"]))
+                     cost=bills["total"].total + driver_cost, gb_s=bills["total"].gb_s,
+                     invocations=len(rows), cold_starts=sum(1 for r in rows if r["cold"]),
+                     driver_requests=driver, driver_store_ops=driver_cost)
 
 
 # -- output ----------------------------------------------------------------------------------
