@@ -183,3 +183,21 @@ def test_local_cold_start_runs_under_the_instance_cpu_share():
     assert local["init_ms"] == pytest.approx(cal["start_ms"] * 1769 / 512 + load, rel=1e-6)
     lam = simulate(plan, cal, Target.make("lambda", bandwidth_mb_s=1e9, request_ms=0.0)).rows[0]
     assert lam["init_ms"] == pytest.approx(800.0 + load, rel=1e-6)
+
+
+def test_a_short_call_does_not_wait_for_a_longer_calls_later_write():
+    """S3's request rate is per second per prefix: two calls started together write in
+    their own seconds. (The rate was a queue of the next free instant, booked as calls
+    started: the 50-image call's write waited 1.5 s for the 100-image call's.)"""
+    cal = synthetic_calibration()
+    plan = {"cuts": ["b2"], "memory": [1769, 1769], "images_per_record": 100,
+            "micro_batch": 32, "concurrency": 2, "images": 150}
+    rows = simulate(plan, cal, Target.make("lambda")).rows
+    short, long_ = (next(r for r in rows if r["stage"] == 0 and r["images"] == n)
+                    for n in (50, 100))
+    assert short["write_ms"] < long_["write_ms"]
+    # a handful of requests a second is far below S3's limits: nobody waits at all
+    tgt = Target.make("lambda")
+    free = simulate(plan, cal, Target.make("lambda", s3_get_per_s=None, s3_put_per_s=None))
+    assert [r["duration_ms"] for r in free.rows] == [r["duration_ms"] for r in rows]
+    assert tgt.s3_put_per_s == 3500.0

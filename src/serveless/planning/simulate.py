@@ -254,7 +254,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     busy = [0] * len(stages)
     first_call: list[float | None] = [None] * len(stages)
     env_ids = [0] * len(stages)
-    next_free: dict[str, float] = {}
+    per_second: dict[tuple[str, int], int] = {}  # requests per prefix in each second
     cpu_demand = 0.0  # local: vCPUs of the invocations in flight
     share = 1.0  # local: the part of its vCPUs each invocation in flight gets
     running: set[_Running] = set()
@@ -276,12 +276,18 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
         heapq.heappush(events, (t, seq, kind, data))
 
     def rate_delay(prefix: str, count: int, rate: float | None, t: float) -> float:
-        """Seconds the requests wait for the prefix's request rate."""
+        """Seconds the requests at t wait for the prefix's request rate: S3 serves `rate`
+        per second per prefix, so they go in the first second from t that has room.
+        (Requests are booked in the order calls start, not in the order they are made: a
+        queue of the next free instant made a short call's write, started after a long
+        one, wait for the long one's write 1.5 s later.)"""
         if rate is None:
             return 0.0
-        start = max(t, next_free.get(prefix, 0.0))
-        next_free[prefix] = start + count / rate
-        return start - t
+        sec = math.floor(t)
+        while per_second.get((prefix, sec), 0) and per_second[prefix, sec] + count > rate:
+            sec += 1
+        per_second[prefix, sec] = per_second.get((prefix, sec), 0) + count
+        return max(0.0, sec - t)
 
     def start(stage: int, rec: int, attempt: int, t: float) -> bool:
         """Begin an invocation at t; False when the platform throttles it."""
