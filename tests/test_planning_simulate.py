@@ -201,3 +201,23 @@ def test_a_short_call_does_not_wait_for_a_longer_calls_later_write():
     free = simulate(plan, cal, Target.make("lambda", s3_get_per_s=None, s3_put_per_s=None))
     assert [r["duration_ms"] for r in free.rows] == [r["duration_ms"] for r in rows]
     assert tgt.s3_put_per_s == 3500.0
+
+
+def test_every_assumed_lambda_figure_names_its_source_or_says_it_is_a_guess():
+    """figures.py covers every Lambda figure of Target (not the ones that describe this
+    machine or the driver), each from AWS's documentation with its page, or a guess."""
+    from dataclasses import fields
+
+    from serveless.planning.figures import LAMBDA_FIGURES, figure_sources
+
+    this_machine = {"name", "cores", "start_cpu_bound", "store_in_cpu", "object_store",
+                    "throttle_backoff_max_s"}
+    assert {f.name for f in fields(Target)} - this_machine == set(LAMBDA_FIGURES)
+    for name, (kind, what) in LAMBDA_FIGURES.items():
+        assert kind in ("AWS documentation", "a guess"), name
+        assert kind == "a guess" or "docs.aws.amazon.com" in what, name
+    assert figure_sources(Target.make("local", synthetic_calibration())) == {}
+    lam = figure_sources(Target.make("lambda", bandwidth_mb_s=40.0))
+    assert lam["bandwidth_mb_s"]["kind"] == "set for this run"
+    assert lam["timeout_s"] == {"value": 900.0, "kind": "AWS documentation",
+                                "source": LAMBDA_FIGURES["timeout_s"][1]}

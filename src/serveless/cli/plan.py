@@ -292,6 +292,10 @@ def simulate_cmd(
     console.print(f"simulated driver store requests (a new job: uploads, job.json, the log, "
                   f"resume checks, the lease; in $ above): {kinds} = "
                   f"${summary['driver_store_ops']:.6f}", markup=False, highlight=False)
+    if summary["figures"]:
+        from ..planning.figures import figures_line
+
+        console.print(figures_line(summary["figures"]), markup=False, highlight=False)
 
 
 PAPER_GPU_S_100K = 902.0  # the paper's GPU time for 100,000 images (issue 10)

@@ -34,6 +34,7 @@ from ..driver.requestmodel import driver_requests
 from ..errors import SimulationError
 from ..runtime.protocol import TIMEOUT, InvocationError
 from ..store import READ_BLOCK
+from .figures import figure_sources
 from .stagemodel import StageModel, stage_models
 
 SIMULATED = "simulated"
@@ -41,20 +42,22 @@ SIMULATED = "simulated"
 
 @dataclass
 class Target:
-    """Where the job runs. Defaults for `lambda` are documented assumptions, each settable.
+    """Where the job runs. Defaults for `lambda` are AWS's documented limits or guesses,
+    each settable; figures.py names the source of each, or says it is a guess.
 
     - concurrency_limit: the account's default concurrent executions (AWS: 1,000).
     - ramp_per_10s: new execution environments per function per 10 s (AWS since 2023: 1,000).
     - platform_init_ms: runtime start before our code runs (Python with numpy and
-      onnxruntime: an assumption of 800 ms; the model download and load come on top).
-    - bandwidth_mb_s: network throughput of one function to S3 (an assumption of 80 MB/s).
-    - request_ms: latency of one S3 GET or PUT (an assumption of 20 ms).
+      onnxruntime: a guess of 800 ms; the model download and load come on top).
+    - bandwidth_mb_s: network throughput of one function to S3 (a guess of 80 MB/s).
+    - request_ms: latency of one S3 GET or PUT (a guess of 20 ms).
     - s3_get_per_s / s3_put_per_s: per prefix (AWS: 5,500 GET/s and 3,500 PUT/s).
-    - invoke_ms: invocation overhead per call (an assumption of 30 ms).
-    - keep_alive_s: idle time before an environment is reclaimed (undocumented by AWS; 600 s).
+    - invoke_ms: invocation overhead per call (a guess of 30 ms).
+    - keep_alive_s: idle time before an environment is reclaimed (undocumented by AWS: a
+      guess of 600 s).
     - timeout_s: the function timeout (Lambda's maximum, 900 s).
     - tmp_mb: /tmp size, which must hold a stage's model files (Lambda's default 512 MB).
-    - cpu_factor: this machine's time per image / Lambda's (1.0 = same speed).
+    - cpu_factor: this machine's time per image / Lambda's (a guess of 1.0: same speed).
     - start_cpu_bound: the process start runs under the instance's CPU share (local: the
       backend places a new instance in its cgroup at once, so a 0.5 vCPU instance starts
       about half as fast as the calibration's 1 vCPU child). On Lambda the platform init
@@ -182,6 +185,7 @@ class SimResult:
     cold_starts: int = 0
     driver_requests: dict[str, int] = field(default_factory=dict)
     driver_store_ops: float = 0.0  # $, included in cost
+    figures: dict[str, dict[str, Any]] = field(default_factory=dict)  # figures.py
 
     @property
     def functions_cost(self) -> float:
@@ -193,6 +197,7 @@ class SimResult:
         """The JSON form: what was simulated, on which assumptions, and its figures."""
         return {
             "label": SIMULATED, "target": self.target, "cpu_factor": self.target["cpu_factor"],
+            "figures": self.figures,
             "wall_s": self.wall_s, "images": self.images, "cost": self.cost,
             "per_million": self.cost / self.images * 1e6 if self.images else None,
             "gb_s": self.gb_s, "invocations": self.invocations,
@@ -480,7 +485,8 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
                      failed_records=stats["failed"], arch=arch, per_stage=per_stage,
                      cost=bills["total"].total + driver_cost, gb_s=bills["total"].gb_s,
                      invocations=len(rows), cold_starts=sum(1 for r in rows if r["cold"]),
-                     driver_requests=driver, driver_store_ops=driver_cost)
+                     driver_requests=driver, driver_store_ops=driver_cost,
+                     figures=figure_sources(target))
 
 
 # -- output ----------------------------------------------------------------------------------

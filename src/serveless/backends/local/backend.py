@@ -54,7 +54,7 @@ from ..base import FunctionSpec, InvocationResult
 from .isolation import InstanceLimits, Watchdog, cleanup_stale, probe_limits
 
 DEFAULT_KEEP_ALIVE_S = 300.0
-DEFAULT_TIMEOUT_S = 900.0  # Lambda's maximum
+DEFAULT_TIMEOUT_S = 900.0  # Lambda's maximum (AWS: Lambda quotas, read 2026)
 
 
 WORKER_MODULE = "serveless.backends.local.worker"
