@@ -1,11 +1,13 @@
 """The local backend behaves like Lambda: warm reuse, keep-alive, caps, errors, Ctrl-C; it
-calls its CPU share exact only when a quota was written, and checks its options; its
-worker serves events over its socket. (What every backend must do, this one included, is
+calls its CPU share exact only when a quota was written, and checks its options; it
+plays a platform that is not this machine (cpu_scale, platform_init_ms); its worker
+serves events over its socket. (What every backend must do, this one included, is
 test_backend_contract.py: metrics, cold and warm, errors as data, a whole job, closed.)"""
 
 from __future__ import annotations
 
 import glob
+import math
 import os
 import signal
 import subprocess
@@ -14,10 +16,13 @@ import time
 
 import psutil
 import pytest
+from helpers import run_cli
 
-from serveless.backends import FunctionSpec
+from serveless.backends import FunctionSpec, make_backend
 from serveless.backends.local import LocalBackend, instance_processes
 from serveless.backends.local import isolation as L
+from serveless.cost import billed_ms
+from serveless.driver.log import load_log
 from serveless.driver.prepare import prepare_job
 from serveless.model.stagecache import STAGE_CACHE_ENV
 from serveless.store import JobLayout, Store
@@ -202,6 +207,89 @@ def test_cpu_share_is_exact_only_when_the_quota_was_written(monkeypatch):
 def test_throttle_rate_is_checked():
     with pytest.raises(ValueError, match="throttle_rate"):
         LocalBackend(throttle_rate=1.5)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("cpu_scale", 0), ("cpu_scale", -1), ("cpu_scale", "fast"), ("cpu_scale", True),
+    ("cpu_scale", float("nan")), ("platform_init_ms", -5), ("platform_init_ms", "1s"),
+    ("platform_init_ms", 1e9), ("throttle_rate", "x")])
+def test_platform_options_are_checked(option, value):
+    with pytest.raises(ValueError, match=option):
+        make_backend("local", {option: value})
+
+
+def test_unknown_local_options_are_refused_by_name():
+    with pytest.raises(ValueError, match="cpu_scal.*known: .*cpu_scale"):
+        make_backend("local", {"cpu_scal": 0.5})
+
+
+@pytest.mark.parametrize("option", ["cpu_scale=0", "cpu_scale=abc", "platform_init_ms=-1",
+                                    "cpu_scal=0.5"])
+def test_bad_platform_options_are_one_line_before_anything_runs(tmp_path, records_dir, option):
+    proc = run_cli("run", "--store", str(tmp_path / "s"), "--job", "j", "--records",
+                   str(records_dir), "--preset", "paper", "--backend-option", option)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "error:" in err and option.split("=")[0] in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").rglob("*.json"))
+
+
+def _instance_quota_us(pid: int) -> int | None:
+    """The CFS quota of the cgroup process `pid` sits in (v2 cpu.max or v1 cfs_quota_us)."""
+    for line in open(f"/proc/{pid}/cgroup").read().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            f = f"/sys/fs/cgroup{path}/cpu.max"
+        elif "cpu" in controllers.split(","):
+            f = f"/sys/fs/cgroup/{controllers}{path}/cpu.cfs_quota_us"
+        else:
+            continue
+        if os.path.exists(f) and "serveless-" in path:
+            return int(open(f).read().split()[0])
+    return None
+
+
+@pytest.mark.e2e
+def test_cpu_scale_scales_every_instance_quota_and_platform_init_is_waited_and_billed(job):
+    """cpu_scale=0.5: the instance's cgroup holds half the quota its memory buys (1769 MB:
+    one vCPU, 100 ms per 100 ms period, so 50 ms); platform_init_ms=700 adds ~700 ms to
+    the cold start's init and nothing to a warm call."""
+    store, spec = job
+    quotas, inits = {}, {}
+    for scale, extra in ((1.0, 0), (0.5, 700)):
+        with LocalBackend(cpu_scale=scale, platform_init_ms=extra) as backend:
+            if not backend.cpu_exact:
+                pytest.skip(f"no CPU quota here: {backend.mode_reason}")
+            cold = _call(backend, store, spec)
+            [worker] = instance_processes()
+            quotas[scale] = _instance_quota_us(worker.pid)
+            warm = _call(backend, store, spec)
+            described = backend.describe()
+        assert cold.ok and cold.cold and warm.ok and not warm.cold and warm.init_ms == 0
+        inits[extra] = cold.init_ms
+    assert quotas == {1.0: 100_000, 0.5: 50_000}
+    assert described["cpu_scale"] == 0.5 and "x0.5" in described["cpu_share"]
+    assert described["platform_init_ms"] == 700
+    assert 700 <= inits[700] - inits[0] < 700 + max(1500, inits[0]), inits
+    assert billed_ms(10.0, inits[700]) >= 10 + 700
+
+
+@pytest.mark.e2e
+def test_a_job_under_cpu_scale_logs_the_platform_init_and_bills_it(tmp_path, records_dir):
+    """Through the CLI as a user runs it: every cold row's init_ms holds the platform's
+    3 s, and its billed_ms counts it. (Without it these cold inits took 0.6-1.2 s at
+    cpu_scale=0.5 here, so 3 s cannot be reached by a slow start alone.)"""
+    proc = run_cli("run", "--store", str(tmp_path), "--job", "slow", "--records",
+                   str(records_dir), "--cuts", "pool2", "--backend", "local",
+                   "--backend-option", "cpu_scale=0.5", "--backend-option",
+                   "platform_init_ms=3000")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "x0.5" in out + err
+    rows = load_log(Store(str(tmp_path)), "slow")
+    cold = [r for r in rows if r["cold"]]
+    assert cold and all(r["init_ms"] >= 3000 for r in cold)
+    assert all(r["billed_ms"] >= math.ceil(r["duration_ms"]) + 3000 for r in cold)
 
 
 def test_a_worker_serves_events_over_its_socket_until_told_to_stop(

@@ -71,6 +71,18 @@ def test_simulate_command_json_is_labelled(tmp_path):
     out = json.loads(res.output)
     assert out["label"] == SIMULATED and out["cpu_factor"] == 2
     assert out["images"] == 5000 and Path(out["timeline"]).stat().st_size > 0
+    # every assumed Lambda figure says where it comes from; the one set here says so
+    figures = out["figures"]
+    assert figures["cpu_factor"] == {"value": 2, "kind": "set for this run",
+                                     "source": "given on the command line or by the caller"}
+    assert figures["platform_init_ms"]["kind"] == "a guess"
+    assert "docs.aws.amazon.com" in figures["concurrency_limit"]["source"]
+    assert out["driver_requests"]["put"] >= 2 and out["driver_store_ops"] > 0
+    res = runner.invoke(app, ["simulate", "--plan", str(plan_file), "--platform-init-ms", "500"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "set for this run: platform_init_ms 500" in text
+    assert "a guess: bandwidth_mb_s 80" in text and "simulated driver store requests" in text
 
 
 def _write(path: Path, data: dict) -> str:

@@ -1,9 +1,12 @@
 """The performance model the planner and the simulator share (planning/stagemodel.py and
 the planner's vectorised planning/jobmodel.py, kept equal): speedup with vCPUs, a stage's
 blocks and memory, the function's work around the model, batch time, a record's last
-micro-batch."""
+micro-batch; the planner's job model against the simulation, partial records included."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ from plankit import synthetic_calibration
 
 from serveless.planning.simulate import Target
 from serveless.planning.stagemodel import StageModel, speedup, stage_ranges
+
+DATA = Path(__file__).parent / "data"
 
 
 def test_speedup_is_proportional_below_one_vcpu_and_matches_the_measured_two():
@@ -110,3 +115,74 @@ def test_a_records_last_smaller_micro_batch_pays_a_whole_per_call_part():
     assert sm.ms_per_record(96, 1.0) == pytest.approx(96 * at16)
     assert sm.ms_per_record(100, 1.0) == pytest.approx(96 * at16 + 4 * at4)
     assert sm.ms_per_record(100, 1.0) > 100 * at16
+
+
+def _shapes(paper: list[str], last: str) -> list[tuple]:
+    """(name, cuts, memory, images per record, concurrency, images): the 600-image job of
+    issue 22, bench_simulator's six configurations (full records), and partial last
+    records or fewer records than the concurrency."""
+    return [
+        ("600 images, records of 500, C=1", [last], [1769, 1769], 500, 1, 600),
+        ("1 stage, 1769 MB, 100/rec, C=1", [], [1769], 100, 1, 400),
+        ("1 stage, 3008 MB, 1000/rec, C=1", [], [3008], 1000, 1, 2000),
+        ("2 stages, 1024 MB, 250/rec, C=2", [last], [1024, 1024], 250, 2, 1000),
+        ("2 stages, 3008/768 MB, 500/rec, C=2", [last], [3008, 768], 500, 2, 1000),
+        ("4 stages, memMin, 250/rec, C=2", paper, [2048, 1280, 1024, 768], 250, 2, 1000),
+        ("4 stages, 512 MB + 768, 100/rec, C=1", paper, [512, 512, 512, 768], 100, 1, 400),
+        ("4 records at C=8, the last of 50", [last], [1769, 1769], 100, 8, 350),
+        ("one record smaller than a record", [last], [1769, 1769], 500, 4, 120),
+        ("1050 images, records of 500, C=2", [last], [1769, 1769], 500, 2, 1050),
+        ("600 images, records of 500, C=2, 4 stages", paper, [1024] * 4, 500, 2, 600),
+        ("1600 images, records of 500, C=4, 4 stages", paper, [1024] * 4, 500, 4, 1600),
+    ]
+
+
+@pytest.mark.parametrize("target", ["local", "lambda"])
+@pytest.mark.parametrize("which", ["synthetic", "alexnet"])
+def test_the_planner_model_agrees_with_the_simulation_within_15_percent(target, which):
+    """Issue 22: the planner priced a partial last record as a full one and let it share
+    the cores all the way (the 600-image job in records of 500 at C=1: 21.4 s planned,
+    13.3 s simulated, 13.7 s run). Both are deterministic given a calibration: the
+    synthetic one and the AlexNet one recorded in tests/data. Wall and cost within 15%."""
+    from plan_reference import predict
+
+    from serveless.planning.calibrate import validate
+    from serveless.planning.search import Candidate
+    from serveless.planning.simulate import simulate
+
+    if which == "synthetic":
+        cal, paper, last = synthetic_calibration(), ["b0", "b1", "b2"], "b2"
+    else:
+        cal = validate(json.loads((DATA / "replay-calibration.json").read_text()))
+        paper, last = ["pool1", "pool2", "pool5"], "pool5"
+    tgt = Target.make(target, cal)
+    seen = []
+    for name, cuts, memory, per_record, conc, images in _shapes(paper, last):
+        batch = min(32, per_record)
+        wall, cost = predict(cal, Candidate(cuts, memory, per_record, batch, conc, 0.0, 0.0),
+                             images, tgt, "x86_64")
+        sim = simulate({"cuts": cuts, "memory": memory, "images_per_record": per_record,
+                        "micro_batch": batch, "concurrency": conc, "images": images},
+                       cal, tgt, keep_rows=False)
+        seen.append(f"{name}: planned {wall:.2f} s ${cost:.6f}, simulated {sim.wall_s:.2f} s "
+                    f"${sim.functions_cost:.6f}")
+        assert wall == pytest.approx(sim.wall_s, rel=0.15), seen[-1]
+        assert cost == pytest.approx(sim.functions_cost, rel=0.15), seen[-1]
+    print("\n".join(seen))
+    if target == "local":  # a partial record shares the cores for its share of the time
+        small = {"cuts": [last], "memory": [1769, 1769], "images_per_record": 100,
+                 "micro_batch": 32, "concurrency": 8, "images": 350}
+        wall, _ = predict(cal, Candidate([last], [1769, 1769], 100, 32, 8, 0.0, 0.0), 350,
+                          Target.make("local", cal, cores=2.0), "x86_64")
+        sim = simulate(small, cal, Target.make("local", cal, cores=2.0), keep_rows=False)
+        assert wall == pytest.approx(sim.wall_s, rel=0.05)
+    # The gap left: two full records and a small one in one wave. The small one's chain
+    # warms an instance per stage for one of them; the other's cold starts delay it until
+    # it too may find one free, which the additive model cannot see. It errs long, not
+    # short (AlexNet on Lambda: 25.8 s planned, 21.8 s simulated).
+    plan = {"cuts": paper, "memory": [1024] * 4, "images_per_record": 500,
+            "micro_batch": 32, "concurrency": 3, "images": 1050}
+    wall, _ = predict(cal, Candidate(paper, [1024] * 4, 500, 32, 3, 0.0, 0.0), 1050, tgt,
+                      "x86_64")
+    sim = simulate(plan, cal, tgt, keep_rows=False)
+    assert sim.wall_s * 0.99 <= wall <= sim.wall_s * 1.2

@@ -15,7 +15,7 @@ PRICES_AS_OF = "2026-11 (us-east-1)"
 LAMBDA_GB_SECOND = {"x86_64": 0.0000166667, "arm64": 0.0000133334}
 LAMBDA_REQUEST = 0.20 / 1_000_000
 LAMBDA_EPHEMERAL_GB_SECOND = 0.0000000309  # /tmp above the free 512 MB, per GB-s
-FREE_EPHEMERAL_MB = 512
+FREE_EPHEMERAL_MB = 512  # /tmp up to 512 MB is free (the Lambda pricing page above)
 S3_PUT = 0.005 / 1000
 S3_GET = 0.0004 / 1000
 
@@ -27,6 +27,10 @@ def store_request_cost(counts: dict[str, int]) -> float:
     return reads * S3_GET + writes * S3_PUT
 
 
+# Lambda's memory sizes and CPU share, from AWS's documentation as read in 2026:
+# 128-10,240 MB in 1 MB steps, and one vCPU at 1,769 MB ("Configure Lambda function
+# memory", docs.aws.amazon.com/lambda/latest/dg/configuration-memory.html); at most six
+# vCPUs (AWS News Blog, 2020-12, when 10,240 MB came: "up to 6 vCPUs").
 MIN_MEMORY_MB = 128
 MAX_MEMORY_MB = 10_240
 MB_PER_VCPU = 1769

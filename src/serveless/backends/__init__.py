@@ -21,7 +21,9 @@ def make_backend(name: str, options: dict[str, Any] | None = None, **local: Any)
     options = dict(options or {})
     if name == "local":
         from .local import LocalBackend
+        from .local.backend import check_options
 
+        check_options(options)
         return LocalBackend(**local, **options)
     if name == "lithops":
         try:

@@ -288,6 +288,14 @@ def simulate_cmd(
                   f"{summary['timeouts']}; failed records {summary['failed_records']}; CPU "
                   f"speed factor {tgt.cpu_factor:g}; timeline {png}", markup=False,
                   highlight=False)
+    kinds = ", ".join(f"{n} {k.upper()}" for k, n in summary["driver_requests"].items())
+    console.print(f"simulated driver store requests (a new job: uploads, job.json, the log, "
+                  f"resume checks, the lease; in $ above): {kinds} = "
+                  f"${summary['driver_store_ops']:.6f}", markup=False, highlight=False)
+    if summary["figures"]:
+        from ..planning.figures import figures_line
+
+        console.print(figures_line(summary["figures"]), markup=False, highlight=False)
 
 
 PAPER_GPU_S_100K = 902.0  # the paper's GPU time for 100,000 images (issue 10)

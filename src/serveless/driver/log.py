@@ -32,13 +32,16 @@ from ..errors import StoreError
 from ..runtime.protocol import TOO_MANY_REQUESTS, Metrics
 from ..store import JobLayout, Store
 
+FLUSH_EVERY_S = 2.0  # the log's writer uploads new rows this often (see above)
+MAX_ROWS = 2000  # or sooner, once this many are waiting
+
 
 class InvocationLog:
     """The log of one run of a job: its rows so far (all runs'), written in segments by a
     thread of its own; `close` writes what is left and joins the run's segments."""
 
-    def __init__(self, store: Store, layout: JobLayout, flush_every_s: float = 2.0,
-                 max_rows: int = 2000):
+    def __init__(self, store: Store, layout: JobLayout, flush_every_s: float = FLUSH_EVERY_S,
+                 max_rows: int = MAX_ROWS):
         self.store = store
         self.layout = layout
         self.rows: list[dict[str, Any]] = load_log(store, layout.job)

@@ -8,6 +8,10 @@ k an invocation time D_k and a cold start I_k (both functions of its memory),
     wall  ≈ ⌈n/C⌉ × Σ D_k + Σ I_k + ramp(C)
     cost  =  n × Σ bill(D_k) + min(n, C) × Σ bill(I_k)       (billed through cost.py)
 
+with a partial last record priced at its own size, on the critical path only when it is
+alone in the last wave, and running ahead of full records in a single wave
+(jobmodel.Weights): still a sum over stages, which is what the search needs.
+
 so for each (R, micro-batch, C) a dynamic programme over block boundaries, keeping per
 boundary the Pareto front of (time, cost) of every way to reach it (cuts × memory on the
 `memory_step` grid, 1 MB by default), is exact. What keeps it fast at 1 MB: every candidate

@@ -12,7 +12,10 @@ timeout, and a CPU speed factor (Lambda's processors are not this machine's). Ta
 and the store's measured bandwidth.
 
 Every invocation becomes a log row like the driver's, billed through `cost.py`; the result
-is labelled simulated everywhere it is shown.
+is labelled simulated everywhere it is shown. The driver's own store requests (uploads,
+job.json, log segments, resume checks, the lease) are counted as driver.json will count
+them (driver/requestmodel.py) and kept apart, as a measured summary keeps them, so the
+simulated cost and a job's measured cost compare like for like.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cost import LAMBDA_GB_SECOND, bill, billed_ms, vcpus
+from ..cost import LAMBDA_GB_SECOND, bill, billed_ms, store_request_cost, vcpus
+from ..driver.requestmodel import driver_requests
 from ..errors import SimulationError
 from ..runtime.protocol import TIMEOUT, InvocationError
 from ..store import READ_BLOCK
+from .figures import figure_sources
 from .stagemodel import StageModel, stage_models
 
 SIMULATED = "simulated"
@@ -37,20 +42,22 @@ SIMULATED = "simulated"
 
 @dataclass
 class Target:
-    """Where the job runs. Defaults for `lambda` are documented assumptions, each settable.
+    """Where the job runs. Defaults for `lambda` are AWS's documented limits or guesses,
+    each settable; figures.py names the source of each, or says it is a guess.
 
     - concurrency_limit: the account's default concurrent executions (AWS: 1,000).
     - ramp_per_10s: new execution environments per function per 10 s (AWS since 2023: 1,000).
     - platform_init_ms: runtime start before our code runs (Python with numpy and
-      onnxruntime: an assumption of 800 ms; the model download and load come on top).
-    - bandwidth_mb_s: network throughput of one function to S3 (an assumption of 80 MB/s).
-    - request_ms: latency of one S3 GET or PUT (an assumption of 20 ms).
+      onnxruntime: a guess of 800 ms; the model download and load come on top).
+    - bandwidth_mb_s: network throughput of one function to S3 (a guess of 80 MB/s).
+    - request_ms: latency of one S3 GET or PUT (a guess of 20 ms).
     - s3_get_per_s / s3_put_per_s: per prefix (AWS: 5,500 GET/s and 3,500 PUT/s).
-    - invoke_ms: invocation overhead per call (an assumption of 30 ms).
-    - keep_alive_s: idle time before an environment is reclaimed (undocumented by AWS; 600 s).
+    - invoke_ms: invocation overhead per call (a guess of 30 ms).
+    - keep_alive_s: idle time before an environment is reclaimed (undocumented by AWS: a
+      guess of 600 s).
     - timeout_s: the function timeout (Lambda's maximum, 900 s).
     - tmp_mb: /tmp size, which must hold a stage's model files (Lambda's default 512 MB).
-    - cpu_factor: this machine's time per image / Lambda's (1.0 = same speed).
+    - cpu_factor: this machine's time per image / Lambda's (a guess of 1.0: same speed).
     - start_cpu_bound: the process start runs under the instance's CPU share (local: the
       backend places a new instance in its cgroup at once, so a 0.5 vCPU instance starts
       about half as fast as the calibration's 1 vCPU child). On Lambda the platform init
@@ -58,6 +65,8 @@ class Target:
     - store_in_cpu: local only, a folder store with a calibration that timed the function's
       reads and writes (its `write_ms_per_mb` ...): those are CPU work of the function,
       counted in the stage's time at its CPU share, so no bandwidth term is added on top.
+    - object_store: the job's store is an object store (S3; a local calibration's store
+      URL says), so the driver probes it before setup and before the run.
     - cores: local only: the cores the instances in flight share. Each progresses at its
       vCPU share × min(1, cores / the vCPUs of all in flight), recomputed whenever one
       starts or ends (processor sharing), init and handler alike.
@@ -80,6 +89,7 @@ class Target:
     throttle_backoff_max_s: float = 20.0
     start_cpu_bound: bool = False
     store_in_cpu: bool = False
+    object_store: bool = True
 
     @property
     def bytes_per_ms(self) -> float:
@@ -101,7 +111,9 @@ class Target:
                     s3_put_per_s=None, invoke_ms=5.0, keep_alive_s=300.0, tmp_mb=10**6,
                     cores=float(os.cpu_count() or 1), start_cpu_bound=True,
                     store_in_cpu=("://" not in str(store.get("url", "://"))
-                                  and "write_ms_per_mb" in (cal or {})))
+                                  and "write_ms_per_mb" in (cal or {})),
+                    object_store="://" in str(store.get("url", "://"))
+                    and not str(store.get("url")).startswith("file://"))
         else:
             raise SimulationError(f"target must be lambda or local, got {name!r}")
         for key, value in overrides.items():
@@ -171,11 +183,21 @@ class SimResult:
     gb_s: float = 0.0
     invocations: int = 0
     cold_starts: int = 0
+    driver_requests: dict[str, int] = field(default_factory=dict)
+    driver_store_ops: float = 0.0  # $, included in cost
+    figures: dict[str, dict[str, Any]] = field(default_factory=dict)  # figures.py
+
+    @property
+    def functions_cost(self) -> float:
+        """The invocations' own cost (compute, requests, their S3 requests): `cost` less
+        the driver's requests, to set beside `cost.bill` of a job's log alone."""
+        return self.cost - self.driver_store_ops
 
     def summary(self) -> dict[str, Any]:
         """The JSON form: what was simulated, on which assumptions, and its figures."""
         return {
             "label": SIMULATED, "target": self.target, "cpu_factor": self.target["cpu_factor"],
+            "figures": self.figures,
             "wall_s": self.wall_s, "images": self.images, "cost": self.cost,
             "per_million": self.cost / self.images * 1e6 if self.images else None,
             "gb_s": self.gb_s, "invocations": self.invocations,
@@ -183,6 +205,9 @@ class SimResult:
             "throttles": self.throttles, "timeouts": self.timeouts,
             "failed_records": self.failed_records, "arch": self.arch,
             "per_stage": self.per_stage,
+            "functions_cost": self.functions_cost,
+            "driver_requests": self.driver_requests,
+            "driver_store_ops": self.driver_store_ops,
         }
 
 
@@ -192,8 +217,13 @@ def _gets(nbytes: float) -> int:
 
 def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
              images: int | None = None, retries: int = 3, seed: int = 0,
-             keep_rows: bool = True) -> SimResult:
-    """Simulate the plan's job; `images` overrides the plan's image count."""
+             keep_rows: bool = True, models_uploaded: bool = True,
+             labels: bool = False) -> SimResult:
+    """Simulate the plan's job; `images` overrides the plan's image count.
+
+    The driver's requests are those of a new job: its records uploaded, its stage models
+    too unless `models_uploaded` is False (a store that holds them from an earlier job),
+    labels.json written when `labels` (images in class folders)."""
     n_images = int(images if images is not None else plan["images"])
     per_record = int(plan["images_per_record"])
     conc = int(plan["concurrency"])
@@ -229,7 +259,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     busy = [0] * len(stages)
     first_call: list[float | None] = [None] * len(stages)
     env_ids = [0] * len(stages)
-    next_free: dict[str, float] = {}
+    per_second: dict[tuple[str, int], int] = {}  # requests per prefix in each second
     cpu_demand = 0.0  # local: vCPUs of the invocations in flight
     share = 1.0  # local: the part of its vCPUs each invocation in flight gets
     running: set[_Running] = set()
@@ -251,12 +281,18 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
         heapq.heappush(events, (t, seq, kind, data))
 
     def rate_delay(prefix: str, count: int, rate: float | None, t: float) -> float:
-        """Seconds the requests wait for the prefix's request rate."""
+        """Seconds the requests at t wait for the prefix's request rate: S3 serves `rate`
+        per second per prefix, so they go in the first second from t that has room.
+        (Requests are booked in the order calls start, not in the order they are made: a
+        queue of the next free instant made a short call's write, started after a long
+        one, wait for the long one's write 1.5 s later.)"""
         if rate is None:
             return 0.0
-        start = max(t, next_free.get(prefix, 0.0))
-        next_free[prefix] = start + count / rate
-        return start - t
+        sec = math.floor(t)
+        while per_second.get((prefix, sec), 0) and per_second[prefix, sec] + count > rate:
+            sec += 1
+        per_second[prefix, sec] = per_second.get((prefix, sec), 0) + count
+        return max(0.0, sec - t)
 
     def start(stage: int, rec: int, attempt: int, t: float) -> bool:
         """Begin an invocation at t; False when the platform throttles it."""
@@ -437,11 +473,20 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
             "peak_mb_predicted": round(stages[k].peak_mb(), 1),
         })
     done = sum(r["images"] for r in rows if r["stage"] == k_last and r["error"] is None)
+    driver = driver_requests(
+        records=n_rec, stages=len(stages),
+        model_files=sum(2 if s.model_bytes > 1024 else 1 for s in stages),  # graph + weights
+        call_ends_s=[r["started"] + (r["init_ms"] + r["duration_ms"]) / 1000 for r in rows],
+        wall_s=wall, object_store=target.object_store, models_uploaded=models_uploaded,
+        labels=labels)
+    driver_cost = store_request_cost(driver)
     return SimResult(target=target.to_dict(), wall_s=wall, rows=rows if keep_rows else [],
                      images=done, throttles=stats["throttles"], timeouts=stats["timeouts"],
                      failed_records=stats["failed"], arch=arch, per_stage=per_stage,
-                     cost=bills["total"].total, gb_s=bills["total"].gb_s,
-                     invocations=len(rows), cold_starts=sum(1 for r in rows if r["cold"]))
+                     cost=bills["total"].total + driver_cost, gb_s=bills["total"].gb_s,
+                     invocations=len(rows), cold_starts=sum(1 for r in rows if r["cold"]),
+                     driver_requests=driver, driver_store_ops=driver_cost,
+                     figures=figure_sources(target))
 
 
 # -- output ----------------------------------------------------------------------------------

@@ -6,12 +6,20 @@ Each function instance is a worker process serving one stage. It is started on d
 later invocations of the same function while warm, and stopped after a keep-alive. Its
 memory is capped (a kernel cgroup where we may create one, else an RSS watchdog) and its
 CPU share is memory / 1769 vCPUs. Messages between driver and instance are JSON.
+
+Two options make it a platform that is not this machine, to test plans against (issue 22):
+`cpu_scale=F` gives every instance F times the CPU quota its memory buys (a slower or
+faster CPU per vCPU; still billed on its memory, as Lambda bills memory whatever its
+CPU does), and `platform_init_ms=N` adds N ms to every cold start after the instance is
+ready (Lambda's own environment setup, which a local process start does not have; billed
+as init, as Lambda bills the init phase).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import multiprocessing.connection as mpc
 import os
 import random
@@ -46,10 +54,29 @@ from ..base import FunctionSpec, InvocationResult
 from .isolation import InstanceLimits, Watchdog, cleanup_stale, probe_limits
 
 DEFAULT_KEEP_ALIVE_S = 300.0
-DEFAULT_TIMEOUT_S = 900.0  # Lambda's maximum
+DEFAULT_TIMEOUT_S = 900.0  # Lambda's maximum (AWS: Lambda quotas, read 2026)
 
 
 WORKER_MODULE = "serveless.backends.local.worker"
+
+OPTIONS = ("throttle_rate", "throttle_seed", "cpu_scale", "platform_init_ms")
+"""The `--backend-option` keys the local backend takes."""
+MAX_PLATFORM_INIT_MS = 600_000.0  # longer than any init Lambda allows (10 s; 15 min SnapStart)
+
+
+def _number(name: str, value: Any) -> float:
+    """`value` as a finite float, or a ValueError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Refuse unknown local backend options by name, before anything starts."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown local backend option(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(OPTIONS)}")
 
 
 def instance_processes(parent: int | None = None) -> list[Any]:
@@ -71,7 +98,8 @@ class _Instance:
     _ids = itertools.count(1)  # next() is atomic under the GIL: concurrent cold starts
 
     def __init__(self, fn: FunctionSpec, watchdog: Watchdog, model_cache: str, tmp_root: str,
-                 spawn: Callable[..., subprocess.Popen[bytes]]):
+                 spawn: Callable[..., subprocess.Popen[bytes]], cpu_scale: float = 1.0,
+                 platform_init_ms: float = 0.0):
         self.id = f"stage{fn.stage}-{fn.memory_mb}mb-{next(_Instance._ids)}"
         # Its own temporary folder (TMPDIR): the records it downloads and anything a killed
         # call leaves go with the instance when it stops, not into the machine's /tmp.
@@ -81,7 +109,9 @@ class _Instance:
         self.watchdog = watchdog
         self.invocations = 0
         self.last_used = time.monotonic()
-        self.limits = InstanceLimits.create(self.id, fn.memory_mb, vcpus(fn.memory_mb))
+        self.platform_init_ms = platform_init_ms
+        self.limits = InstanceLimits.create(self.id, fn.memory_mb,
+                                            vcpus(fn.memory_mb) * cpu_scale)
         ours, theirs = socket.socketpair()
         self.started = time.perf_counter()
         spec = {"store": fn.store, "model_key": fn.model_key, "threads": fn.threads}
@@ -139,6 +169,8 @@ class _Instance:
         except TimeoutError:
             msg = json.dumps({"error": InvocationError(
                 TIMEOUT, "init ran past the timeout").to_dict()}).encode()
+        if self.platform_init_ms:  # the platform's own setup, after ours: waited and billed
+            time.sleep(self.platform_init_ms / 1000)
         self.init_ms = (time.perf_counter() - self.started) * 1000
         if msg is None:
             return self.death(record)
@@ -230,12 +262,22 @@ class LocalBackend:
 
     def __init__(self, max_instances: int | None = None,
                  keep_alive_s: float = DEFAULT_KEEP_ALIVE_S, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 throttle_rate: float = 0.0, throttle_seed: int | None = None):
+                 throttle_rate: float = 0.0, throttle_seed: int | None = None,
+                 cpu_scale: float = 1.0, platform_init_ms: float = 0.0):
         """`throttle_rate`: the share of invocations refused as Lambda refuses them when
-        its concurrency is exhausted (429 TooManyRequests), to drill the driver's backoff."""
-        throttle_rate = float(throttle_rate)
+        its concurrency is exhausted (429 TooManyRequests), to drill the driver's backoff.
+        `cpu_scale` and `platform_init_ms`: a platform slower or faster than this machine
+        (see the module's docstring)."""
+        throttle_rate = _number("throttle_rate", throttle_rate)
         if not 0.0 <= throttle_rate < 1.0:
             raise ValueError(f"throttle_rate must be in [0, 1), got {throttle_rate}")
+        self.cpu_scale = _number("cpu_scale", cpu_scale)
+        if self.cpu_scale <= 0:
+            raise ValueError(f"cpu_scale must be above 0, got {cpu_scale!r}")
+        self.platform_init_ms = _number("platform_init_ms", platform_init_ms)
+        if not 0 <= self.platform_init_ms <= MAX_PLATFORM_INIT_MS:
+            raise ValueError(f"platform_init_ms must be in [0, {MAX_PLATFORM_INIT_MS:.0f}] ms, "
+                             f"got {platform_init_ms!r}")
         self.throttle_rate = throttle_rate
         self._throttle_rng = random.Random(throttle_seed)
         self.max_instances = max_instances
@@ -280,8 +322,15 @@ class LocalBackend:
                      f"{self.mode_reason})")
         else:
             share = "approximate (threads only; no cgroup: " + self.mode_reason + ")"
-        return {"backend": "local", "limits": self.mode, "cpu_share": share,
-                "cores": os.cpu_count()}
+        out: dict[str, Any] = {"backend": "local", "limits": self.mode, "cpu_share": share,
+                               "cores": os.cpu_count()}
+        if self.cpu_scale != 1.0:
+            out["cpu_share"] += (f"; scaled x{self.cpu_scale:g} (cpu_scale)" if self.cpu_exact
+                                 else f"; cpu_scale {self.cpu_scale:g} NOT applied (no quota)")
+            out["cpu_scale"] = self.cpu_scale
+        if self.platform_init_ms:
+            out["platform_init_ms"] = self.platform_init_ms
+        return out
 
     def function_cores(self) -> int | None:
         """Instances run on this machine: threads are capped at its cores."""
@@ -309,7 +358,8 @@ class LocalBackend:
                     break
                 self._lock.wait(timeout=0.5)
         try:
-            inst = _Instance(fn, self.watchdog, self.model_cache, self.tmp_root, self._spawn)
+            inst = _Instance(fn, self.watchdog, self.model_cache, self.tmp_root, self._spawn,
+                             self.cpu_scale, self.platform_init_ms)
         except BaseException:
             with self._lock:
                 self._count[key] -= 1
