@@ -211,7 +211,7 @@ def test_every_assumed_lambda_figure_names_its_source_or_says_it_is_a_guess():
     from serveless.planning.figures import LAMBDA_FIGURES, figure_sources
 
     this_machine = {"name", "cores", "start_cpu_bound", "store_in_cpu", "object_store",
-                    "throttle_backoff_max_s"}
+                    "throttle_backoff_max_s", "profile"}  # profile: where fitted ones came from
     assert {f.name for f in fields(Target)} - this_machine == set(LAMBDA_FIGURES)
     for name, (kind, what) in LAMBDA_FIGURES.items():
         assert kind in ("AWS documentation", "a guess"), name

@@ -45,11 +45,30 @@ def _guard(fn: Any) -> Any:
         fail(str(exc))
 
 
+ProfileOpt = Annotated[Path | None, typer.Option(
+    "--profile", metavar="FILE",
+    help="platform profile from `serveless fit`: its fitted figures replace the assumed ones")]
+
+
 def _target(name: str, cal: dict[str, Any], cpu_factor: float, platform_init_ms: float | None,
-            bandwidth: float | None, concurrency_limit: int | None) -> Any:
+            bandwidth: float | None, concurrency_limit: int | None,
+            profile: Path | None = None) -> Any:
+    """The target, with a profile's fitted figures in place of the assumed ones; a figure
+    given on the command line wins over the profile's (--cpu-factor and --profile together
+    are refused: which CPU would the plan be for?)."""
     from ..planning.simulate import Target
 
     over: dict[str, Any] = {"cpu_factor": cpu_factor}
+    if profile is not None:
+        from ..planning.fit import load_profile, target_overrides
+
+        if cpu_factor != 1.0:
+            fail("give --cpu-factor or --profile, not both: the profile fits the CPU factor")
+        prof = _guard(lambda: load_profile(profile))
+        fitted = target_overrides(prof)
+        over.update(fitted)
+        over["profile"] = {"path": str(profile), "job": prof.get("job"),
+                           "calls": prof.get("calls"), "figures": sorted(fitted)}
     if platform_init_ms is not None:
         over["platform_init_ms"] = platform_init_ms
     if bandwidth is not None:
@@ -57,6 +76,17 @@ def _target(name: str, cal: dict[str, Any], cpu_factor: float, platform_init_ms:
     if concurrency_limit is not None:
         over["concurrency_limit"] = concurrency_limit
     return _guard(lambda: Target.make(name, cal, **over))
+
+
+def _print_profile(tgt: Any) -> None:
+    """Which platform profile the figures came from, and which figures: printed by every
+    command that used one."""
+    if tgt.profile:
+        p = tgt.profile
+        fitted = ", ".join(f"{name} {getattr(tgt, name):.3g}" for name in p["figures"])
+        console.print(f"fitted figures ({fitted}) from platform profile {p['path']} (job "
+                      f"{p['job']}, {p['calls']} calls); the others assumed", markup=False,
+                      highlight=False)
 
 
 def _load_cal(calibration: Path | None, model: str, store: str,
@@ -170,6 +200,7 @@ def plan_cmd(
         "--memory-step", help="MB between memory sizes searched")] = 1,
     quantize: QuantizeOpt = None,
     cpu_factor: CpuFactorOpt = 1.0,
+    profile: ProfileOpt = None,
     platform_init_ms: PlatformInitOpt = None,
     bandwidth: BandwidthOpt = None,
     concurrency_limit: LimitOpt = None,
@@ -185,7 +216,8 @@ def plan_cmd(
     if (deadline is None) == (budget is None):
         fail("give exactly one of --deadline SECONDS or --budget DOLLARS")
     cal = _load_cal(calibration, model, store, store_option, quantize)
-    tgt = _target(target, cal, cpu_factor, platform_init_ms, bandwidth, concurrency_limit)
+    tgt = _target(target, cal, cpu_factor, platform_init_ms, bandwidth, concurrency_limit,
+                  profile)
     t0 = time.perf_counter()
     res = _guard(lambda: search(cal, images, tgt, arch, deadline, budget, max_concurrency,
                                 memory_step))
@@ -232,8 +264,9 @@ def plan_cmd(
                   f"(${b.cost / images * 1e6:.3f} per 1M images, {arch}); predicted peaks "
                   f"{'/'.join(f'{p:.0f}' for p in plan['predicted']['peak_mb'])} MB",
                   markup=False, highlight=False)
-    _print_sims(sims, f"simulated on {target} (CPU speed factor {cpu_factor:g}), "
+    _print_sims(sims, f"simulated on {target} (CPU speed factor {tgt.cpu_factor:g}), "
                       f"{images:,} images, {arch}")
+    _print_profile(tgt)
     console.print("memMax = the paper's stages at 3008 MB each; memMin = the paper's "
                   "2048/1280/1024/768 MB; both at the chosen plan's records and concurrency",
                   markup=False, highlight=False)
@@ -262,6 +295,7 @@ def simulate_cmd(
     timeline: Annotated[Path | None, typer.Option(help="timeline PNG (default beside plan)")]
     = None,
     cpu_factor: CpuFactorOpt = 1.0,
+    profile: ProfileOpt = None,
     platform_init_ms: PlatformInitOpt = None,
     bandwidth: BandwidthOpt = None,
     concurrency_limit: LimitOpt = None,
@@ -272,7 +306,8 @@ def simulate_cmd(
 
     p = _guard(lambda: load_plan(plan))
     cal = p["calibration"]
-    tgt = _target(target, cal, cpu_factor, platform_init_ms, bandwidth, concurrency_limit)
+    tgt = _target(target, cal, cpu_factor, platform_init_ms, bandwidth, concurrency_limit,
+                  profile)
     res = _guard(lambda: simulate(p, cal, tgt, images))
     summary = res.summary()
     png = timeline or plan.with_suffix(f".{target}.timeline.png")
@@ -292,10 +327,70 @@ def simulate_cmd(
     console.print(f"simulated driver store requests (a new job: uploads, job.json, the log, "
                   f"resume checks, the lease; in $ above): {kinds} = "
                   f"${summary['driver_store_ops']:.6f}", markup=False, highlight=False)
+    _print_profile(tgt)
     if summary["figures"]:
         from ..planning.figures import figures_line
 
         console.print(figures_line(summary["figures"]), markup=False, highlight=False)
+
+
+@app.command("fit", rich_help_panel=PANEL,
+             short_help="Fit the platform a job ran on from its log: a profile for plan")
+def fit_cmd(
+    job: Annotated[str, typer.Argument(help="a finished (or partial) job")],
+    store: StoreOpt = DEFAULT_STORE,
+    store_option: StoreOptions = None,
+    calibration: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="the model's calibration [default: the store's, from calibrate]")]
+    = None,
+    out: Annotated[Path | None, typer.Option(
+        metavar="FILE", help="where to write the profile [default: ./JOB.profile.json]")]
+    = None,
+) -> None:
+    """Fit the platform a job ran on (CPU speed against the calibration, platform init,
+    store bandwidth and latency, warm reuse) from its invocation log; write a platform
+    profile for `plan --profile` and `simulate --profile`."""
+    from ..driver.log import load_log
+    from ..driver.spec import JobSpec
+    from ..planning.fit import fit_platform
+
+    st = open_store(store, store_option)
+    spec = guarded(lambda: JobSpec.load(st, job))
+    rows = guarded(lambda: load_log(st, job))
+    if not rows:
+        fail(f"job {job!r} in {store} has no invocation log yet: run it first")
+    quantize = "int8" if spec.precision == "int8" else None
+    cal = _load_cal(calibration, spec.model, store, store_option, quantize)
+    profile = _guard(lambda: fit_platform(rows, {"job": spec.job, "model": spec.model,
+                                                 "cuts": spec.cuts,
+                                                 "micro_batch": spec.micro_batch},
+                                          cal, st.url))
+    target = out or Path(f"{job}.profile.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(profile, indent=1))
+
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+    def row(name: str, f: dict[str, Any], unit: str) -> list[str]:
+        spread = "-" if f.get("p10") is None else f"{num(f['p10'])} to {num(f['p90'])}"
+        residual = "-" if f.get("residual") is None else f"{f['residual']:.2f}"
+        return [name, num(f["value"]), unit, str(f["calls"]), spread, residual]
+
+    units = {"cpu_factor": "x", "platform_init_ms": "ms", "read_mb_s": "MB/s",
+             "write_mb_s": "MB/s", "request_ms": "ms", "warm_reuse": "share"}
+    table = [row(name, f, units.get(name, "")) for name, f in profile["figures"].items()]
+    table += [row(f"cpu_factor, {name}", f, "x")
+              for name, f in profile["cpu_factor_by_stage"].items()]
+    print_table(console, Table(["figure", "value", "unit", "calls", "p10 to p90", "residual"],
+                               table, f"platform of job {job}, fitted from its log "
+                               f"({profile['calls']} calls)", left=1))
+    folder = (" The store is a local folder: its reads and writes are CPU work, so its "
+              "bandwidth and latency are shown, not used." if profile["local_store"] else "")
+    console.print(f"cpu_factor: the calibrating machine's time over the platform's (> 1 is "
+                  f"faster); residual: how far one figure is from the calls (0.05 = 5%)."
+                  f"{folder} Wrote {target}; plan or simulate with --profile {target}",
+                  markup=False, highlight=False)
 
 
 PAPER_GPU_S_100K = 902.0  # the paper's GPU time for 100,000 images (issue 10)

@@ -6,7 +6,9 @@ account's concurrency, the scaling rate, the timeout, /tmp, S3's request rates);
 nobody here has measured on Lambda, and each is named a guess, so that a user reads
 which of a plan's seconds rest on what. `simulate` prints them with every result, and
 its JSON carries them (`figures`): a figure changed for a run (`--platform-init-ms`, …)
-says so instead of its default's source. The pages were read for this project in 2026.
+says so instead of its default's source, and one taken from a platform profile
+(`--profile`, fitted from a job's log by planning/fit.py) names the profile. The pages
+were read for this project in 2026.
 """
 
 from __future__ import annotations
@@ -54,13 +56,20 @@ def figure_sources(target: Any) -> dict[str, dict[str, Any]]:
     """Each figure of a `lambda` target: its value, and where it comes from (`kind`: AWS
     documentation, a guess, or set for this run). {} for the `local` target, whose
     figures are this machine's, from the calibration."""
-    if target.name != "lambda":
-        return {}
+    profile = getattr(target, "profile", None) or {}
+    fitted = set(profile.get("figures", []))
+    where = (f"fitted by `serveless fit` from job {profile.get('job')} "
+             f"({profile.get('calls')} calls): {profile.get('path')}")
+    if target.name != "lambda":  # the local target's figures are the calibration's
+        return {name: {"value": getattr(target, name), "kind": "fitted", "source": where}
+                for name in sorted(fitted)}
     default = type(target)()
     out = {}
     for name, (kind, what) in LAMBDA_FIGURES.items():
         value = getattr(target, name)
-        if value != getattr(default, name):
+        if name in fitted:
+            kind, what = "fitted", where
+        elif value != getattr(default, name):
             kind, what = "set for this run", "given on the command line or by the caller"
         out[name] = {"value": value, "kind": kind, "source": what}
     return out

@@ -90,6 +90,7 @@ class Target:
     start_cpu_bound: bool = False
     store_in_cpu: bool = False
     object_store: bool = True
+    profile: dict[str, Any] | None = None  # the platform profile some figures came from
 
     @property
     def bytes_per_ms(self) -> float:

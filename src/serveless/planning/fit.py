@@ -1,0 +1,226 @@
+"""The platform a job ran on, fitted from its own invocation log: a platform profile.
+
+A plan is only as good as the figures it assumes for the platform: `plan --target lambda`
+takes Lambda's CPU to be this machine's (`--cpu-factor 1.0`), its runtime start to be
+800 ms and a function's S3 throughput 80 MB/s. A laptop, a CI runner and a Lambda function
+differ by several times in speed per core, and nobody measured the factor for the user.
+But every job measures its platform already: each log row holds a call's duration, its
+init, its reads and writes with their bytes and requests, whether it was cold, and which
+instance ran it. So a small job run on the platform, set against the calibration of the
+model (what each call should have taken on the calibrating machine), gives the figures the
+planner needs, each with how many calls it rests on and how well one number explains them:
+
+- **cpu_factor**, per stage and vCPU share and overall: the calibration's prediction of a
+  call's time (`StageModel.ms_per_record`, plus a cold instance's first-run work) over the
+  measured one; > 1 is a faster platform, as `Target.cpu_factor` means it. On a store that
+  is not a local folder the time spent reading and writing (`read_ms`, `write_ms`) is left
+  out of the measured side, since the simulator adds the transfer on its own.
+- **platform_init_ms**: a cold start's init minus the model load the calibration predicts
+  at the fitted speed: what the platform spends before our code runs.
+- **read and write bandwidth, request latency**: a least-squares fit of each call's
+  `read_ms` (`write_ms`) against its requests and bytes (`ms = requests × latency +
+  bytes / bandwidth`); where the calls do not tell the two apart, the median throughput.
+- **warm reuse**: the share of calls served by an instance that was already warm.
+
+`plan --profile` and `simulate --profile` put these figures in place of the assumed ones
+(`target_overrides`), and say so in what they print.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CalibrationError, PlanError
+from .stagemodel import stage_models
+
+PROFILE_KIND = "serveless-platform-profile"
+PROFILE_VERSION = 1
+MIN_CALLS = 1
+
+
+def _figure(values: list[float], unit: str, predicted: list[float] | None = None,
+            weights: list[float] | None = None) -> dict[str, Any]:
+    """One fitted figure: the median of per-call values (weighted where given), the 10th
+    and 90th percentiles, the calls it rests on, and its residual: the root mean square of
+    the relative error it leaves on the calls (0.05 = one number explains them to 5%)."""
+    if not values:
+        return {"value": None, "unit": unit, "calls": 0, "p10": None, "p90": None,
+                "residual": None}
+    arr = np.asarray(values, dtype=float)
+    if weights is not None:
+        order = np.argsort(arr)
+        w = np.asarray(weights, dtype=float)[order]
+        cum = np.cumsum(w) / w.sum()
+        value = float(arr[order][np.searchsorted(cum, 0.5)])
+    else:
+        value = float(np.median(arr))
+    residual = float(np.sqrt(np.mean(((arr - value) / value) ** 2))) if value else None
+    return {"value": value, "unit": unit, "calls": len(values),
+            "p10": float(np.percentile(arr, 10)), "p90": float(np.percentile(arr, 90)),
+            "residual": residual}
+
+
+def _latency_and_bandwidth(calls: list[tuple[float, float, float]]) -> tuple[
+        dict[str, Any], dict[str, Any]]:
+    """(request latency ms, bandwidth MB/s) from (requests, bytes, ms) per call: least
+    squares of ms = requests × latency + bytes / bandwidth when the calls vary enough in
+    both to tell them apart; else the median throughput, latency unknown."""
+    calls = [(r, b, ms) for r, b, ms in calls if ms > 0 and b > 0]
+    if not calls:
+        return _figure([], "ms"), _figure([], "MB/s")
+    reqs = np.array([c[0] for c in calls], dtype=float)
+    mbs = np.array([c[1] / 2**20 for c in calls], dtype=float)
+    ms = np.array([c[2] for c in calls], dtype=float)
+    a = np.column_stack([reqs, mbs])
+    if len(calls) >= 3 and np.linalg.matrix_rank(a) == 2 and np.linalg.cond(a) < 1e6:
+        (lat, ms_per_mb), *_ = np.linalg.lstsq(a, ms, rcond=None)
+        if lat >= 0 and ms_per_mb > 0:
+            fitted = a @ np.array([lat, ms_per_mb])
+            residual = float(np.sqrt(np.mean(((ms - fitted) / ms) ** 2)))
+            common = {"calls": len(calls), "p10": None, "p90": None, "residual": residual,
+                      "method": "least squares over calls"}
+            return ({"value": float(lat), "unit": "ms", **common},
+                    {"value": float(1000.0 / ms_per_mb), "unit": "MB/s", **common})
+    bw = _figure([float(m / (t / 1000.0)) for m, t in zip(mbs, ms, strict=True)], "MB/s")
+    bw["method"] = "median throughput (the calls do not separate latency from bandwidth)"
+    return _figure([], "ms"), bw
+
+
+def fit_platform(rows: list[dict[str, Any]], spec: dict[str, Any], cal: dict[str, Any],
+                 store_url: str) -> dict[str, Any]:
+    """The platform profile of a job from its log rows, its job.json, the calibration of
+    its model and the URL of the store it ran on (see the module's docstring)."""
+    cuts = list(spec.get("cuts") or [])
+    micro_batch = int(spec.get("micro_batch") or 32)
+    if spec.get("model") and cal.get("model") and str(spec["model"]) != str(cal["model"]):
+        raise PlanError(f"the calibration is of model {cal['model']!r}, the job ran "
+                        f"{spec['model']!r}: calibrate the job's model")
+    try:
+        stages = stage_models(cal, cuts, micro_batch)
+    except CalibrationError as exc:
+        raise PlanError(f"the job's cuts do not match the calibration: {exc}") from exc
+    local_store = "://" not in store_url or store_url.startswith("file://")
+    ok = [r for r in rows if r.get("error") is None and not r.get("throttled")
+          and int(r.get("images") or 0) > 0 and 0 <= int(r.get("stage", -1)) < len(stages)]
+    if len(ok) < MIN_CALLS:
+        raise PlanError("the job's log holds no successful call to fit a platform from")
+
+    factors: dict[str, list[float]] = defaultdict(list)
+    weights: dict[str, list[float]] = defaultdict(list)
+    for r in ok:
+        k, v = int(r["stage"]), float(r.get("vcpus") or 1.0)
+        predicted = stages[k].ms_per_record(int(r["images"]), v)
+        if r.get("cold"):
+            predicted += stages[k].first_call_ms() / min(v, 1.0)
+        measured = float(r["duration_ms"])
+        if not local_store:
+            measured -= float(r.get("read_ms") or 0.0) + float(r.get("write_ms") or 0.0)
+        if measured <= 0 or predicted <= 0:
+            continue
+        for key in ("all", f"stage {k}, {v:g} vCPU"):
+            factors[key].append(predicted / measured)
+            weights[key].append(predicted)
+    if not factors["all"]:
+        raise PlanError("no call of the job has a measurable duration")
+    cpu = _figure(factors["all"], "x (the calibrating machine's time / the platform's)",
+                  weights=weights["all"])
+    factor = float(cpu["value"])
+    by_share = {key: _figure(vals, "x", weights=weights[key])
+                for key, vals in sorted(factors.items()) if key != "all"}
+
+    inits = []
+    for r in ok:
+        if r.get("cold") and float(r.get("init_ms") or 0.0) > 0:
+            k, v = int(r["stage"]), float(r.get("vcpus") or 1.0)
+            inits.append(float(r["init_ms"]) - float(stages[k].load_ms(v, factor)))
+    init = _figure(inits, "ms")
+
+    reads = [(float(r.get("gets") or 0) + float(r.get("heads") or 0),
+              float(r.get("bytes_in") or 0), float(r.get("read_ms") or 0)) for r in ok]
+    writes = [(float(r.get("puts") or 0), float(r.get("bytes_out") or 0),
+               float(r.get("write_ms") or 0)) for r in ok]
+    read_latency, read_bw = _latency_and_bandwidth(reads)
+    write_latency, write_bw = _latency_and_bandwidth(writes)
+    latencies = [f["value"] for f in (read_latency, write_latency) if f["value"] is not None]
+    request = {**(read_latency if read_latency["value"] is not None else write_latency)}
+    if latencies:
+        request["value"] = float(statistics.mean(latencies))
+
+    per_instance: dict[str, int] = defaultdict(int)
+    for r in ok:
+        per_instance[str(r.get("instance", ""))] += 1
+    warm = sum(1 for r in ok if not r.get("cold"))
+    return {
+        "kind": PROFILE_KIND, "version": PROFILE_VERSION,
+        "job": spec.get("job"), "model": spec.get("model"), "store": store_url,
+        "calibration": {"model": cal.get("model"), "measured": cal.get("measured")},
+        "calls": len(ok),
+        "figures": {
+            "cpu_factor": cpu,
+            "platform_init_ms": init,
+            "read_mb_s": read_bw,
+            "write_mb_s": write_bw,
+            "request_ms": request,
+            "warm_reuse": {"value": warm / len(ok), "unit": "share of calls", "calls": len(ok),
+                           "p10": None, "p90": None, "residual": None,
+                           "calls_per_instance": statistics.mean(per_instance.values())},
+        },
+        "cpu_factor_by_stage": by_share,
+        "local_store": local_store,
+    }
+
+
+def validate_profile(profile: Any, source: str = "profile") -> dict[str, Any]:
+    """Check what `target_overrides` reads; PlanError names what is wrong."""
+    if not isinstance(profile, dict) or profile.get("kind") != PROFILE_KIND:
+        raise PlanError(f"{source} is not a serveless platform profile (expected kind "
+                        f"{PROFILE_KIND!r}; `serveless fit JOB` writes one)")
+    figures = profile.get("figures")
+    if not isinstance(figures, dict):
+        raise PlanError(f"{source}: field 'figures' missing")
+    for name, fig in figures.items():
+        value = fig.get("value") if isinstance(fig, dict) else "bad"
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(
+                value, bool) or not math.isfinite(value)):
+            raise PlanError(f"{source}: figure {name!r} has no numeric value")
+    cpu = (figures.get("cpu_factor") or {}).get("value")
+    if not isinstance(cpu, (int, float)) or cpu <= 0:
+        raise PlanError(f"{source}: cpu_factor must be a number > 0")
+    return profile
+
+
+def load_profile(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"no platform profile at {p}; `serveless fit JOB --out {p}` writes one")
+    try:
+        return validate_profile(json.loads(p.read_text()), str(p))
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{p} is not JSON: {exc}") from exc
+
+
+def target_overrides(profile: dict[str, Any]) -> dict[str, float]:
+    """The Target settings a profile replaces: the CPU factor, the platform init, the
+    store bandwidth (the slower of read and write) and the request latency, where fitted.
+    A figure the job could not measure (no cold start, say) keeps the assumed value."""
+    f = profile["figures"]
+    out: dict[str, float] = {"cpu_factor": float(f["cpu_factor"]["value"])}
+    init = (f.get("platform_init_ms") or {}).get("value")
+    if init is not None:
+        out["platform_init_ms"] = max(0.0, float(init))
+    if not profile.get("local_store"):  # a folder's reads are CPU work, not a bandwidth
+        bws = [(f.get(k) or {}).get("value") for k in ("read_mb_s", "write_mb_s")]
+        bws = [float(b) for b in bws if b]
+        if bws:
+            out["bandwidth_mb_s"] = min(bws)
+        req = (f.get("request_ms") or {}).get("value")
+        if req is not None:
+            out["request_ms"] = max(0.0, float(req))
+    return out
