@@ -270,7 +270,10 @@ def test_cpu_scale_scales_every_instance_quota_and_platform_init_is_waited_and_b
     assert quotas == {1.0: 100_000, 0.5: 50_000}
     assert described["cpu_scale"] == 0.5 and "x0.5" in described["cpu_share"]
     assert described["platform_init_ms"] == 700
-    assert 700 <= inits[700] - inits[0] < 700 + max(1500, inits[0]), inits
+    # the wait is in the init; how much the start itself moves from one cold start to the
+    # next (810 ms at scale 1 once, on a loaded machine) is noise around it, so the lower
+    # bound is the wait alone (the CLI test's 3 s cannot be reached by a slow start)
+    assert inits[700] >= 700 and inits[700] - inits[0] < 700 + max(1500, inits[0]), inits
     assert billed_ms(10.0, inits[700]) >= 10 + 700
 
 
