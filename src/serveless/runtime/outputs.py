@@ -89,6 +89,7 @@ def write_predictions(
     MAX_FAILED_LISTED with their reasons, for the log and the summary)."""
     errors = meta.get("errors", {})
     filenames, labels = meta["filenames"], meta["labels"]
+    ids = meta.get("ids") or filenames  # a meta written before ids: the filename is the id
     index = 0
     failed: list[list[str]] = []
     hw: HashingWriter | None = None
@@ -113,7 +114,7 @@ def write_predictions(
                 lines.append(json.dumps(prediction_row(
                     record, index, filenames[index], label,
                     None if err else top[row], None if err else values[row, top[row]], err,
-                    scores, classes,
+                    scores, classes, ids[index],
                 )))
                 index += 1
             hw.write(("\n".join(lines) + "\n").encode())
