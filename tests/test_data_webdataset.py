@@ -301,3 +301,12 @@ def test_a_shard_job_refuses_tfrecords_on_resume(tmp_path, shards, records_dir, 
     prepare_job(store, "wds", model_path, records=str(src))
     with pytest.raises(JobError, match="holds webdataset records"):
         prepare_job(store, "wds", model_path, records=str(records_dir))
+
+
+def test_commands_that_read_tfrecords_say_so_for_shards(shards):
+    """calibrate, partition --records, the experiments and run --plan read TFRecord files:
+    shards are refused with a line saying what to do, not read as broken TFRecords."""
+    from serveless.data.sources import find_records
+
+    with pytest.raises(SourceError, match="holds webdataset shards; this reads TFRecord"):
+        find_records(str(shards))

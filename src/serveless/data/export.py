@@ -4,8 +4,8 @@ One row per input image, in record then index order, with the same columns whate
 format: record, index, filename, id (the source's id of the image, to join results back to
 the user's table with: data/predictions.py), label, class_name, top5 (class ids),
 top5_scores, scores (what the scores are: probs, softmax(logits), logits), error (the
-reason an image failed, else null); with `with_scores`, also `all_scores` (the model's whole output row, from the
-job's `scores/` objects, which `run --save-scores` writes).
+reason an image failed, else null); with `with_scores`, also `all_scores` (the model's
+whole output row, from the job's `scores/` objects, which `run --save-scores` writes).
 
 Parquet needs pyarrow, an optional dependency (`pip install 'serveless[parquet]'`): only the
 driver exports, and the functions' runtime (a Lambda image) should not carry ~100 MB it

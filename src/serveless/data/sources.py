@@ -463,10 +463,14 @@ def pack(
 
 
 def find_records(source: str) -> list[str]:
-    """Local record files named by a folder or a glob, found by content, sorted."""
+    """Local TFRecord files named by a folder or a glob, found by content, sorted; shards
+    are refused with a message saying so, not read as broken TFRecords."""
     inputs = scan_inputs(source)
     if not inputs.records:
         raise SourceError(f"no records at {source!r} (it holds images: use run --input)")
+    if inputs.record_format != TFRECORD.name:  # calibrate, partition, experiments, --plan
+        raise SourceError(f"{source} holds {inputs.record_format} shards; this reads TFRecord "
+                          "files (a job serves shards as they are: run --input without --plan)")
     return [f.path for f in inputs.records]
 
 

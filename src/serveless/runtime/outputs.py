@@ -89,7 +89,9 @@ def write_predictions(
     MAX_FAILED_LISTED with their reasons, for the log and the summary)."""
     errors = meta.get("errors", {})
     filenames, labels = meta["filenames"], meta["labels"]
-    ids = meta.get("ids") or filenames  # a meta written before ids: the filename is the id
+    # A meta written before ids has none: the filename is the id. Not `get("ids") or`: a
+    # one-stage job's meta fills as its blocks are decoded, so the list is empty here.
+    ids = meta["ids"] if "ids" in meta else filenames
     index = 0
     failed: list[list[str]] = []
     hw: HashingWriter | None = None
