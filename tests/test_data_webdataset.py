@@ -153,9 +153,14 @@ def test_gzipped_shards_read_as_the_plain_ones(shards, tmp_path):
                                                                      "webdataset")]
 
 
-@pytest.mark.parametrize("damage", ["cut in a member", "cut at a member", "header",
-                                    "gzip cut"])
-def test_broken_shards_are_refused_before_anything_runs(tmp_path, shards, model_path, damage):
+@pytest.mark.parametrize("damage, why", [
+    ("cut in a member", "not a readable tar shard: unexpected end of data"),
+    ("cut at a member", "the shard ends without its end-of-archive block (cut short?)"),
+    ("header", "a tar header that cannot be read (corrupt shard)"),
+    ("gzip cut", "not a readable tar shard: Compressed file ended before the end-of-stream"),
+])
+def test_broken_shards_are_refused_before_anything_runs(tmp_path, shards, model_path, damage,
+                                                        why):
     data = (shards / "shard-000000.tar").read_bytes()
     with open(shards / "shard-000000.tar", "rb") as f:
         import tarfile
@@ -178,7 +183,7 @@ def test_broken_shards_are_refused_before_anything_runs(tmp_path, shards, model_
     store = Store(str(tmp_path / "store"))
     with pytest.raises(RecordError) as exc:
         prepare_job(store, "bad", model_path, records=str(src))
-    assert str(exc.value).startswith(f"{bad}: byte ")
+    assert str(exc.value).startswith(f"{bad}: byte ") and why in str(exc.value)
     assert not (tmp_path / "store" / "bad").exists()
 
 

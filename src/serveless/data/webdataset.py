@@ -246,7 +246,7 @@ def _check_end(last: tuple[int, bytes], end: int, path: str) -> None:
     """The walk ended at a zero block (the end-of-archive marker), not at a header tarfile
     could not read nor at the end of a file cut short: both end an archive quietly."""
     where, block = last
-    if where != end:
+    if where != end:  # tarfile's last read is its try at a header there; if not, say so
         raise RecordError(path, end, "the walk did not end at a tar header (corrupt shard)")
     if len(block) < _BLOCK:
         raise RecordError(path, end, "the shard ends without its end-of-archive block "
