@@ -29,6 +29,7 @@ from serveless.errors import JobError, RecordError, SourceError
 from serveless.store import Store
 
 wds = pytest.importorskip("webdataset")
+pytest_plugins = ["s3server"]
 
 
 def write_shard(path: Path, samples: list[dict]) -> Path:
@@ -315,3 +316,49 @@ def test_commands_that_read_tfrecords_say_so_for_shards(shards):
 
     with pytest.raises(SourceError, match="holds webdataset shards; this reads TFRecord"):
         find_records(str(shards))
+
+
+@pytest.mark.e2e
+def test_the_readme_command_a_resume_and_export(tmp_path, shards, photos, model_path):
+    """`serveless run --input shards/ --label-key …` as the README gives it; a resume keeps
+    the label key or refuses another; `export` carries the ids."""
+    from typer.testing import CliRunner
+
+    from serveless.cli import app
+
+    runner = CliRunner()
+    store = str(tmp_path / "store")
+    src = tmp_path / "in"
+    src.mkdir()
+    write_shard(src / "part-0.tar", [{"__key__": stem, "jpg": data, "json": {"class_id": lab}}
+                                     for stem, lab, data in photos[:6]])
+    args = ["--store", store, "--model", model_path]
+    res = runner.invoke(app, ["run", "--job", "cli", "--input", str(src), "--label-key",
+                              "class_id", *args])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["run", "--job", "cli", "--label-key", "label", *args])
+    assert res.exit_code == 2
+    assert "started with --label-key class_id, not --label-key label" in res.output
+    res = runner.invoke(app, ["export", "cli", "--store", store, "--format", "jsonl", "--out",
+                              str(tmp_path / "out.jsonl")])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["filename"], r["label"]) for r in rows] == [
+        (stem, stem, lab) for stem, lab, _ in photos[:6]]
+
+
+@pytest.mark.e2e
+def test_shards_from_an_s3_prefix(tmp_path, shards, s3_server, model_path):
+    client = s3_server.client()
+    for f in sorted(shards.iterdir()):
+        client.put_object(Bucket=s3_server.bucket, Key=f"wds/{f.name}", Body=f.read_bytes())
+    url = s3_server.url("wds")
+    inputs = scan_inputs(url, s3_server.options())
+    assert [(f.record_name, f.format) for f in inputs.records] == [
+        ("shard-000000", "webdataset"), ("shard-000001", "webdataset"),
+        ("shard-000002", "webdataset")]
+    store = Store(str(tmp_path))
+    spec = prepare_job(store, "s3wds", model_path, records=url + "/",
+                       input_options=s3_server.options())
+    _run(store, spec)
+    assert len(rows_of(store, "s3wds")) == 60
