@@ -362,3 +362,26 @@ def test_shards_from_an_s3_prefix(tmp_path, shards, s3_server, model_path):
                        input_options=s3_server.options())
     _run(store, spec)
     assert len(rows_of(store, "s3wds")) == 60
+
+
+def test_a_stream_that_cannot_seek_reads_as_the_file(shards):
+    """A shard from a pipe (no seek) is spooled, then read as the file is."""
+    path = shards / "shard-000001.tar"
+
+    class Pipe(io.RawIOBase):
+        def __init__(self, data: bytes):
+            self.data = io.BytesIO(data)
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b) -> int:
+            chunk = self.data.read(min(len(b), 1000))
+            b[:len(chunk)] = chunk
+            return len(chunk)
+
+    with open(path, "rb") as f:
+        expected = [(e.filename, e.label, bytes(e.encoded)) for e in iter_samples(f)]
+    assert count_samples(Pipe(path.read_bytes())) == 25
+    assert [(e.filename, e.label, bytes(e.encoded))
+            for e in iter_samples(Pipe(path.read_bytes()))] == expected

@@ -5,7 +5,8 @@ so a job serves them byte for byte: TFRecord files of `tf.train.Example` (record
 own, and TensorFlow's ImageNet shards) and WebDataset tar shards (webdataset.py). Everything
 that reads a record (the driver's checks, stage 0, planning) goes through `RecordFormat`:
 how a file is recognised from its first bytes, how its images are counted (before anything
-runs, and by stage 0 for its output's shape) and how they are read, as `Example`s. A format
+runs) and how stage 0 reads them: their count first (its output's shape), then the images
+as `Example`s, in one pass over the record where the format allows it. A format
 added here is found by `detect`, named in job.json and in events by `name`, and stored in a
 job under its `suffix` (store/layout.py keeps the suffixes, with every other key rule).
 
@@ -39,12 +40,17 @@ def is_record_head(head: bytes) -> bool:
     return masked_crc32c(head[:8]) == crc
 
 
-def _tfrecord_examples(f: IO[bytes], path: str, options: dict[str, Any]) -> Iterator[Example]:
-    return iter_record(f, path)  # type: ignore[arg-type]
+def _read_tfrecord(f: IO[bytes], path: str, options: dict[str, Any]
+                   ) -> tuple[int, Iterator[Example]]:
+    """Counted by its headers alone (seeking past the data), then read from the start."""
+    n = count_examples(f, path)  # type: ignore[arg-type]
+    f.seek(0)
+    return n, iter_record(f, path)  # type: ignore[arg-type]
 
 
-def _shard_examples(f: IO[bytes], path: str, options: dict[str, Any]) -> Iterator[Example]:
-    return webdataset.iter_samples(f, path, label_key=options.get("label_key") or "")
+def _read_shard(f: IO[bytes], path: str, options: dict[str, Any]
+                ) -> tuple[int, Iterator[Example]]:
+    return webdataset.read_shard(f, path, label_key=options.get("label_key") or "")
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,8 @@ class RecordFormat:
     user_suffixes: tuple[str, ...]  # a file so named is meant as one: refused if it is not
     sniff: Callable[[bytes], bool]  # from the first HEAD_BYTES bytes
     count: Callable[[IO[bytes], str], int]  # images (samples), the framing checked
-    examples: Callable[[IO[bytes], str, dict[str, Any]], Iterator[Example]]
+    # (images, their Examples) of a file that can seek; options: {"label_key": …}
+    read: Callable[[IO[bytes], str, dict[str, Any]], tuple[int, Iterator[Example]]]
 
     @property
     def suffix(self) -> str:
@@ -66,11 +73,11 @@ class RecordFormat:
 
 TFRECORD = RecordFormat(
     "tfrecord", "a TFRecord file (the first entry's length CRC does not match)",
-    (".tfrecord",), is_record_head, count_examples, _tfrecord_examples)  # type: ignore[arg-type]
+    (".tfrecord",), is_record_head, count_examples, _read_tfrecord)  # type: ignore[arg-type]
 WEBDATASET = RecordFormat(
     "webdataset", "a tar shard (no tar header with the ustar magic at byte 257)",
     (".tar", ".tar.gz", ".tgz"), webdataset.is_shard_head, webdataset.count_samples,
-    _shard_examples)
+    _read_shard)
 
 FORMATS: dict[str, RecordFormat] = {f.name: f for f in (TFRECORD, WEBDATASET)}
 

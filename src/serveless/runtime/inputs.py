@@ -89,8 +89,7 @@ def image_blocks(
 
     fmt = get_format(ev.record_format)
     budget = DECODE_SHARE * ev.memory_mb * 2**20  # one image's decode, at most
-    n = fmt.count(src, key)
-    src.seek(0)  # a local file (see _Input): no second fetch
+    n, examples = fmt.read(src, key, {"label_key": ev.label_key})  # a local file: one fetch
     meta: dict[str, Any] = {"n": n, "filenames": [], "labels": [], "ids": [], "errors": {}}
     tf = ev.transform or {}
     mean, std = tf.get("mean"), tf.get("std")
@@ -127,7 +126,7 @@ def image_blocks(
             encoded: list[bytes | str] = []
             first = 0
             t = time.perf_counter()
-            for ex in fmt.examples(src, key, {"label_key": ev.label_key}):
+            for ex in examples:
                 meta["filenames"].append(ex.filename)
                 meta["labels"].append(ex.label)
                 meta["ids"].append(ex.filename if ex.id is None else ex.id)
