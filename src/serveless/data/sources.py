@@ -27,6 +27,7 @@ from ..store import file_md5
 from ..store.layout import LABELS_FILE, RECORD_SUFFIXES, record_key, record_name
 from .formats import FORMATS, HEAD_BYTES, TFRECORD, detect
 from .images import EMPTY_FILE, IMAGE_FORMATS, NOT_AN_IMAGE, sniff_image
+from .parquet import is_parquet_head
 from .predictions import parse_classes
 from .records import Example, count_examples, iter_record, write_record
 
@@ -89,6 +90,7 @@ class Inputs:
     classes: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file as shown, reason)
     labels_file: InputFile | None = None
+    tables: list[InputFile] = field(default_factory=list)  # Parquet image tables (parquet.py)
 
     @property
     def record_format(self) -> str:
@@ -242,6 +244,10 @@ def scan_inputs(source: str, options: dict[str, Any] | None = None) -> Inputs:
         elif sniff_image(head) is not None:
             label = index.get(rel.split("/", 1)[0], -1) if "/" in rel else -1
             out.images.append((f, label))
+        elif is_parquet_head(head):
+            out.tables.append(f)
+        elif rel.endswith(".parquet"):
+            raise SourceError(f"{f.shown}: not a Parquet file (no PAR1 magic at its start)")
         elif meant:  # named as a record: the user meant it as one
             raise RecordError(f.shown, 0, f"not {meant[0].description}")
         else:
@@ -250,6 +256,11 @@ def scan_inputs(source: str, options: dict[str, Any] | None = None) -> Inputs:
     if len(kinds) > 1:
         raise SourceError(f"{source} holds records of two formats ({' and '.join(kinds)}); "
                           "a job reads one: give a folder of one kind")
+    if out.tables and (out.records or out.images):
+        raise SourceError(f"{source} holds Parquet tables ({len(out.tables)}) and "
+                          f"{'records' if out.records else 'images'}; give a folder of one kind")
+    if out.tables:
+        return out
     if out.records and out.images:
         raise SourceError(f"{source} holds both records ({len(out.records)}) and images "
                           f"({len(out.images)}); give a folder of one kind")
@@ -352,17 +363,38 @@ def pack_images(
     Packed to a local temporary file first, so `exists(key, size, md5)` can tell that the
     same record is already in the store (a re-run of the same command) and skip the upload.
     """
-    import tempfile
-
     if per_record < 1:
         raise SourceError(f"--per-record must be >= 1, got {per_record}")
+    return pack_examples((Example(f.read(), f.rel, label) for f, label in images), store,
+                         prefix, per_record, progress, exists)
+
+
+def pack_examples(
+    examples: Iterator[Example],
+    store: Store,
+    prefix: str,
+    per_record: int,
+    progress: Callable[[int], None] | None = None,
+    exists: Callable[[str, int, Callable[[], str]], bool] | None = None,
+) -> list[str]:
+    """Examples as they come (a folder's images, a table's rows), `per_record` to a record
+    ``<prefix>/<00000..>.tfrecord``; returns the names. One record's examples are read at
+    a time, so a source of any size streams through."""
+    import itertools
+    import tempfile
+
     names: list[str] = []
-    for name, key, chunk in record_chunks(images, per_record, prefix):
-        examples = (Example(f.read(), f.rel, label) for f, label in chunk)
+    for n in itertools.count():
+        chunk = itertools.islice(examples, per_record)
+        first = next(chunk, None)
+        if first is None:
+            break
+        name = f"{n:05d}"
+        key = record_key(prefix, name)
         fd, tmp = tempfile.mkstemp(prefix="serveless-pack-")
         try:
             with os.fdopen(fd, "wb") as out:
-                written = write_record(out, examples)
+                written = write_record(out, itertools.chain([first], chunk))
             if exists is None or not exists(key, os.path.getsize(tmp),
                                             lambda tmp=tmp: file_md5(tmp)):
                 store.put_file(tmp, key)
@@ -429,9 +461,9 @@ def pack_source(
     if per_record < 1:
         raise SourceError(f"--per-record must be >= 1, got {per_record}")
     inputs = scan_inputs(src, options)
-    if inputs.records:
-        raise SourceError(f"{src} holds records, not images; a job reads them as they are "
-                          "(run --input)")
+    if inputs.records or inputs.tables:
+        raise SourceError(f"{src} holds {'records' if inputs.records else 'Parquet tables'}, "
+                          "not images; a job reads them as they are (run --input)")
     old = records_in(dest)
     if old and not overwrite:
         raise SourceError(f"{dest.url} already holds {len(old)} records or labels files; "
@@ -456,9 +488,9 @@ def pack(
     ``<prefix>/<00000..>.tfrecord`` of the store; returns the record names in order. A
     source that holds records is refused: they are served as they are."""
     inputs = scan_inputs(str(source), options)
-    if inputs.records:
-        raise SourceError(f"{source} holds records, not images; a job reads them as they are "
-                          "(run --input)")
+    if inputs.records or inputs.tables:
+        raise SourceError(f"{source} holds {'records' if inputs.records else 'tables'}, not "
+                          "images; a job reads them as they are (run --input)")
     return pack_images(inputs.images, store, prefix, per_record, progress=progress)
 
 
@@ -467,7 +499,8 @@ def find_records(source: str) -> list[str]:
     are refused with a message saying so, not read as broken TFRecords."""
     inputs = scan_inputs(source)
     if not inputs.records:
-        raise SourceError(f"no records at {source!r} (it holds images: use run --input)")
+        raise SourceError(f"no records at {source!r} (it holds images or tables: use run "
+                          "--input)")
     if inputs.record_format != TFRECORD.name:  # calibrate, partition, experiments, --plan
         raise SourceError(f"{source} holds {inputs.record_format} shards; this reads TFRecord "
                           "files (a job serves shards as they are: run --input without --plan)")

@@ -111,6 +111,7 @@ def prepare_job(
     progress: Callable[[int], None] | None = None,
     records_placed: bool = False,
     label_key: str | None = None,
+    columns: dict[str, str | None] | None = None,
 ) -> JobSpec:
     """Validate everything, partition the model, and lay the job out in the store.
 
@@ -132,12 +133,16 @@ def prepare_job(
     `per_record`; records (TFRecord files, WebDataset shards) are copied as they are, and a
     job's records are all of one format. Every record's framing is checked before anything
     is written. `label_key`: the key of a shard's .json member that holds the label.
+    Parquet image tables are packed into records as images are, their columns chosen by
+    `columns` ({"image", "label", "id"}: --image-column, …) or found (data/parquet.py).
     """
     from ..data.images import make_transform
+    from ..data.parquet import check_tables, table_examples
     from ..data.sources import (
         check_records,
         copy_record,
         labels_json,
+        pack_examples,
         pack_images,
         read_labels,
         scan_inputs,
@@ -208,6 +213,8 @@ def prepare_job(
     try:
         inputs = scan_inputs(records, input_options) if records else None
         counts = check_records(inputs.records) if inputs else {}
+        tables = (check_tables(inputs.tables, **(columns or {}))
+                  if inputs and inputs.tables else None)
     except SourceError as exc:
         raise JobError(str(exc)) from exc
     if inputs and inputs.skipped:
@@ -234,7 +241,7 @@ def prepare_job(
     if inputs:
         new = [f for f in inputs.records
                if not same(layout.record(f.record_name, record_format), f.size, f.md5)]
-    if not counts and not (inputs and inputs.images) and not existing:
+    if not counts and not (inputs and (inputs.images or inputs.tables)) and not existing:
         raise JobError(f"job {job!r} has no records: pass --input")
     where = f"at {','.join(cut_list)}" if cut_list else "as one stage (no cuts)"
     label = f"{model} {where}"
@@ -256,6 +263,14 @@ def prepare_job(
             names |= set(pack_images(inputs.images, store, layout.records_prefix, per_record,
                                      progress=progress, exists=same))
             classes = inputs.classes or None
+        elif inputs and tables is not None:
+            table_columns, rows, table_classes = tables
+            say(f"packing {rows} rows of {len(inputs.tables)} tables into records of "
+                f"{per_record}…")
+            names |= set(pack_examples(table_examples(inputs.tables, table_columns), store,
+                                       layout.records_prefix, per_record, progress=progress,
+                                       exists=same))
+            classes = table_classes
 
     if asked.precision == "fp32":
         # shared by jobs of the same model and cuts: partitioned (which checks equivalence
