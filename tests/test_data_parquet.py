@@ -132,3 +132,41 @@ def test_columns_are_checked_before_anything_is_written(tmp_path, photos, model_
     (src / "fake.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(SourceError, match=r"fake\.parquet: not a Parquet file"):
         scan_inputs(str(src))
+
+
+def test_a_datasets_table_with_an_image_missing_or_kept_by_path(tmp_path, photos):
+    """A null Image in a `datasets` table, and an image kept by path only (its bytes not in
+    the table, as a struct column written with pyarrow may have it), are Examples with an
+    error naming their row; the others carry their bytes."""
+    from serveless.data.parquet import iter_table, table_columns
+
+    data = photos[0][2]
+    ds = datasets.Dataset.from_dict({
+        "image": [{"bytes": data, "path": "a.jpg"}, None, {"bytes": data, "path": None}],
+        "label": [0, 1, None]})
+    ds = ds.cast_column("image", datasets.Image())
+    ds = ds.cast_column("label", datasets.ClassLabel(names=["x", "y"]))
+    path = tmp_path / "t.parquet"
+    ds.to_parquet(str(path))
+    with open(path, "rb") as f:
+        cols, rows = table_columns(f, str(path))
+    assert (cols.image, cols.struct, cols.label, cols.id, cols.classes, rows) == (
+        "image", True, "label", None, ("x", "y"), 3)
+    with open(path, "rb") as f:
+        examples = list(iter_table(f, str(path), cols, "t.parquet"))
+    assert [(e.filename, e.label, e.id) for e in examples] == [
+        ("a.jpg", 0, 0), ("t.parquet#1", 1, 1), ("t.parquet#2", -1, 2)]
+    assert [e.error for e in examples] == ["", "row 1 of t.parquet: no image bytes (null)", ""]
+    assert bytes(examples[0].encoded) == data and bytes(examples[2].encoded) == data
+
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    pq.write_table(pa.table({"img": pa.array([{"bytes": None, "path": "/data/c.jpg"},
+                                              {"bytes": data, "path": "d.jpg"}], struct)}),
+                   tmp_path / "p.parquet")
+    with open(tmp_path / "p.parquet", "rb") as f:
+        cols, _ = table_columns(f, "p.parquet")
+        f.seek(0)
+        examples = list(iter_table(f, "p.parquet", cols, "p.parquet"))
+    assert [(e.filename, e.error) for e in examples] == [
+        ("/data/c.jpg", "row 0 of p.parquet: no image bytes (null; its path is "
+                        "'/data/c.jpg', not in the table)"), ("d.jpg", "")]
