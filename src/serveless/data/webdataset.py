@@ -27,7 +27,9 @@ can seek; anything else is spooled first), never a hand parser, never extraction
 `tarfile` ends an archive quietly at a header it cannot read, so the reader checks that
 the walk ended at the end-of-archive block: a shard cut short or with a broken header is a
 RecordError naming the byte offset, not a shorter record. A gzipped shard (`.tar.gz`, told
-apart by its magic bytes, not its name) is read through `gzip`, which checks its CRC.
+apart by its magic bytes, not its name) is read through `gzip`, which checks its CRC; it is
+inflated twice, for the walk and for the members (gzip cannot seek back), and kept in a job
+as `<name>.tar`, its bytes as they are.
 """
 
 from __future__ import annotations
