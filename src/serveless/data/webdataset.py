@@ -27,9 +27,10 @@ can seek; anything else is spooled first), never a hand parser, never extraction
 `tarfile` ends an archive quietly at a header it cannot read, so the reader checks that
 the walk ended at the end-of-archive block: a shard cut short or with a broken header is a
 RecordError naming the byte offset, not a shorter record. A gzipped shard (`.tar.gz`, told
-apart by its magic bytes, not its name) is read through `gzip`, which checks its CRC; it is
-inflated twice, for the walk and for the members (gzip cannot seek back), and kept in a job
-as `<name>.tar`, its bytes as they are.
+apart by its magic bytes, not its name) is inflated once through `gzip`, which checks its
+CRC, into a temporary file beside the record's local copy (/tmp on Lambda), and read from
+there: reading a gzip stream at random would inflate it again from the start for every
+step back. In a job it is kept as `<name>.tar`, its bytes as they are.
 """
 
 from __future__ import annotations
@@ -190,7 +191,8 @@ class _Shard:
     as WebDataset groups them (consecutive members of one key), and their members' bytes on
     demand. The walk checks the end of the archive (and a gzipped shard's CRC) before any
     sample is served. A file that cannot seek is spooled first (tarfile's random access
-    reads a member after the walk); every file the store or a function opens can seek."""
+    reads a member after the walk; every file the store or a function opens can seek), and
+    a gzipped one inflated to a temporary file."""
 
     def __init__(self, f: IO[bytes], path: str):
         self.path = path
@@ -201,9 +203,9 @@ class _Shard:
             shutil.copyfileobj(f, self.spool, 1 << 20)
             self.spool.seek(0)
             f = self.spool
-        self.gz = _peek(f, 2) == GZIP_MAGIC
-        self.raw: Any = gzip.GzipFile(fileobj=f, mode="rb") if self.gz else f
-        src = _Tracked(self.raw)
+        if _peek(f, 2) == GZIP_MAGIC:
+            f = self._inflate(f)
+        src = _Tracked(f)
         self.samples: list[tuple[str, list[tuple[str, tarfile.TarInfo]]]] = []
         try:
             self.tar = tarfile.open(fileobj=src, mode="r:", errors="surrogateescape")
@@ -215,9 +217,6 @@ class _Shard:
                     self.samples.append((named[0], []))
                 self.samples[-1][1].append((named[1], info))
             _check_end(src.last, self.tar.offset, path)
-            if self.gz:  # the rest, so that gzip checks the CRC and length in its trailer
-                while self.raw.read(1 << 20):
-                    pass
         except RecordError:
             self.close()
             raise
@@ -244,11 +243,26 @@ class _Shard:
             raise RecordError(self.path, info.offset,
                               f"member {info.name!r} cannot be read: {exc}") from None
 
+    def _inflate(self, f: IO[bytes]) -> IO[bytes]:
+        """A gzipped shard inflated once into a temporary file (its CRC and length checked
+        at the end of the stream), which replaces any spool."""
+        inflated = tempfile.TemporaryFile(prefix="serveless-shard-")
+        try:
+            with gzip.GzipFile(fileobj=f, mode="rb") as gz:
+                shutil.copyfileobj(gz, inflated, 1 << 20)
+        except (EOFError, OSError, zlib.error) as exc:
+            inflated.close()
+            self.close()
+            raise RecordError(self.path, 0, f"not a readable tar shard: {exc}") from None
+        if self.spool is not None:
+            self.spool.close()
+        self.spool = inflated
+        inflated.seek(0)
+        return inflated
+
     def close(self) -> None:
         if self.tar is not None:
             self.tar.close()
-        if self.gz:
-            self.raw.close()
         if self.spool is not None:
             self.spool.close()
 
