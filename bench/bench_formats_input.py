@@ -10,7 +10,9 @@ Each round runs both jobs on the local backend, alternating which goes first, so
 the machine's speed hits both alike; only the run is timed (the setup copies the records
 either way). Prints images/s of each (median over rounds) and their ratio; the goal is
 shards / TFRecords >= 0.95: reading a shard with tarfile must not cost what decoding and
-the model cost.
+the model cost. On a shared machine jobs vary by more than that from run to run, so it
+also times what differs alone: stage 0's reading of every record (count and entries, no
+decode), in this process, as ms per image and as a share of the job's time per image.
 """
 
 from __future__ import annotations
@@ -59,6 +61,28 @@ def write_shards(rec_dir: Path, dest: Path, gz: bool) -> int:
     return n
 
 
+def read_ms_per_image(folder: Path, rounds: int = 3) -> float:
+    """Stage 0's reading of every record in `folder` (its format's count and entries, no
+    decode), best of `rounds`, in ms per image."""
+    from serveless.data.formats import detect
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    best = float("inf")
+    for _ in range(rounds):
+        n, t0 = 0, time.perf_counter()
+        for path in files:
+            with open(path, "rb") as f:
+                fmt = detect(f.read(4096))
+                if fmt is None:
+                    continue
+                f.seek(0)
+                count, examples = fmt.read(f, str(path), {})
+                n += sum(1 for _ in examples)
+                assert n and count
+        best = min(best, (time.perf_counter() - t0) * 1000 / max(n, 1))
+    return best
+
+
 def timed_job(root: Path, job: str, records: Path, model: str, concurrency: int) -> float:
     """Seconds of the job's run (its setup not counted)."""
     store = Store(str(root))
@@ -99,16 +123,24 @@ def main() -> None:
                       flush=True)
         rate = {k: n / statistics.median(v) for k, v in walls.items()}
         ratio = rate["webdataset"] / rate["tfrecord"]
+        reading = {k: read_ms_per_image(sources[k]) for k in sources}
+        job_ms = 1000 * args.concurrency / rate["tfrecord"]  # one chain's ms per image
+        extra = (reading["webdataset"] - reading["tfrecord"]) / job_ms
         print(f"\n{n} images, {args.model}, records of {args.per_record}, C={args.concurrency}"
               f"{', gzipped shards' if args.gzip else ''}")
         print(f"TFRecords:        {rate['tfrecord']:7.1f} images/s")
         print(f"WebDataset shards: {rate['webdataset']:6.1f} images/s")
         print(f"shards / TFRecords: {ratio:.3f}  (goal >= {GOAL}: "
               f"{'met' if ratio >= GOAL else 'NOT met'})")
+        print(f"reading alone (count and entries, no decode): TFRecords "
+              f"{reading['tfrecord']:.3f} ms/image, shards {reading['webdataset']:.3f}; "
+              f"the difference is {100 * extra:+.1f}% of a function's {job_ms:.1f} ms per "
+              f"image in the job (ratio it allows: {1 / (1 + extra):.3f})")
         save("formats_input" + ("_gzip" if args.gzip else ""),
              {"machine": machine(), "images": n, "model": args.model,
               "per_record": args.per_record, "concurrency": args.concurrency,
-              "gzip": args.gzip, "walls_s": walls, "images_per_s": rate, "ratio": ratio})
+              "gzip": args.gzip, "walls_s": walls, "images_per_s": rate, "ratio": ratio,
+              "read_ms_per_image": reading, "read_share_of_job": extra})
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
