@@ -42,8 +42,8 @@ def test_pack_says_what_it_did_and_writes_labels(tmp_path):
         "  1  dog",
         "skipped 2 files:",
         f"  {src / 'cat' / 'empty.jpg'}: empty file (0 bytes)",
-        f"  {src / 'cat' / 'notes.txt'}: not an image (unrecognised format) and not a TFRecord "
-        "file",
+        f"  {src / 'cat' / 'notes.txt'}: not an image (unrecognised format) and not a record "
+        "(a TFRecord file or a tar shard)",
     ]
     assert json.loads((dest / "labels.json").read_text()) == ["cat", "dog"]
     assert packed(dest) == [("cat/img_0.jpg", 0), ("cat/img_1.jpg", 0), ("cat/img_2.jpg", 0),

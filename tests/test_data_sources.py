@@ -56,7 +56,8 @@ def test_tf_named_shards_in_a_folder_are_records(tmp_path, shards, model_path):
                                                        "train-00002-of-00003"]
     assert inputs.images == []
     assert inputs.skipped == [(str(shards / "README.txt"),
-                               "not an image (unrecognised format) and not a TFRecord file")]
+                               "not an image (unrecognised format) and not a record (a TFRecord "
+                               "file or a tar shard)")]
     assert check_records(inputs.records) == {"train-00000-of-00003": 25,
                                              "train-00001-of-00003": 25,
                                              "train-00002-of-00003": 10}
@@ -272,7 +273,7 @@ def test_run_input_says_which_files_it_skipped(tmp_path, model_path):
     lines = result.output.splitlines()
     i = lines.index(f"skipped 1 files of {src} (neither records nor images):")
     assert lines[i + 1] == (f"  {src / 'notes.txt'}: not an image (unrecognised format) and "
-                            "not a TFRecord file")
+                            "not a record (a TFRecord file or a tar shard)")
 
 
 # --- scanning a folder of images (the one scanner: sources.scan_inputs) -------------

@@ -185,6 +185,21 @@ def run(
     per_record: Annotated[int, typer.Option(
         "--per-record", min=1, metavar="N", help="images per record when --input holds images")]
     = 1000,
+    label_key: Annotated[str | None, typer.Option(
+        "--label-key", metavar="KEY",
+        help="the key of a WebDataset sample's .json that holds its label (.cls, if there, "
+             "comes first) [default: label, then cls]")] = None,
+    image_column: Annotated[str | None, typer.Option(
+        "--image-column", metavar="NAME",
+        help="a Parquet table's image column [default: its one binary or {bytes, path} "
+             "column]")] = None,
+    label_column: Annotated[str | None, typer.Option(
+        "--label-column", metavar="NAME",
+        help="a Parquet table's integer label column [default: its ClassLabel, else 'label']")]
+    = None,
+    id_column: Annotated[str | None, typer.Option(
+        "--id-column", metavar="NAME",
+        help="a Parquet table's id column, the rows' id [default: the row's index]")] = None,
     model: ModelOpt = None,
     preset: PresetOpt = None,
     cuts: CutsOpt = None,
@@ -286,7 +301,9 @@ def run(
             concurrency=concurrency, retries=retries, say=lambda m: say(m, err=True),
             quantize=quantize, weights=weights, calibration_images=calibration_images,
             per_record=per_record, input_options=parse_options(store_option),
-            transform=transform, softmax=softmax, save_scores=save_scores)
+            transform=transform, softmax=softmax, save_scores=save_scores,
+            label_key=label_key,
+            columns={"image": image_column, "label": label_column, "id": id_column})
         if plan is not None:  # the prediction beside the measurement, in its report
             st.put_bytes(JobLayout(job).plan, plan.read_bytes())
         return made

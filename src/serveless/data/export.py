@@ -1,10 +1,11 @@
 """A job's predictions as one table (Parquet, CSV or JSONL), as Ray Data users write them.
 
 One row per input image, in record then index order, with the same columns whatever the
-format: record, index, filename, label, class_name, top5 (class ids), top5_scores, scores
-(what the scores are: probs, softmax(logits), logits), error (the reason an image failed,
-else null); with `with_scores`, also `all_scores` (the model's whole output row, from the
-job's `scores/` objects, which `run --save-scores` writes).
+format: record, index, filename, id (the source's id of the image, to join results back to
+the user's table with: data/predictions.py), label, class_name, top5 (class ids),
+top5_scores, scores (what the scores are: probs, softmax(logits), logits), error (the
+reason an image failed, else null); with `with_scores`, also `all_scores` (the model's
+whole output row, from the job's `scores/` objects, which `run --save-scores` writes).
 
 Parquet needs pyarrow, an optional dependency (`pip install 'serveless[parquet]'`): only the
 driver exports, and the functions' runtime (a Lambda image) should not carry ~100 MB it
@@ -23,10 +24,10 @@ import numpy as np
 
 from ..errors import ExportError, StoreError
 from ..store import JobLayout, Store
-from .predictions import prediction_keys, record_of, record_rows
+from .predictions import prediction_keys, record_of, record_rows, row_id
 
 FORMATS = ("parquet", "csv", "jsonl")
-COLUMNS = ("record", "index", "filename", "label", "class_name", "top5", "top5_scores",
+COLUMNS = ("record", "index", "filename", "id", "label", "class_name", "top5", "top5_scores",
            "scores", "error")
 
 
@@ -38,6 +39,7 @@ def table_row(row: dict[str, Any]) -> dict[str, Any]:
         "record": row["record"],
         "index": int(row["index"]),
         "filename": row.get("filename"),
+        "id": row_id(row),
         "label": row.get("label"),
         "class_name": row.get("class_name"),
         "top5": row.get("top5"),
@@ -129,8 +131,13 @@ def _parquet(rows: list[dict[str, Any]], with_scores: bool) -> bytes:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise ExportError("Parquet needs pyarrow: pip install 'serveless[parquet]'") from exc
+    # ids are numbers when every one is (a table's integer ids join as they are), else text
+    numeric = bool(rows) and all(isinstance(r["id"], int) for r in rows)
+    if not numeric:
+        rows = [{**r, "id": None if r["id"] is None else str(r["id"])} for r in rows]
     fields = [("record", pa.string()), ("index", pa.int64()), ("filename", pa.string()),
-              ("label", pa.int64()), ("class_name", pa.string()),
+              ("id", pa.int64() if numeric else pa.string()), ("label", pa.int64()),
+              ("class_name", pa.string()),
               ("top5", pa.list_(pa.int64())), ("top5_scores", pa.list_(pa.float64())),
               ("scores", pa.string()), ("error", pa.string())]
     if with_scores:

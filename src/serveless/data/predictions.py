@@ -3,8 +3,13 @@ reads (the summary's accuracy, `jobs`, `export`, the tests).
 
 A job's predictions are `<job>/predictions/<record>.jsonl`, one JSON object per line:
 
-    {"record", "index", "filename", "label", ["class_name",] "top5",
+    {"record", "index", "filename", "id", "label", ["class_name",] "top5",
      "probs" | "logits", "scores", "error"}
+
+`id` is the source's own id for the image, the key a user joins results back to their
+table with: a WebDataset sample's key, a TFRecord's `image/source_id` when it has one, else
+the image's filename (a folder's file path, as packed). Rows of jobs from before ids had
+none; their readers take the filename (`row_id`).
 
 `scores` says what the values are: `probs` (the model ends in a softmax), `softmax(logits)`
 (the function applied it), or `logits`. A failed image has its row too, with `top5` and the
@@ -39,13 +44,15 @@ def softmax(x: np.ndarray) -> np.ndarray:
 def prediction_row(
     record: str, index: int, filename: str, label: int, top: np.ndarray | None,
     values: np.ndarray | None, error: dict[str, str] | None, scores: str = "probs",
-    classes: list[str] | None = None,
+    classes: list[str] | None = None, id: str | int | None = None,
 ) -> dict[str, Any]:
-    """A row; values go under "probs" when they are probabilities, else under "logits"."""
+    """A row; values go under "probs" when they are probabilities, else under "logits".
+    `id`: the source's id of the image; None gives the filename."""
     row: dict[str, Any] = {
         "record": record,
         "index": index,
         "filename": filename,
+        "id": filename if id is None else id,
         "label": None if label < 0 else int(label),
     }
     if classes is not None:
@@ -83,9 +90,19 @@ def parse_meta(data: bytes, where: str) -> dict[str, Any]:
           and isinstance(meta.get("errors", {}), dict)
           and len(meta["filenames"]) == len(meta["labels"]) == meta["n"]
           and all(isinstance(x, int) for x in meta["labels"]))
+    ids = meta.get("ids") if ok else None
+    if ids is not None and not (isinstance(ids, list) and len(ids) == meta["n"] and all(
+            isinstance(x, str) or (isinstance(x, int) and not isinstance(x, bool))
+            for x in ids)):
+        ok = False
     if not ok:
-        raise ValueError(f"{where}: not a record's meta (n, filenames, labels, errors)")
+        raise ValueError(f"{where}: not a record's meta (n, filenames, labels, ids, errors)")
     return meta
+
+
+def row_id(row: dict[str, Any]) -> str | int | None:
+    """A row's id: its own, or the filename in rows written before rows carried ids."""
+    return row["id"] if "id" in row else row.get("filename")
 
 
 def prediction_keys(store: Store, job: str) -> list[str]:

@@ -52,6 +52,8 @@ MAX_RECORD_BYTES = 1 << 30
 FEATURE_ENCODED = "image/encoded"
 FEATURE_FILENAME = "image/filename"
 FEATURE_LABEL = "image/class/label"
+FEATURE_ID = "image/source_id"  # the source's id (TF's object detection shards name it so)
+FEATURE_ERROR = "serveless/error"  # why an entry holds no image (fetch failed, null cell)
 
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
@@ -151,7 +153,9 @@ ExamplePB = _message_class("Example")
 
 @dataclass(frozen=True)
 class Example:
-    """One image as stored in a record: the file's bytes as-is, its name, its label.
+    """One image as stored in a record: the file's bytes as-is, its name, its label, the
+    source's id when it is not the name (a table's id column or row, a manifest's), and why
+    there is no image when there is none (an unreachable URL: its row says so).
 
     Read from a record file, `encoded` is a view into the entry's buffer (bytes-like, not
     copied); decoded from bytes, it is bytes."""
@@ -159,6 +163,8 @@ class Example:
     encoded: bytes | memoryview
     filename: str = ""
     label: int = -1  # -1 when unknown
+    id: str | int | None = None  # None: the filename is the id
+    error: str = ""  # set: the entry is an error row, not an image to decode
 
 
 def encode_example(ex: Example) -> bytes:
@@ -172,6 +178,12 @@ def encode_example(ex: Example) -> bytes:
     feature[FEATURE_FILENAME].bytes_list.value.append(ex.filename.encode("utf-8"))
     if ex.label != -1:
         feature[FEATURE_LABEL].int64_list.value.append(ex.label)
+    if isinstance(ex.id, int) and not isinstance(ex.id, bool):
+        feature[FEATURE_ID].int64_list.value.append(ex.id)
+    elif ex.id is not None:
+        feature[FEATURE_ID].bytes_list.value.append(str(ex.id).encode("utf-8"))
+    if ex.error:
+        feature[FEATURE_ERROR].bytes_list.value.append(ex.error.encode("utf-8"))
     return msg.SerializeToString(deterministic=True)
 
 
@@ -211,16 +223,25 @@ def decode_example(data: bytes | memoryview, path: str = "<record>",
             raise RecordError(path, offset, f"feature {key} has {len(values)} values, expected one")
         return values[0] if values else None
 
+    def text(value: Any) -> str:
+        # Names are metadata only: a stray non-UTF-8 byte must not cost the image.
+        return bytes(value).decode("utf-8", errors="replace") if value else ""
+
     encoded = single(FEATURE_ENCODED, "bytes_list")
-    if encoded is None:
+    error = single(FEATURE_ERROR, "bytes_list")
+    if encoded is None and error is None:
         raise RecordError(path, offset, f"missing feature {FEATURE_ENCODED}")
     filename = single(FEATURE_FILENAME, "bytes_list")
     label = single(FEATURE_LABEL, "int64_list")
+    kind = features.get(FEATURE_ID, (None, []))[0]  # an id is a number or a name
+    source_id = single(FEATURE_ID, kind) if kind in ("int64_list", "bytes_list") else None
     return Example(
-        encoded=bytes(encoded) if isinstance(data, bytes) else encoded,
-        # Names are metadata only: a stray non-UTF-8 byte must not cost the image.
-        filename=bytes(filename).decode("utf-8", errors="replace") if filename else "",
+        encoded=b"" if encoded is None else bytes(encoded) if isinstance(data, bytes) else encoded,
+        filename=text(filename),
         label=-1 if label is None else int(label),
+        id=None if source_id is None else (int(source_id) if kind == "int64_list"
+                                           else text(source_id)),
+        error=text(error),
     )
 
 

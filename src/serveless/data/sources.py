@@ -3,6 +3,7 @@
 A source is a local folder, a glob, a single file or an fsspec URL (``s3://bucket/prefix``).
 Each file is classified by its first bytes: a TFRecord file is one whose first entry's
 length CRC is valid (TensorFlow's own shards, named ``train-00000-of-01024``, are records),
+a WebDataset shard one whose first tar header is (formats.py: every format of records),
 an image is one whose signature is JPEG, PNG, WebP, BMP, TIFF or GIF, and anything else is
 skipped with its reason. Images in subfolders are labelled by folder, as in torchvision's
 ImageFolder (label = index of the subfolder among all subfolders sorted by name).
@@ -16,26 +17,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from ..errors import RecordError, SourceError
 from ..store import file_md5
-from ..store.layout import LABELS_FILE, RECORD_SUFFIX, record_key, record_name
+from ..store.layout import LABELS_FILE, RECORD_SUFFIXES, record_key, record_name
+from .formats import FORMATS, HEAD_BYTES, TFRECORD, detect
 from .images import EMPTY_FILE, IMAGE_FORMATS, NOT_AN_IMAGE, sniff_image
+from .parquet import is_parquet_head
 from .predictions import parse_classes
-from .records import Example, count_examples, iter_record, masked_crc32c, write_record
+from .records import Example, count_examples, iter_record, write_record
 
 T = TypeVar("T")
 
 if TYPE_CHECKING:
     from ..store import Store
 
-_HEAD = 16
-NOT_A_RECORD = "not a TFRecord file (the first entry's length CRC does not match)"
+_HEAD = HEAD_BYTES
+NOT_A_RECORD = f"not {TFRECORD.description}"
+NOT_A_SOURCE = f"{NOT_AN_IMAGE} and not a record (a TFRecord file or a tar shard)"
 NOT_UTF8 = "its name is not valid UTF-8 (rename the file to serve it)"
 
 
@@ -48,6 +51,7 @@ class InputFile:
     rel: str  # '/'-separated, relative to the input's root: the image's filename in rows
     shown: str
     size: int
+    format: str = "tfrecord"  # a record's format (formats.py), when it is a record
 
     def open(self) -> IO[bytes]:
         return self.fs.open(self.path, "rb")
@@ -71,8 +75,9 @@ class InputFile:
 
     @property
     def record_name(self) -> str:
-        """The record's name in the job: the file name without a .tfrecord suffix."""
-        return record_name(self.rel)
+        """The record's name in the job: the file name without its format's suffix
+        (`.tfrecord`; `.tar`, `.tar.gz`, `.tgz`)."""
+        return record_name(self.rel, self.format)
 
 
 @dataclass
@@ -85,6 +90,12 @@ class Inputs:
     classes: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file as shown, reason)
     labels_file: InputFile | None = None
+    tables: list[InputFile] = field(default_factory=list)  # Parquet image tables (parquet.py)
+
+    @property
+    def record_format(self) -> str:
+        """The format of the records (scan_inputs refuses a mix): "tfrecord" when none."""
+        return self.records[0].format if self.records else TFRECORD.name
 
 
 def walk_files(root: str | Path) -> Iterator[tuple[str, int]]:
@@ -121,14 +132,6 @@ def _utf8(name: str) -> bool:
 def _printable(name: str) -> str:
     """A file name with its undecodable bytes shown as \\xNN, for a message."""
     return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-
-def is_record_head(head: bytes) -> bool:
-    """Whether bytes start like a TFRecord file: a length whose masked CRC32C follows it."""
-    if len(head) < 12:
-        return False
-    (crc,) = struct.unpack("<I", head[8:12])
-    return masked_crc32c(head[:8]) == crc
 
 
 def _is_glob(text: str) -> bool:
@@ -234,15 +237,30 @@ def scan_inputs(source: str, options: dict[str, Any] | None = None) -> Inputs:
             out.skipped.append((f.shown, EMPTY_FILE))
             continue
         head = f.head()
-        if is_record_head(head):
-            out.records.append(f)
+        fmt = detect(head)
+        meant = [g for g in FORMATS.values() if rel.endswith(g.user_suffixes)]
+        if fmt is not None:
+            out.records.append(replace(f, format=fmt.name))
         elif sniff_image(head) is not None:
             label = index.get(rel.split("/", 1)[0], -1) if "/" in rel else -1
             out.images.append((f, label))
-        elif rel.endswith(RECORD_SUFFIX):
-            raise RecordError(f.shown, 0, NOT_A_RECORD)
+        elif is_parquet_head(head):
+            out.tables.append(f)
+        elif rel.endswith(".parquet"):
+            raise SourceError(f"{f.shown}: not a Parquet file (no PAR1 magic at its start)")
+        elif meant:  # named as a record: the user meant it as one
+            raise RecordError(f.shown, 0, f"not {meant[0].description}")
         else:
-            out.skipped.append((f.shown, f"{NOT_AN_IMAGE} and not a TFRecord file"))
+            out.skipped.append((f.shown, NOT_A_SOURCE))
+    kinds = sorted({f.format for f in out.records})
+    if len(kinds) > 1:
+        raise SourceError(f"{source} holds records of two formats ({' and '.join(kinds)}); "
+                          "a job reads one: give a folder of one kind")
+    if out.tables and (out.records or out.images):
+        raise SourceError(f"{source} holds Parquet tables ({len(out.tables)}) and "
+                          f"{'records' if out.records else 'images'}; give a folder of one kind")
+    if out.tables:
+        return out
     if out.records and out.images:
         raise SourceError(f"{source} holds both records ({len(out.records)}) and images "
                           f"({len(out.images)}); give a folder of one kind")
@@ -258,7 +276,8 @@ def scan_inputs(source: str, options: dict[str, Any] | None = None) -> Inputs:
 
 
 def check_records(records: list[InputFile]) -> dict[str, int]:
-    """Every record's framing (lengths, their CRCs, truncation), before anything runs.
+    """Every record's framing (lengths, their CRCs, truncation; a shard's tar headers and
+    end), before anything runs.
 
     Returns images per record name; a RecordError names the user's file and byte offset.
     Names must be distinct: they name the record's objects in the job.
@@ -272,7 +291,7 @@ def check_records(records: list[InputFile]) -> dict[str, int]:
                               "records of one job need distinct file names")
         first[name] = f.shown
         with f.open() as src:
-            counts[name] = count_examples(src, f.shown)
+            counts[name] = FORMATS[f.format].count(src, f.shown)
     return counts
 
 
@@ -281,11 +300,13 @@ class _Tee:
 
     def __init__(self, src: IO[bytes], dst: IO[bytes]):
         self.src, self.dst = src, dst
+        self.copied = 0
 
     def read(self, n: int = -1) -> bytes:
         data = self.src.read(n)
         if data:
             self.dst.write(data)
+            self.copied += len(data)
         return data
 
     def tell(self) -> int:
@@ -293,12 +314,26 @@ class _Tee:
 
 
 def copy_record(f: InputFile, store: Store, key: str) -> int:
-    """Copy a record into the store, checking every CRC and example on the way.
+    """Copy a record into the store as it is, checking it on the way: a TFRecord's every
+    CRC and example; a shard's bytes, which `check_records` walked, must be as many as
+    listed (tar has no checksum of its data to check). Returns the bytes copied.
 
     The object appears only if the whole file is sound; errors name the user's file.
     """
     with f.open() as src, store.writer(key) as out:
-        return sum(1 for _ in iter_record(_Tee(src, out), f.shown))  # type: ignore[arg-type]
+        if f.format == TFRECORD.name:
+            tee = _Tee(src, out)
+            for _ in iter_record(tee, f.shown):  # type: ignore[arg-type]
+                pass
+            return tee.copied
+        copied = 0
+        while chunk := src.read(1 << 22):
+            out.write(chunk)
+            copied += len(chunk)
+        if copied != f.size:
+            raise SourceError(f"{f.shown} changed while it was copied ({f.size} bytes "
+                              f"listed, {copied} read); run again")
+        return copied
 
 
 # -- images ----------------------------------------------------------------------------------
@@ -328,17 +363,38 @@ def pack_images(
     Packed to a local temporary file first, so `exists(key, size, md5)` can tell that the
     same record is already in the store (a re-run of the same command) and skip the upload.
     """
-    import tempfile
-
     if per_record < 1:
         raise SourceError(f"--per-record must be >= 1, got {per_record}")
+    return pack_examples((Example(f.read(), f.rel, label) for f, label in images), store,
+                         prefix, per_record, progress, exists)
+
+
+def pack_examples(
+    examples: Iterator[Example],
+    store: Store,
+    prefix: str,
+    per_record: int,
+    progress: Callable[[int], None] | None = None,
+    exists: Callable[[str, int, Callable[[], str]], bool] | None = None,
+) -> list[str]:
+    """Examples as they come (a folder's images, a table's rows), `per_record` to a record
+    ``<prefix>/<00000..>.tfrecord``; returns the names. One record's examples are read at
+    a time, so a source of any size streams through."""
+    import itertools
+    import tempfile
+
     names: list[str] = []
-    for name, key, chunk in record_chunks(images, per_record, prefix):
-        examples = (Example(f.read(), f.rel, label) for f, label in chunk)
+    for n in itertools.count():
+        chunk = itertools.islice(examples, per_record)
+        first = next(chunk, None)
+        if first is None:
+            break
+        name = f"{n:05d}"
+        key = record_key(prefix, name)
         fd, tmp = tempfile.mkstemp(prefix="serveless-pack-")
         try:
             with os.fdopen(fd, "wb") as out:
-                written = write_record(out, examples)
+                written = write_record(out, itertools.chain([first], chunk))
             if exists is None or not exists(key, os.path.getsize(tmp),
                                             lambda tmp=tmp: file_md5(tmp)):
                 store.put_file(tmp, key)
@@ -379,12 +435,12 @@ def records_in(store: Store) -> list[str]:
     found = []
     for key in store.list(""):
         name = key.rsplit("/", 1)[-1]
-        if name == LABELS_FILE or name.endswith(RECORD_SUFFIX):
+        if name == LABELS_FILE or name.endswith(tuple(RECORD_SUFFIXES.values())):
             found.append(key)
             continue
         try:
             with store.open_read(key) as f:
-                if is_record_head(bytes(f.read(_HEAD))):
+                if detect(bytes(f.read(_HEAD))) is not None:
                     found.append(key)
         except (OSError, IsADirectoryError, ValueError):
             continue  # a folder, or unreadable: not a record of ours
@@ -405,9 +461,9 @@ def pack_source(
     if per_record < 1:
         raise SourceError(f"--per-record must be >= 1, got {per_record}")
     inputs = scan_inputs(src, options)
-    if inputs.records:
-        raise SourceError(f"{src} holds records, not images; a job reads them as they are "
-                          "(run --input)")
+    if inputs.records or inputs.tables:
+        raise SourceError(f"{src} holds {'records' if inputs.records else 'Parquet tables'}, "
+                          "not images; a job reads them as they are (run --input)")
     old = records_in(dest)
     if old and not overwrite:
         raise SourceError(f"{dest.url} already holds {len(old)} records or labels files; "
@@ -432,17 +488,22 @@ def pack(
     ``<prefix>/<00000..>.tfrecord`` of the store; returns the record names in order. A
     source that holds records is refused: they are served as they are."""
     inputs = scan_inputs(str(source), options)
-    if inputs.records:
-        raise SourceError(f"{source} holds records, not images; a job reads them as they are "
-                          "(run --input)")
+    if inputs.records or inputs.tables:
+        raise SourceError(f"{source} holds {'records' if inputs.records else 'tables'}, not "
+                          "images; a job reads them as they are (run --input)")
     return pack_images(inputs.images, store, prefix, per_record, progress=progress)
 
 
 def find_records(source: str) -> list[str]:
-    """Local record files named by a folder or a glob, found by content, sorted."""
+    """Local TFRecord files named by a folder or a glob, found by content, sorted; shards
+    are refused with a message saying so, not read as broken TFRecords."""
     inputs = scan_inputs(source)
     if not inputs.records:
-        raise SourceError(f"no records at {source!r} (it holds images: use run --input)")
+        raise SourceError(f"no records at {source!r} (it holds images or tables: use run "
+                          "--input)")
+    if inputs.record_format != TFRECORD.name:  # calibrate, partition, experiments, --plan
+        raise SourceError(f"{source} holds {inputs.record_format} shards; this reads TFRecord "
+                          "files (a job serves shards as they are: run --input without --plan)")
     return [f.path for f in inputs.records]
 
 

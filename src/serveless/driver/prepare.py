@@ -15,7 +15,7 @@ from typing import Any
 from ..data.tensors import TensorFormat
 from ..errors import JobError
 from ..store import JobLayout, Store
-from ..store.layout import RECORD_SUFFIX, record_name
+from ..store.layout import record_name, record_suffix
 from .log import save_driver_requests
 from .spec import (
     DEFAULT_CONCURRENCY,
@@ -110,6 +110,8 @@ def prepare_job(
     save_scores: bool | None = None,
     progress: Callable[[int], None] | None = None,
     records_placed: bool = False,
+    label_key: str | None = None,
+    columns: dict[str, str | None] | None = None,
 ) -> JobSpec:
     """Validate everything, partition the model, and lay the job out in the store.
 
@@ -128,13 +130,19 @@ def prepare_job(
 
     `records` (run --input) is a folder, glob or URL of records or of plain images, told
     apart by content (sources.py); images are packed into the job's own records of
-    `per_record`. Every record's framing is checked before anything is written.
+    `per_record`; records (TFRecord files, WebDataset shards) are copied as they are, and a
+    job's records are all of one format. Every record's framing is checked before anything
+    is written. `label_key`: the key of a shard's .json member that holds the label.
+    Parquet image tables are packed into records as images are, their columns chosen by
+    `columns` ({"image", "label", "id"}: --image-column, …) or found (data/parquet.py).
     """
     from ..data.images import make_transform
+    from ..data.parquet import check_tables, table_examples
     from ..data.sources import (
         check_records,
         copy_record,
         labels_json,
+        pack_examples,
         pack_images,
         read_labels,
         scan_inputs,
@@ -194,6 +202,7 @@ def prepare_job(
         transform=_given(transform, old, "transform", default_transform),
         scores=scores, fixed_batch=fixed_batch,
         save_scores=_given(save_scores, old, "save_scores", False),
+        label_key=_given(label_key, old, "label_key", ""),
     )
     if old is not None:
         check_resumable(old, asked)
@@ -204,18 +213,23 @@ def prepare_job(
     try:
         inputs = scan_inputs(records, input_options) if records else None
         counts = check_records(inputs.records) if inputs else {}
+        tables = (check_tables(inputs.tables, **(columns or {}))
+                  if inputs and inputs.tables else None)
     except SourceError as exc:
         raise JobError(str(exc)) from exc
     if inputs and inputs.skipped:
         say(f"skipped {len(inputs.skipped)} files of {records} (neither records nor images):")
         for name, reason in inputs.skipped:
             say(f"  {name}: {reason}")
-    existing = {record_name(k) for k in store.list(layout.records_prefix, RECORD_SUFFIX)}
+    record_format = _record_format(inputs, old, job)
+    asked.record_format = record_format
+    existing = {record_name(k, record_format)
+                for k in store.list(layout.records_prefix, record_suffix(record_format))}
 
     def same(key: str, size: int, md5: Callable[[], str]) -> bool:
         """A record already in the job: fine if it has the same bytes (size, then MD5: a
         changed record of the same size too), refused if not."""
-        name = record_name(key)
+        name = record_name(key, record_format)
         if name not in existing:
             return False
         if store.size(key) != size or store.content_md5(key) != md5():
@@ -226,8 +240,8 @@ def prepare_job(
     new = []
     if inputs:
         new = [f for f in inputs.records
-               if not same(layout.record(f.record_name), f.size, f.md5)]
-    if not counts and not (inputs and inputs.images) and not existing:
+               if not same(layout.record(f.record_name, record_format), f.size, f.md5)]
+    if not counts and not (inputs and (inputs.images or inputs.tables)) and not existing:
         raise JobError(f"job {job!r} has no records: pass --input")
     where = f"at {','.join(cut_list)}" if cut_list else "as one stage (no cuts)"
     label = f"{model} {where}"
@@ -240,7 +254,7 @@ def prepare_job(
         nonlocal names, classes
         if inputs and inputs.records:
             for f in new:
-                copy_record(f, store, layout.record(f.record_name))
+                copy_record(f, store, layout.record(f.record_name, record_format))
             names |= set(counts)
             if inputs.labels_file is not None:
                 classes = read_labels(inputs.labels_file.read(), inputs.labels_file.shown)
@@ -249,6 +263,14 @@ def prepare_job(
             names |= set(pack_images(inputs.images, store, layout.records_prefix, per_record,
                                      progress=progress, exists=same))
             classes = inputs.classes or None
+        elif inputs and tables is not None:
+            table_columns, rows, table_classes = tables
+            say(f"packing {rows} rows of {len(inputs.tables)} tables into records of "
+                f"{per_record}…")
+            names |= set(pack_examples(table_examples(inputs.tables, table_columns), store,
+                                       layout.records_prefix, per_record, progress=progress,
+                                       exists=same))
+            classes = table_classes
 
     if asked.precision == "fp32":
         # shared by jobs of the same model and cuts: partitioned (which checks equivalence
@@ -256,6 +278,10 @@ def prepare_job(
         models = ensure_stage_models(store, onnx_model, cut_list, partition, say=say,
                                      label=label, model_hash=model_hash, expect=expect)
     else:  # calibration reads the job's records: upload them first
+        if record_format != "tfrecord":
+            raise JobError(f"--quantize and --weights calibrate on TFRecords; this job's "
+                           f"records are {record_format} shards (pack their images with "
+                           "`serveless pack` first)")
         if new:
             say(f"uploading {len(new)} records ({record_mb:,.1f} MB)…")
         upload_inputs()
@@ -316,6 +342,21 @@ def _reduce_precision(store: Store, layout: JobLayout, old: JobSpec | None, aske
 
 def _quiet(_: str) -> None:
     pass
+
+
+def _record_format(inputs: Any, old: JobSpec | None, job: str) -> str:
+    """The format of the job's records: the input's records' (images are packed into
+    TFRecords), else the job's own; a job's records are of one format, whatever resumes."""
+    if inputs is not None and inputs.records:
+        found = inputs.record_format
+    elif inputs is not None:
+        found = "tfrecord"  # images, packed
+    else:
+        return old.record_format if old is not None else "tfrecord"
+    if old is not None and old.records and old.record_format != found:
+        raise JobError(f"job {job!r} holds {old.record_format} records; its --input holds "
+                       f"{found} records or images: give a new --job")
+    return found
 
 
 def _given(value: Any, old: JobSpec | None, name: str, default: Any) -> Any:

@@ -21,7 +21,7 @@ from ..cost import check_memory
 from ..data.tensors import TensorFormat
 from ..errors import JobError, StoreError
 from ..store import JobLayout, Store
-from ..store.layout import record_file, record_name, stage_key
+from ..store.layout import RECORD_SUFFIXES, record_file, record_name, stage_key
 
 DEFAULT_MEMORY_MB = 1769
 DEFAULT_MICRO_BATCH = 32
@@ -34,7 +34,7 @@ MAY_CHANGE_ON_RESUME = ("memory", "concurrency", "retries")
 # named, added to, or derived (from the model, from the stage store, or from labels found
 # with the inputs)
 NOT_ASKED = ("job", "records", "version", "input_hw", "preprocess", "quantize", "models",
-             "classes", "fixed_batch")
+             "classes", "fixed_batch", "record_format")
 
 
 @dataclass
@@ -60,6 +60,8 @@ class JobSpec:
     classes: bool = False  # <job>/labels.json holds the class names of the labels
     fixed_batch: int | None = None  # the model's batch size when it could not be made dynamic
     save_scores: bool = False  # the last stage also writes <job>/scores/<r>.npy
+    record_format: str = "tfrecord"  # the records' format (data/formats.py): found, not asked
+    label_key: str = ""  # a WebDataset sample's .json key of its label; "": label, then cls
     version: str = __version__
 
     @property
@@ -99,6 +101,7 @@ _SPEC_TYPES: dict[str, Any] = {
     "records": list, "input_hw": list, "concurrency": int, "retries": int,
     "preprocess": dict, "precision": str, "quantize": dict, "models": str, "transform": dict,
     "scores": str, "classes": bool, "save_scores": bool, "version": str,
+    "record_format": str, "label_key": str,
 }
 
 
@@ -119,6 +122,8 @@ def _spec_problem(data: Any, job: str) -> str | None:
     unsafe = [r for r in data.get("records", []) if record_name(record_file(r)) != r]
     if unsafe:  # every key of a record is made from its name: it must stay in the job
         return f"record name {unsafe[0]!r} is not one a job makes"
+    if data.get("record_format", "tfrecord") not in RECORD_SUFFIXES:
+        return f"record_format {data['record_format']!r} is not one of {tuple(RECORD_SUFFIXES)}"
     if len(data["memory"]) != len(data["cuts"]) + 1 or not all(
             isinstance(m, int) and not isinstance(m, bool) for m in data["memory"]):
         return "memory must be one whole number of MB per stage"
@@ -169,6 +174,8 @@ def flag(name: str, value: Any) -> str:
                 f"--std {nums(map(str, value['std']))}")
     if name == "scores":
         return f"--softmax giving {value}"
+    if name == "label_key":
+        return f"--label-key {value}" if value else "no --label-key"
     if name == "save_scores":
         return "--save-scores" if value else "--no-save-scores"
     if name == "format":

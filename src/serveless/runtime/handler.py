@@ -126,7 +126,7 @@ def _serve(ev: Event, store: Store, layout: JobLayout, fmt: TensorFormat, sessio
     last = ev.stage == ev.stages - 1
 
     if ev.stage == 0:
-        in_key = layout.record(ev.record)
+        in_key = layout.record(ev.record, ev.record_format)
     else:
         in_key = layout.stage_output(ev.stage - 1, ev.record, fmt.suffix)
 

@@ -75,21 +75,30 @@ def image_blocks(
 ) -> tuple[int, Iterator[np.ndarray], dict[str, Any]]:
     """Decode a record's images micro-batch by micro-batch; broken images become zero rows.
 
+    The record is read through its format (data/formats.py: a TFRecord file or a WebDataset
+    shard). An entry that holds no image (a shard's sample without an image member) is an
+    error row as a broken image is, with its reason, and is not decoded. The meta keeps
+    every image's name, label and id (the source's: a shard's key, a TFRecord's
+    image/source_id, else the name), which the last stage writes into its rows.
+
     The images of a micro-batch are decoded on `ev.threads` threads (the function's vCPUs):
     libjpeg-turbo, Pillow's resize and numpy release the GIL, so they run in parallel.
     """
+    from ..data.formats import get_format
     from ..data.images import DECODE_SHARE, preprocess
-    from ..data.records import count_examples, iter_record
 
+    fmt = get_format(ev.record_format)
     budget = DECODE_SHARE * ev.memory_mb * 2**20  # one image's decode, at most
-    n = count_examples(src, key)
-    src.seek(0)  # a local file (see _Input): no second fetch
-    meta: dict[str, Any] = {"n": n, "filenames": [], "labels": [], "errors": {}}
+    n, examples = fmt.read(src, key, {"label_key": ev.label_key})  # a local file: one fetch
+    meta: dict[str, Any] = {"n": n, "filenames": [], "labels": [], "ids": [], "errors": {}}
     tf = ev.transform or {}
     mean, std = tf.get("mean"), tf.get("std")
     resize = tf.get("resize") or ev.preprocess.get("resize")  # asked, else the model's own
 
-    def decode(batch: np.ndarray, row: int, data: bytes) -> dict[str, str] | None:
+    def decode(batch: np.ndarray, row: int, data: bytes | str) -> dict[str, str] | None:
+        if isinstance(data, str):  # no image to decode: the entry says why
+            batch[row] = 0.0
+            return {"type": "MissingImage", "message": data}
         try:
             preprocess(data, ev.size, resize=resize, max_pixels=ev.max_pixels, mean=mean,
                        std=std, out=batch[row], max_decode_bytes=budget)
@@ -98,7 +107,8 @@ def image_blocks(
             batch[row] = 0.0
             return {"type": type(exc).__name__, "message": str(exc)}
 
-    def fill(pool: ThreadPoolExecutor | None, first: int, encoded: list[bytes]) -> np.ndarray:
+    def fill(pool: ThreadPoolExecutor | None, first: int,
+             encoded: list[bytes | str]) -> np.ndarray:
         batch = np.empty((len(encoded), 3, *ev.size), np.float32)
         rows = range(len(encoded))
         if pool is None:
@@ -113,13 +123,14 @@ def image_blocks(
     def blocks() -> Iterator[np.ndarray]:
         pool = ThreadPoolExecutor(ev.threads, "serveless-decode") if ev.threads > 1 else None
         try:
-            encoded: list[bytes] = []
+            encoded: list[bytes | str] = []
             first = 0
             t = time.perf_counter()
-            for ex in iter_record(src, key):
+            for ex in examples:
                 meta["filenames"].append(ex.filename)
                 meta["labels"].append(ex.label)
-                encoded.append(ex.encoded)
+                meta["ids"].append(ex.filename if ex.id is None else ex.id)
+                encoded.append(ex.error or ex.encoded)
                 if len(encoded) == ev.micro_batch:
                     batch = fill(pool, first, encoded)
                     first += len(encoded)

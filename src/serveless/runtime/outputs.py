@@ -89,6 +89,9 @@ def write_predictions(
     MAX_FAILED_LISTED with their reasons, for the log and the summary)."""
     errors = meta.get("errors", {})
     filenames, labels = meta["filenames"], meta["labels"]
+    # A meta written before ids has none: the filename is the id. Not `get("ids") or`: a
+    # one-stage job's meta fills as its blocks are decoded, so the list is empty here.
+    ids = meta["ids"] if "ids" in meta else filenames
     index = 0
     failed: list[list[str]] = []
     hw: HashingWriter | None = None
@@ -113,7 +116,7 @@ def write_predictions(
                 lines.append(json.dumps(prediction_row(
                     record, index, filenames[index], label,
                     None if err else top[row], None if err else values[row, top[row]], err,
-                    scores, classes,
+                    scores, classes, ids[index],
                 )))
                 index += 1
             hw.write(("\n".join(lines) + "\n").encode())

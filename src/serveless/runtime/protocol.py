@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..data.predictions import SCORES
+from ..store.layout import RECORD_SUFFIXES
 
 OUT_OF_MEMORY = "OutOfMemory"
 TOO_MANY_REQUESTS = "TooManyRequests"  # Lambda's 429: refused, never ran, not billed
@@ -80,6 +81,8 @@ class Event:
     classes: bool = False  # the job has <job>/labels.json: rows get class_name
     save_scores: bool = False  # also write every image's whole score row (run --save-scores)
     call: str = ""  # this invocation's id: stored with its output, so resume can recover it
+    record_format: str = "tfrecord"  # the record's format (data/formats.py): tfrecord, webdataset
+    label_key: str = ""  # a shard's .json key holding the label (run --label-key); "": label, cls
 
     def to_dict(self) -> dict[str, Any]:
         """The event as JSON-safe data, for a backend to carry."""
@@ -103,6 +106,9 @@ class Event:
         if set(ev.preprocess) - {"resize"} or not (
                 resize is None or (isinstance(resize, int) and resize >= 1)):
             raise ValueError(f"preprocess must be {{'resize': int >= 1}}, got {ev.preprocess!r}")
+        if ev.record_format not in RECORD_SUFFIXES:
+            raise ValueError(f"record_format must be one of {tuple(RECORD_SUFFIXES)}, got "
+                             f"{ev.record_format!r}")
         if ev.scores not in SCORES:
             raise ValueError(f"scores must be one of {SCORES}, got {ev.scores!r}")
         return ev

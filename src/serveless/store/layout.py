@@ -4,7 +4,7 @@
 <store>/models/<digest>/stage-<k>.onnx[.data], manifest.json   shared stage models
 <store>/<job>/job.json, driver.json, lease                   what was asked; who runs it
 <store>/<job>/log/<run>-<n>.jsonl                             the invocation log, in segments
-<store>/<job>/records/<r>.tfrecord                            input records
+<store>/<job>/records/<r>.tfrecord | <r>.tar                  input records (shards as they are)
 <store>/<job>/stage-<k>/<r>.npy[.zst]; stage-0/<r>.meta.json  intermediates
 <store>/<job>/predictions/<r>.jsonl; scores/<r>.npy           outputs
 <store>/<job>/labels.json                                     class names of the labels
@@ -33,6 +33,11 @@ from pathlib import Path
 MODELS_PREFIX = "models"  # <store>/models/<digest>/: stage models shared by jobs
 CALIBRATION_PREFIX = "calibration"  # <store>/calibration/<model>.json
 RECORD_SUFFIX = ".tfrecord"
+SHARD_SUFFIX = ".tar"  # a WebDataset shard in a job, gzipped or not (told apart by content)
+RECORD_SUFFIXES = {"tfrecord": RECORD_SUFFIX, "webdataset": SHARD_SUFFIX}
+"""A record's suffix in a job, by its format (data/formats.py). A user's shard may end in
+`.tar.gz` or `.tgz` too; its record keeps `.tar`, since the reader tells gzip by content."""
+_USER_SUFFIXES = {"tfrecord": (RECORD_SUFFIX,), "webdataset": (".tar.gz", ".tgz", SHARD_SUFFIX)}
 LABELS_FILE = "labels.json"  # class names, index = label: beside packed records, in a job
 DATA_SUFFIX = ".data"  # a stage's weights, stored beside its graph as ONNX external data
 TEMP_PREFIX = ".serveless-tmp-"  # <folder>/.serveless-tmp-<id>: an object being written
@@ -90,9 +95,18 @@ def probe_key() -> str:
     return f".serveless-check-{uuid.uuid4().hex}"
 
 
-def record_file(name: str) -> str:
-    """A record's file name: `<name>.tfrecord`."""
-    return f"{name}{RECORD_SUFFIX}"
+def record_suffix(fmt: str = "tfrecord") -> str:
+    """The suffix of a record of format `fmt` in a job (`.tfrecord`, `.tar`)."""
+    try:
+        return RECORD_SUFFIXES[fmt]
+    except KeyError:
+        raise ValueError(f"unknown record format {fmt!r} (known: "
+                         f"{', '.join(RECORD_SUFFIXES)})") from None
+
+
+def record_file(name: str, fmt: str = "tfrecord") -> str:
+    """A record's file name: `<name>.tfrecord`, or `<name>.tar` for a WebDataset shard."""
+    return f"{name}{record_suffix(fmt)}"
 
 
 MAX_NAME_BYTES = 200
@@ -100,13 +114,18 @@ MAX_NAME_BYTES = 200
 `<name>.meta.json`, then stays within the 255 bytes most file systems allow."""
 
 
-def record_name(path: str) -> str:
-    """A record's name from its key or file name: the last part without `.tfrecord`, made
+def record_name(path: str, fmt: str = "tfrecord") -> str:
+    """A record's name from its key or file name: the last part without its format's
+    suffix (`.tfrecord`; `.tar`, `.tar.gz` or `.tgz` for a shard, one of them), made
     safe for every key it names: a name that starts with '.' (hidden, like a temporary
     object) gets a '_' in front, and one over MAX_NAME_BYTES keeps its start and gains 16
     hex digits of its SHA-256, so two long names stay two names. Idempotent: a key made
     from a safe name gives the same name back."""
-    name = Path(path).name.removesuffix(RECORD_SUFFIX)
+    name = Path(path).name
+    for suffix in _USER_SUFFIXES.get(fmt) or (record_suffix(fmt),):
+        if name.endswith(suffix):
+            name = name.removesuffix(suffix)
+            break
     if not name or name.startswith("."):
         name = "_" + name
     data = name.encode("utf-8", "surrogatepass")
@@ -117,10 +136,10 @@ def record_name(path: str) -> str:
     return f"{head}-{digest}"
 
 
-def record_key(prefix: str, name: str) -> str:
-    """`<prefix>/<name>.tfrecord` (just the file name under an empty prefix)."""
+def record_key(prefix: str, name: str, fmt: str = "tfrecord") -> str:
+    """`<prefix>/<name>.tfrecord` (`.tar` for a shard; the file name under an empty prefix)."""
     base = prefix.strip("/")
-    return f"{base}/{record_file(name)}" if base else record_file(name)
+    return f"{base}/{record_file(name, fmt)}" if base else record_file(name, fmt)
 
 
 def stage_file(k: int) -> str:
@@ -203,8 +222,9 @@ class JobLayout:
     def records_prefix(self) -> str:
         return self.key("records")
 
-    def record(self, name: str) -> str:
-        return record_key(self.records_prefix, name)
+    def record(self, name: str, fmt: str = "tfrecord") -> str:
+        """A record of the job: `records/<name>.tfrecord`, or `.tar` for a shard."""
+        return record_key(self.records_prefix, name, fmt)
 
     def stage_prefix(self, k: int) -> str:
         return self.key(f"stage-{k}")
