@@ -287,11 +287,13 @@ def _entry(n: int, row: dict[str, Any], f: ManifestFile, cols: ManifestColumns,
         data = _fetch(target, options)
     except Exception as exc:  # any failure is this entry's, never the job's
         return Example(b"", location, label, id=ident,
-                       error=f"{location}: cannot fetch {target}: {_why(exc)}")
+                       error=f"cannot fetch {target}: {_why(exc)}")
+    # the row's filename is the entry as written; say where it led when that differs
+    at = "" if target == location else f", at {target}"
     if not data:
-        return Example(b"", location, label, id=ident, error=f"{location}: {EMPTY_FILE}")
+        return Example(b"", location, label, id=ident, error=f"{EMPTY_FILE}{at}")
     if sniff_image(data[:16]) is None:
-        return Example(b"", location, label, id=ident, error=f"{location}: {NOT_AN_IMAGE}")
+        return Example(b"", location, label, id=ident, error=f"{NOT_AN_IMAGE}{at}")
     return Example(data, location, label, id=ident)
 
 
