@@ -245,3 +245,42 @@ def test_the_cli_refuses_a_manifest_without_a_location_column(tmp_path, model_pa
     assert proc.returncode == 2
     assert "give --url-column" in err and "Traceback" not in err
     assert snapshot(store) == {}
+
+
+def test_entries_are_fetched_in_parallel_a_bounded_window_ahead_in_order(tmp_path,
+                                                                         monkeypatch):
+    """Fetches overlap (up to `threads`), finish in any order, and come out in the
+    manifest's order, never more than a bounded window ahead of the packer."""
+    import threading
+    import time
+
+    from serveless.data import manifest as m
+
+    n, threads = 200, 4
+    (tmp_path / "m.csv").write_text("url\n" + "".join(f"e{i}.jpg\n" for i in range(n)))
+    lock = threading.Lock()
+    state = {"active": 0, "peak": 0, "fetched": 0}
+
+    def fetch(url: str, options: dict) -> bytes:
+        with lock:
+            state["active"] += 1
+            state["peak"] = max(state["peak"], state["active"])
+        time.sleep((hash(url) % 5) / 1000)  # finish out of order
+        with lock:
+            state["active"] -= 1
+            state["fetched"] += 1
+        return b"\xff\xd8\xff" + url.encode()
+
+    monkeypatch.setattr(m, "_fetch", fetch)
+    found = scan_inputs(str(tmp_path / "m.csv"))
+    cols = check_manifest(found.manifest, found.manifest_kind)
+    done: list[int] = []
+    seen = []
+    for ex in m.manifest_examples(found.manifest, cols, progress=done.append,
+                                  threads=threads):
+        assert state["fetched"] - len(seen) <= threads * (m.FETCH_AHEAD + 1)
+        seen.append(ex)
+    assert [bytes(e.encoded)[3:].decode() for e in seen] == [
+        str(tmp_path / f"e{i}.jpg") for i in range(n)]
+    assert [e.id for e in seen] == list(range(n)) and done == [1] * n
+    assert 2 <= state["peak"] <= threads

@@ -40,7 +40,7 @@ from ..errors import SourceError
 from .images import EMPTY_FILE, NOT_AN_IMAGE, sniff_image
 from .records import Example
 
-__all__ = ["FETCH_THREADS", "MANIFEST_SUFFIXES", "URL_NAMES", "ManifestColumns",
+__all__ = ["FETCH_AHEAD", "FETCH_THREADS", "MANIFEST_SUFFIXES", "URL_NAMES", "ManifestColumns",
            "check_manifest", "manifest_examples", "manifest_kind", "resolve_entry"]
 
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
@@ -49,7 +49,8 @@ URL_NAMES = ("url", "uri", "path", "key", "s3_uri", "image_url")
 FETCH_THREADS = 16
 """Images fetched at once: enough to hide an object store's latency (~20-50 ms a GET)
 behind each other, few enough not to be throttled or to hold much memory."""
-_AHEAD = 4  # fetches queued per thread: the pool never waits on the packer, memory bounded
+FETCH_AHEAD = 4
+"""Fetches queued per thread: the pool never waits on the packer, and memory is bounded."""
 _INTEGER = re.compile(r"[+-]?\d+")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -312,7 +313,7 @@ def manifest_examples(f: ManifestFile, cols: ManifestColumns,
         with f.open() as fh:
             for ordinal, (n, row) in enumerate(_rows(fh, cols.kind, f.shown)):
                 pending.append(pool.submit(_entry, n, row, f, cols, index, opts, ordinal))
-                while len(pending) > threads * _AHEAD:
+                while len(pending) > threads * FETCH_AHEAD:
                     yield _done(pending.popleft(), progress)
         while pending:
             yield _done(pending.popleft(), progress)
