@@ -195,11 +195,17 @@ def run(
              "column]")] = None,
     label_column: Annotated[str | None, typer.Option(
         "--label-column", metavar="NAME",
-        help="a Parquet table's integer label column [default: its ClassLabel, else 'label']")]
+        help="a Parquet table's integer label column [default: its ClassLabel, else 'label'], "
+             "or a manifest's (integers or class names) [default: 'label' if there]")]
     = None,
     id_column: Annotated[str | None, typer.Option(
         "--id-column", metavar="NAME",
-        help="a Parquet table's id column, the rows' id [default: the row's index]")] = None,
+        help="a table's or manifest's id column, the rows' id [default: the row's index]")]
+    = None,
+    url_column: Annotated[str | None, typer.Option(
+        "--url-column", metavar="NAME",
+        help="a manifest's (CSV or JSONL) column of image URLs or paths [default: its one "
+             "column named url, uri, path, key, s3_uri or image_url]")] = None,
     model: ModelOpt = None,
     preset: PresetOpt = None,
     cuts: CutsOpt = None,
@@ -283,7 +289,12 @@ def run(
         guarded(lambda: validate_job_name(job))
     transform = guarded(lambda: _transform(preprocess, resize, crop, mean, std))
     if records is not None:  # before a job is named or anything written
-        guarded(lambda: scan_inputs(records, parse_options(store_option)))
+        found = guarded(lambda: scan_inputs(records, parse_options(store_option)))
+        if found.manifest is not None:  # its columns and lines, before the lease is taken
+            from ..data.manifest import check_manifest
+
+            guarded(lambda: check_manifest(found.manifest, found.manifest_kind, url_column,
+                                           id_column, label_column))
     st, runner = _start(store, store_option, backend, backend_option,
                         concurrency or DEFAULT_CONCURRENCY, max_instances, keep_alive)
     if job is None:
@@ -303,7 +314,9 @@ def run(
             per_record=per_record, input_options=parse_options(store_option),
             transform=transform, softmax=softmax, save_scores=save_scores,
             label_key=label_key,
-            columns={"image": image_column, "label": label_column, "id": id_column})
+            columns={"image": image_column, "label": label_column, "id": id_column,
+                     "url": url_column},
+            fetch_progress=sys.stderr.isatty())
         if plan is not None:  # the prediction beside the measurement, in its report
             st.put_bytes(JobLayout(job).plan, plan.read_bytes())
         return made

@@ -5,8 +5,11 @@ Each file is classified by its first bytes: a TFRecord file is one whose first e
 length CRC is valid (TensorFlow's own shards, named ``train-00000-of-01024``, are records),
 a WebDataset shard one whose first tar header is (formats.py: every format of records),
 an image is one whose signature is JPEG, PNG, WebP, BMP, TIFF or GIF, and anything else is
-skipped with its reason. Images in subfolders are labelled by folder, as in torchvision's
-ImageFolder (label = index of the subfolder among all subfolders sorted by name).
+skipped with its reason. A text file given alone is a manifest (manifest.py: CSV or JSONL
+listing images by URL); in a folder it is skipped, as an images folder's metadata.csv
+must not turn the folder into something else. Images in subfolders are labelled by
+folder, as in torchvision's ImageFolder (label = index of the subfolder among all
+subfolders sorted by name).
 
 Every record's framing is checked here, on the driver, before any function is invoked, and
 errors name the user's own file (not the store's copy), the byte offset and the reason.
@@ -27,6 +30,7 @@ from ..store import file_md5
 from ..store.layout import LABELS_FILE, RECORD_SUFFIXES, record_key, record_name
 from .formats import FORMATS, HEAD_BYTES, TFRECORD, detect
 from .images import EMPTY_FILE, IMAGE_FORMATS, NOT_AN_IMAGE, sniff_image
+from .manifest import MANIFEST_SUFFIXES, manifest_kind
 from .parquet import is_parquet_head
 from .predictions import parse_classes
 from .records import Example, count_examples, iter_record, write_record
@@ -40,6 +44,7 @@ _HEAD = HEAD_BYTES
 NOT_A_RECORD = f"not {TFRECORD.description}"
 NOT_A_SOURCE = f"{NOT_AN_IMAGE} and not a record (a TFRecord file or a tar shard)"
 NOT_UTF8 = "its name is not valid UTF-8 (rename the file to serve it)"
+A_MANIFEST = "a manifest (CSV or JSONL) is read when given alone as --input"
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class Inputs:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file as shown, reason)
     labels_file: InputFile | None = None
     tables: list[InputFile] = field(default_factory=list)  # Parquet image tables (parquet.py)
+    manifest: InputFile | None = None  # a CSV or JSONL list of image URLs (manifest.py)
+    manifest_kind: str = ""  # "csv" or "jsonl"
 
     @property
     def record_format(self) -> str:
@@ -201,6 +208,7 @@ def scan_inputs(source: str, options: dict[str, Any] | None = None) -> Inputs:
     """
     fs, root, local = _open_fs(source, options)
     out = Inputs(source)
+    single = False  # one file named: a text file is a manifest, not a skipped file
     try:
         if _is_glob(source):
             paths = sorted(fs.glob(root))
@@ -217,6 +225,7 @@ def scan_inputs(source: str, options: dict[str, Any] | None = None) -> Inputs:
             listing = [(root, root.rstrip("/").rsplit("/", 1)[-1], int(fs.size(root)))]
             classes = []
             shown = {root: source}
+            single = True
         else:
             raise SourceError(f"no records or images at {source}: no such file or folder")
     except (FileNotFoundError, PermissionError, OSError) as exc:
@@ -234,6 +243,8 @@ def scan_inputs(source: str, options: dict[str, Any] | None = None) -> Inputs:
             out.labels_file = f
             continue
         if size == 0:
+            if single and rel.lower().endswith(tuple(MANIFEST_SUFFIXES)):
+                raise SourceError(f"{f.shown}: an empty manifest (0 bytes)")
             out.skipped.append((f.shown, EMPTY_FILE))
             continue
         head = f.head()
@@ -250,6 +261,11 @@ def scan_inputs(source: str, options: dict[str, Any] | None = None) -> Inputs:
             raise SourceError(f"{f.shown}: not a Parquet file (no PAR1 magic at its start)")
         elif meant:  # named as a record: the user meant it as one
             raise RecordError(f.shown, 0, f"not {meant[0].description}")
+        elif single and (kind := manifest_kind(head, rel)) is not None:
+            out.manifest, out.manifest_kind = f, kind
+            return out
+        elif rel.lower().endswith(tuple(MANIFEST_SUFFIXES)):
+            out.skipped.append((f.shown, A_MANIFEST))
         else:
             out.skipped.append((f.shown, NOT_A_SOURCE))
     kinds = sorted({f.format for f in out.records})
@@ -447,6 +463,13 @@ def records_in(store: Store) -> list[str]:
     return found
 
 
+def _not_images(inputs: Inputs) -> str:
+    """What a source holds instead of images, for a message."""
+    if inputs.records:
+        return "records"
+    return "Parquet tables" if inputs.tables else "a manifest"
+
+
 def pack_source(
     src: str,
     dest: Store,
@@ -461,9 +484,9 @@ def pack_source(
     if per_record < 1:
         raise SourceError(f"--per-record must be >= 1, got {per_record}")
     inputs = scan_inputs(src, options)
-    if inputs.records or inputs.tables:
-        raise SourceError(f"{src} holds {'records' if inputs.records else 'Parquet tables'}, "
-                          "not images; a job reads them as they are (run --input)")
+    if inputs.records or inputs.tables or inputs.manifest:
+        raise SourceError(f"{src} holds {_not_images(inputs)}, not images; a job reads "
+                          "them as they are (run --input)")
     old = records_in(dest)
     if old and not overwrite:
         raise SourceError(f"{dest.url} already holds {len(old)} records or labels files; "
@@ -488,9 +511,9 @@ def pack(
     ``<prefix>/<00000..>.tfrecord`` of the store; returns the record names in order. A
     source that holds records is refused: they are served as they are."""
     inputs = scan_inputs(str(source), options)
-    if inputs.records or inputs.tables:
-        raise SourceError(f"{source} holds {'records' if inputs.records else 'tables'}, not "
-                          "images; a job reads them as they are (run --input)")
+    if inputs.records or inputs.tables or inputs.manifest:
+        raise SourceError(f"{source} holds {_not_images(inputs)}, not images; a job reads "
+                          "them as they are (run --input)")
     return pack_images(inputs.images, store, prefix, per_record, progress=progress)
 
 

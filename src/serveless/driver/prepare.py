@@ -17,6 +17,7 @@ from ..errors import JobError
 from ..store import JobLayout, Store
 from ..store.layout import record_name, record_suffix
 from .log import save_driver_requests
+from .progress import FetchProgress
 from .spec import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MICRO_BATCH,
@@ -112,6 +113,7 @@ def prepare_job(
     records_placed: bool = False,
     label_key: str | None = None,
     columns: dict[str, str | None] | None = None,
+    fetch_progress: bool = False,
 ) -> JobSpec:
     """Validate everything, partition the model, and lay the job out in the store.
 
@@ -135,8 +137,12 @@ def prepare_job(
     is written. `label_key`: the key of a shard's .json member that holds the label.
     Parquet image tables are packed into records as images are, their columns chosen by
     `columns` ({"image", "label", "id"}: --image-column, …) or found (data/parquet.py).
+    A manifest (a CSV or JSONL file of image URLs, data/manifest.py) is read with
+    `columns`' "url", "id" and "label"; its images are fetched in parallel and packed, with
+    a progress bar on stderr when `fetch_progress`.
     """
     from ..data.images import make_transform
+    from ..data.manifest import check_manifest, manifest_examples
     from ..data.parquet import check_tables, table_examples
     from ..data.sources import (
         check_records,
@@ -213,8 +219,12 @@ def prepare_job(
     try:
         inputs = scan_inputs(records, input_options) if records else None
         counts = check_records(inputs.records) if inputs else {}
-        tables = (check_tables(inputs.tables, **(columns or {}))
+        table_cols, url_col = _columns(columns, inputs)
+        tables = (check_tables(inputs.tables, **table_cols)
                   if inputs and inputs.tables else None)
+        manifest = (check_manifest(inputs.manifest, inputs.manifest_kind, url_col,
+                                   table_cols.get("id"), table_cols.get("label"))
+                    if inputs and inputs.manifest else None)
     except SourceError as exc:
         raise JobError(str(exc)) from exc
     if inputs and inputs.skipped:
@@ -241,7 +251,8 @@ def prepare_job(
     if inputs:
         new = [f for f in inputs.records
                if not same(layout.record(f.record_name, record_format), f.size, f.md5)]
-    if not counts and not (inputs and (inputs.images or inputs.tables)) and not existing:
+    if not counts and not (inputs and (inputs.images or inputs.tables or inputs.manifest)) \
+            and not existing:
         raise JobError(f"job {job!r} has no records: pass --input")
     where = f"at {','.join(cut_list)}" if cut_list else "as one stage (no cuts)"
     label = f"{model} {where}"
@@ -271,6 +282,18 @@ def prepare_job(
                                        layout.records_prefix, per_record, progress=progress,
                                        exists=same))
             classes = table_classes
+        elif inputs and inputs.manifest is not None and manifest is not None:
+            say(f"fetching {manifest.entries} images of {inputs.manifest.shown} into records "
+                f"of {per_record}…")
+            bar = FetchProgress(manifest.entries, fetch_progress)
+            try:
+                names |= set(pack_examples(
+                    manifest_examples(inputs.manifest, manifest, input_options, bar.advance),
+                    store, layout.records_prefix, per_record, progress=progress,
+                    exists=same))
+            finally:
+                bar.close()
+            classes = list(manifest.classes) if manifest.classes is not None else None
 
     if asked.precision == "fp32":
         # shared by jobs of the same model and cuts: partitioned (which checks equivalence
@@ -357,6 +380,28 @@ def _record_format(inputs: Any, old: JobSpec | None, job: str) -> str:
         raise JobError(f"job {job!r} holds {old.record_format} records; its --input holds "
                        f"{found} records or images: give a new --job")
     return found
+
+
+def _columns(columns: dict[str, str | None] | None, inputs: Any
+             ) -> tuple[dict[str, str | None], str | None]:
+    """(the table's columns, the manifest's location column) from --*-column: an option
+    that the input's kind has no use for is refused, not ignored."""
+    from ..errors import SourceError
+
+    cols = {k: v for k, v in (columns or {}).items() if v is not None}
+    url = cols.pop("url", None)
+    if inputs is None:
+        return cols, url
+    if url is not None and inputs.manifest is None:
+        raise SourceError(f"--url-column is for a manifest (a CSV or JSONL file of image "
+                          f"URLs); {inputs.source} is not one")
+    if cols.get("image") is not None and inputs.manifest is not None:
+        raise SourceError("--image-column is for Parquet tables; a manifest's images are "
+                          "named by --url-column")
+    if inputs.manifest is None and not inputs.tables and cols:
+        raise SourceError(f"--{next(iter(cols))}-column is for Parquet tables and "
+                          f"manifests; {inputs.source} holds neither")
+    return cols, url
 
 
 def _given(value: Any, old: JobSpec | None, name: str, default: Any) -> Any:

@@ -39,3 +39,38 @@ class Progress:
     def close(self) -> None:
         if self.enabled:
             self.progress.stop()
+
+
+class FetchProgress:
+    """Images fetched / listed while a manifest is packed, on a rich bar on stderr: the
+    fetch is the slow part of setting such a job up, and without it the command looks hung."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("fetching"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
+            transient=False,
+        )
+        self.task = self.progress.add_task("fetch", total=total)
+        self.progress.start()
+
+    def advance(self, images: int) -> None:
+        if self.enabled:
+            self.progress.update(self.task, advance=images)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
