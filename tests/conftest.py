@@ -70,6 +70,29 @@ def image_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    """datakit's tiny classifier as an ONNX file, once per session: the model of the
+    input-shape tests (folders, records, shards, tables, manifests)."""
+    from datakit import save, tiny_classifier
+
+    return save(tiny_classifier(), tmp_path_factory.mktemp("model") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def folder_rows(tmp_path_factory, image_dir, tiny_model_path) -> dict[str, dict]:
+    """The session's sample photos served from their folder by the tiny model: the
+    reference rows, by file stem, that every other input shape of them must equal."""
+    from helpers import rows_of, run_local
+
+    from serveless.driver.prepare import prepare_job
+
+    store = Store(str(tmp_path_factory.mktemp("folder-job")))
+    run_local(store, prepare_job(store, "folder", tiny_model_path, records=str(image_dir),
+                                 per_record=25))
+    return {Path(r["filename"]).stem: r for r in rows_of(store, "folder")}
+
+
+@pytest.fixture(scope="session")
 def records_dir(tmp_path_factory, image_dir) -> Path:
     """60 images in records of 25: the last record is short."""
     root = tmp_path_factory.mktemp("records")

@@ -213,3 +213,16 @@ def write_recorded_job(store: Store, job: str) -> list[dict]:
                                                    probs[top], None)))
         store.put_bytes(f"{job}/predictions/{rec}.jsonl", ("\n".join(lines) + "\n").encode())
     return rows
+
+
+def run_local(store: Store, spec: Any, image_errors: int = 0) -> None:
+    """Run a prepared job on a fresh local backend (concurrency 2, no progress bar); no
+    record may fail, and exactly `image_errors` images may (error rows)."""
+    from serveless.backends.local import LocalBackend
+    from serveless.driver.scheduler import run_job
+
+    with LocalBackend() as backend:
+        result = run_job(store, spec, backend, concurrency=2, progress=False)
+    assert not result.failed_records, result.failed_records
+    assert result.image_errors == image_errors, result.image_errors
+

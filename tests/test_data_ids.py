@@ -10,10 +10,9 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from datakit import encode, picture, save, tiny_classifier
-from helpers import rows_of
+from datakit import encode, picture
+from helpers import rows_of, run_local
 
-from serveless.backends.local import LocalBackend
 from serveless.data.export import export
 from serveless.data.predictions import parse_meta, row_id
 from serveless.data.records import (
@@ -24,7 +23,6 @@ from serveless.data.records import (
     frame,
 )
 from serveless.driver.prepare import prepare_job
-from serveless.driver.scheduler import run_job
 from serveless.store import Store
 
 
@@ -61,19 +59,8 @@ def test_rows_and_metas_from_before_ids_read_with_the_filename():
         parse_meta(json.dumps({**old, "ids": ["a", "b"]}).encode(), "m")
 
 
-def _run(store: Store, spec) -> None:
-    with LocalBackend() as backend:
-        result = run_job(store, spec, backend, concurrency=2, progress=False)
-    assert result.ok, result.failed_records
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    return save(tiny_classifier(), tmp_path_factory.mktemp("model") / "tiny.onnx")
-
-
 @pytest.mark.e2e
-def test_ids_of_a_folder_and_of_tfrecords_in_rows_and_exports(tmp_path, model_path):
+def test_ids_of_a_folder_and_of_tfrecords_in_rows_and_exports(tmp_path, tiny_model_path):
     folder = tmp_path / "photos" / "cats"
     folder.mkdir(parents=True)
     for i in range(3):
@@ -88,14 +75,15 @@ def test_ids_of_a_folder_and_of_tfrecords_in_rows_and_exports(tmp_path, model_pa
         frame(tf_example(encode(picture(20 + i), "JPEG"), f"n{i}.jpg", 100 + i))
         for i in range(2)))
     store = Store(str(tmp_path / "store"))
-    _run(store, prepare_job(store, "folder", model_path, records=str(tmp_path / "photos")))
-    _run(store, prepare_job(store, "tf", model_path, records=str(records)))
+    run_local(store, prepare_job(store, "folder", tiny_model_path,
+                                 records=str(tmp_path / "photos")))
+    run_local(store, prepare_job(store, "tf", tiny_model_path, records=str(records)))
     assert [r["id"] for r in rows_of(store, "folder")] == [f"cats/c{i}.jpg" for i in range(3)]
     assert [r["id"] for r in rows_of(store, "folder")] == [
         r["filename"] for r in rows_of(store, "folder")]
     assert [r["id"] for r in rows_of(store, "tf")] == [100, 101, "coco/000001", "img1.jpg", 42]
     # in two stages, the ids travel through stage 0's meta in the store
-    _run(store, prepare_job(store, "tf2", model_path, cuts="r1", records=str(records)))
+    run_local(store, prepare_job(store, "tf2", tiny_model_path, cuts="r1", records=str(records)))
     assert [r["id"] for r in rows_of(store, "tf2")] == [100, 101, "coco/000001", "img1.jpg", 42]
 
     out = tmp_path / "out"
@@ -117,7 +105,7 @@ def test_ids_of_a_folder_and_of_tfrecords_in_rows_and_exports(tmp_path, model_pa
     only_numbers = tmp_path / "numbers"
     only_numbers.mkdir()
     (only_numbers / "n.tfrecord").write_bytes((records / "n.tfrecord").read_bytes())
-    _run(store, prepare_job(store, "nums", model_path, records=str(only_numbers)))
+    run_local(store, prepare_job(store, "nums", tiny_model_path, records=str(only_numbers)))
     export(store, "nums", "parquet", str(out / "nums.parquet"))
     column = pq.read_table(out / "nums.parquet").column("id")
     assert str(column.type) == "int64" and column.to_pylist() == [100, 101]

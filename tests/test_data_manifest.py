@@ -14,14 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datakit import save, tiny_classifier
-from helpers import rows_of, run_cli, snapshot
+from helpers import rows_of, run_cli, run_local, snapshot
 
-from serveless.backends.local import LocalBackend
 from serveless.data.manifest import check_manifest
 from serveless.data.sources import scan_inputs
 from serveless.driver.prepare import prepare_job
-from serveless.driver.scheduler import run_job
 from serveless.errors import JobError, SourceError
 from serveless.store import Store
 
@@ -31,29 +28,10 @@ CLASSES = ["class_000", "class_001", "class_002"]
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    return save(tiny_classifier(), tmp_path_factory.mktemp("model") / "tiny.onnx")
-
-
-@pytest.fixture(scope="module")
 def photos(image_dir) -> list[tuple[str, str]]:
     """(path relative to the folder, class folder) of the 60 sample photos, in folder order."""
     files = sorted(image_dir.rglob("*.jpg"), key=lambda p: p.relative_to(image_dir).parts)
     return [(p.relative_to(image_dir).as_posix(), p.parent.name) for p in files]
-
-
-@pytest.fixture(scope="module")
-def folder_rows(tmp_path_factory, image_dir, model_path) -> dict[str, dict]:
-    """The same images served from their folder: the reference, by file stem."""
-    store = Store(str(tmp_path_factory.mktemp("folder-job")))
-    _run(store, prepare_job(store, "folder", model_path, records=str(image_dir)))
-    return {Path(r["filename"]).stem: r for r in rows_of(store, "folder")}
-
-
-def _run(store: Store, spec, image_errors: int = 0) -> None:
-    with LocalBackend() as backend:
-        result = run_job(store, spec, backend, concurrency=2, progress=False)
-    assert not result.failed_records and result.image_errors == image_errors
 
 
 def _same_scores(rows: list[dict], stems: list[str], folder_rows: dict[str, dict]) -> None:
@@ -65,7 +43,7 @@ def _same_scores(rows: list[dict], stems: list[str], folder_rows: dict[str, dict
 
 
 @pytest.mark.e2e
-def test_a_csv_manifest_over_a_folder(tmp_path, image_dir, photos, folder_rows, model_path):
+def test_a_csv_manifest_over_a_folder(tmp_path, image_dir, photos, folder_rows, tiny_model_path):
     """Relative, absolute and file:// entries; ids from --id-column, class names as labels
     (labels.json as a folder's); an unreachable file and one that is not an image are error
     rows naming the entry, between good ones, and the job goes on."""
@@ -82,11 +60,11 @@ def test_a_csv_manifest_over_a_folder(tmp_path, image_dir, photos, folder_rows, 
             lines.append("text,imgs/notes.jpg,")
     (tmp_path / "work.csv").write_text("\n".join(lines) + "\n")
     store = Store(str(tmp_path / "store"))
-    spec = prepare_job(store, "csv", model_path, records=str(tmp_path / "work.csv"),
+    spec = prepare_job(store, "csv", tiny_model_path, records=str(tmp_path / "work.csv"),
                        per_record=25, columns={"url": "where", "id": "uid", "label": "kind"})
     assert len(spec.records) == 3 and spec.classes  # 62 entries in records of 25
     assert json.loads(store.get_bytes("csv/labels.json")) == CLASSES
-    _run(store, spec, image_errors=2)
+    run_local(store, spec, image_errors=2)
     rows = rows_of(store, "csv")
     ids = [f"p{i:03d}" for i in range(60)]
     ids[11:11] = ["gone"]
@@ -111,7 +89,7 @@ def test_a_csv_manifest_over_a_folder(tmp_path, image_dir, photos, folder_rows, 
 
 @pytest.mark.e2e
 def test_a_jsonl_manifest_through_the_cli(tmp_path, image_dir, photos, folder_rows,
-                                          model_path):
+                                          tiny_model_path):
     """The command a user types: ids are the entries' indices, integer labels as they are
     (a negative one is no label), the location column found by its name."""
     entries = [{"image_url": str(image_dir / rel), "y": int(cls[-1])} for rel, cls in photos]
@@ -121,7 +99,7 @@ def test_a_jsonl_manifest_through_the_cli(tmp_path, image_dir, photos, folder_ro
     (tmp_path / "list.jsonl").write_text(text)
     store = tmp_path / "store"
     proc = run_cli("run", "--job", "jl", "--input", str(tmp_path / "list.jsonl"),
-                   "--label-column", "y", "--model", model_path, "--store", str(store),
+                   "--label-column", "y", "--model", tiny_model_path, "--store", str(store),
                    "--per-record", "40")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err  # the job ran whole; an image failed, so says the status
@@ -142,7 +120,7 @@ def test_a_jsonl_manifest_through_the_cli(tmp_path, image_dir, photos, folder_ro
 
 
 @pytest.mark.e2e
-def test_a_manifest_on_s3(tmp_path, s3_server, image_dir, photos, folder_rows, model_path):
+def test_a_manifest_on_s3(tmp_path, s3_server, image_dir, photos, folder_rows, tiny_model_path):
     """A manifest in a bucket naming keys relative to it and s3:// URLs, fetched with the
     store options; a missing key is an error row naming it."""
     client = s3_server.client()
@@ -158,9 +136,9 @@ def test_a_manifest_on_s3(tmp_path, s3_server, image_dir, photos, folder_rows, m
     client.put_object(Bucket=s3_server.bucket, Key="manifest-imgs/m.csv",
                       Body=("\n".join(lines) + "\n").encode())
     store = Store(str(tmp_path / "store"))
-    spec = prepare_job(store, "s3m", model_path, records=s3_server.url("manifest-imgs/m.csv"),
+    spec = prepare_job(store, "s3m", tiny_model_path, records=s3_server.url("manifest-imgs/m.csv"),
                        input_options=s3_server.options())
-    _run(store, spec, image_errors=1)
+    run_local(store, spec, image_errors=1)
     rows = rows_of(store, "s3m")
     assert [r["id"] for r in rows] == list(range(31))
     absent = rows.pop(3)
@@ -172,42 +150,42 @@ def test_a_manifest_on_s3(tmp_path, s3_server, image_dir, photos, folder_rows, m
     _same_scores(rows, [Path(rel).stem for rel, _ in photos[:30]], folder_rows)
 
 
-def _refused(tmp_path: Path, model_path: str, name: str, text: str, match: str,
+def _refused(tmp_path: Path, tiny_model_path: str, name: str, text: str, match: str,
              **columns: str) -> None:
     manifest = tmp_path / name
     manifest.write_text(text)
     store = Store(str(tmp_path / "store"))
     with pytest.raises(JobError, match=match):
-        prepare_job(store, "bad", model_path, records=str(manifest), columns=columns)
+        prepare_job(store, "bad", tiny_model_path, records=str(manifest), columns=columns)
     assert not (tmp_path / "store" / "bad").exists()
 
 
-def test_bad_manifests_are_refused_before_anything_is_written(tmp_path, model_path):
+def test_bad_manifests_are_refused_before_anything_is_written(tmp_path, tiny_model_path):
     (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff")
-    _refused(tmp_path, model_path, "m.csv", "file,label\na.jpg,1\n",
+    _refused(tmp_path, tiny_model_path, "m.csv", "file,label\na.jpg,1\n",
              r"m\.csv: give --url-column: no column is named url, uri, path, key, s3_uri or "
              r"image_url; it has file, label")
-    _refused(tmp_path, model_path, "m.csv", "url,path\na.jpg,a.jpg\n",
+    _refused(tmp_path, tiny_model_path, "m.csv", "url,path\na.jpg,a.jpg\n",
              r"several columns could hold the locations \(url, path\)")
-    _refused(tmp_path, model_path, "m.csv", "url,label\na.jpg,1\n",
+    _refused(tmp_path, tiny_model_path, "m.csv", "url,label\na.jpg,1\n",
              r"no column 'uid' \(--id-column\); it has url, label", id="uid")
-    _refused(tmp_path, model_path, "m.csv", "url,label\na.jpg,1\n",
+    _refused(tmp_path, tiny_model_path, "m.csv", "url,label\na.jpg,1\n",
              r"no column 'file' \(--url-column\)", url="file")
-    _refused(tmp_path, model_path, "m.csv", "url,label\n",
+    _refused(tmp_path, tiny_model_path, "m.csv", "url,label\n",
              r"m\.csv: an empty manifest \(no entries\)")
-    _refused(tmp_path, model_path, "m.csv", "url,label\na.jpg,1\na.jpg,1,extra\n",
+    _refused(tmp_path, tiny_model_path, "m.csv", "url,label\na.jpg,1\na.jpg,1,extra\n",
              r"m\.csv: line 3 has 3 fields, the header 2")
-    _refused(tmp_path, model_path, "m.csv", "url,uid\na.jpg,x\na.jpg,\n",
+    _refused(tmp_path, tiny_model_path, "m.csv", "url,uid\na.jpg,x\na.jpg,\n",
              r"line 3: no id in column 'uid'", id="uid")
-    _refused(tmp_path, model_path, "m.jsonl", '{"url": "a.jpg"}\n{"url": "a.jpg",}\n',
+    _refused(tmp_path, tiny_model_path, "m.jsonl", '{"url": "a.jpg"}\n{"url": "a.jpg",}\n',
              r"m\.jsonl: line 2 is not JSON")
-    _refused(tmp_path, model_path, "m.jsonl", '{"url": "a.jpg"}\n\n["a.jpg"]\n',
+    _refused(tmp_path, tiny_model_path, "m.jsonl", '{"url": "a.jpg"}\n\n["a.jpg"]\n',
              r"m\.jsonl: line 3 is not a JSON object but a list")
-    _refused(tmp_path, model_path, "m.jsonl", '{"url": "a.jpg", "label": [1]}\n',
+    _refused(tmp_path, tiny_model_path, "m.jsonl", '{"url": "a.jpg", "label": [1]}\n',
              r"line 1: label \[1\] in column 'label' is neither an integer nor a class name")
-    _refused(tmp_path, model_path, "m.jsonl", '{"url": "a.jpg"}\n{"url": 3}\n',
+    _refused(tmp_path, tiny_model_path, "m.jsonl", '{"url": "a.jpg"}\n{"url": 3}\n',
              r"line 2: column 'url' holds 3, not a URL or path")
-    _refused(tmp_path, model_path, "m.jsonl", '{"url": "a.jpg"}\n',
+    _refused(tmp_path, tiny_model_path, "m.jsonl", '{"url": "a.jpg"}\n',
              r"--image-column is for Parquet tables", image="url")
     (tmp_path / "empty.csv").write_bytes(b"")
     with pytest.raises(SourceError, match=r"empty\.csv: an empty manifest \(0 bytes\)"):
@@ -215,7 +193,7 @@ def test_bad_manifests_are_refused_before_anything_is_written(tmp_path, model_pa
 
 
 def test_url_column_is_for_manifests_and_manifests_in_folders_are_skipped(
-        tmp_path, model_path):
+        tmp_path, tiny_model_path):
     """A manifest is read when it is the input; in a folder of images it is metadata, said
     as skipped; --url-column on anything else is refused, not ignored."""
     (tmp_path / "in").mkdir()
@@ -226,7 +204,7 @@ def test_url_column_is_for_manifests_and_manifests_in_folders_are_skipped(
     assert inputs.skipped == [(str(tmp_path / "in" / "meta.csv"),
                                "a manifest (CSV or JSONL) is read when given alone as --input")]
     with pytest.raises(JobError, match=r"--url-column is for a manifest"):
-        prepare_job(Store(str(tmp_path / "store")), "j", model_path,
+        prepare_job(Store(str(tmp_path / "store")), "j", tiny_model_path,
                     records=str(tmp_path / "in"), columns={"url": "url"})
     # by content when the name says nothing: a JSON object per line, else CSV text
     (tmp_path / "list").write_text('{"uri": "in/a.jpg", "label": "cat"}\n')
@@ -236,10 +214,10 @@ def test_url_column_is_for_manifests_and_manifests_in_folders_are_skipped(
     assert (cols.url, cols.label, cols.classes, cols.entries) == ("uri", "label", ("cat",), 1)
 
 
-def test_the_cli_refuses_a_manifest_without_a_location_column(tmp_path, model_path):
+def test_the_cli_refuses_a_manifest_without_a_location_column(tmp_path, tiny_model_path):
     (tmp_path / "m.csv").write_text("name,label\na.jpg,1\n")
     store = tmp_path / "store"
-    proc = run_cli("run", "--input", str(tmp_path / "m.csv"), "--model", model_path,
+    proc = run_cli("run", "--input", str(tmp_path / "m.csv"), "--model", tiny_model_path,
                    "--store", str(store))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2

@@ -10,13 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datakit import save, tiny_classifier
-from helpers import rows_of
+from helpers import rows_of, run_local
 
-from serveless.backends.local import LocalBackend
 from serveless.data.sources import scan_inputs
 from serveless.driver.prepare import prepare_job
-from serveless.driver.scheduler import run_job
 from serveless.errors import JobError, SourceError
 from serveless.store import Store
 
@@ -26,27 +23,9 @@ datasets = pytest.importorskip("datasets")
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    return save(tiny_classifier(), tmp_path_factory.mktemp("model") / "tiny.onnx")
-
-
-@pytest.fixture(scope="module")
 def photos(image_dir) -> list[tuple[str, int, bytes]]:
     files = sorted(image_dir.rglob("*.jpg"), key=lambda p: p.relative_to(image_dir).parts)
     return [(p.stem, int(p.parent.name.split("_")[-1]), p.read_bytes()) for p in files]
-
-
-@pytest.fixture(scope="module")
-def folder_rows(tmp_path_factory, image_dir, model_path) -> dict[str, dict]:
-    store = Store(str(tmp_path_factory.mktemp("folder-job")))
-    _run(store, prepare_job(store, "folder", model_path, records=str(image_dir)))
-    return {Path(r["filename"]).stem: r for r in rows_of(store, "folder")}
-
-
-def _run(store: Store, spec, image_errors: int = 0) -> None:
-    with LocalBackend() as backend:
-        result = run_job(store, spec, backend, concurrency=2, progress=False)
-    assert not result.failed_records and result.image_errors == image_errors
 
 
 def hf_table(path: Path, photos: list[tuple[str, int, bytes]], rows_per_group: int) -> Path:
@@ -63,17 +42,17 @@ def hf_table(path: Path, photos: list[tuple[str, int, bytes]], rows_per_group: i
 
 
 @pytest.mark.e2e
-def test_a_datasets_table_in_row_groups(tmp_path, photos, folder_rows, model_path):
+def test_a_datasets_table_in_row_groups(tmp_path, photos, folder_rows, tiny_model_path):
     src = tmp_path / "in"
     src.mkdir()
     table = hf_table(src / "train.parquet", photos, rows_per_group=16)
     assert pq.ParquetFile(table).metadata.num_row_groups > 1
     store = Store(str(tmp_path / "store"))
-    spec = prepare_job(store, "hf", model_path, records=str(src), per_record=25,
+    spec = prepare_job(store, "hf", tiny_model_path, records=str(src), per_record=25,
                        columns={"id": "uid"})
     assert spec.record_format == "tfrecord" and spec.classes
     assert len(spec.records) == 3  # 60 rows in records of 25
-    _run(store, spec)
+    run_local(store, spec)
     rows = rows_of(store, "hf")
     assert [r["id"] for r in rows] == [f"uid-{stem}" for stem, _, _ in photos]
     assert [r["filename"] for r in rows] == [f"{stem}.jpg" for stem, _, _ in photos]
@@ -87,7 +66,7 @@ def test_a_datasets_table_in_row_groups(tmp_path, photos, folder_rows, model_pat
 
 
 @pytest.mark.e2e
-def test_a_pyarrow_table_with_null_and_broken_images(tmp_path, photos, model_path):
+def test_a_pyarrow_table_with_null_and_broken_images(tmp_path, photos, tiny_model_path):
     images = [data for _, _, data in photos[:6]]
     images[2] = None
     images[4] = b"\xff\xd8\xff" + b"\x00" * 40
@@ -98,8 +77,8 @@ def test_a_pyarrow_table_with_null_and_broken_images(tmp_path, photos, model_pat
     src.mkdir()
     pq.write_table(table, src / "part-0", row_group_size=4)  # no .parquet: found by content
     store = Store(str(tmp_path / "store"))
-    spec = prepare_job(store, "pa", model_path, records=str(src), columns={"label": "y"})
-    _run(store, spec, image_errors=2)
+    spec = prepare_job(store, "pa", tiny_model_path, records=str(src), columns={"label": "y"})
+    run_local(store, spec, image_errors=2)
     rows = rows_of(store, "pa")
     assert [r["id"] for r in rows] == [0, 1, 2, 3, 4, 5]
     assert [r["filename"] for r in rows] == [f"part-0#{i}" for i in range(6)]
@@ -111,7 +90,7 @@ def test_a_pyarrow_table_with_null_and_broken_images(tmp_path, photos, model_pat
     assert all(r["top5"] for r in rows if not r["error"])
 
 
-def test_columns_are_checked_before_anything_is_written(tmp_path, photos, model_path):
+def test_columns_are_checked_before_anything_is_written(tmp_path, photos, tiny_model_path):
     src = tmp_path / "in"
     src.mkdir()
     data = [d for _, _, d in photos[:3]]
@@ -120,13 +99,14 @@ def test_columns_are_checked_before_anything_is_written(tmp_path, photos, model_
                              "c": ["x", "y", "z"]}), src / "t.parquet")
     store = Store(str(tmp_path / "store"))
     with pytest.raises(JobError, match=r"t\.parquet: 2 image-like columns \(a, b\); choose"):
-        prepare_job(store, "j", model_path, records=str(src))
+        prepare_job(store, "j", tiny_model_path, records=str(src))
     with pytest.raises(JobError, match=r"column 'c' holds string, not images"):
-        prepare_job(store, "j", model_path, records=str(src), columns={"image": "c"})
+        prepare_job(store, "j", tiny_model_path, records=str(src), columns={"image": "c"})
     with pytest.raises(JobError, match=r"no column 'z' \(--id-column\)"):
-        prepare_job(store, "j", model_path, records=str(src), columns={"image": "a", "id": "z"})
+        prepare_job(store, "j", tiny_model_path, records=str(src),
+                    columns={"image": "a", "id": "z"})
     with pytest.raises(JobError, match=r"column 'c' holds string, not integer labels"):
-        prepare_job(store, "j", model_path, records=str(src),
+        prepare_job(store, "j", tiny_model_path, records=str(src),
                     columns={"image": "a", "label": "c"})
     assert not (tmp_path / "store" / "j").exists()
     (src / "fake.parquet").write_bytes(b"not parquet at all")

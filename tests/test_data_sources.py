@@ -11,23 +11,16 @@ import uuid
 from pathlib import Path
 
 import pytest
-from datakit import CLASSES, gray_jpeg_bytes, image_folder, png_bytes, save, tiny_classifier
-from helpers import no_hang, rows_of
+from datakit import CLASSES, gray_jpeg_bytes, image_folder, png_bytes
+from helpers import no_hang, rows_of, run_local
 
-from serveless.backends.local import LocalBackend
 from serveless.data.records import Example, count_examples, iter_record, read_record, write_record
 from serveless.data.sources import NOT_A_RECORD, check_records, pack, record_chunks, scan_inputs
 from serveless.driver.prepare import prepare_job
-from serveless.driver.scheduler import run_job
 from serveless.errors import JobError, RecordError, SourceError
 from serveless.store import JobLayout, Store
 
 pytest_plugins = ["s3server"]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    return save(tiny_classifier(), tmp_path_factory.mktemp("model") / "tiny.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +35,8 @@ def shards(tmp_path_factory, records_dir) -> Path:
     return root
 
 
-def _run(store: Store, spec) -> None:
-    with LocalBackend() as backend:
-        result = run_job(store, spec, backend, concurrency=2, progress=False)
-    assert result.ok, result.failed_records
-
-
 @pytest.mark.e2e
-def test_tf_named_shards_in_a_folder_are_records(tmp_path, shards, model_path):
+def test_tf_named_shards_in_a_folder_are_records(tmp_path, shards, tiny_model_path):
     inputs = scan_inputs(str(shards))
     assert [f.record_name for f in inputs.records] == ["train-00000-of-00003",
                                                        "train-00001-of-00003",
@@ -62,24 +49,24 @@ def test_tf_named_shards_in_a_folder_are_records(tmp_path, shards, model_path):
                                              "train-00001-of-00003": 25,
                                              "train-00002-of-00003": 10}
     store = Store(str(tmp_path))
-    spec = prepare_job(store, "tf", model_path, records=str(shards))
+    spec = prepare_job(store, "tf", tiny_model_path, records=str(shards))
     assert spec.records == ["train-00000-of-00003", "train-00001-of-00003",
                             "train-00002-of-00003"]
-    _run(store, spec)
+    run_local(store, spec)
     rows = rows_of(store, "tf")
     assert len(rows) == 60 and all(r["error"] is None for r in rows)
     assert {r["record"] for r in rows} == set(spec.records)
     assert all(len(r["top5"]) == 5 and max(r["top5"]) < CLASSES for r in rows)
 
 
-def test_a_glob_of_shards(tmp_path, shards, model_path):
+def test_a_glob_of_shards(tmp_path, shards, tiny_model_path):
     inputs = scan_inputs(str(shards / "train-0000[01]-*"))
     assert [f.record_name for f in inputs.records] == ["train-00000-of-00003",
                                                        "train-00001-of-00003"]
 
 
 @pytest.mark.e2e
-def test_tf_named_shards_from_an_s3_prefix(tmp_path, shards, s3_server, model_path):
+def test_tf_named_shards_from_an_s3_prefix(tmp_path, shards, s3_server, tiny_model_path):
     client = s3_server.client()
     for f in sorted(shards.iterdir()):
         client.put_object(Bucket=s3_server.bucket, Key=f"imagenet/val/{f.name}",
@@ -91,23 +78,23 @@ def test_tf_named_shards_from_an_s3_prefix(tmp_path, shards, s3_server, model_pa
                                                        "train-00002-of-00003"]
     assert inputs.skipped[0][0] == f"{url}/README.txt"
     store = Store(str(tmp_path))
-    spec = prepare_job(store, "s3in", model_path, records=url + "/",
+    spec = prepare_job(store, "s3in", tiny_model_path, records=url + "/",
                        input_options=s3_server.options())
-    _run(store, spec)
+    run_local(store, spec)
     assert len(rows_of(store, "s3in")) == 60
     for name in spec.records:  # byte-identical copies of the user's shards
         assert (tmp_path / "s3in" / "records" / f"{name}.tfrecord").read_bytes() == (
             shards / name).read_bytes()
 
 
-def test_random_bytes_named_tfrecord_fail_before_anything_runs(tmp_path, model_path):
+def test_random_bytes_named_tfrecord_fail_before_anything_runs(tmp_path, tiny_model_path):
     src = tmp_path / "in"
     src.mkdir()
     bad = src / "photos.tfrecord"
     bad.write_bytes(bytes(range(256)) * 4)
     store = Store(str(tmp_path / "store"))
     with pytest.raises(RecordError) as exc:
-        prepare_job(store, "bad", model_path, records=str(src))
+        prepare_job(store, "bad", tiny_model_path, records=str(src))
     assert str(exc.value) == (f"{bad}: byte 0: not a TFRecord file (the first entry's length "
                               "CRC does not match)")
     assert NOT_A_RECORD in str(exc.value)
@@ -126,7 +113,7 @@ def _record(path: Path, n: int) -> list[int]:
     return offsets
 
 
-def test_a_truncated_shard_is_named_with_its_offset_before_anything_runs(tmp_path, model_path):
+def test_a_truncated_shard_is_named_with_its_offset_before_anything_runs(tmp_path, tiny_model_path):
     src = tmp_path / "in"
     src.mkdir()
     good, cut = src / "train-00000-of-00002", src / "train-00001-of-00002"
@@ -136,14 +123,14 @@ def test_a_truncated_shard_is_named_with_its_offset_before_anything_runs(tmp_pat
     cut.write_bytes(data[:-7])
     store = Store(str(tmp_path / "store"))
     with pytest.raises(RecordError) as exc:
-        prepare_job(store, "cut", model_path, records=str(src))
+        prepare_job(store, "cut", tiny_model_path, records=str(src))
     assert str(exc.value) == (f"{cut}: byte {offsets[2]}: truncated data: expected "
                               f"{len(data) - offsets[2] - 16} bytes, got "
                               f"{len(data) - offsets[2] - 12 - 7}")
     assert not (tmp_path / "store").exists()
 
 
-def test_a_bad_data_crc_names_the_users_file_and_no_copy_appears(tmp_path, model_path):
+def test_a_bad_data_crc_names_the_users_file_and_no_copy_appears(tmp_path, tiny_model_path):
     src = tmp_path / "in"
     src.mkdir()
     shard = src / "validation-00000-of-00001"
@@ -153,42 +140,42 @@ def test_a_bad_data_crc_names_the_users_file_and_no_copy_appears(tmp_path, model
     shard.write_bytes(bytes(data))
     store = Store(str(tmp_path / "store"))
     with pytest.raises(RecordError) as exc:
-        prepare_job(store, "crc", model_path, records=str(src))
+        prepare_job(store, "crc", tiny_model_path, records=str(src))
     assert str(exc.value) == f"{shard}: byte {offsets[1]}: data CRC mismatch"
     layout = JobLayout("crc")
     assert store.list(layout.records_prefix) == [] and not store.exists(layout.spec)
 
 
-def test_records_and_images_in_one_source_are_refused(tmp_path, records_dir, model_path):
+def test_records_and_images_in_one_source_are_refused(tmp_path, records_dir, tiny_model_path):
     src = tmp_path / "mixed"
     image_folder(src, per_class=1)
     shutil.copy(records_dir / "00000.tfrecord", src / "00000.tfrecord")
     with pytest.raises(JobError) as exc:
-        prepare_job(Store(str(tmp_path / "s")), "mix", model_path, records=str(src))
+        prepare_job(Store(str(tmp_path / "s")), "mix", tiny_model_path, records=str(src))
     assert str(exc.value) == (f"{src} holds both records (1) and images (2); give a folder "
                               "of one kind")
 
 
 @pytest.mark.e2e
-def test_images_straight_in_are_packed_into_the_jobs_records(tmp_path, model_path):
+def test_images_straight_in_are_packed_into_the_jobs_records(tmp_path, tiny_model_path):
     src = tmp_path / "photos"
     names = image_folder(src, per_class=3)
     (src / "notes.txt").write_text("not an image")
     store = Store(str(tmp_path / "s"))
-    spec = prepare_job(store, "img", model_path, records=str(src), per_record=4)
+    spec = prepare_job(store, "img", tiny_model_path, records=str(src), per_record=4)
     assert spec.records == ["00000", "00001"] and spec.classes
     packed = read_record((tmp_path / "s" / "img" / "records" / "00000.tfrecord").read_bytes())
     assert [ex.filename for ex in packed] == names[:4]
     assert [ex.label for ex in packed] == [0, 0, 0, 1]
-    _run(store, spec)
+    run_local(store, spec)
     rows = sorted(rows_of(store, "img"), key=lambda r: (r["record"], r["index"]))
     assert [r["filename"] for r in rows] == names
     assert [r["class_name"] for r in rows] == ["cat"] * 3 + ["dog"] * 3
     # the same command again resumes the same job: the packed records are the same
-    again = prepare_job(store, "img", model_path, records=str(src), per_record=4)
+    again = prepare_job(store, "img", tiny_model_path, records=str(src), per_record=4)
     assert again.records == spec.records
     with pytest.raises(JobError, match="already has a different record '00000'"):
-        prepare_job(store, "img", model_path, records=str(src), per_record=5)
+        prepare_job(store, "img", tiny_model_path, records=str(src), per_record=5)
 
 
 @pytest.mark.e2e
@@ -207,7 +194,7 @@ def test_images_under_an_s3_prefix_are_found_by_content_with_their_classes(s3_se
 
 
 @pytest.mark.e2e
-def test_packed_records_carry_labels_json_into_predictions(tmp_path, model_path):
+def test_packed_records_carry_labels_json_into_predictions(tmp_path, tiny_model_path):
     from serveless.data.sources import pack_source
 
     photos, dest = tmp_path / "photos", tmp_path / "records"
@@ -215,9 +202,9 @@ def test_packed_records_carry_labels_json_into_predictions(tmp_path, model_path)
     done = pack_source(str(photos), Store(str(dest)), per_record=3)
     assert (done.images, done.records, done.classes) == (4, ["00000", "00001"], ["cat", "dog"])
     store = Store(str(tmp_path / "s"))
-    spec = prepare_job(store, "lab", model_path, records=str(dest))
+    spec = prepare_job(store, "lab", tiny_model_path, records=str(dest))
     assert spec.classes and spec.records == ["00000", "00001"]  # labels.json is no record
-    _run(store, spec)
+    run_local(store, spec)
     rows = sorted(rows_of(store, "lab"), key=lambda r: (r["record"], r["index"]))
     assert [(r["filename"], r["label"], r["class_name"]) for r in rows] == [
         ("cat/img_0.jpg", 0, "cat"), ("cat/img_1.jpg", 0, "cat"),
@@ -225,41 +212,41 @@ def test_packed_records_carry_labels_json_into_predictions(tmp_path, model_path)
 
 
 @pytest.mark.e2e
-def test_records_option_stays_an_alias_of_input(tmp_path, shards, model_path):
+def test_records_option_stays_an_alias_of_input(tmp_path, shards, tiny_model_path):
     from typer.testing import CliRunner
 
     from serveless.cli import app
 
     result = CliRunner().invoke(app, ["run", "--job", "alias", "--records", str(shards),
-                                      "--model", model_path, "--store", str(tmp_path)])
+                                      "--model", tiny_model_path, "--store", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "60 images" in result.output
     assert len(rows_of(Store(str(tmp_path)), "alias")) == 60
 
 
-def test_resume_refuses_other_preprocessing(tmp_path, shards, model_path):
+def test_resume_refuses_other_preprocessing(tmp_path, shards, tiny_model_path):
     from serveless.data.images import make_transform
 
     store = Store(str(tmp_path))
-    prepare_job(store, "re", model_path, records=str(shards))
-    again = prepare_job(store, "re", model_path, records=str(shards),
+    prepare_job(store, "re", tiny_model_path, records=str(shards))
+    again = prepare_job(store, "re", tiny_model_path, records=str(shards),
                         transform=make_transform("imagenet"))  # the default, said explicitly
     assert again.records == ["train-00000-of-00003", "train-00001-of-00003",
                              "train-00002-of-00003"]
     with pytest.raises(JobError) as exc:
-        prepare_job(store, "re", model_path, records=str(shards),
+        prepare_job(store, "re", tiny_model_path, records=str(shards),
                     transform=make_transform("raw"))
     assert str(exc.value) == ("job 're' was started with --preprocess imagenet, not "
                               "--preprocess raw: resume it with --preprocess imagenet (or leave "
                               "the option out), or give a new --job")
     with pytest.raises(JobError, match="started with --softmax giving probs, not --softmax "
                                        "giving softmax\\(logits\\)"):
-        prepare_job(store, "re", model_path, records=str(shards), softmax="always")
+        prepare_job(store, "re", tiny_model_path, records=str(shards), softmax="always")
     assert prepare_job(store, "re").transform == make_transform()  # left out: as before
 
 
 @pytest.mark.e2e
-def test_run_input_says_which_files_it_skipped(tmp_path, model_path):
+def test_run_input_says_which_files_it_skipped(tmp_path, tiny_model_path):
     from typer.testing import CliRunner
 
     from serveless.cli import app
@@ -268,7 +255,7 @@ def test_run_input_says_which_files_it_skipped(tmp_path, model_path):
     image_folder(src, per_class=1)
     (src / "notes.txt").write_text("hello")
     result = CliRunner().invoke(app, ["run", "--job", "sk", "--input", str(src), "--model",
-                                      model_path, "--store", str(tmp_path / "s")])
+                                      tiny_model_path, "--store", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     i = lines.index(f"skipped 1 files of {src} (neither records nor images):")

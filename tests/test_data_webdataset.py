@@ -17,14 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datakit import encode, picture, save, tiny_classifier
-from helpers import assert_one_row_per_image, rows_of
+from datakit import encode, picture
+from helpers import assert_one_row_per_image, rows_of, run_local
 
-from serveless.backends.local import LocalBackend
 from serveless.data.sources import check_records, scan_inputs
 from serveless.data.webdataset import count_samples, is_shard_head, iter_samples, sample_key
 from serveless.driver.prepare import prepare_job
-from serveless.driver.scheduler import run_job
 from serveless.errors import JobError, RecordError, SourceError
 from serveless.store import Store
 
@@ -43,11 +41,6 @@ def write_shard(path: Path, samples: list[dict]) -> Path:
 def reference_keys(path: Path) -> list[str]:
     """The sample keys webdataset's own reader gives, in order."""
     return [s["__key__"] for s in wds.WebDataset(str(path), shardshuffle=False)]
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory) -> str:
-    return save(tiny_classifier(), tmp_path_factory.mktemp("model") / "tiny.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +69,6 @@ def shards(tmp_path_factory, photos) -> Path:
         write_shard(root / (f"shard-{n:06d}.tar" if n < 2 else f"shard-{n:06d}"), samples)
     (root / "README.md").write_text("shards\n")
     return root
-
-
-def _run(store: Store, spec, image_errors: int = 0) -> None:
-    with LocalBackend() as backend:
-        result = run_job(store, spec, backend, concurrency=2, progress=False)
-    assert not result.failed_records and result.image_errors == image_errors
 
 
 # --- the reader, against webdataset's own ------------------------------------------------
@@ -160,7 +147,7 @@ def test_gzipped_shards_read_as_the_plain_ones(shards, tmp_path):
     ("header", "a tar header that cannot be read (corrupt shard)"),
     ("gzip cut", "not a readable tar shard: Compressed file ended before the end-of-stream"),
 ])
-def test_broken_shards_are_refused_before_anything_runs(tmp_path, shards, model_path, damage,
+def test_broken_shards_are_refused_before_anything_runs(tmp_path, shards, tiny_model_path, damage,
                                                         why):
     data = (shards / "shard-000000.tar").read_bytes()
     with open(shards / "shard-000000.tar", "rb") as f:
@@ -183,7 +170,7 @@ def test_broken_shards_are_refused_before_anything_runs(tmp_path, shards, model_
         bad.write_bytes(packed[:len(packed) * 2 // 3])
     store = Store(str(tmp_path / "store"))
     with pytest.raises(RecordError) as exc:
-        prepare_job(store, "bad", model_path, records=str(src))
+        prepare_job(store, "bad", tiny_model_path, records=str(src))
     assert str(exc.value).startswith(f"{bad}: byte ") and why in str(exc.value)
     assert not (tmp_path / "store" / "bad").exists()
 
@@ -205,26 +192,17 @@ def test_a_tar_named_file_that_is_no_tar_and_a_mix_are_refused(tmp_path, shards,
 # --- jobs over shards ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def folder_rows(tmp_path_factory, image_dir, model_path) -> dict[str, dict]:
-    """The photos served from their folder: rows by file stem (the reference)."""
-    store = Store(str(tmp_path_factory.mktemp("folder-job")))
-    spec = prepare_job(store, "folder", model_path, records=str(image_dir), per_record=25)
-    _run(store, spec)
-    return {Path(r["filename"]).stem: r for r in rows_of(store, "folder")}
-
-
 @pytest.mark.e2e
 def test_a_job_over_shards_equals_the_folder(tmp_path, shards, photos, folder_rows,
-                                             model_path):
+                                             tiny_model_path):
     store = Store(str(tmp_path))
-    spec = prepare_job(store, "wds", model_path, records=str(shards))
+    spec = prepare_job(store, "wds", tiny_model_path, records=str(shards))
     assert spec.record_format == "webdataset"
     assert spec.records == ["shard-000000", "shard-000001", "shard-000002"]
     for name in spec.records:  # served as they are: byte for byte the user's shards
         user = shards / name if name == "shard-000002" else shards / f"{name}.tar"
         assert (tmp_path / "wds" / "records" / f"{name}.tar").read_bytes() == user.read_bytes()
-    _run(store, spec)
+    run_local(store, spec)
     rows = rows_of(store, "wds")
     assert_one_row_per_image(rows, len(photos))
     assert [r["id"] for r in rows] == [stem for stem, _, _ in photos]
@@ -238,7 +216,7 @@ def test_a_job_over_shards_equals_the_folder(tmp_path, shards, photos, folder_ro
 
 
 @pytest.mark.e2e
-def test_every_image_type_and_broken_members_give_rows(tmp_path, model_path):
+def test_every_image_type_and_broken_members_give_rows(tmp_path, tiny_model_path):
     """Each image type stage 0 decodes, in a shard and in a folder, scores the same; a
     broken member, a truncated one and a sample with no image get error rows naming them."""
     pics = {fmt: encode(picture(i + 10, (48, 40)), fmt)
@@ -258,8 +236,8 @@ def test_every_image_type_and_broken_members_give_rows(tmp_path, model_path):
     shard_dir.mkdir()
     write_shard(shard_dir / "mixed.tar", samples)
     store = Store(str(tmp_path / "store"))
-    _run(store, prepare_job(store, "folder", model_path, records=str(folder)))
-    _run(store, prepare_job(store, "wds", model_path, records=str(shard_dir),
+    run_local(store, prepare_job(store, "folder", tiny_model_path, records=str(folder)))
+    run_local(store, prepare_job(store, "wds", tiny_model_path, records=str(shard_dir),
                             micro_batch=4), image_errors=3)
     ref = {Path(r["filename"]).stem: r for r in rows_of(store, "folder")}
     rows = rows_of(store, "wds")
@@ -277,7 +255,7 @@ def test_every_image_type_and_broken_members_give_rows(tmp_path, model_path):
 
 
 @pytest.mark.e2e
-def test_gzipped_shards_and_label_key_in_a_job(tmp_path, shards, photos, model_path):
+def test_gzipped_shards_and_label_key_in_a_job(tmp_path, shards, photos, tiny_model_path):
     src = tmp_path / "in"
     src.mkdir()
     samples = [{"__key__": stem, "jpg": data, "json": {"class_id": label}}
@@ -288,9 +266,9 @@ def test_gzipped_shards_and_label_key_in_a_job(tmp_path, shards, photos, model_p
             sink.write(s)
     (src / "part-0.tar.gz").write_bytes(gzip.compress(buf.getvalue()))
     store = Store(str(tmp_path / "store"))
-    spec = prepare_job(store, "gz", model_path, records=str(src), label_key="class_id")
+    spec = prepare_job(store, "gz", tiny_model_path, records=str(src), label_key="class_id")
     assert spec.records == ["part-0"] and spec.label_key == "class_id"
-    _run(store, spec)
+    run_local(store, spec)
     rows = rows_of(store, "gz")
     assert [(r["id"], r["label"]) for r in rows] == [(s, lab) for s, lab, _ in photos[:12]]
     assert all(r["error"] is None for r in rows)
@@ -299,14 +277,14 @@ def test_gzipped_shards_and_label_key_in_a_job(tmp_path, shards, photos, model_p
 
 
 @pytest.mark.e2e
-def test_a_shard_job_refuses_tfrecords_on_resume(tmp_path, shards, records_dir, model_path):
+def test_a_shard_job_refuses_tfrecords_on_resume(tmp_path, shards, records_dir, tiny_model_path):
     store = Store(str(tmp_path))
     src = tmp_path / "one"
     src.mkdir()
     shutil.copy(shards / "shard-000002", src)
-    prepare_job(store, "wds", model_path, records=str(src))
+    prepare_job(store, "wds", tiny_model_path, records=str(src))
     with pytest.raises(JobError, match="holds webdataset records"):
-        prepare_job(store, "wds", model_path, records=str(records_dir))
+        prepare_job(store, "wds", tiny_model_path, records=str(records_dir))
 
 
 def test_commands_that_read_tfrecords_say_so_for_shards(shards):
@@ -319,7 +297,7 @@ def test_commands_that_read_tfrecords_say_so_for_shards(shards):
 
 
 @pytest.mark.e2e
-def test_the_readme_command_a_resume_and_export(tmp_path, shards, photos, model_path):
+def test_the_readme_command_a_resume_and_export(tmp_path, shards, photos, tiny_model_path):
     """`serveless run --input shards/ --label-key …` as the README gives it; a resume keeps
     the label key or refuses another; `export` carries the ids."""
     from typer.testing import CliRunner
@@ -332,7 +310,7 @@ def test_the_readme_command_a_resume_and_export(tmp_path, shards, photos, model_
     src.mkdir()
     write_shard(src / "part-0.tar", [{"__key__": stem, "jpg": data, "json": {"class_id": lab}}
                                      for stem, lab, data in photos[:6]])
-    args = ["--store", store, "--model", model_path]
+    args = ["--store", store, "--model", tiny_model_path]
     res = runner.invoke(app, ["run", "--job", "cli", "--input", str(src), "--label-key",
                               "class_id", *args])
     assert res.exit_code == 0, res.output
@@ -348,7 +326,7 @@ def test_the_readme_command_a_resume_and_export(tmp_path, shards, photos, model_
 
 
 @pytest.mark.e2e
-def test_shards_from_an_s3_prefix(tmp_path, shards, s3_server, model_path):
+def test_shards_from_an_s3_prefix(tmp_path, shards, s3_server, tiny_model_path):
     client = s3_server.client()
     for f in sorted(shards.iterdir()):
         client.put_object(Bucket=s3_server.bucket, Key=f"wds/{f.name}", Body=f.read_bytes())
@@ -358,9 +336,9 @@ def test_shards_from_an_s3_prefix(tmp_path, shards, s3_server, model_path):
         ("shard-000000", "webdataset"), ("shard-000001", "webdataset"),
         ("shard-000002", "webdataset")]
     store = Store(str(tmp_path))
-    spec = prepare_job(store, "s3wds", model_path, records=url + "/",
+    spec = prepare_job(store, "s3wds", tiny_model_path, records=url + "/",
                        input_options=s3_server.options())
-    _run(store, spec)
+    run_local(store, spec)
     assert len(rows_of(store, "s3wds")) == 60
 
 
