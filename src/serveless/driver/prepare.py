@@ -326,7 +326,8 @@ def prepare_job(
     if old is not None and old.models and old.models != models.prefix:
         raise JobError(f"job {job!r} was made with other stage models ({old.models}): the "
                        f"model {model} changed since; use a new --job")
-    say(f"{'reused' if models.reused else 'uploaded'} {models.stages} stage models "
+    say(f"{'reused' if models.reused else 'uploaded'} {models.stages} stage "
+        f"model{'s' if models.stages != 1 else ''} "
         f"({models.size / 1e6:,.1f} MB)"
         + (f"; uploading {len(new)} records ({record_mb:,.1f} MB)…" if new else ""))
     if asked.precision == "fp32":

@@ -1,52 +1,20 @@
-"""The run's progress bar: records done of all, images per second and the ETA."""
+"""Progress bars on long work: a run's records (with images per second and the ETA), and a
+manifest's images fetched while the job is set up (without them the command looks hung)."""
 
 from __future__ import annotations
 
 import time
 
 
-class Progress:
-    """Records done / total, images/s and ETA on a rich progress bar."""
+class _Bar:
+    """`done` of `total` things on a rich progress bar, labelled; off when not `enabled`
+    (a pipe, or asked not to). `rate`: show images per second since the bar started."""
 
-    def __init__(self, total: int, done: int, enabled: bool):
+    def __init__(self, label: str, total: int, done: int, enabled: bool, rate: bool,
+                 stderr: bool):
         self.enabled = enabled
+        self.rate = rate
         self.t0 = time.perf_counter()
-        if not enabled:
-            return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("records"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-            TimeRemainingColumn(), transient=False,
-        )
-        self.task = self.progress.add_task("run", total=total, completed=done, rate="")
-        self.progress.start()
-
-    def advance(self, images: int) -> None:
-        if not self.enabled:
-            return
-        rate = images / max(1e-9, time.perf_counter() - self.t0)
-        self.progress.update(self.task, advance=1, rate=f"{rate:.1f} images/s")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.progress.stop()
-
-
-class FetchProgress:
-    """Images fetched / listed while a manifest is packed, on a rich bar on stderr: the
-    fetch is the slow part of setting such a job up, and without it the command looks hung."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.enabled = enabled
         if not enabled:
             return
         from rich.console import Console
@@ -59,18 +27,46 @@ class FetchProgress:
             TimeRemainingColumn,
         )
 
-        self.progress = Progress(
-            TextColumn("fetching"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True),
-            transient=False,
-        )
-        self.task = self.progress.add_task("fetch", total=total)
+        columns = [TextColumn(label), BarColumn(), MofNCompleteColumn()]
+        if rate:
+            columns.append(TextColumn("{task.fields[rate]}"))
+        columns += [TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
+        self.progress = Progress(*columns, transient=False,
+                                 console=Console(stderr=True) if stderr else None)
+        self.task = self.progress.add_task(label, total=total, completed=done, rate="")
         self.progress.start()
 
-    def advance(self, images: int) -> None:
-        if self.enabled:
-            self.progress.update(self.task, advance=images)
+    def _advance(self, steps: int, images: int) -> None:
+        if not self.enabled:
+            return
+        fields = {}
+        if self.rate:
+            rate = images / max(1e-9, time.perf_counter() - self.t0)
+            fields["rate"] = f"{rate:.1f} images/s"
+        self.progress.update(self.task, advance=steps, **fields)
 
     def close(self) -> None:
         if self.enabled:
             self.progress.stop()
+
+
+class Progress(_Bar):
+    """Records done / total, images/s and ETA, while a job runs."""
+
+    def __init__(self, total: int, done: int, enabled: bool):
+        super().__init__("records", total, done, enabled, rate=True, stderr=False)
+
+    def advance(self, images: int) -> None:
+        """One more record done; `images`: the images this run has served so far."""
+        self._advance(1, images)
+
+
+class FetchProgress(_Bar):
+    """Images fetched / listed while a manifest is packed, on stderr."""
+
+    def __init__(self, total: int, enabled: bool):
+        super().__init__("fetching", total, 0, enabled, rate=False, stderr=True)
+
+    def advance(self, images: int) -> None:
+        """`images` more fetched."""
+        self._advance(images, 0)
