@@ -326,6 +326,9 @@ def test_every_table_printing_command_fits_40_80_and_120_columns(screens_store, 
         ["plan", str(root / "tiny.onnx"), "--images", "60", "--deadline", "3600", "--target",
          "local", "--max-concurrency", "2", "--calibration", str(root / "cal.json"),
          "--memory-step", "256", "--out", str(tmp_path / "plan-{columns}.json")],
+        ["fit", LONG_JOB, "--store", store, "--calibration",
+         str(Path(__file__).resolve().parent / "data" / "replay-calibration.json"), "--out",
+         str(tmp_path / "profile-{columns}.json")],
     ]
     expect = [[LONG_JOB, "4/4", store],
               [LONG_JOB, "float32, uncompressed", "none (not running)"],
@@ -333,7 +336,8 @@ def test_every_table_printing_command_fits_40_80_and_120_columns(screens_store, 
               ["alexnet"],
               ["per-sample shape"],
               ["wall s"],
-              ["chosen plan"]]
+              ["chosen plan"],
+              ["cpu_factor, stage 1, 1 vCPU", "platform_init_ms"]]
     for (k, columns), (code, screen, err) in _on_terminals(commands).items():
         assert code == 0, (commands[k], err, screen)
         check_screen(screen, columns, whole=expect[k])
