@@ -42,7 +42,6 @@ from .stagemodel import stage_models
 
 PROFILE_KIND = "serveless-platform-profile"
 PROFILE_VERSION = 1
-MIN_CALLS = 1
 
 
 def _figure(values: list[float], unit: str, predicted: list[float] | None = None,
@@ -109,7 +108,7 @@ def fit_platform(rows: list[dict[str, Any]], spec: dict[str, Any], cal: dict[str
     local_store = "://" not in store_url or store_url.startswith("file://")
     ok = [r for r in rows if r.get("error") is None and not r.get("throttled")
           and int(r.get("images") or 0) > 0 and 0 <= int(r.get("stage", -1)) < len(stages)]
-    if len(ok) < MIN_CALLS:
+    if not ok:
         raise PlanError("the job's log holds no successful call to fit a platform from")
 
     factors: dict[str, list[float]] = defaultdict(list)
@@ -148,10 +147,9 @@ def fit_platform(rows: list[dict[str, Any]], spec: dict[str, Any], cal: dict[str
                float(r.get("write_ms") or 0)) for r in ok]
     read_latency, read_bw = _latency_and_bandwidth(reads)
     write_latency, write_bw = _latency_and_bandwidth(writes)
-    latencies = [f["value"] for f in (read_latency, write_latency) if f["value"] is not None]
-    request = {**(read_latency if read_latency["value"] is not None else write_latency)}
-    if latencies:
-        request["value"] = float(statistics.mean(latencies))
+    fitted = [f for f in (read_latency, write_latency) if f["value"] is not None]
+    request = {**fitted[0], "value": statistics.mean(f["value"] for f in fitted)} \
+        if fitted else _figure([], "ms")
 
     per_instance: dict[str, int] = defaultdict(int)
     for r in ok:

@@ -245,19 +245,6 @@ def plot_sweep(
     return save_figure(fig, path)
 
 
-def plot_stages(
-    stages: Sequence[int],
-    mean_duration_s: Sequence[float],
-    mean_init_s: Sequence[float],
-    peak_mb: Sequence[float],
-    memory_mb: Sequence[int],
-    path: str | Path,
-    title: str,
-) -> Path:
-    return save_figure(stages_figure(stages, mean_duration_s, mean_init_s, peak_mb, memory_mb,
-                                     title), path)
-
-
 def stages_figure(
     stages: Sequence[int],
     mean_duration_s: Sequence[float],
