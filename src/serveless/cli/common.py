@@ -180,6 +180,14 @@ WeightsOpt = Annotated[str | None, typer.Option(
 CalibrationOpt = Annotated[int, typer.Option(
     "--calibration-images", metavar="N",
     help="images of the records that calibrate --quantize int8")]
+OutputOpt = Annotated[str | None, typer.Option(
+    "--output", metavar="predictions|embeddings",
+    help="what the last stage stores: top-5 rows, or every image's vector "
+         "(embeddings/<record>.npy) beside its row [default: predictions]")]
+TensorOpt = Annotated[str | None, typer.Option(
+    "--tensor", metavar="NAME",
+    help="the tensor --output embeddings stores (see partition MODEL --list) "
+         "[default: the model's output]")]
 
 
 def check_precision(quantize: str | None, weights: str | None, calibration: int) -> None:

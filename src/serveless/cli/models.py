@@ -71,16 +71,20 @@ def partition_cmd(
     from ..model.graph import input_hw, preprocessing, save_model
     from ..model.loading import load_model
     from ..model.partition import list_cuts as candidates
-    from ..model.partition import partition, resolve_cuts
+    from ..model.partition import output_of, partition, resolve_cuts
 
     def go() -> None:
         onnx_model = load_model(model)
         if list_cuts:
             rows = [[c.name, c.op, "×".join(map(str, c.shape)),
-                     f"{c.bytes_per_sample / 1024:,.1f}"] for c in candidates(onnx_model)]
+                     f"{c.bytes_per_sample / 1024:,.1f}"]
+                    for c in [*candidates(onnx_model), output_of(onnx_model)]]
+            rows[-1][1] = f"{rows[-1][1]} (output)"
             print_table(console, Table(
                 ["tensor", "op", "per-sample shape", "per-sample KB"], rows,
-                f"cut candidates of {model} (topological order)", left=3))
+                f"cut candidates of {model} (topological order), and its output", left=3))
+            say("Any of these tensors can be run's --tensor for --output embeddings; a cut "
+                "must come before it.")
             return
         if out is None:
             fail("give --out DIR (or --list)")

@@ -14,7 +14,17 @@ import typer
 from ..report.tables import Table, print_table
 from ..store import DEFAULT_STORE
 from .app import app
-from .common import ArchOpt, StoreOpt, StoreOptions, console, fail, guarded, open_store
+from .common import (
+    ArchOpt,
+    OutputOpt,
+    StoreOpt,
+    StoreOptions,
+    TensorOpt,
+    console,
+    fail,
+    guarded,
+    open_store,
+)
 
 PANEL = "Planning"
 
@@ -199,6 +209,9 @@ def plan_cmd(
     memory_step: Annotated[int, typer.Option(
         "--memory-step", help="MB between memory sizes searched")] = 1,
     quantize: QuantizeOpt = None,
+    output: OutputOpt = None,
+    tensor: TensorOpt = None,
+    float16: Annotated[bool, typer.Option(help="embeddings stored as float16")] = False,
     cpu_factor: CpuFactorOpt = 1.0,
     profile: ProfileOpt = None,
     platform_init_ms: PlatformInitOpt = None,
@@ -207,7 +220,9 @@ def plan_cmd(
     store: StoreOpt = DEFAULT_STORE,
     store_option: StoreOptions = None,
 ) -> None:
-    """Cheapest plan within a deadline (or fastest within a budget), with presets beside it."""
+    """Cheapest plan within a deadline (or fastest within a budget), with presets beside it.
+    With --output embeddings, the job that stores a tensor's vectors (its blocks up to
+    --tensor, and the vectors' bytes written)."""
     from ..model.presets import PAPER_MEM_MAX, PAPER_MEM_MIN
     from ..planning.plan import make_plan, plot_pareto
     from ..planning.search import search
@@ -215,7 +230,10 @@ def plan_cmd(
 
     if (deadline is None) == (budget is None):
         fail("give exactly one of --deadline SECONDS or --budget DOLLARS")
+    from ..planning.embeddings import for_output
+
     cal = _load_cal(calibration, model, store, store_option, quantize)
+    cal = _guard(lambda: for_output(cal, output or "predictions", tensor or "", float16))
     tgt = _target(target, cal, cpu_factor, platform_init_ms, bandwidth, concurrency_limit,
                   profile)
     t0 = time.perf_counter()
@@ -255,7 +273,10 @@ def plan_cmd(
                              "concurrency": f.concurrency}))
     sims = [(name, p, _guard(lambda p=p: simulate(p, cal, tgt, keep_rows=False)).summary())
             for name, p in rows]
-    console.print(f"chosen plan ({quantize or 'fp32'}): cuts "
+    what = quantize or "fp32"
+    if output == "embeddings":
+        what += f", embeddings of {tensor or 'the model output'}"
+    console.print(f"chosen plan ({what}): cuts "
                   f"{','.join(b.cuts) or '(whole model)'}; memory "
                   f"{'/'.join(map(str, b.memory))} MB; {b.per_record} images per record; "
                   f"micro-batch {b.micro_batch}; concurrency {b.concurrency}", markup=False,
@@ -361,6 +382,11 @@ def fit_cmd(
         fail(f"job {job!r} in {store} has no invocation log yet: run it first")
     quantize = "int8" if spec.precision == "int8" else None
     cal = _load_cal(calibration, spec.model, store, store_option, quantize)
+    if spec.output == "embeddings":  # its calls ran the blocks up to its tensor
+        from ..planning.embeddings import for_output
+
+        cal = _guard(lambda: for_output(cal, "embeddings", spec.tensor,
+                                        spec.format.get("dtype") == "float16"))
     profile = _guard(lambda: fit_platform(rows, {"job": spec.job, "model": spec.model,
                                                  "cuts": spec.cuts,
                                                  "micro_batch": spec.micro_batch},
@@ -540,32 +566,3 @@ def sweep_simulated(model: str, cuts: list[str], memory: list[int], images: int,
                       for p in pts]
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     return result
-
-
-def apply_plan(path: Path, records: str | None,
-               tmp: str) -> tuple[str, str, str, int, int, str | None, str | None]:
-    """`run --plan`: the plan checked (refused before any invocation if a stage would not
-    fit), and its settings as run's options (its quantize too); records repacked to the
-    plan's size in `tmp` (the caller removes it)."""
-    from ..planning.plan import check_plan, load_plan
-
-    p = _guard(lambda: load_plan(path))
-    _guard(lambda: check_plan(p))
-    if records is not None:
-        records = _guard(lambda: _repack(records, int(p["images_per_record"]), tmp))
-    return (p["model"], ",".join(p["cuts"]), ",".join(map(str, p["memory"])),
-            int(p["micro_batch"]), int(p["concurrency"]), records, p.get("quantize"))
-
-
-def _repack(records: str, per_record: int, tmp: str) -> str:
-    """The records as they are when they already hold `per_record` images (the last may be
-    short); else the same images repacked into records of `per_record`."""
-    from ..data.sources import repack
-
-    dest = Path(tmp) / "records"
-    count = repack(records, per_record, dest)
-    if count is None:
-        return records
-    console.print(f"repacked {count} images into records of {per_record} (the plan's size)",
-                  markup=False, highlight=False)
-    return str(dest)

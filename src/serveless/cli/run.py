@@ -35,11 +35,13 @@ from .common import (
     MemoryOpt,
     MicroBatchOpt,
     ModelOpt,
+    OutputOpt,
     PresetOpt,
     QuantizeOpt,
     RetriesOpt,
     StoreOpt,
     StoreOptions,
+    TensorOpt,
     WeightsOpt,
     check_precision,
     console,
@@ -144,14 +146,20 @@ def _execute(store: Store, spec: Any, backend: Any, arch: str, progress: bool = 
     transform = dict(spec.transform or make_transform())
     transform["resize"] = transform.get("resize") or spec.preprocess.get("resize")
     notes.append(describe_transform(transform, spec.input_hw))
-    notes.append(f"scores: {spec.scores}" + (
+    what = (f"output: embeddings of {spec.tensor or 'the model output'}"
+            if spec.output == "embeddings" else f"scores: {spec.scores}")
+    notes.append(what + (
         f"; the model's fixed batch size {spec.fixed_batch} could not be made dynamic: "
         f"served in micro-batches of {spec.fixed_batch}" if spec.fixed_batch else ""))
     print_summary(result.rows, result.wall_s, arch, console, notes,
                   driver=result.driver_requests,
                   run_images=result.images_run)
     layout = JobLayout(spec.job)
-    say(f"predictions: {store.path(layout.predictions_prefix)}/*.jsonl")
+    say(f"{'rows' if spec.output == 'embeddings' else 'predictions'}: "
+        f"{store.path(layout.predictions_prefix)}/*.jsonl")
+    if spec.output == "embeddings":
+        say(f"embeddings: {store.path(layout.embeddings_prefix)}/*.npy "
+            f"({spec.format.get('dtype', 'float32')}, a row per image)")
     say(f"invocation log: {store.path(layout.log_prefix)}/")
     console.print(
         f"served {result.images - result.image_errors} images; failed images "
@@ -233,9 +241,11 @@ def run(
         "--save-scores/--no-save-scores", show_default=False,
         help="keep every image's whole score vector, for export --with-scores [default: no]")]
     = None,
+    output: OutputOpt = None,
+    tensor: TensorOpt = None,
     float16: Annotated[bool | None, typer.Option(
         "--float16/--no-float16", show_default=False,
-        help="store intermediates as float16 [default: float32]")] = None,
+        help="store intermediates and embeddings as float16 [default: float32]")] = None,
     compress: Annotated[bool | None, typer.Option(
         "--compress/--no-compress", show_default=False,
         help="zstd-compress intermediates [default: no]")] = None,
@@ -269,19 +279,27 @@ def run(
 
     source, repacked = records, None  # a plan may repack the records in a temporary folder
     if plan is not None:
-        from .plan import apply_plan
-
         repacked = tempfile.mkdtemp(prefix="serveless-plan-")
         try:
-            model, cuts, memory, micro_batch, concurrency, records, planned_q = apply_plan(
+            model, cuts, memory, micro_batch, concurrency, records, planned = _apply_plan(
                 plan, records, repacked)
         except BaseException:
             shutil.rmtree(repacked, ignore_errors=True)
             raise
-        if quantize is not None and quantize != planned_q:
-            shutil.rmtree(repacked, ignore_errors=True)
-            fail(f"--quantize {quantize} differs from the plan's ({planned_q or 'fp32'})")
-        quantize = planned_q
+        planned_q, out = planned.get("quantize"), planned.get("output") or {}
+        asked_out = {"quantize": (quantize, planned_q or "fp32"),
+                     "output": (output, out.get("kind", "predictions")),
+                     "tensor": (tensor, out.get("tensor", "")),
+                     "float16": (float16, out.get("dtype") == "float16" if out else None)}
+        for name, (given, wanted) in asked_out.items():
+            if given is not None and wanted is not None and given != wanted:
+                shutil.rmtree(repacked, ignore_errors=True)
+                fail(f"--{name} {given} differs from the plan's ({wanted or 'none'}): leave "
+                     "it out to run the plan as made")
+        quantize, per_record = planned_q, int(planned["images_per_record"])
+        if out:  # the plan priced an embeddings job: run that one
+            output, tensor, float16 = out["kind"], out.get("tensor", ""), out.get(
+                "dtype") == "float16"
     if job is None and records is None:
         fail("give --input DIR to start a job (or --job NAME to resume one)")
     check_precision(quantize, weights, calibration_images)
@@ -313,7 +331,7 @@ def run(
             quantize=quantize, weights=weights, calibration_images=calibration_images,
             per_record=per_record, input_options=parse_options(store_option),
             transform=transform, softmax=softmax, save_scores=save_scores,
-            label_key=label_key,
+            label_key=label_key, output=output, tensor=tensor,
             columns={"image": image_column, "label": label_column, "id": id_column,
                      "url": url_column},
             fetch_progress=sys.stderr.isatty())
@@ -492,3 +510,34 @@ def _write_digits(dest: Path, limit: int | None) -> int:
     return len(examples)
 
 
+def _apply_plan(path: Path, records: str | None,
+                tmp: str) -> tuple[str, str, str, int, int, str | None, dict[str, Any]]:
+    """`run --plan`: the plan checked (refused before any invocation if a stage would not
+    fit), and its settings as run's options, with the plan itself (its quantize and
+    output); records repacked to the plan's size in `tmp` (the caller removes it)."""
+    from ..planning.plan import check_plan, load_plan
+
+    p = guarded(lambda: load_plan(path))
+    guarded(lambda: check_plan(p))
+    if records is not None:
+        records = guarded(lambda: _repack(records, int(p["images_per_record"]), tmp))
+    return (p["model"], ",".join(p["cuts"]), ",".join(map(str, p["memory"])),
+            int(p["micro_batch"]), int(p["concurrency"]), records, p)
+
+
+def _repack(records: str, per_record: int, tmp: str) -> str:
+    """The records as they are when they already hold `per_record` images (the last may be
+    short); else the same images repacked into records of `per_record`. An input of
+    images, tables or a manifest is returned as it is: run packs it at the plan's size."""
+    from ..data.sources import repack, scan_inputs
+
+    if not guarded(lambda: scan_inputs(records)).records:
+        return records
+
+    dest = Path(tmp) / "records"
+    count = repack(records, per_record, dest)
+    if count is None:
+        return records
+    console.print(f"repacked {count} images into records of {per_record} (the plan's size)",
+                  markup=False, highlight=False)
+    return str(dest)

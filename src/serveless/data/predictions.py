@@ -11,6 +11,10 @@ table with: a WebDataset sample's key, a TFRecord's `image/source_id` when it ha
 the image's filename (a folder's file path, as packed). Rows of jobs from before ids had
 none; their readers take the filename (`row_id`).
 
+An embeddings job (`run --output embeddings`) writes the same rows without scores
+(`embedding_row`: `"output": "embeddings"`, no `top5`), and every image's vector, in row
+order, to `<job>/embeddings/<record>.npy`.
+
 `scores` says what the values are: `probs` (the model ends in a softmax), `softmax(logits)`
 (the function applied it), or `logits`. A failed image has its row too, with `top5` and the
 values null and `error` set: nothing is lost silently. The row is built here
@@ -31,6 +35,9 @@ from ..store import JobLayout, Store
 TOP_K = 5
 SCORES = ("probs", "softmax(logits)", "logits")
 """What a row's values are: probabilities, the function's softmax of logits, or logits."""
+OUTPUTS = ("predictions", "embeddings")
+"""What a job's last stage stores: a row of top-5 scores per image, or a row per image and
+its vector (`embedding_row`)."""
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -48,6 +55,19 @@ def prediction_row(
 ) -> dict[str, Any]:
     """A row; values go under "probs" when they are probabilities, else under "logits".
     `id`: the source's id of the image; None gives the filename."""
+    row = image_fields(record, index, filename, label, classes, id)
+    row["top5"] = None if top is None else [int(i) for i in top]
+    row["probs" if scores != "logits" else "logits"] = (
+        None if values is None else [float(p) for p in values])
+    row["scores"] = scores
+    row["error"] = error
+    return row
+
+
+def image_fields(record: str, index: int, filename: str, label: int,
+                 classes: list[str] | None = None, id: str | int | None = None,
+                 ) -> dict[str, Any]:
+    """What every row says of its image: where it is, its id, its label (and class)."""
     row: dict[str, Any] = {
         "record": record,
         "index": index,
@@ -57,12 +77,17 @@ def prediction_row(
     }
     if classes is not None:
         row["class_name"] = classes[label] if 0 <= label < len(classes) else None
-    row["top5"] = None if top is None else [int(i) for i in top]
-    row["probs" if scores != "logits" else "logits"] = (
-        None if values is None else [float(p) for p in values])
-    row["scores"] = scores
-    row["error"] = error
     return row
+
+
+def embedding_row(record: str, index: int, filename: str, label: int,
+                  error: dict[str, str] | None, classes: list[str] | None = None,
+                  id: str | int | None = None) -> dict[str, Any]:
+    """A row of an embeddings job (`run --output embeddings`): the image and its error, no
+    scores. Its vector is row `index` of `<job>/embeddings/<record>.npy`, NaN for a failed
+    image; the row, not the vector, says whether the image was served."""
+    return {**image_fields(record, index, filename, label, classes, id),
+            "output": "embeddings", "error": error}
 
 
 def parse_classes(data: bytes, where: str) -> list[str]:

@@ -114,6 +114,8 @@ def prepare_job(
     label_key: str | None = None,
     columns: dict[str, str | None] | None = None,
     fetch_progress: bool = False,
+    output: str | None = None,
+    tensor: str | None = None,
 ) -> JobSpec:
     """Validate everything, partition the model, and lay the job out in the store.
 
@@ -140,6 +142,10 @@ def prepare_job(
     A manifest (a CSV or JSONL file of image URLs, data/manifest.py) is read with
     `columns`' "url", "id" and "label"; its images are fetched in parallel and packed, with
     a progress bar on stderr when `fetch_progress`.
+
+    `output` 'embeddings' stores every image's vector of `tensor` (the model's output when
+    none is named) beside its row: the job runs the model up to that tensor
+    (`partition.truncate`), cut at `cuts` before it.
     """
     from ..data.images import make_transform
     from ..data.manifest import check_manifest, manifest_examples
@@ -190,7 +196,18 @@ def prepare_job(
     default_transform = make_transform()
     if old is not None and not old.transform:
         old.transform = default_transform  # a job from before --preprocess: ImageNet's
-    if softmax is None and old is not None:
+    output = _given(output, old, "output", "predictions")
+    tensor = _given(tensor, old, "tensor", "")
+    if old is None or (old.output, old.tensor) == (output, tensor):  # else refused below
+        _check_output(output, tensor, softmax, save_scores)
+    if tensor:  # the stages end at the tensor; its own digest names them (not the file's)
+        from ..model.partition import truncate
+
+        cut = truncate(onnx_model, tensor, cut_list)
+        onnx_model, model_hash = cut, (model_hash if cut is onnx_model else None)
+    if output == "embeddings":
+        scores = "logits"  # the vectors as the tensor holds them; rows carry no scores
+    elif softmax is None and old is not None:
         scores = old.scores
     else:
         scores = resolve_scores(onnx_model, softmax or "auto")
@@ -209,6 +226,7 @@ def prepare_job(
         scores=scores, fixed_batch=fixed_batch,
         save_scores=_given(save_scores, old, "save_scores", False),
         label_key=_given(label_key, old, "label_key", ""),
+        output=output, tensor=tensor,
     )
     if old is not None:
         check_resumable(old, asked)
@@ -362,6 +380,25 @@ def _reduce_precision(store: Store, layout: JobLayout, old: JobSpec | None, aske
     return q.prepare(store, onnx_model, asked.cuts, stages, openers, quantize, weights,
                      asked.input_hw, asked.preprocess, calibration_images,
                      model_hash=model_hash)
+
+
+def _check_output(output: str, tensor: str, softmax: str | None,
+                  save_scores: bool | None) -> None:
+    """Options that have no meaning for the job's output are refused, not ignored."""
+    from ..data.predictions import OUTPUTS
+
+    if output not in OUTPUTS:
+        raise JobError(f"--output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+    if output == "embeddings":
+        if save_scores:
+            raise JobError("--save-scores keeps the score vectors of predictions; an "
+                           "embeddings job stores every image's vector already")
+        if softmax not in (None, "never"):
+            raise JobError("--softmax is for predictions; embeddings are stored as the "
+                           "tensor holds them")
+    elif tensor:
+        raise JobError(f"--tensor {tensor} names the tensor of --output embeddings; add "
+                       "--output embeddings")
 
 
 def _quiet(_: str) -> None:

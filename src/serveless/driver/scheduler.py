@@ -189,7 +189,8 @@ def _run(store: Store, spec: JobSpec, backend: Backend, concurrency: int, retrie
                       threads=fn.threads, format=fmt.to_dict(), size=spec.input_hw,
                       preprocess=spec.preprocess, model=fn.model_key, transform=spec.transform,
                       scores=spec.scores, classes=spec.classes, save_scores=spec.save_scores,
-                      call=call, record_format=spec.record_format, label_key=spec.label_key)
+                      call=call, record_format=spec.record_format, label_key=spec.label_key,
+                      output=spec.output)
         return backend.invoke(fn, event.to_dict()), started
 
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="serveless-invoke")

@@ -18,6 +18,7 @@ from typing import Any
 
 from .. import __version__
 from ..cost import check_memory
+from ..data.predictions import OUTPUTS
 from ..data.tensors import TensorFormat
 from ..errors import JobError, StoreError
 from ..store import JobLayout, Store
@@ -62,6 +63,8 @@ class JobSpec:
     save_scores: bool = False  # the last stage also writes <job>/scores/<r>.npy
     record_format: str = "tfrecord"  # the records' format (data/formats.py): found, not asked
     label_key: str = ""  # a WebDataset sample's .json key of its label; "": label, then cls
+    output: str = "predictions"  # or "embeddings": <job>/embeddings/<r>.npy beside the rows
+    tensor: str = ""  # the embeddings' tensor (run --tensor); "": the model's output
     version: str = __version__
 
     @property
@@ -101,7 +104,7 @@ _SPEC_TYPES: dict[str, Any] = {
     "records": list, "input_hw": list, "concurrency": int, "retries": int,
     "preprocess": dict, "precision": str, "quantize": dict, "models": str, "transform": dict,
     "scores": str, "classes": bool, "save_scores": bool, "version": str,
-    "record_format": str, "label_key": str,
+    "record_format": str, "label_key": str, "output": str, "tensor": str,
 }
 
 
@@ -122,6 +125,8 @@ def _spec_problem(data: Any, job: str) -> str | None:
     unsafe = [r for r in data.get("records", []) if record_name(record_file(r)) != r]
     if unsafe:  # every key of a record is made from its name: it must stay in the job
         return f"record name {unsafe[0]!r} is not one a job makes"
+    if data.get("output", "predictions") not in OUTPUTS:
+        return f"output {data['output']!r} is not one of {', '.join(OUTPUTS)}"
     if data.get("record_format", "tfrecord") not in RECORD_SUFFIXES:
         return f"record_format {data['record_format']!r} is not one of {tuple(RECORD_SUFFIXES)}"
     if len(data["memory"]) != len(data["cuts"]) + 1 or not all(
@@ -176,6 +181,8 @@ def flag(name: str, value: Any) -> str:
         return f"--softmax giving {value}"
     if name == "label_key":
         return f"--label-key {value}" if value else "no --label-key"
+    if name == "tensor":
+        return f"--tensor {value}" if value else "no --tensor (the model's output)"
     if name == "save_scores":
         return "--save-scores" if value else "--no-save-scores"
     if name == "format":

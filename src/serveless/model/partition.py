@@ -264,6 +264,15 @@ def list_cuts(model: onnx.ModelProto) -> list[CutCandidate]:
     return out
 
 
+def output_of(model: onnx.ModelProto) -> CutCandidate:
+    """The model's (first) output as a candidate row: the default tensor of an embeddings
+    job, with its size per sample."""
+    out = model.graph.output[0]
+    shape, nbytes = _per_sample(out)
+    producer = next((n.op_type for n in model.graph.node if out.name in n.output), "")
+    return CutCandidate(out.name, shape, nbytes, producer)
+
+
 def _validate(g: _Graph, cuts: Sequence[str]) -> list[int]:
     """Positions of the cuts, or PartitionError listing the valid cuts."""
     positions: list[int] = []
@@ -361,6 +370,31 @@ def split(model: onnx.ModelProto, cuts: Sequence[str]) -> list[onnx.ModelProto]:
             raise PartitionError(f"stage {k} is not a valid ONNX model: {e}") from e
         stages.append(stage)
     return stages
+
+
+def truncate(model: onnx.ModelProto, tensor: str, cuts: Sequence[str] = ()
+             ) -> onnx.ModelProto:
+    """The model up to `tensor`, which becomes its output: what an embeddings job
+    (`run --output embeddings --tensor NAME`) runs and partitions at `cuts`.
+
+    `tensor` must be a valid cut (everything after it depends on it alone, so the part
+    before it is a model of its own: `split`'s stage 0) or the model's output. The
+    candidates are `list_cuts`' (`partition MODEL --list`) and the output. Cuts must come
+    before it: the job's last stage ends at its tensor."""
+    outputs = [o.name for o in model.graph.output]
+    if tensor in outputs:
+        return model
+    g = _Graph(model)
+    if tensor not in g.valid:
+        raise PartitionError(f"--tensor {tensor!r}: {g.why_invalid(tensor)}; the tensors "
+                             f"an embeddings job can store: {g.valid_list()}, or the "
+                             f"model's output {outputs[0]!r} (serveless partition MODEL "
+                             "--list)")
+    late = [c for c in cuts if c in g.valid and g.valid[c] >= g.valid[tensor]]
+    if late:
+        raise PartitionError(f"cut {late[0]!r} is not before --tensor {tensor!r}: a job's "
+                             "last stage ends at its tensor; cut before it")
+    return split(model, [tensor])[0]
 
 
 def same_graph(model: onnx.ModelProto, stage: onnx.ModelProto) -> bool:

@@ -333,6 +333,8 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
         "quantize": quantize,
         "boundaries": bounds, "blocks": out_blocks,
         "input_bytes_per_image": record_bytes, "images_source": source,
+        # the model output's bytes per image (float32): an embeddings job's vector width
+        "output_bytes_per_image": p1["blocks"][-1]["bytes_out_per_image"],
         "decode_ms_per_image": p1["decode_ms_per_image"],
         "runtime_mb": ready["rss_mb"], "start_ms": float(np.median(starts)),
         "start_ms_runs": starts,

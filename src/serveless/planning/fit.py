@@ -92,13 +92,21 @@ def _latency_and_bandwidth(calls: list[tuple[float, float, float]]) -> tuple[
     return _figure([], "ms"), bw
 
 
+def _model_name(model: Any) -> str:
+    """A model as calibrate names it: a file by its absolute path (job.json keeps the path
+    as typed, `tiny.onnx`; a calibration the resolved one), a built-in by its name."""
+    path = Path(str(model)).expanduser()
+    return str(path.resolve()) if path.is_file() else str(model)
+
+
 def fit_platform(rows: list[dict[str, Any]], spec: dict[str, Any], cal: dict[str, Any],
                  store_url: str) -> dict[str, Any]:
     """The platform profile of a job from its log rows, its job.json, the calibration of
     its model and the URL of the store it ran on (see the module's docstring)."""
     cuts = list(spec.get("cuts") or [])
     micro_batch = int(spec.get("micro_batch") or 32)
-    if spec.get("model") and cal.get("model") and str(spec["model"]) != str(cal["model"]):
+    if spec.get("model") and cal.get("model") and _model_name(spec["model"]) != _model_name(
+            cal["model"]):
         raise PlanError(f"the calibration is of model {cal['model']!r}, the job ran "
                         f"{spec['model']!r}: calibrate the job's model")
     try:

@@ -25,7 +25,8 @@ def make_plan(cal: dict[str, Any], cand: Candidate, images: int, target: Target,
         "kind": PLAN_KIND, "version": 1, "model": cal["model"], "images": images,
         "cuts": cand.cuts, "memory": cand.memory, "images_per_record": cand.per_record,
         "micro_batch": cand.micro_batch, "concurrency": cand.concurrency, "arch": arch,
-        "quantize": cal.get("quantize"), "target": target.to_dict(), "request": request,
+        "quantize": cal.get("quantize"), "output": cal.get("output"),
+        "target": target.to_dict(), "request": request,
         "predicted": {"label": "planner model (simulated)", "wall_s": cand.wall_s,
                       "cost": cand.cost, "per_million": cand.cost / images * 1e6,
                       "peak_mb": [round(s.peak_mb(), 1) for s in stages]},
@@ -55,6 +56,12 @@ def load_plan(path: str | Path) -> dict[str, Any]:
         validate(plan["calibration"], f"{p} (its calibration)")
     except CalibrationError as exc:
         raise PlanError(str(exc)) from exc
+    out = plan.get("output")
+    if out is not None and not (isinstance(out, dict) and out.get("kind") == "embeddings"
+                                and isinstance(out.get("tensor", ""), str)
+                                and out.get("dtype") in ("float32", "float16")):
+        raise PlanError(f"{p}: field 'output' must be an embeddings job's kind, tensor and "
+                        "dtype, or absent")
     if plan.get("quantize") != plan["calibration"].get("quantize"):
         raise PlanError(f"{p}: its quantize {plan.get('quantize')!r} is not its calibration's "
                         f"{plan['calibration'].get('quantize')!r}")

@@ -28,7 +28,7 @@ from .loader import load_stage, reported
 from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb
 from .memory import reset_rss_peak as reset_peak
 from .memory import rss_peak_mb as peak_mb
-from .outputs import write_predictions, write_tensor
+from .outputs import write_embeddings, write_predictions, write_tensor
 from .protocol import Event, Metrics, call_metadata
 
 _invocations = 0
@@ -155,9 +155,15 @@ def _serve(ev: Event, store: Store, layout: JobLayout, fmt: TensorFormat, sessio
             out_key = layout.predictions(ev.record)
             kept: list[np.ndarray] | None = [] if ev.save_scores else None
             errors = meta.get("errors", {})
-            written, failed = write_predictions(
-                store, out_key, ev.record, outputs, meta, c, ev.scores, classes, kept,
-                call.stored(c, meta["n"], lambda: len(errors)))
+            stored = call.stored(c, meta["n"], lambda: len(errors))
+            if ev.output == "embeddings":  # the vectors in the tensor format's dtype
+                written, failed = write_embeddings(
+                    store, layout.embeddings(ev.record), out_key, ev.record, outputs, meta, c,
+                    fmt.dtype, classes, stored)
+            else:
+                written, failed = write_predictions(
+                    store, out_key, ev.record, outputs, meta, c, ev.scores, classes, kept,
+                    stored)
             if kept is not None:
                 buf = io.BytesIO()
                 np.save(buf, np.concatenate(kept) if kept else np.zeros((0, 0), np.float32))

@@ -3,7 +3,8 @@ CRC32C that resume checks it by.
 
 An intermediate stage writes a tensor (`write_tensor`); the last stage writes one
 predictions row per image (`write_predictions`, the row format of data/predictions.py),
-failed images included. Either object appears only if the whole call succeeded.
+failed images included, or, in an embeddings job, every image's vector and then its row
+(`write_embeddings`). Each object appears only if the whole call succeeded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import IO, Any
 import google_crc32c
 import numpy as np
 
-from ..data.predictions import TOP_K, prediction_row, softmax
+from ..data.predictions import TOP_K, embedding_row, prediction_row, softmax
 from ..data.tensors import TensorFormat, TensorWriter
 from ..errors import PredictionCountError
 from ..store import Store
@@ -126,6 +127,68 @@ def write_predictions(
                 f"record {record}: {index} predictions for {meta['n']} images")
     c.put(hw.size)
     return {"key": key, "size": hw.size, "crc32c": hw.hexdigest()}, failed
+
+
+def write_embeddings(
+    store: Store, key: str, rows_key: str, record: str, outputs: Iterator[np.ndarray],
+    meta: dict[str, Any], c: Counters, dtype: str = "float32",
+    classes: list[str] | None = None, call: Callable[[int], dict[str, str]] | None = None,
+) -> tuple[dict[str, Any], list[list[str]]]:
+    """Every image's vector as one .npy at `key` (n × D, `dtype`, NaN for a failed image),
+    then one row per image at `rows_key` (`embedding_row`); returns (the rows object
+    written, the failed images listed), as `write_predictions` does.
+
+    The vectors stream to the store a micro-batch at a time behind a header written from
+    the record's image count and the first batch's width, so a call's memory does not grow
+    with the record (1,000 AlexNet relu7 vectors are 16 MB). The vectors are published
+    before the rows: resume takes a record's rows object as its last output, so wherever
+    the rows are, the vectors are too."""
+    from numpy.lib import format as npy
+
+    errors = meta.get("errors", {})
+    filenames, labels = meta["filenames"], meta["labels"]
+    ids = meta["ids"] if "ids" in meta else filenames
+    n, dt = meta["n"], np.dtype(dtype)
+    index = 0
+    failed: list[list[str]] = []
+    rows: list[str] = []
+    with store.writer(key) as f:
+        vw = HashingWriter(f)
+
+        def header(width: int) -> None:
+            npy.write_array_header_1_0(vw, {"descr": npy.dtype_to_descr(dt),
+                                            "fortran_order": False, "shape": (n, width)})
+
+        for out in outputs:
+            t = time.perf_counter()
+            values = np.array(out.reshape(len(out), -1), dtype=dt)  # a copy: NaNs go in
+            if index == 0:
+                header(values.shape[1])
+            for row in range(len(values)):
+                err = errors.get(str(index))
+                if err:
+                    values[row] = np.nan
+                    if len(failed) < MAX_FAILED_LISTED:
+                        failed.append([filenames[index], err["message"]])
+                rows.append(json.dumps(embedding_row(record, index, filenames[index],
+                                                     labels[index], err, classes, ids[index])))
+                index += 1
+            vw.write(values)
+            c.write_ms += (time.perf_counter() - t) * 1000
+        if index == 0:
+            header(0)
+        if index != n:  # inside the writer: short vectors are never published
+            raise PredictionCountError(
+                f"record {record}: {index} embeddings for {n} images")
+    c.put(vw.size)
+    t = time.perf_counter()
+    hw: HashingWriter | None = None
+    with store.writer(rows_key, _metadata(call, lambda: hw)) as f:
+        hw = HashingWriter(f)
+        hw.write(("\n".join(rows) + "\n").encode() if rows else b"")
+    c.write_ms += (time.perf_counter() - t) * 1000
+    c.put(hw.size)
+    return {"key": rows_key, "size": hw.size, "crc32c": hw.hexdigest()}, failed
 
 
 def _metadata(call: Callable[[int], dict[str, str]] | None,

@@ -26,7 +26,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..data.predictions import SCORES
+from ..data.predictions import OUTPUTS, SCORES
 from ..store.layout import RECORD_SUFFIXES
 
 OUT_OF_MEMORY = "OutOfMemory"
@@ -83,6 +83,7 @@ class Event:
     call: str = ""  # this invocation's id: stored with its output, so resume can recover it
     record_format: str = "tfrecord"  # the record's format (data/formats.py): tfrecord, webdataset
     label_key: str = ""  # a shard's .json key holding the label (run --label-key); "": label, cls
+    output: str = "predictions"  # the last stage's: predictions, or embeddings (+ their rows)
 
     def to_dict(self) -> dict[str, Any]:
         """The event as JSON-safe data, for a backend to carry."""
@@ -109,6 +110,8 @@ class Event:
         if ev.record_format not in RECORD_SUFFIXES:
             raise ValueError(f"record_format must be one of {tuple(RECORD_SUFFIXES)}, got "
                              f"{ev.record_format!r}")
+        if ev.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {ev.output!r}")
         if ev.scores not in SCORES:
             raise ValueError(f"scores must be one of {SCORES}, got {ev.scores!r}")
         return ev

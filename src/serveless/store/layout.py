@@ -247,6 +247,15 @@ class JobLayout:
         """Every image's whole score row (run --save-scores)."""
         return self.key("scores", f"{record}.npy")
 
+    @property
+    def embeddings_prefix(self) -> str:
+        return self.key("embeddings")
+
+    def embeddings(self, record: str) -> str:
+        """Every image's vector of a `run --output embeddings` job, row i = image i: written
+        before the record's predictions object, which marks the record done."""
+        return f"{self.embeddings_prefix}/{record}.npy"
+
 
 class ModelLayout:
     """Object keys of one set of stage models, content-addressed: models/<digest>/.
