@@ -92,11 +92,19 @@ def test_store_latency_and_bandwidth_are_told_apart_by_requests_and_bytes(cal, r
         rel=1e-9)
 
 
-def test_a_job_that_does_not_match_the_calibration_is_refused(cal, rows):
+def test_a_job_that_does_not_match_the_calibration_is_refused(cal, rows, tmp_path,
+                                                              monkeypatch):
     with pytest.raises(PlanError, match="calibration is of model 'alexnet'"):
         fit_platform(rows, {**SPEC, "model": "digits"}, cal, "/tmp/store")
     with pytest.raises(PlanError, match="cuts do not match"):
         fit_platform(rows, {**SPEC, "cuts": ["nope"]}, cal, "/tmp/store")
+    # one model file named two ways: as typed in the job's folder, and resolved (calibrate)
+    (tmp_path / "m.onnx").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    resolved = {**cal, "model": str(tmp_path / "m.onnx")}
+    assert fit_platform(rows, {**SPEC, "model": "m.onnx"}, resolved, "/tmp/store")["calls"] == 8
+    with pytest.raises(PlanError, match="the job ran 'n.onnx'"):
+        fit_platform(rows, {**SPEC, "model": "n.onnx"}, resolved, "/tmp/store")
     with pytest.raises(PlanError, match="no successful call"):
         fit_platform([{**r, "error": "OutOfMemory"} for r in rows], SPEC, cal, "/tmp/store")
 
