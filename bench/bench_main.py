@@ -168,7 +168,8 @@ def decode_ms(files: list[Path], limit: int = 300) -> float:
 def serveless_run(rec_dir: Path, job: str, fmt: TensorFormat | None = None,
                   memory: str | None = None, concurrency: int = 2,
                   preset: str | None = "paper", cuts: str | None = None,
-                  micro_batch: int | None = None, reuse_setup: bool = False) -> dict:
+                  micro_batch: int | None = None, reuse_setup: bool = False,
+                  output: str | None = None, tensor: str | None = None) -> dict:
     """One job in a fresh store: (setup) prepare_job, then run_job. With `reuse_setup`, the
     setup of a second job of the same model and cuts in that store (stage models found
     there, as for any run after the first) is timed too: `setup_reused_s`."""
@@ -177,7 +178,8 @@ def serveless_run(rec_dir: Path, job: str, fmt: TensorFormat | None = None,
     store = Store(str(root))
     t0 = time.perf_counter()
     spec = prepare_job(store, job, "alexnet", cuts=cuts, preset=preset, records=str(rec_dir),
-                       fmt=fmt, memory=memory, micro_batch=micro_batch)
+                       fmt=fmt, memory=memory, micro_batch=micro_batch, output=output,
+                       tensor=tensor)
     setup = time.perf_counter() - t0
     reused = None
     if reuse_setup:
