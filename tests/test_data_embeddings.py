@@ -202,6 +202,9 @@ def test_the_planner_prices_the_vectors_written():
 
     wide, narrow = simulated(at_b1), simulated(half)
     assert wide["cost"] > narrow["cost"] and wide["wall_s"] > narrow["wall_s"]
+    calls = simulate(plan, at_b1, target).rows  # the vectors, then the rows: two PUTs
+    assert [r["puts"] for r in calls] == [2] * 20
+    assert [r["puts"] for r in simulate(plan, cal, target).rows] == [1] * 20
     with pytest.raises(CalibrationError, match="'b3' is not a block boundary"):
         for_output(cal, "embeddings", "b3")
     with pytest.raises(CalibrationError, match="predates embeddings"):

@@ -11,7 +11,8 @@ same calibration, changed in three places (`for_output`):
 - the last block writes the vector and the row per image (`bytes_out_per_image`), which
   the store's bandwidth and request figures then price as any stage output;
 - the function's output-side CPU per image is the calibration's write cost per MB of
-  those bytes, in place of the time it measured to build predictions rows.
+  those bytes, in place of the time it measured to build predictions rows; and the last
+  stage makes two PUTs per record, not one (`last_stage_puts`).
 
 For the model's own output (no --tensor) the width is the calibration's
 `output_bytes_per_image`, which calibrations record since embeddings came in.
@@ -69,6 +70,12 @@ def for_output(cal: dict[str, Any], output: str = "predictions", tensor: str = "
                      "dtype": "float16" if float16 else "float32",
                      "vector_bytes_per_image": vector}
     return out
+
+
+def last_stage_puts(cal: dict[str, Any]) -> int:
+    """Objects the last stage writes per record: its rows, and an embeddings job's vectors
+    before them."""
+    return 2 if output_of(cal)["kind"] == "embeddings" else 1
 
 
 def output_of(cal: dict[str, Any]) -> dict[str, Any]:

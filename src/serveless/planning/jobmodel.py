@@ -28,6 +28,7 @@ from ..cost import (
 )
 from ..errors import PlanError
 from ..store import READ_BLOCK
+from .embeddings import last_stage_puts
 from .simulate import Target
 from .stagemodel import StageModel, speedup, wall_ms_per_image
 
@@ -189,7 +190,8 @@ class Model:
         b_in, b_out = r * self.bytes_in, r * self.bytes_out
         last_in = ((self.last == self.k - 1) & (self.first > 0)).astype(float)
         gets = np.maximum(1, np.ceil(b_in / READ_BLOCK)) + last_in
-        puts = 1 + ((self.first == 0) & (self.last < self.k - 1)).astype(float)
+        puts = (1 + ((self.first == 0) & (self.last < self.k - 1)).astype(float)
+                + (self.last == self.k - 1) * (last_stage_puts(self.cal) - 1))
         return b_in / self.bw + b_out / self.bw + t.request_ms * (gets + puts), gets, puts
 
     def _fixed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

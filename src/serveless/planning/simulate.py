@@ -34,6 +34,7 @@ from ..driver.requestmodel import driver_requests
 from ..errors import SimulationError
 from ..runtime.protocol import TIMEOUT, InvocationError
 from ..store import READ_BLOCK
+from .embeddings import last_stage_puts
 from .figures import figure_sources
 from .stagemodel import StageModel, stage_models
 
@@ -242,6 +243,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     n_rec = math.ceil(n_images / per_record)
     sizes = [per_record] * (n_rec - 1) + [n_images - per_record * (n_rec - 1)]
     k_last = len(stages) - 1
+    last_puts = last_stage_puts(cal)
     v = [vcpus(m) for m in memory]
     record_ms: dict[tuple[int, int], float] = {}  # (stage, images): a call's compute
 
@@ -332,7 +334,8 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
         b_in = n * s.bytes_in_per_image
         b_out = n * s.bytes_out_per_image
         g_in = _gets(b_in) + (1 if stage == k_last and stage > 0 else 0)
-        p_out = 1 + (1 if stage == 0 and stage != k_last else 0)
+        p_out = (1 + (1 if stage == 0 and stage != k_last else 0)
+                 + (last_puts - 1 if stage == k_last else 0))
         gets += g_in
         puts += p_out
         tt = t + init_ms / 1000
