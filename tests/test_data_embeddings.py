@@ -48,22 +48,30 @@ def photos(tmp_path_factory, image_dir) -> Path:
 
 def reference(model_path: str, store: Store, job: str, tensor: str) -> dict:
     """The named tensor of the whole model, run in onnxruntime directly on the job's own
-    records (the images in record order), by (record, index)."""
-    model = onnx.load(model_path)
-    model.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (feed,) = sess.get_inputs()
+    records (the images in record order), by (record, index); none for a broken image."""
+    run = tensor_of(model_path, tensor)
     out = {}
     for key in store.list(JobLayout(job).records_prefix, ".tfrecord"):
         record = key.rsplit("/", 1)[-1].removesuffix(".tfrecord")
         for i, ex in enumerate(read_record(store.get_bytes(key))):
-            try:
-                x = preprocess(ex.encoded, tuple(feed.shape[2:]))
-            except Exception:  # the broken image: no reference
-                continue
-            (vec,) = sess.run([tensor], {feed.name: x[None]})
-            out[(record, i)] = vec.reshape(-1)
+            if not ex.filename.endswith("broken.jpg"):
+                out[(record, i)] = run(ex.encoded)
     return out
+
+
+def tensor_of(model_path: str, tensor: str):
+    """A function from an image's bytes to the named tensor of the whole model, run in
+    onnxruntime directly."""
+    model = onnx.load(model_path)
+    model.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (feed,) = sess.get_inputs()
+
+    def run(data: bytes) -> np.ndarray:
+        x = preprocess(data, tuple(feed.shape[2:]))
+        return sess.run([tensor], {feed.name: x[None]})[0].reshape(-1)
+
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +156,66 @@ def test_parquet_export_is_a_fixed_size_list_that_pyarrow_and_duckdb_read(embedd
     assert got[0] == 61 and got[1] == 60 and got[2] == 8 and abs(got[3] - 1) < 1e-6
     with pytest.raises(ExportError, match="stored embeddings, not scores"):
         export(store, job, "parquet", str(tmp_path / "x.parquet"), with_scores=True)
+
+
+def shape_input(shape: str, root: Path, image_dir: Path) -> tuple[Path, dict, dict]:
+    """The session's photos as `shape`, written by the library its users write it with,
+    with one broken image or unreachable entry: (the input, prepare_job's columns, the
+    image bytes by the id the row will carry)."""
+    files = sorted(image_dir.rglob("*.jpg"), key=lambda p: p.relative_to(image_dir).parts)
+    src = root / "in"
+    src.mkdir()
+    by_id: dict = {}
+    if shape == "webdataset":
+        wds = pytest.importorskip("webdataset")
+        with wds.TarWriter(str(src / "shard-000000.tar")) as sink:
+            for p in files:
+                sink.write({"__key__": p.stem, "jpg": p.read_bytes(),
+                            "cls": int(p.parent.name[-1])})
+                by_id[p.stem] = p.read_bytes()
+            sink.write({"__key__": "broken", "jpg": encode(picture(5), "JPEG")[:200]})
+        return src, {}, by_id
+    if shape == "parquet":
+        datasets = pytest.importorskip("datasets")
+        ds = datasets.Dataset.from_dict({
+            "image": [{"bytes": p.read_bytes(), "path": p.name} for p in files]
+            + [{"bytes": encode(picture(5), "JPEG")[:200], "path": "broken.jpg"}],
+            "uid": [f"uid-{p.stem}" for p in files] + ["uid-broken"]})
+        ds.cast_column("image", datasets.Image()).to_parquet(str(src / "t.parquet"),
+                                                              batch_size=16)
+        by_id = {f"uid-{p.stem}": p.read_bytes() for p in files}
+        return src, {"id": "uid"}, by_id
+    lines = [json.dumps({"url": str(p), "uid": f"m-{p.stem}"}) for p in files]
+    lines.append(json.dumps({"url": str(root / "missing.jpg"), "uid": "m-missing"}))
+    manifest = src / "list.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest, {"id": "uid"}, {f"m-{p.stem}": p.read_bytes() for p in files}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("shape", ["webdataset", "parquet", "manifest"])
+def test_every_input_shape_stores_the_tensor_of_its_images(shape, tmp_path, image_dir,
+                                                           tiny_model_path):
+    """Shards, tables and manifests (each written by its users' library): the vector of
+    every row's image equals the named tensor of the whole model on that image, by the
+    row's id; the broken image or unreachable entry has its error row and a NaN vector."""
+    src, columns, by_id = shape_input(shape, tmp_path, image_dir)
+    store = Store(str(tmp_path / "store"))
+    spec = prepare_job(store, "e", tiny_model_path, cuts="r1", records=str(src),
+                       per_record=25, columns=columns, output="embeddings", tensor="f")
+    run_local(store, spec, image_errors=1)
+    rows = rows_of(store, "e")
+    assert_one_row_per_image(rows, 61)
+    expected = tensor_of(tiny_model_path, "f")
+    layout = JobLayout("e")
+    for r in rows:
+        vec = np.load(store.path(layout.embeddings(r["record"])))[r["index"]]
+        if r["id"] not in by_id:
+            assert r["error"] and np.isnan(vec).all(), r
+            continue
+        assert r["error"] is None
+        np.testing.assert_allclose(vec, expected(by_id[r["id"]]), atol=1e-4)
+    assert sorted(r["id"] for r in rows if r["error"] is None) == sorted(by_id)
 
 
 def test_options_without_meaning_for_the_output_are_refused(tmp_path, photos,
