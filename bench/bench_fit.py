@@ -45,6 +45,9 @@ from serveless.report.summary import log_wall_s  # noqa: E402
 from serveless.store import Store  # noqa: E402
 
 PAPER = ["pool1", "pool2", "pool5"]
+LOG_FIELDS = ("stage", "memory_mb", "vcpus", "cold", "init_ms", "duration_ms", "cpu_ms",
+              "images", "read_ms", "compute_ms", "write_ms", "started")
+"""What the JSON keeps of each call of A and B, to see the per-call CPU over duration."""
 # (name, cuts, memory per stage, images per record, concurrency, records)
 JOB_A = ("A: 2 stages, 1024/1769 MB, 50/rec, C=1", ["pool5"], [1024, 1769], 50, 1, 4)
 JOBS_B = [
@@ -87,6 +90,10 @@ def run(store: Store, config: tuple, options: dict) -> tuple[list[dict], dict]:
     return log, plan
 
 
+def calls(log: list[dict]) -> list[dict]:
+    return [{k: r.get(k) for k in LOG_FIELDS} for r in log]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-scale", type=float, default=0.5)
@@ -126,6 +133,7 @@ def main() -> None:
             row["cost_ratio"] = row["simulated_cost"] / cost
             row["unfitted_wall_ratio"] = row["unfitted_wall_s"] / wall
             row["unfitted_cost_ratio"] = row["unfitted_cost"] / cost
+            row["log"] = calls(log)
             rows.append(row)
             print(f"{config[0]:38s} measured {wall:6.2f} s ${cost:.6f} | simulated with the "
                   f"profile {fitted.wall_s:6.2f} s (x{row['wall_ratio']:.3f}) "
@@ -139,7 +147,8 @@ def main() -> None:
                    and abs(r["unfitted_cost_ratio"] - 1) <= 0.05 for r in rows)
     print(f"with the profile: {ok}/{len(rows)} within 15% wall and 5% cost (goal >= 5); "
           f"without it: {ok_plain}/{len(rows)}")
-    result = {"machine": machine(), "options": options, "profile": profile, "rows": rows}
+    result = {"machine": machine(), "options": options, "profile": profile, "rows": rows,
+              "calibration": cal, "log_a": calls(log_a)}
     print(f"wrote {save('bench_fit', result)}")
 
 

@@ -28,8 +28,9 @@ planner needs, each with how many calls it rests on and how well one number expl
   without `cpu_ms` are fitted as a speed alone, as before.
 - **cpu_factor**, per stage and vCPU share and overall: the calibration's prediction of a
   call's time at its share under the fitted quota (`StageModel.ms_per_record` with the
-  memory's threads, plus a cold instance's first-run work) over the measured one: the
-  speed of a core, > 1 faster, as `Target.cpu_factor` means it. On a store that is not
+  memory's threads, plus a cold instance's first-run work) over the measured one, as the
+  ratio of their totals: the speed of a core, > 1 faster, as `Target.cpu_factor` means
+  it (p10 and p90 are of the calls' own ratios). On a store that is not
   a local folder the time spent reading and writing (`read_ms`, `write_ms`) is left out
   of the measured side, since the simulator adds the transfer on its own.
 - **platform_init_ms** and **init_fixed_ms**: a cold start's init minus the model load
@@ -76,15 +77,18 @@ busy process with a thread of its own uses a whole core otherwise (the recorded 
 
 
 def _figure(values: list[float], unit: str, predicted: list[float] | None = None,
-            weights: list[float] | None = None) -> dict[str, Any]:
-    """One fitted figure: the median of per-call values (weighted where given), the 10th
-    and 90th percentiles, the calls it rests on, and its residual: the root mean square of
-    the relative error it leaves on the calls (0.05 = one number explains them to 5%)."""
+            weights: list[float] | None = None, mean: bool = False) -> dict[str, Any]:
+    """One fitted figure: the median of per-call values (weighted where given; `mean`: their
+    weighted mean), the 10th and 90th percentiles, the calls it rests on, and its residual:
+    the root mean square of the relative error it leaves on the calls (0.05 = one number
+    explains them to 5%)."""
     if not values:
         return {"value": None, "unit": unit, "calls": 0, "p10": None, "p90": None,
                 "residual": None}
     arr = np.asarray(values, dtype=float)
-    if weights is not None:
+    if mean:
+        value = float(np.average(arr, weights=weights))
+    elif weights is not None:
         order = np.argsort(arr)
         w = np.asarray(weights, dtype=float)[order]
         cum = np.cumsum(w) / w.sum()
@@ -125,12 +129,13 @@ def _latency_and_bandwidth(calls: list[tuple[float, float, float]]) -> tuple[
 
 def _cpu_quota(calls: list[tuple[Any, float, float]]) -> dict[str, Any]:
     """The quota scale from (cpu_ms, measured ms, the memory's vCPUs) per call: over the
-    calls held by their quota (under QUOTA_BOUND cores), the median of CPU / (duration ×
-    vCPUs); 1.0, resting on no call, where none was."""
-    held = [(float(cpu) / (ms * v), ms) for cpu, ms, v in calls
+    calls held by their quota (under QUOTA_BOUND cores), their CPU over their durations ×
+    vCPUs, summed (a ratio of totals, as `fit_platform`'s speed); 1.0, resting on no call,
+    where none was."""
+    held = [(float(cpu) / (ms * v), ms * v) for cpu, ms, v in calls
             if cpu is not None and ms > 0 and v > 0 and float(cpu) / ms < QUOTA_BOUND]
     fig = _figure([h[0] for h in held], "x (the CPU share / the memory's vCPUs)",
-                  weights=[h[1] for h in held])
+                  weights=[h[1] for h in held], mean=True)
     if fig["value"] is None:
         fig["value"] = 1.0
         fig["method"] = "no call was held by its quota: the memory's share, as assumed"
@@ -180,13 +185,16 @@ def fit_platform(rows: list[dict[str, Any]], spec: dict[str, Any], cal: dict[str
             continue
         for key in ("all", f"stage {k}, {v:g} vCPU"):
             factors[key].append(predicted / measured)
-            weights[key].append(predicted)
+            weights[key].append(measured)
     if not factors["all"]:
         raise PlanError("no call of the job has a measurable duration")
+    # the ratio of the totals (predicted over measured ms): a job's wall and cost are sums
+    # over its calls, and the median of a small job's few calls, each ±5-7% (bench_fit's
+    # job A on 2026-12-04, 4 calls per stage), sat 4% above their total
     cpu = _figure(factors["all"], "x (the calibrating machine's time / the platform's)",
-                  weights=weights["all"])
+                  weights=weights["all"], mean=True)
     factor = float(cpu["value"])
-    by_share = {key: _figure(vals, "x", weights=weights[key])
+    by_share = {key: _figure(vals, "x", weights=weights[key], mean=True)
                 for key, vals in sorted(factors.items()) if key != "all"}
 
     start = float(cal.get("start_ms") or 0.0) / factor  # the process start at 1 vCPU here
