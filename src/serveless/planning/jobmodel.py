@@ -121,8 +121,9 @@ class Model:
         self.mem = np.array(grid, dtype=float)
         # the CPU quota of each size (its memory's vCPUs × the target's cpu_quota), and the
         # model's threads (the memory's vCPUs rounded up, as the driver sets them)
-        self.v = np.array([target.share(int(m)) for m in grid])
+        # (what it can use: no more than its threads, StageModel.ms_per_image)
         self.threads = np.ceil([vcpus(int(m)) for m in grid])
+        self.v = np.minimum([target.share(int(m)) for m in grid], self.threads)
         self.price = LAMBDA_GB_SECOND[arch]
         self.k = k = len(cal["blocks"])
         self.bw = target.bytes_per_ms
@@ -150,8 +151,7 @@ class Model:
             blocks = self.cal["blocks"]
             sm = StageModel(self.cal, 0, 0, b)
             t = np.array([sm._ms_at_batch(blk) for blk in blocks])
-            par = np.minimum(self.v, self.threads)
-            per = np.stack([t[n] / speedup(par, blk["speedup_2vcpu"])
+            per = np.stack([t[n] / speedup(self.v, blk["speedup_2vcpu"])
                             for n, blk in enumerate(blocks)])
             cum = np.vstack([np.zeros(self.mem.size), np.cumsum(per, axis=0)])
             c = cum[self.last + 1] - cum[self.first]

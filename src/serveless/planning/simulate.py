@@ -269,8 +269,9 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     sizes = [per_record] * (n_rec - 1) + [n_images - per_record * (n_rec - 1)]
     k_last = len(stages) - 1
     v = [vcpus(m) for m in memory]  # the memory's vCPUs: logged, and the model's threads
-    q = [target.share(m) for m in memory]  # the CPU quota each instance runs under
     threads = [float(math.ceil(x)) for x in v]
+    # the CPU quota each instance runs under, as much of it as its threads can use
+    q = [min(target.share(m), n) for m, n in zip(memory, threads, strict=True)]
     record_ms: dict[tuple[int, int], float] = {}  # (stage, images): a call's compute
 
     def compute(stage: int, n: int) -> float:
