@@ -403,7 +403,8 @@ def fit_cmd(
         residual = "-" if f.get("residual") is None else f"{f['residual']:.2f}"
         return [name, num(f["value"]), unit, str(f["calls"]), spread, residual]
 
-    units = {"cpu_factor": "x", "platform_init_ms": "ms", "read_mb_s": "MB/s",
+    units = {"cpu_factor": "x", "cpu_quota": "x", "platform_init_ms": "ms",
+             "init_fixed_ms": "ms", "read_mb_s": "MB/s",
              "write_mb_s": "MB/s", "request_ms": "ms", "warm_reuse": "share"}
     table = [row(name, f, units.get(name, "")) for name, f in profile["figures"].items()]
     table += [row(f"cpu_factor, {name}", f, "x")
@@ -413,8 +414,12 @@ def fit_cmd(
                                f"({profile['calls']} calls)", left=1))
     folder = (" The store is a local folder: its reads and writes are CPU work, so its "
               "bandwidth and latency are shown, not used." if profile["local_store"] else "")
-    console.print(f"cpu_factor: the calibrating machine's time over the platform's (> 1 is "
-                  f"faster); residual: how far one figure is from the calls (0.05 = 5%)."
+    console.print(f"cpu_factor: the calibrating machine's time over the platform's at the "
+                  f"same CPU share (> 1 is faster); cpu_quota: the CPU share over the "
+                  f"memory's vCPUs (the platform differs by its "
+                  f"{profile.get('cpu_scaling', 'speed')} more); init_fixed_ms: the part of "
+                  f"a cold start no CPU share speeds up; residual: how far one figure is "
+                  f"from the calls (0.05 = 5%)."
                   f"{folder} Wrote {target}; plan or simulate with --profile {target}",
                   markup=False, highlight=False)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 LAMBDA_QUOTAS = "docs.aws.amazon.com/lambda/latest/dg/gettingstarted-limits.html"
 LAMBDA_SCALING = "docs.aws.amazon.com/lambda/latest/dg/scaling-behavior.html"
+LAMBDA_MEMORY = "docs.aws.amazon.com/lambda/latest/dg/configuration-memory.html"
 S3_PERFORMANCE = "docs.aws.amazon.com/AmazonS3/latest/userguide/optimizing-performance.html"
 S3_WHITEPAPER = ("docs.aws.amazon.com/whitepapers/latest/s3-optimizing-performance-best-"
                  "practices/timeouts-and-retries-for-latency-sensitive-applications.html")
@@ -47,6 +48,9 @@ LAMBDA_FIGURES: dict[str, tuple[str, str]] = {
     "timeout_s": (AWS, f"the longest function timeout, 900 s ({LAMBDA_QUOTAS})"),
     "tmp_mb": (AWS, f"/tmp is 512 MB unless configured, up to 10,240 MB ({LAMBDA_QUOTAS})"),
     "cpu_factor": (GUESS, "Lambda's CPU as fast per vCPU as this machine's (1.0)"),
+    "cpu_quota": (AWS, f"CPU in proportion to memory, one vCPU at 1,769 MB (1.0: the "
+                       f"share cost.vcpus gives; {LAMBDA_MEMORY})"),
+    "init_fixed_ms": (GUESS, "no part of the init apart from platform_init_ms (0)"),
 }
 """Each assumed figure of the `lambda` target: (AWS documentation or a guess, what and
 where)."""

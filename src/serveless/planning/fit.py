@@ -10,13 +10,40 @@ instance ran it. So a small job run on the platform, set against the calibration
 model (what each call should have taken on the calibrating machine), gives the figures the
 planner needs, each with how many calls it rests on and how well one number explains them:
 
+- **cpu_quota**: the CPU share an instance gets over the vCPUs its memory buys, from the
+  calls its quota held back. A platform can differ from this machine in two ways that
+  give the same time at 1 vCPU and different times above it: slower cores (every share
+  runs at that speed, and a 1.7 vCPU instance keeps its Amdahl speed-up over 1 vCPU), or a
+  smaller quota (a 1.7 vCPU instance runs as the calibration's 0.85 vCPU child, with no
+  speed-up to have: the local backend's `cpu_scale`, measured on 2026-12-04, where the
+  speed reading overestimated a 3008 MB stage by 19% in cost). A job run at one memory
+  size below 1 vCPU cannot tell them apart by its durations: the calibration's time at a
+  share below 1 is the time at 1 over the share, whatever divides it. Its CPU time can:
+  a call that used less than QUOTA_BOUND of a core over its duration (`cpu_ms`, all the
+  process's threads while serving) was held by its quota, and its CPU over duration ×
+  its memory's vCPUs is the quota scale (0.5 under `cpu_scale=0.5`; 1.0 on Lambda below
+  1769 MB, whose share is its memory's). A call that used a whole core or more (a 1769
+  MB call on a quota of 1 or more) only says the quota is not below its use, and leaves
+  the scale at 1 where no call was held: the speed factor then explains the job. Logs
+  without `cpu_ms` are fitted as a speed alone, as before.
 - **cpu_factor**, per stage and vCPU share and overall: the calibration's prediction of a
-  call's time (`StageModel.ms_per_record`, plus a cold instance's first-run work) over the
-  measured one; > 1 is a faster platform, as `Target.cpu_factor` means it. On a store that
-  is not a local folder the time spent reading and writing (`read_ms`, `write_ms`) is left
-  out of the measured side, since the simulator adds the transfer on its own.
-- **platform_init_ms**: a cold start's init minus the model load the calibration predicts
-  at the fitted speed: what the platform spends before our code runs.
+  call's time at its share under the fitted quota (`StageModel.ms_per_record` with the
+  memory's threads, plus a cold instance's first-run work) over the measured one, as the
+  ratio of their totals: the speed of a core, > 1 faster, as `Target.cpu_factor` means
+  it (p10 and p90 are of the calls' own ratios). On a store that is not
+  a local folder the time spent reading and writing (`read_ms`, `write_ms`) is left out
+  of the measured side, since the simulator adds the transfer on its own.
+- **platform_init_ms** and **init_fixed_ms**: a cold start's init minus the model load
+  the calibration predicts at its share and the fitted speed is what the platform spends
+  before our code runs. Part of it is the process start, CPU work that a smaller share
+  slows (the local backend starts an instance in its cgroup), part of it is not (Lambda's
+  own environment setup; the local backend's `platform_init_ms`, a wait). The
+  calibration measured the process start at 1 vCPU (`start_ms`): at the call's share and
+  speed that is the CPU part, and the rest of each cold start the fixed part,
+  `init_fixed_ms`. `platform_init_ms` is the whole at a full vCPU. (Scaling the whole
+  by the share, as before, made a 512 MB stage's cold starts 1.4 s too long in
+  bench_fit: 9% of its cost.) Two cold starts at two shares could fit both parts
+  without the calibration, but a job has few cold starts and each is noisy.
 - **read and write bandwidth, request latency**: a least-squares fit of each call's
   `read_ms` (`write_ms`) against its requests and bytes (`ms = requests × latency +
   bytes / bandwidth`); where the calls do not tell the two apart, the median throughput.
@@ -41,19 +68,27 @@ from ..errors import CalibrationError, PlanError
 from .stagemodel import stage_models
 
 PROFILE_KIND = "serveless-platform-profile"
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+
+QUOTA_BOUND = 0.95
+"""A call whose CPU over its duration is under this many cores was held by its quota: a
+busy process with a thread of its own uses a whole core otherwise (the recorded job at
+1769 MB on this machine, unscaled: 1.00-1.01)."""
 
 
 def _figure(values: list[float], unit: str, predicted: list[float] | None = None,
-            weights: list[float] | None = None) -> dict[str, Any]:
-    """One fitted figure: the median of per-call values (weighted where given), the 10th
-    and 90th percentiles, the calls it rests on, and its residual: the root mean square of
-    the relative error it leaves on the calls (0.05 = one number explains them to 5%)."""
+            weights: list[float] | None = None, mean: bool = False) -> dict[str, Any]:
+    """One fitted figure: the median of per-call values (weighted where given; `mean`: their
+    weighted mean), the 10th and 90th percentiles, the calls it rests on, and its residual:
+    the root mean square of the relative error it leaves on the calls (0.05 = one number
+    explains them to 5%)."""
     if not values:
         return {"value": None, "unit": unit, "calls": 0, "p10": None, "p90": None,
                 "residual": None}
     arr = np.asarray(values, dtype=float)
-    if weights is not None:
+    if mean:
+        value = float(np.average(arr, weights=weights))
+    elif weights is not None:
         order = np.argsort(arr)
         w = np.asarray(weights, dtype=float)[order]
         cum = np.cumsum(w) / w.sum()
@@ -99,6 +134,23 @@ def _model_name(model: Any) -> str:
     return str(path.resolve()) if path.is_file() else str(model)
 
 
+def _cpu_quota(calls: list[tuple[Any, float, float]]) -> dict[str, Any]:
+    """The quota scale from (cpu_ms, measured ms, the memory's vCPUs) per call: over the
+    calls held by their quota (under QUOTA_BOUND cores), their CPU over their durations ×
+    vCPUs, summed (a ratio of totals, as `fit_platform`'s speed); 1.0, resting on no call,
+    where none was."""
+    held = [(float(cpu) / (ms * v), ms * v) for cpu, ms, v in calls
+            if cpu is not None and ms > 0 and v > 0 and float(cpu) / ms < QUOTA_BOUND]
+    fig = _figure([h[0] for h in held], "x (the CPU share / the memory's vCPUs)",
+                  weights=[h[1] for h in held], mean=True)
+    if fig["value"] is None:
+        fig["value"] = 1.0
+        fig["method"] = "no call was held by its quota: the memory's share, as assumed"
+    else:
+        fig["method"] = f"calls under {QUOTA_BOUND} of a core: CPU / (duration x vCPUs)"
+    return fig
+
+
 def fit_platform(rows: list[dict[str, Any]], spec: dict[str, Any], cal: dict[str, Any],
                  store_url: str) -> dict[str, Any]:
     """The platform profile of a job from its log rows, its job.json, the calibration of
@@ -119,35 +171,50 @@ def fit_platform(rows: list[dict[str, Any]], spec: dict[str, Any], cal: dict[str
     if not ok:
         raise PlanError("the job's log holds no successful call to fit a platform from")
 
+    def measured_ms(r: dict[str, Any]) -> float:
+        ms = float(r["duration_ms"])
+        if not local_store:
+            ms -= float(r.get("read_ms") or 0.0) + float(r.get("write_ms") or 0.0)
+        return ms
+
+    quota = _cpu_quota([(r.get("cpu_ms"), measured_ms(r), float(r.get("vcpus") or 1.0))
+                        for r in ok])
+    q = float(quota["value"])
     factors: dict[str, list[float]] = defaultdict(list)
     weights: dict[str, list[float]] = defaultdict(list)
     for r in ok:
         k, v = int(r["stage"]), float(r.get("vcpus") or 1.0)
-        predicted = stages[k].ms_per_record(int(r["images"]), v)
+        share = v * q
+        predicted = stages[k].ms_per_record(int(r["images"]), share, 1.0, math.ceil(v))
         if r.get("cold"):
-            predicted += stages[k].first_call_ms() / min(v, 1.0)
-        measured = float(r["duration_ms"])
-        if not local_store:
-            measured -= float(r.get("read_ms") or 0.0) + float(r.get("write_ms") or 0.0)
+            predicted += stages[k].first_call_ms() / min(share, 1.0)
+        measured = measured_ms(r)
         if measured <= 0 or predicted <= 0:
             continue
         for key in ("all", f"stage {k}, {v:g} vCPU"):
             factors[key].append(predicted / measured)
-            weights[key].append(predicted)
+            weights[key].append(measured)
     if not factors["all"]:
         raise PlanError("no call of the job has a measurable duration")
+    # the ratio of the totals (predicted over measured ms): a job's wall and cost are sums
+    # over its calls, and the median of a small job's few calls, each ±5-7% (bench_fit's
+    # job A on 2026-12-04, 4 calls per stage), sat 4% above their total
     cpu = _figure(factors["all"], "x (the calibrating machine's time / the platform's)",
-                  weights=weights["all"])
+                  weights=weights["all"], mean=True)
     factor = float(cpu["value"])
-    by_share = {key: _figure(vals, "x", weights=weights[key])
+    by_share = {key: _figure(vals, "x", weights=weights[key], mean=True)
                 for key, vals in sorted(factors.items()) if key != "all"}
 
-    inits = []
+    start = float(cal.get("start_ms") or 0.0) / factor  # the process start at 1 vCPU here
+    fixed = []
     for r in ok:
         if r.get("cold") and float(r.get("init_ms") or 0.0) > 0:
-            k, v = int(r["stage"]), float(r.get("vcpus") or 1.0)
-            inits.append(float(r["init_ms"]) - float(stages[k].load_ms(v, factor)))
-    init = _figure(inits, "ms")
+            k, share = int(r["stage"]), float(r.get("vcpus") or 1.0) * q
+            fixed.append(float(r["init_ms"]) - float(stages[k].load_ms(share, factor))
+                         - start / min(share, 1.0))
+    init = _figure([x + start for x in fixed], "ms (at a full vCPU)")
+    init_fixed = _figure(fixed, "ms")
+    init_fixed["cpu_part_ms"] = start  # the calibration's process start at the speed
 
     reads = [(float(r.get("gets") or 0) + float(r.get("heads") or 0),
               float(r.get("bytes_in") or 0), float(r.get("read_ms") or 0)) for r in ok]
@@ -170,7 +237,9 @@ def fit_platform(rows: list[dict[str, Any]], spec: dict[str, Any], cal: dict[str
         "calls": len(ok),
         "figures": {
             "cpu_factor": cpu,
+            "cpu_quota": quota,
             "platform_init_ms": init,
+            "init_fixed_ms": init_fixed,
             "read_mb_s": read_bw,
             "write_mb_s": write_bw,
             "request_ms": request,
@@ -179,6 +248,8 @@ def fit_platform(rows: list[dict[str, Any]], spec: dict[str, Any], cal: dict[str
                            "calls_per_instance": statistics.mean(per_instance.values())},
         },
         "cpu_factor_by_stage": by_share,
+        # which of the two explains more of how the platform differs from this machine
+        "cpu_scaling": "quota" if abs(math.log(q)) > abs(math.log(factor)) else "speed",
         "local_store": local_store,
     }
 
@@ -213,13 +284,23 @@ def load_profile(path: str | Path) -> dict[str, Any]:
 
 
 def target_overrides(profile: dict[str, Any]) -> dict[str, float]:
-    """The Target settings a profile replaces: the CPU factor, the platform init, the
-    store bandwidth (the slower of read and write) and the request latency, where fitted.
-    A figure the job could not measure (no cold start, say) keeps the assumed value."""
+    """The Target settings a profile replaces: the CPU factor, the quota scale where some
+    call was held by its quota, the platform init (split into the process start, which
+    a target whose start is CPU-bound scales by the share, and `init_fixed_ms`), the store
+    bandwidth (the slower of read and write) and the request latency, where fitted. A
+    figure the job could not measure (no cold start, say) keeps the assumed value; a
+    version 1 profile (one init, one speed factor) is read as it was written."""
     f = profile["figures"]
     out: dict[str, float] = {"cpu_factor": float(f["cpu_factor"]["value"])}
+    quota = f.get("cpu_quota") or {}
+    if quota.get("value") is not None and quota.get("calls"):
+        out["cpu_quota"] = float(quota["value"])
     init = (f.get("platform_init_ms") or {}).get("value")
-    if init is not None:
+    fixed = (f.get("init_fixed_ms") or {}).get("value")
+    if init is not None and fixed is not None:
+        out["init_fixed_ms"] = max(0.0, float(fixed))
+        out["platform_init_ms"] = max(0.0, float(init) - out["init_fixed_ms"])
+    elif init is not None:
         out["platform_init_ms"] = max(0.0, float(init))
     if not profile.get("local_store"):  # a folder's reads are CPU work, not a bandwidth
         bws = [(f.get(k) or {}).get("value") for k in ("read_mb_s", "write_mb_s")]

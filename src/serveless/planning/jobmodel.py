@@ -120,7 +120,11 @@ class Model:
         if grid[-1] != MAX_MEMORY_MB:
             grid.append(MAX_MEMORY_MB)
         self.mem = np.array(grid, dtype=float)
-        self.v = np.array([vcpus(int(m)) for m in grid])
+        # the CPU quota of each size (its memory's vCPUs × the target's cpu_quota), and the
+        # model's threads (the memory's vCPUs rounded up, as the driver sets them)
+        # (what it can use: no more than its threads, StageModel.ms_per_image)
+        self.threads = np.ceil([vcpus(int(m)) for m in grid])
+        self.v = np.minimum([target.share(int(m)) for m in grid], self.threads)
         self.price = LAMBDA_GB_SECOND[arch]
         self.k = k = len(cal["blocks"])
         self.bw = target.bytes_per_ms
@@ -208,6 +212,7 @@ class Model:
         the process start too where it runs under the instance's share (local)."""
         t, below = self.target, np.minimum(v, 1.0)
         start = t.platform_init_ms / below if t.start_cpu_bound else t.platform_init_ms
+        start = start + t.init_fixed_ms  # Target.start_ms
         return start, np.multiply.outer(self.load_ms, 1 / below) if np.ndim(v) else \
             self.load_ms / below
 
@@ -262,10 +267,14 @@ class Model:
         rows = np.arange(len(self.pairs))
         size = self.mem.size
         lo = np.minimum(np.searchsorted(self.mem, self.need(cfg.micro_batch)), size - 1)
-        turns = [MB_PER_VCPU]
+        # the quota reaches 1 vCPU; a thread more (a quota above the memory's vCPUs); the
+        # instances in flight fill the cores
+        turns = [MB_PER_VCPU / t.cpu_quota]
+        if t.cpu_quota != 1.0:
+            turns += [MB_PER_VCPU * n for n in range(1, 7)]
         inflight = self.sharing(cfg)
         if t.cores is not None:
-            turns.append(t.cores / inflight * MB_PER_VCPU)
+            turns.append(t.cores / inflight * MB_PER_VCPU / t.cpu_quota)
         cand = {size - 1}
         for mb in turns:
             j = int(np.searchsorted(self.mem, mb))
@@ -280,8 +289,8 @@ class Model:
                   else np.ones(c.shape))
             sti = (np.maximum(1.0, inflight * np.minimum(self.v[c], 1.0) / t.cores)
                    if t.cores is not None else np.ones(c.shape))
-            start = t.platform_init_ms / below if t.start_cpu_bound else \
-                np.full(c.shape, t.platform_init_ms)
+            start = (t.platform_init_ms / below if t.start_cpu_bound else
+                     np.full(c.shape, t.platform_init_ms)) + t.init_fixed_ms
             if col:
                 st, sti = st[None, :], sti[None, :]
                 start, below = start[None, :], below[None, :]

@@ -5,6 +5,7 @@ that `simulate` and `run --plan` need nothing else; checked before anything runs
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +93,10 @@ def check_plan(plan: dict[str, Any]) -> None:
         if mem < need:
             problems.append(f"stage {k}: predicted peak {s.peak_mb():.0f} MB (+25% headroom = "
                             f"{need} MB) exceeds its memory {mem} MB")
-        v = vcpus(int(mem))
+        v = target.share(int(mem))
         r = int(plan["images_per_record"])
-        secs = (s.ms_per_record(r, v, target.cpu_factor)
-                + float(s.load_ms(v, target.cpu_factor)) + target.platform_init_ms) / 1000
+        secs = (s.ms_per_record(r, v, target.cpu_factor, math.ceil(vcpus(int(mem))))
+                + float(s.load_ms(v, target.cpu_factor)) + target.start_ms(v)) / 1000
         if secs > target.timeout_s:
             problems.append(f"stage {k}: a record of {r} images takes a predicted {secs:.0f} s, "
                             f"over the {target.timeout_s:.0f} s timeout")

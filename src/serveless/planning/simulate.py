@@ -58,11 +58,23 @@ class Target:
       guess of 600 s).
     - timeout_s: the function timeout (Lambda's maximum, 900 s).
     - tmp_mb: /tmp size, which must hold a stage's model files (Lambda's default 512 MB).
-    - cpu_factor: this machine's time per image / Lambda's (a guess of 1.0: same speed).
-    - start_cpu_bound: the process start runs under the instance's CPU share (local: the
-      backend places a new instance in its cgroup at once, so a 0.5 vCPU instance starts
-      about half as fast as the calibration's 1 vCPU child). On Lambda the platform init
-      is an assumption of its own, not scaled.
+    - cpu_factor: this machine's time per image / Lambda's at the same CPU share, i.e. the
+      speed of one core (a guess of 1.0: same speed).
+    - cpu_quota: the CPU share an instance gets over what its memory buys (vCPUs = memory
+      / 1769 MB, AWS's documented rule: 1.0). Not a speed: a quota of 0.5 makes a 1769 MB
+      instance run as the calibration's 0.5 vCPU child, and a 3008 MB one (1.7 vCPUs, 2
+      threads) as a 0.85 vCPU one, where a speed factor of 0.5 would stretch the time of
+      1.7 vCPUs, whose Amdahl speed-up the quota never lets it have (the local backend's
+      `cpu_scale` is such a quota; on 2026-12-04 the speed factor overestimated the 3008
+      MB stage of bench_fit by 19% in cost). The model's threads stay the memory's vCPUs
+      rounded up, as the driver sets them: a quota above them serves only the input thread.
+    - init_fixed_ms: a part of each cold start's init that no CPU share speeds up (the
+      local backend's `platform_init_ms`, a platform's own setup), on top of
+      platform_init_ms; fitted from a job's log (planning/fit.py), else 0.
+    - start_cpu_bound: platform_init_ms is the process start, run under the instance's CPU
+      share (local: the backend places a new instance in its cgroup at once, so a 0.5 vCPU
+      instance starts about half as fast as the calibration's 1 vCPU child); init_fixed_ms
+      is not scaled. On Lambda the platform init is an assumption of its own, not scaled.
     - store_in_cpu: local only, a folder store with a calibration that timed the function's
       reads and writes (its `write_ms_per_mb` ...): those are CPU work of the function,
       counted in the stage's time at its CPU share, so no bandwidth term is added on top.
@@ -86,6 +98,8 @@ class Target:
     timeout_s: float = 900.0
     tmp_mb: int = 512
     cpu_factor: float = 1.0
+    cpu_quota: float = 1.0
+    init_fixed_ms: float = 0.0
     cores: float | None = None  # local: instances share this many cores
     throttle_backoff_max_s: float = 20.0
     start_cpu_bound: bool = False
@@ -122,9 +136,21 @@ class Target:
             if key not in cls.__dataclass_fields__:
                 raise SimulationError(f"unknown target setting {key!r}")
             setattr(t, key, value)
-        if t.cpu_factor <= 0 or t.bandwidth_mb_s <= 0:
-            raise SimulationError("cpu_factor and bandwidth must be > 0")
+        if t.cpu_factor <= 0 or t.cpu_quota <= 0 or t.bandwidth_mb_s <= 0:
+            raise SimulationError("cpu_factor, cpu_quota and bandwidth must be > 0")
+        if t.init_fixed_ms < 0:
+            raise SimulationError("init_fixed_ms must be >= 0")
         return t
+
+    def share(self, memory_mb: int) -> float:
+        """The vCPUs of CPU quota an instance of `memory_mb` gets: its memory's × cpu_quota."""
+        return vcpus(memory_mb) * self.cpu_quota
+
+    def start_ms(self, share: float) -> float:
+        """A cold start's init before the model load, at a CPU share: the process start
+        (slower below 1 vCPU where it runs under the share) and the fixed part."""
+        scale = min(share, 1.0) if self.start_cpu_bound else 1.0
+        return self.platform_init_ms / scale + self.init_fixed_ms
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -244,16 +270,20 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     sizes = [per_record] * (n_rec - 1) + [n_images - per_record * (n_rec - 1)]
     k_last = len(stages) - 1
     last_puts = last_stage_puts(cal)
-    v = [vcpus(m) for m in memory]
+    v = [vcpus(m) for m in memory]  # the memory's vCPUs: logged, and the model's threads
+    threads = [float(math.ceil(x)) for x in v]
+    # the CPU quota each instance runs under, as much of it as its threads can use
+    q = [min(target.share(m), n) for m, n in zip(memory, threads, strict=True)]
     record_ms: dict[tuple[int, int], float] = {}  # (stage, images): a call's compute
 
     def compute(stage: int, n: int) -> float:
         if (stage, n) not in record_ms:
-            record_ms[stage, n] = stages[stage].ms_per_record(n, v[stage], target.cpu_factor)
+            record_ms[stage, n] = stages[stage].ms_per_record(n, q[stage], target.cpu_factor,
+                                                              threads[stage])
         return record_ms[stage, n]
 
-    load = [float(s.load_ms(v[k], target.cpu_factor)) for k, s in enumerate(stages)]
-    first = [s.first_call_ms() / min(v[k], 1.0) / target.cpu_factor  # a cold start's 1st call
+    load = [float(s.load_ms(q[k], target.cpu_factor)) for k, s in enumerate(stages)]
+    first = [s.first_call_ms() / min(q[k], 1.0) / target.cpu_factor  # a cold start's 1st call
              for k, s in enumerate(stages)]
     bw = target.bytes_per_ms
     rng = random.Random(seed)
@@ -266,8 +296,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     cpu_demand = 0.0  # local: vCPUs of the invocations in flight
     share = 1.0  # local: the part of its vCPUs each invocation in flight gets
     running: set[_Running] = set()
-    start_ms = [target.platform_init_ms / (min(x, 1.0) if target.start_cpu_bound else 1.0)
-                for x in v]
+    start_ms = [target.start_ms(x) for x in q]
     ready: list[tuple[int, int, int]] = [(0, r, 0) for r in range(n_rec)]  # (-stage, rec, try)
     delayed: list[tuple[float, int, int, int]] = []  # (not_before, -stage, record, attempt)
     throttled: dict[tuple[int, int], int] = {}
@@ -366,7 +395,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
             # The process start and the model load run on one thread: until the init is
             # done an instance above 1 vCPU uses 1 (two 3008 MB cold starts on 2 cores
             # took 280 ms each, as alone, not the 1.7x longer full demand would give).
-            job.demand = min(v[stage], 1.0) if init_ms > 0 else v[stage]
+            job.demand = min(q[stage], 1.0) if init_ms > 0 else q[stage]
             cpu_demand += job.demand
             running.add(job)
             reshare(t)
@@ -383,7 +412,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
             job.version += 1
             end = min(t + job.left_ms() / share / 1000, job.t0 + target.timeout_s)
             push(end, "end", (job, job.version))
-            if job.demand < v[job.row["stage"]]:  # still in its init (or just done)
+            if job.demand < q[job.row["stage"]]:  # still in its init (or just done)
                 push(min(t + max(job.init_work, 0.0) / share / 1000, end), "init done",
                      (job, job.version))
 
@@ -436,8 +465,8 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
             job, version = data
             if version == job.version and job in running:  # now its handler: all its vCPUs
                 job.advance(now, share)
-                cpu_demand += v[job.row["stage"]] - job.demand
-                job.demand = v[job.row["stage"]]
+                cpu_demand += q[job.row["stage"]] - job.demand
+                job.demand = q[job.row["stage"]]
                 reshare(now)
             continue
         if kind == "end":

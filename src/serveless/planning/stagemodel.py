@@ -99,24 +99,34 @@ class StageModel:
         extra = sum(float(b.get("first_run_ms", 0.0)) for b in self.blocks)
         return extra + (_path(self.cal, "stage0_first_call_ms") if self.first == 0 else 0.0)
 
-    def ms_per_image(self, vcpus: Any, cpu_factor: float = 1.0) -> Any:
-        """Wall ms per image at `vcpus` (array or scalar); see `wall_ms_per_image`."""
+    def ms_per_image(self, vcpus: Any, cpu_factor: float = 1.0, threads: Any = None) -> Any:
+        """Wall ms per image at a CPU share of `vcpus` (array or scalar); see
+        `wall_ms_per_image`. `threads`: the model's intra-op threads where they may be
+        fewer than the share (a platform whose quota exceeds what its memory's vCPUs
+        would give: 1769 MB at 1.5 vCPUs runs 1 thread); the stage then runs as at
+        min(vcpus, threads). Its input thread does not use the rest: under the local
+        backend's cpu_scale=1.5 a 1769 MB whole-model stage used 1.01 cores, and a share
+        of 1.5 made its simulation 12% fast (bench_fit, 2026-12-04). None: as many
+        threads as the share, rounded up (the driver's rule)."""
         v = np.asarray(vcpus, dtype=float)
+        if threads is not None:
+            v = np.minimum(v, np.asarray(threads, dtype=float))
         c = sum(self._ms_at_batch(b) / speedup(v, b["speedup_2vcpu"]) for b in self.blocks)
         c1 = sum(self._ms_at_batch(b) for b in self.blocks)
         return wall_ms_per_image(self.input_ms_per_image(), c1, c,
                                  self.output_ms_per_image(), v) / cpu_factor
 
-    def ms_per_record(self, images: int, vcpus: float, cpu_factor: float = 1.0) -> float:
+    def ms_per_record(self, images: int, vcpus: float, cpu_factor: float = 1.0,
+                      threads: float | None = None) -> float:
         """Wall ms of a call on `images` images: full micro-batches, then the rest as one
         smaller batch, which pays a whole per-call part for fewer images (AlexNet's FC
         stage reads its 230 MB of weights for a last batch of 4 as for one of 32: 7% of a
         100-image record's time)."""
         full, rest = divmod(int(images), self.micro_batch)
-        ms = full * self.micro_batch * float(self.ms_per_image(vcpus, cpu_factor))
+        ms = full * self.micro_batch * float(self.ms_per_image(vcpus, cpu_factor, threads))
         if rest:
             tail = StageModel(self.cal, self.first, self.last, rest)
-            ms += rest * float(tail.ms_per_image(vcpus, cpu_factor))
+            ms += rest * float(tail.ms_per_image(vcpus, cpu_factor, threads))
         return ms
 
     @property
