@@ -5,6 +5,7 @@ makes, each one line and exit status 2. (What it measures is test_planning_calib
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from plankit import tiny_residual_model
@@ -31,6 +32,13 @@ def test_calibrate_refuses_bad_options_in_one_line(tmp_path, args, said):
     assert res.exit_code == 2, res.output
     assert said in _said(res)
     assert "Traceback" not in res.output and not (tmp_path / "s" / "calibration").exists()
+
+
+def test_calibrate_without_lithops_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "serveless.backends.lithops", None)  # import fails
+    res = runner.invoke(app, ["calibrate", "alexnet", "--store", str(tmp_path / "s"),
+                              "--backend", "lithops"])
+    assert res.exit_code == 2 and "pip install lithops" in _said(res), res.output
 
 
 @pytest.mark.e2e
