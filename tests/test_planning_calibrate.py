@@ -17,7 +17,7 @@ from serveless.planning.calibrate import validate
 def test_calibration_times_blocks_in_order_each_on_its_predecessors_output():
     """A block timed alone, back to back, keeps small weights in the cache that a stage's
     other layers evict: the timing passes run the blocks as the model does."""
-    from serveless.planning.probe import _chain_times
+    from serveless.runtime.calibration import _chain_times
 
     class Block:
         def __init__(self, k: int, out: tuple[int, ...]):
@@ -67,3 +67,168 @@ def test_a_calibration_with_a_bad_measured_path_is_refused():
     cal["write_ms_per_mb"] = "fast"
     with pytest.raises(CalibrationError, match="write_ms_per_mb"):
         validate(cal)
+
+
+# -- calibrate --backend: measured inside a function call (planning/calibrate_backend.py) -------
+
+
+def _event(**over):
+    from serveless.runtime.protocol import CalibrationEvent
+
+    event = {"store": {"url": "/tmp/x"}, "blocks": [{"key": "k", "data": None,
+                                                     "input_shape": [3, 8, 8]}],
+             "images": [], "size": [8, 8], "memory_mb": 1769, "measure": ["blocks"],
+             "kind": "calibrate"}
+    return CalibrationEvent.parse({**event, **over})
+
+
+def test_a_calibration_event_is_checked_where_it_arrives():
+    from serveless.runtime.handler import handle
+    from serveless.runtime.protocol import CalibrationAnswer
+
+    assert _event().measure == ["blocks"]
+    with pytest.raises(ValueError, match="unknown calibration event fields: stage"):
+        _event(stage=0)
+    with pytest.raises(ValueError, match="measure must be some of"):
+        _event(measure=["everything"])
+    with pytest.raises(ValueError, match="bandwidth_key"):
+        _event(measure=["store"])
+    with pytest.raises(ValueError, match="no blocks"):
+        _event(blocks=[])
+    # the one entry point every backend calls tells a calibration from a stage by its kind
+    with pytest.raises(ValueError, match="measure must be some of"):
+        handle({**_event().to_dict(), "measure": []})
+    # a function that answers a stage's metrics (an older serveless) is not a calibration
+    with pytest.raises(ValueError, match="did not answer a calibration"):
+        CalibrationAnswer.from_dict({"stage": 0, "images": 3})
+
+
+class _FailingBackend:
+    """A backend whose calls fail with `kind`, for the errors a user meets."""
+
+    def __init__(self, name: str, kind: str):
+        self.name, self.kind, self.calls = name, kind, []
+
+    def invoke(self, fn, event):
+        from serveless.backends import InvocationResult
+        from serveless.runtime.protocol import InvocationError
+
+        self.calls.append((fn, event))
+        return InvocationResult(None, InvocationError(self.kind, "cap 256 MB, peak 300 MB"),
+                                True, 0.0, 0.0, None)
+
+    def describe(self):
+        return {"cpu_share": "exact"}
+
+
+def test_a_calibration_call_out_of_memory_says_raise_memory_and_leaves_nothing(tmp_path):
+    from serveless.planning.calibrate_backend import measure_on_backend
+    from serveless.store import Store
+
+    block = tmp_path / "block-0.onnx"
+    block.write_bytes(b"graph")
+    (tmp_path / "block-0.onnx.data").write_bytes(b"weights")
+    image = tmp_path / "img"
+    image.write_bytes(b"jpeg")
+    cfg = {"blocks": [{"path": str(block), "input_shape": [3, 8, 8]}], "images": [str(image)],
+           "size": [8, 8], "min_s": 0.1}
+    store = Store(str(tmp_path / "store"))
+    backend = _FailingBackend("local", "OutOfMemory")
+    with pytest.raises(CalibrationError, match=r"local backend at 256 MB ran out of memory "
+                                               r".*raise --memory"):
+        measure_on_backend(backend, store, cfg, 256, {}, lambda _m: None)
+    (fn, event), = backend.calls
+    assert fn.memory_mb == 256 and fn.model_key == "" and event["kind"] == "calibrate"
+    assert event["blocks"][0]["data"].endswith("block-0.onnx.data")
+    assert not store.find("calibration")  # the uploads are deleted whatever happened
+    # on Lambda (through Lithops) a function out of memory comes back as a timeout
+    with pytest.raises(CalibrationError, match="reported as a timeout: raise --memory"):
+        measure_on_backend(_FailingBackend("lithops", "Timeout"), store, cfg, 1769, {},
+                           lambda _m: None)
+    with pytest.raises(CalibrationError, match="outside Lambda's 128-10240 MB"):
+        measure_on_backend(backend, store, cfg, 64, {}, lambda _m: None)
+
+
+def test_an_older_calibration_without_measured_on_still_loads_and_says_so():
+    from serveless.planning.calibrate_backend import measured_on_line, recorded_options
+
+    cal = validate(synthetic_calibration())  # written before measured_on existed
+    assert "older calibration" in measured_on_line(cal)
+    cal["measured_on"] = {"where": "backend", "backend": "local"}  # no memory: refused
+    with pytest.raises(CalibrationError, match="memory_mb"):
+        validate(cal)
+    cal["measured_on"] = "lambda"
+    with pytest.raises(CalibrationError, match="measured_on"):
+        validate(cal)
+    # options that may be secrets are named, never recorded
+    assert recorded_options({"cpu_scale": 0.5, "aws.secret_access_key": "s3cr3t"}) == {
+        "cpu_scale": 0.5, "aws.secret_access_key": "(not recorded: may be a secret)"}
+
+
+def _work_ms(cal: dict) -> float:
+    """CPU work per image at 1 vCPU: the blocks at the calibration batch and stage 0's
+    decode (which dominates a tiny model's)."""
+    return sum(b["ms_per_image"] for b in cal["blocks"]) + cal["decode_ms_per_image"]
+
+
+@pytest.mark.e2e
+def test_calibrate_on_the_local_backend_records_where_and_follows_its_cpu(tiny_plan, tmp_path):
+    """Measured in a function of the local backend: measured_on says so, with its memory,
+    vCPUs, CPU model and quota; the figures agree with this machine's calibration within a
+    loose factor, and a platform of half the CPU per vCPU (cpu_scale=0.5) comes out about
+    twice as slow."""
+    from serveless.backends import make_backend
+    from serveless.planning.calibrate import calibrate
+    from serveless.runtime.calibration import cpu_model
+    from serveless.store import Store
+
+    root, _ = tiny_plan
+    here = validate(json.loads((root / "cal.json").read_text()))
+    assert here["measured_on"]["where"] == "this machine"
+    store = Store(str(tmp_path / "store"))
+    cals = {}
+    for scale in (1.0, 0.5):
+        backend = make_backend("local", {"cpu_scale": scale}, max_instances=1)
+        try:
+            cals[scale] = validate(calibrate(str(root / "tiny.onnx"), store, backend=backend,
+                                             backend_options={"cpu_scale": scale}))
+        finally:
+            backend.close()
+    full, half = cals[1.0], cals[0.5]
+    m = full["measured_on"]
+    assert (m["where"], m["backend"], m["memory_mb"], m["vcpus"]) == ("backend", "local",
+                                                                     1769, 1.0)
+    assert m["speedup_memory_mb"] == 3538 and m["cpu_model"] == cpu_model()
+    assert m["cold"] and full["start_ms"] == pytest.approx(m["platform_init_ms"])
+    assert half["measured_on"]["backend_options"] == {"cpu_scale": 0.5}
+    assert len(full["blocks"]) == len(here["blocks"]) and not store.find("calibration")
+    assert 1 / 3 < _work_ms(full) / _work_ms(here) < 3
+    if not m["cpu_share_enforced"]:
+        pytest.skip("no cgroup CPU quota here: cpu_scale is not applied")
+    assert m["cpu_quota"] == pytest.approx(1.0, abs=0.01)
+    assert half["measured_on"]["cpu_quota"] == pytest.approx(0.5, abs=0.01)
+    assert 1.3 < _work_ms(half) / _work_ms(full) < 3.2
+
+
+@pytest.mark.e2e
+def test_calibrate_on_lithops_localhost_records_its_engine(tiny_plan, tmp_path):
+    pytest.importorskip("lithops")
+    from serveless.backends import make_backend
+    from serveless.planning.calibrate import calibrate
+    from serveless.store import Store
+
+    root, _ = tiny_plan
+    store = Store(str(tmp_path / "store"))
+    backend = make_backend("lithops", {"backend": "localhost"})
+    try:
+        cal = validate(calibrate(str(root / "tiny.onnx"), store, backend=backend,
+                                 memory_mb=1024, backend_options={"backend": "localhost"}))
+    finally:
+        backend.close()
+    m = cal["measured_on"]
+    assert (m["backend"], m["lithops_backend"], m["memory_mb"]) == ("lithops", "localhost",
+                                                                    1024)
+    # Lithops localhost gives every call the whole machine: nothing is scaled to 1 vCPU
+    assert not m["cpu_share_enforced"] and m["scaled_to_1_vcpu"] == 1.0
+    assert "fresh processes" in m["figures"]["start_ms"] and cal["start_ms"] > 0
+    assert cal["store"]["read_mb_s"] > 0 and not store.find("calibration")

@@ -111,3 +111,22 @@ def own_dirs() -> list[Path]:
         if d is not None and d not in seen:
             seen.append(d)
     return seen
+
+
+def cpu_quota() -> float | None:
+    """The CPU quota of this process's own cgroup in CPUs (quota / period: 0.5 = half a
+    core), or None when it has none or it cannot be read. Only its own cgroup's: a quota
+    set higher up (a container's) is not looked for."""
+    try:
+        d2 = own_v2_dir()
+        if d2 is not None and (d2 / "cpu.max").is_file():
+            quota, _, period = (d2 / "cpu.max").read_text().strip().partition(" ")
+            return None if quota == "max" else int(quota) / int(period or 100_000)
+        d1 = own_v1_dir("cpu")
+        if d1 is not None and (d1 / "cpu.cfs_quota_us").is_file():
+            quota_us = int((d1 / "cpu.cfs_quota_us").read_text())
+            period_us = int((d1 / "cpu.cfs_period_us").read_text())
+            return None if quota_us < 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+    return None

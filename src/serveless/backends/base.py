@@ -18,7 +18,8 @@ from ..runtime.protocol import InvocationError
 
 @dataclass
 class FunctionSpec:
-    """One deployed function: the stage it serves and its memory size."""
+    """One deployed function: the stage it serves and its memory size. A `model_key` of ""
+    is a calibration function's (`serveless calibrate --backend`): it serves no stage."""
 
     stage: int
     memory_mb: int
@@ -30,8 +31,9 @@ class FunctionSpec:
 @dataclass
 class InvocationResult:
     """One invocation as the platform saw it. `metrics` is what the function answered (the
-    protocol's Metrics as JSON; a call target of a Lithops drill may answer other data),
-    `error` why it failed (given as an InvocationError or its JSON form)."""
+    protocol's Metrics as JSON; a calibration call's `CalibrationAnswer`; a call target of a
+    Lithops drill may answer other data), `error` why it failed (given as an
+    InvocationError or its JSON form)."""
 
     metrics: dict[str, Any] | None
     error: InvocationError | None

@@ -2,9 +2,9 @@
 
 `app` is built in `app.py`; each module here adds one group of commands to it: `data`
 (pack), `models` (models, partition), `run` (run, demo), `report` (report, export), `jobs`
-(`serveless jobs`: list, show, clean, delete), `experiments` (the paper's figures), `plan`
-(calibrate, plan, simulate). Options and helpers that several commands share are in
-`common`.
+(`serveless jobs`: list, show, clean, delete), `experiments` (the paper's figures),
+`calibrate` (here or on a backend), `plan` (plan, simulate, fit). Options and helpers that
+several commands share are in `common`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import importlib
 from .app import app
 
 # Each module adds its commands to the app; --help lists them in this order.
-for _module in ("data", "models", "run", "report", "jobs", "experiments", "plan"):
+for _module in ("data", "models", "run", "report", "jobs", "experiments", "calibrate", "plan"):
     importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["app", "main"]

@@ -146,6 +146,15 @@ def open_store(url: str, options: list[str] | None) -> Store:
     return guarded(lambda: Store(url, parse_options(options)))
 
 
+def start_backend(name: str, options: list[str] | None, **local: Any) -> Any:
+    """A backend by name (`--backend`) with its `--backend-option` pairs, started: an
+    unknown option, or Lithops not installed, is one line and exit status 2. `local`:
+    settings of the local backend (max_instances, keep_alive_s) that are not options."""
+    from ..backends import make_backend
+
+    return guarded(lambda: make_backend(name, parse_options(options), **local))
+
+
 def say(text: str, err: bool = False) -> None:
     """Plain text (paths, reasons): no markup, so a '[' in a file name is printed as is."""
     (err_console if err else console).print(text, markup=False, highlight=False)

@@ -1,6 +1,6 @@
-"""Commands of the planning loop: calibrate, plan, simulate (and `sweep --simulate`,
-`run --plan`). The work is in calibrate.py, plan.py and simulate.py. Everything simulated
-is printed under a "simulated" heading."""
+"""Commands of the planning loop: plan, simulate, fit (and `sweep --simulate`, `run
+--plan`); `calibrate` is cli/calibrate.py. The work is in planning/. Everything simulated
+is printed under a "simulated" heading, with where its calibration was measured."""
 
 from __future__ import annotations
 
@@ -99,6 +99,14 @@ def _print_profile(tgt: Any) -> None:
                       highlight=False)
 
 
+def _print_measured_on(cal: dict[str, Any]) -> None:
+    """Where the calibration a plan or simulation rests on was measured (this machine, or a
+    function on a backend at some memory): the speed of every stage comes from there."""
+    from ..planning.calibrate_backend import measured_on_line
+
+    console.print(measured_on_line(cal), markup=False, highlight=False)
+
+
 def _load_cal(calibration: Path | None, model: str, store: str,
               store_option: list[str] | None, quantize: str | None = None,
               check: bool = True) -> dict[str, Any]:
@@ -124,52 +132,6 @@ def _load_cal(calibration: Path | None, model: str, store: str,
         fail(f"the calibration was made {made}, not{q or ' fp32'}: calibrate with the same "
              f"--quantize as you plan with")
     return cal
-
-
-@app.command("calibrate", rich_help_panel=PANEL,
-             short_help="Measure a model per block on this machine, for plan and simulate")
-def calibrate_cmd(
-    model: Annotated[str, typer.Argument(metavar="MODEL", help="built-in name or .onnx path")],
-    records: Annotated[str | None, typer.Option(
-        help="folder or glob of .tfrecord files (your images; else sample photos)")] = None,
-    out: Annotated[Path | None, typer.Option(
-        help="write the calibration JSON here (default: calibration/<model>.json in the store)")]
-    = None,
-    quantize: QuantizeOpt = None,
-    store: StoreOpt = DEFAULT_STORE,
-    store_option: StoreOptions = None,
-) -> None:
-    """Measure the model per block on this machine, for plan and simulate."""
-    from ..planning.calibrate import calibrate
-    from ..store.layout import calibration_key
-
-    if quantize not in (None, "int8"):
-        fail(f"--quantize must be int8, got {quantize!r}")
-    st = open_store(store, store_option)
-    guarded(st.check)
-    cal = _guard(lambda: calibrate(model, st, records, say=lambda m: console.print(
-        m, markup=False, highlight=False), quantize=quantize))
-    data = json.dumps(cal, indent=1)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(data)
-        where = str(out)
-    else:
-        st.put_bytes(calibration_key(model, quantize), data.encode())
-        where = st.path(calibration_key(model, quantize))
-    whole = sum(b["ms_per_image"] for b in cal["blocks"])
-    print_table(console, Table(
-        ["block", "ends at", "ms/image, 1 vCPU", "× at 2 vCPUs", "weights MB", "KB out/image"],
-        [[str(b["index"]), b["end"] or "(model output)", f"{b['ms_per_image']:.2f}",
-          f"{b['speedup_2vcpu']:.2f}", f"{b['weights_mb']:.1f}",
-          f"{b['bytes_out_per_image'] / 1024:,.1f}"] for b in cal["blocks"]],
-        f"{cal['model']}: blocks between cut candidates", left=2))
-    console.print(f"{len(cal['blocks'])} blocks; whole model {whole:.1f} ms/image at 1 vCPU "
-                  f"(micro-batch {cal['calibration_batch']}), decode "
-                  f"{cal['decode_ms_per_image']:.1f} ms/image; CPU: {cal['cpu_control']}",
-                  markup=False, highlight=False)
-    console.print(f"calibrated in {cal['seconds']:.1f} s; wrote {where}", markup=False,
-                  highlight=False)
 
 
 SIM_COLUMNS = ("plan", "cuts", "memory MB", "per rec", "batch", "C", "wall s", "$", "$/1M",
@@ -288,6 +250,7 @@ def plan_cmd(
     _print_sims(sims, f"simulated on {target} (CPU speed factor {tgt.cpu_factor:g}), "
                       f"{images:,} images, {arch}")
     _print_profile(tgt)
+    _print_measured_on(cal)
     console.print("memMax = the paper's stages at 3008 MB each; memMin = the paper's "
                   "2048/1280/1024/768 MB; both at the chosen plan's records and concurrency",
                   markup=False, highlight=False)
@@ -349,6 +312,7 @@ def simulate_cmd(
                   f"resume checks, the lease; in $ above): {kinds} = "
                   f"${summary['driver_store_ops']:.6f}", markup=False, highlight=False)
     _print_profile(tgt)
+    _print_measured_on(cal)
     if summary["figures"]:
         from ..planning.figures import figures_line
 

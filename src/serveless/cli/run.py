@@ -51,6 +51,7 @@ from .common import (
     open_store,
     parse_options,
     say,
+    start_backend,
 )
 
 
@@ -59,13 +60,10 @@ def _start(store_url: str, store_option: list[str] | None, backend_name: str,
            keep_alive: float) -> tuple[Store, Any]:
     """The store, probed for writing, and the backend, with its dependencies: both checked
     before a job writes anything, so a mistake here leaves the store as it was."""
-    from ..backends import make_backend
-
     st = open_store(store_url, store_option)
     guarded(st.check)
-    backend = guarded(lambda: make_backend(
-        backend_name, parse_options(backend_option), max_instances=max_instances or concurrency,
-        keep_alive_s=keep_alive))
+    backend = start_backend(backend_name, backend_option,
+                            max_instances=max_instances or concurrency, keep_alive_s=keep_alive)
     return st, backend
 
 

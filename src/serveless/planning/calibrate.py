@@ -24,6 +24,13 @@ with onnxruntime set to as many intra-op threads as vCPUs, exactly as a function
 of that size runs.
 Where no cgroup can be created the quota is not enforced and the calibration says so
 (`cpu_control`); the times are then those of 1 and 2 threads on an unrestricted machine.
+
+With a backend (`calibrate --backend local|lithops [--memory MB]`) the same measurements
+(runtime/calibration.py, which the child runs too) run inside a function call on that
+backend instead (calibrate_backend.py). Either way the file records where and how it was
+measured (`measured_on`: this machine or the backend, its options, memory and vCPUs, the
+CPU model the measuring process saw, how its CPU share was held, and which figure came
+from where); files written before it lack the field and still load.
 """
 
 from __future__ import annotations
@@ -42,9 +49,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import CalibrationError
-from .probe import CAL_BATCH
+from ..runtime.protocol import CAL_BATCH
+from .calibrate_backend import Measured, measure_on_backend
 
 PROBE_MODULE = "serveless.planning.probe"
+COLDSTART_MODULE = "serveless.runtime.coldstart"  # a fresh process importing a function's
 
 MAX_BLOCKS = 16
 DECODE_IMAGES = 16
@@ -111,9 +120,8 @@ def _time_start(limits: Any) -> float:
     """ms from spawning a child, placed under `limits` as the local backend places an
     instance, until it has imported onnxruntime and the function module."""
     t_spawn = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", PROBE_MODULE, repr(t_spawn),
-                             "start"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", COLDSTART_MODULE, repr(t_spawn)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     try:
         limits.attach(proc.pid)
         line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -160,29 +168,6 @@ def _sample_image_files(records: str | None, folder: Path) -> tuple[list[str], f
     return paths, float(np.mean(sizes)) + RECORD_FRAMING_BYTES, source
 
 
-def _store_bandwidth(store: Any, mb: int = 32) -> dict[str, float]:
-    """MB/s of one write and one read of an `mb` MB object, and the ms of a small request."""
-    from ..store.layout import bandwidth_probe_key
-
-    key = bandwidth_probe_key()
-    data = np.random.default_rng(0).bytes(mb << 20)
-    t0 = time.perf_counter()
-    store.put_bytes(key, data)
-    write_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    got = store.get_bytes(key)
-    read_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    store.put_bytes(key, b"x")
-    store.get_bytes(key)
-    small_ms = (time.perf_counter() - t0) * 1000 / 2
-    store.delete(key)
-    if len(got) != len(data):
-        raise CalibrationError("the store returned a different object than was written")
-    return {"write_mb_s": mb / max(write_s, 1e-6), "read_mb_s": mb / max(read_s, 1e-6),
-            "request_ms": small_ms, "url": store.url}
-
-
 def _save_external(model: Any, path: Path) -> int:
     import onnx
 
@@ -224,15 +209,21 @@ def _qdq_nodes(model: Any) -> int:
 
 
 def calibrate(model: str, store: Any, records: str | None = None, min_s: float = 0.25,
-              say: Any = None, quantize: str | None = None) -> dict[str, Any]:
-    """Measure the model on this machine; the calibration as a JSON-safe dict. With
-    `quantize` ('int8') the blocks measured are the int8 blocks `run --quantize` would
-    run (the whole model's load time is then left out of the load-time fit)."""
-    from ..backends.local.isolation import InstanceLimits
+              say: Any = None, quantize: str | None = None, backend: Any = None,
+              memory_mb: int | None = None,
+              backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Measure the model; the calibration as a JSON-safe dict. On this machine by default;
+    with `backend` (a started Backend), inside a function call on it at `memory_mb`
+    (default 1769 MB, 1 vCPU; `backend_options` only recorded). With `quantize` ('int8')
+    the blocks measured are the int8 blocks `run --quantize` would run (the whole model's
+    load time is then left out of the load-time fit)."""
+    from ..cost import MB_PER_VCPU
     from ..model.graph import input_hw
     from ..model.loading import load_model
     from ..model.partition import list_cuts, split
     from ..model.presets import PAPER_PRESET
+    from ..store.bandwidth import measure_bandwidth
+    from ..store.layout import bandwidth_probe_key
 
     say = say or (lambda _m: None)
     t_all = time.perf_counter()
@@ -245,6 +236,10 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
     say(f"{len(cuts)} valid cuts; calibrating {len(bounds) + 1} blocks")
     blocks = split(onnx_model, bounds)
     in_shape = _input_shape(onnx_model)
+    # On a backend the whole model is not sent: it would double what the function fetches
+    # and keeps on its disk (AlexNet: 233 MB more, against Lambda's 512 MB of /tmp), for
+    # one more point of a load-time fit that every block already makes.
+    whole_too = quantize is None and backend is None
     with tempfile.TemporaryDirectory(prefix="serveless-calibrate-") as tmp:
         root = Path(tmp)
         images, record_bytes, source = _sample_image_files(records, root / "images")
@@ -259,50 +254,23 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
             shape = in_shape if k == 0 else list(by_name[bounds[k - 1]].shape)
             cfg_blocks.append({"path": str(path), "input_shape": shape})
         whole = root / "whole.onnx"
-        whole_bytes = _save_external(onnx_model, whole) if quantize is None else 0
+        whole_bytes = _save_external(onnx_model, whole) if whole_too else 0
         del blocks
         (root / "paths").mkdir()
-        cfg = {"blocks": cfg_blocks, "whole": str(whole) if quantize is None else None,
+        cfg = {"blocks": cfg_blocks, "whole": str(whole) if whole_too else None,
                "images": images, "size": size, "min_s": min_s, "tmp": str(root / "paths")}
-        lim1 = InstanceLimits.create("calibrate-1vcpu", CAL_MEMORY_MB, 1.0)
-        lim2 = InstanceLimits.create("calibrate-2vcpu", CAL_MEMORY_MB, 2.0)
-        cpu_control = (f"cgroup CPU quota ({lim1.mode}: {lim1.reason}) and onnxruntime "
-                       "intra-op threads = vCPUs" if lim1.cpu_exact and lim2.cpu_exact else
-                       f"onnxruntime intra-op threads only (1, then 2); no CPU quota: "
-                       f"{lim1.reason}")
-        t_spawn = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", PROBE_MODULE, repr(t_spawn)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            lim1.attach(proc.pid)
-            assert proc.stdin is not None and proc.stdout is not None
-
-            def ask(cmd: str) -> dict[str, Any]:
-                proc.stdin.write(cmd + "\n")  # type: ignore[union-attr]
-                proc.stdin.flush()  # type: ignore[union-attr]
-                line = proc.stdout.readline()  # type: ignore[union-attr]
-                if not line:
-                    raise CalibrationError(f"the calibration process died ({proc.wait()})")
-                return json.loads(line)
-
-            ready = ask(json.dumps(cfg))
-            say("1 vCPU: load, compute, memory per block; decode")
-            p1 = ask("phase1")
-            lim2.attach(proc.pid)
-            say("2 vCPUs: compute per block")
-            p2 = ask("phase2")
-            proc.stdin.write("stop\n")
-            proc.stdin.flush()
-            proc.wait(timeout=30)
-            starts = [ready["start_ms"], *(_time_start(lim1) for _ in range(START_RUNS - 1))]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            lim1.remove()
-            lim2.remove()
-    say("store bandwidth")
-    bandwidth = _store_bandwidth(store)
+        if backend is None:
+            m = _measure_here(cfg, say)
+        else:
+            m = measure_on_backend(backend, store, cfg, memory_mb or MB_PER_VCPU,
+                                   backend_options or {}, say)
+    for note in m.notes:
+        say(note)
+    bandwidth = m.store
+    if bandwidth is None:
+        say("store bandwidth")
+        bandwidth = measure_bandwidth(store, bandwidth_probe_key())
+    p1, p2 = m.phase1, m.phase2
     out_blocks = []
     for k, (m1, t2) in enumerate(zip(p1["blocks"], p2["ms_per_image_2"], strict=True)):
         out_blocks.append(Block(
@@ -336,17 +304,81 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
         # the model output's bytes per image (float32): an embeddings job's vector width
         "output_bytes_per_image": p1["blocks"][-1]["bytes_out_per_image"],
         "decode_ms_per_image": p1["decode_ms_per_image"],
-        "runtime_mb": ready["rss_mb"], "start_ms": float(np.median(starts)),
-        "start_ms_runs": starts,
+        "runtime_mb": m.ready["rss_mb"], "start_ms": float(m.ready["start_ms"]),
+        "start_ms_runs": m.starts,
         "stage0_first_call_ms": p1["stage0_first_call_ms"],
         **{k: p1[k] for k in PATH_FIELDS if k in p1},
         "load_ms_fixed": max(0.0, float(icpt)), "load_ms_per_mb": max(0.0, float(slope)),
         "whole_load_ms": p1["whole_load_ms"], "whole_model_bytes": whole_bytes or None,
-        "store": bandwidth, "cpu_control": cpu_control, "calibration_batch": CAL_BATCH,
+        "store": bandwidth, "cpu_control": m.cpu_control, "calibration_batch": CAL_BATCH,
+        "measured_on": m.measured_on,
         "machine": {"cores": os.cpu_count(), "load_avg": list(os.getloadavg())},
         "seconds": time.perf_counter() - t_all,
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _measure_here(cfg: dict[str, Any], say: Any) -> Measured:
+    """The measurements on this machine: a child process (probe.py) under the local
+    backend's cgroup CPU quota of 1 vCPU, then 2 vCPUs."""
+    from ..backends.local.isolation import InstanceLimits
+
+    lim1 = InstanceLimits.create("calibrate-1vcpu", CAL_MEMORY_MB, 1.0)
+    lim2 = InstanceLimits.create("calibrate-2vcpu", CAL_MEMORY_MB, 2.0)
+    exact = lim1.cpu_exact and lim2.cpu_exact
+    cpu_control = (f"cgroup CPU quota ({lim1.mode}: {lim1.reason}) and onnxruntime "
+                   "intra-op threads = vCPUs" if exact else
+                   f"onnxruntime intra-op threads only (1, then 2); no CPU quota: "
+                   f"{lim1.reason}")
+    t_spawn = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", PROBE_MODULE, repr(t_spawn)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        lim1.attach(proc.pid)
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def ask(cmd: str) -> dict[str, Any]:
+            proc.stdin.write(cmd + "\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise CalibrationError(f"the calibration process died ({proc.wait()})")
+            return json.loads(line)
+
+        ready = ask(json.dumps(cfg))
+        say("1 vCPU: load, compute, memory per block; decode")
+        p1 = ask("phase1")
+        lim2.attach(proc.pid)
+        say("2 vCPUs: compute per block")
+        p2 = ask("phase2")
+        proc.stdin.write("stop\n")
+        proc.stdin.flush()
+        proc.wait(timeout=30)
+        starts = [ready["start_ms"], *(_time_start(lim1) for _ in range(START_RUNS - 1))]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        lim1.remove()
+        lim2.remove()
+    function = ready.get("function", {})
+    measured_on = {
+        "where": "this machine", "backend": None, "backend_options": {}, "memory_mb": None,
+        "vcpus": 1.0, "speedup_vcpus": 2.0, "cpu_model": function.get("cpu_model"),
+        "cpu_count": function.get("cpu_count"), "cpu_quota": function.get("cpu_quota"),
+        "function": function, "cpu_control": cpu_control, "cpu_share_enforced": exact,
+        "scaled_to_1_vcpu": 1.0,
+        "figures": {
+            "blocks, decode, load, memory, function paths, speedup_2vcpu":
+                "a child process of `calibrate` under a cgroup of 1, then 2 vCPUs",
+            "start_ms": f"fresh processes under the 1 vCPU cgroup (median of {START_RUNS})",
+            "runtime_mb": "the measuring child after its imports",
+            "store": "one write and one read of 32 MB from the driver",
+        },
+    }
+    return Measured(ready={"start_ms": float(np.median(starts)), "rss_mb": ready["rss_mb"]},
+                    phase1=p1, phase2=p2, starts=starts, cpu_control=cpu_control,
+                    measured_on=measured_on)
 
 
 def _input_shape(model: Any) -> list[int]:
@@ -377,6 +409,16 @@ def validate(cal: Any, source: str = "calibration") -> dict[str, Any]:
             raise CalibrationError(f"{source}: field {key!r} must be a number >= 0")
     if cal.get("quantize") not in (None, "int8"):
         raise CalibrationError(f"{source}: field 'quantize' must be null or 'int8'")
+    where = cal.get("measured_on")  # optional: files written before it lack it
+    if where is not None and not (isinstance(where, dict)
+                                  and where.get("where") in ("this machine", "backend")):
+        raise CalibrationError(f"{source}: field 'measured_on' must be an object whose "
+                               "'where' is 'this machine' or 'backend'")
+    if isinstance(where, dict) and where.get("where") == "backend" and not (
+            isinstance(where.get("backend"), str)
+            and isinstance(where.get("memory_mb"), int) and where["memory_mb"] > 0):
+        raise CalibrationError(f"{source}: a calibration measured on a backend must name it "
+                               "and its memory_mb in 'measured_on'")
     blocks = cal["blocks"]
     if not blocks or len(blocks) != len(cal["boundaries"]) + 1:
         raise CalibrationError(f"{source}: {len(blocks)} blocks for "

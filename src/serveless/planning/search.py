@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import PlanError
+from ..runtime.protocol import CAL_BATCH
 from .jobmodel import MICRO_BATCHES, RECORD_SIZES, Config, Model, pareto
-from .probe import CAL_BATCH
 from .simulate import Target
 from .stagemodel import calibration_batch
 

@@ -1,6 +1,8 @@
 """The function that serves one stage on one record: `handle(event) -> metrics`.
 
-Any backend calls it (a local worker process, a Lithops call, a Lambda handler). It keeps
+Any backend calls it (a local worker process, a Lithops call, a Lambda handler). An event
+of kind `calibrate` is a calibration call instead (`calibration.py`), imported only then:
+a stage's cold start does not pay for it. For a stage, it keeps
 the stage's onnxruntime session for the life of the instance (warm starts, `loader.py`),
 streams its input object in micro-batches while the next block is read and decoded on a
 second thread (`inputs.py`), writes its output object atomically (`outputs.py`), and
@@ -29,14 +31,19 @@ from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb
 from .memory import reset_rss_peak as reset_peak
 from .memory import rss_peak_mb as peak_mb
 from .outputs import write_embeddings, write_predictions, write_tensor
-from .protocol import Event, Metrics, call_metadata
+from .protocol import CALIBRATE, Event, Metrics, call_metadata
 
 _invocations = 0
 
 
 def handle(event: dict[str, Any]) -> dict[str, Any]:
-    """Run one stage of the model on one record; return its metrics (`Metrics`, as JSON)."""
+    """Run one stage of the model on one record; return its metrics (`Metrics`, as JSON).
+    A calibration event (kind `calibrate`) is answered by runtime/calibration.py."""
     global _invocations
+    if event.get("kind") == CALIBRATE:
+        from .calibration import serve
+
+        return serve(event)
     t0 = time.perf_counter()
     if _invocations:  # a cold invocation's peak includes its init (process start, model load)
         reset_peak()

@@ -48,6 +48,14 @@ def reset_rss_peak() -> None:
         pass
 
 
+def rss_mb() -> float:
+    """The process's resident memory now, MiB (psutil, as the calibration has always read
+    it: weights and activations are RSS deltas)."""
+    import psutil
+
+    return float(psutil.Process().memory_info().rss / 2**20)
+
+
 def rss_peak_mb() -> float:
     """The process's RSS high-water mark (VmHWM) in MiB."""
     try:

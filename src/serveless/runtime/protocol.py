@@ -1,6 +1,9 @@
 """The protocol between the driver and a function, typed once: what an invocation asks
 (`Event`), what it answers (`Metrics`), how it failed (`InvocationError` and its kinds),
-and what the platform tells the function (`MODEL_CACHE_ENV`).
+and what the platform tells the function (`MODEL_CACHE_ENV`). A second kind of call, the
+calibration (`CalibrationEvent`, answered by a `CalibrationAnswer`), measures a model's
+blocks inside a function instance (`serveless calibrate --backend`); its event says so in
+its `kind`, so the one entry point every backend calls (`handler.handle`) tells them apart.
 
 Both sides import this module and nothing else of each other: the driver builds an `Event`
 and reads `Metrics`; the function parses the `Event`, raises, and answers `Metrics`; a
@@ -115,6 +118,117 @@ class Event:
         if ev.scores not in SCORES:
             raise ValueError(f"scores must be one of {SCORES}, got {ev.scores!r}")
         return ev
+
+
+CALIBRATE = "calibrate"
+"""The `kind` of a calibration event; a stage event has none."""
+CALIBRATION_ANSWER = "serveless-calibration-answer"
+CAL_BATCH = 32
+"""The micro-batch a calibration times blocks at: the default micro-batch, so a stage at it
+needs no extrapolation. The driver records it with the figures; the function times at it."""
+CAL_MEASURES = ("start", "blocks", "speedup", "store")
+"""What a calibration call may be asked to measure: `start`, fresh processes importing what a
+function imports (its start and base memory); `blocks`, every block's load, time at 1 thread,
+memory, bytes out, stage 0's decode and the function's own code around the model; `speedup`,
+every block's time at 2 threads; `store`, the store's bandwidth from the function."""
+CAL_WINDOW_S = 0.1
+"""Seconds each timed sample of a calibration call repeats its run for. A CPU quota below
+the threads that run (a platform's fraction of a vCPU, the local backend's `cpu_scale`)
+throttles in periods (the kernel's CFS period: 100 ms): a run shorter than that mostly
+falls between throttles, and a median of such runs hides the quota altogether (a tiny
+model's blocks timed at 0.5 vCPU came out as fast as at 1). Averaged over two periods a
+sample pays its share of the throttling. On this machine (no --backend) the quota is never
+below the threads, and samples stay single runs (0)."""
+
+
+@dataclass
+class CalibrationEvent:
+    """A calibration invocation: time and measure the blocks of a model (already cut and
+    uploaded by the driver under the store's calibration prefix) inside this function
+    instance, at its memory and CPU share, and answer the figures as JSON."""
+
+    store: dict[str, Any]
+    blocks: list[dict[str, Any]]  # {"key", "data" (the .onnx.data key or null), "input_shape"}
+    images: list[str]  # keys of sample images: stage 0's decode is timed on them
+    size: list[int]  # the model's input H, W
+    memory_mb: int  # the memory this call was given (what the function is told, as Event's)
+    measure: list[str]  # a subset of CAL_MEASURES
+    bandwidth_key: str = ""  # the object `store` writes and reads (needed when measured)
+    min_s: float = 0.25
+    window_s: float = CAL_WINDOW_S
+    call: str = ""
+    kind: str = CALIBRATE
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as JSON-safe data, for a backend to carry."""
+        return asdict(self)
+
+    @classmethod
+    def parse(cls, event: dict[str, Any]) -> CalibrationEvent:
+        """A calibration event as it arrived, checked (ValueError names what is wrong)."""
+        unknown = set(event) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown calibration event fields: {', '.join(sorted(unknown))}")
+        ev = cls(**event)
+        if ev.kind != CALIBRATE:
+            raise ValueError(f"not a calibration event (kind {ev.kind!r})")
+        bad = set(ev.measure) - set(CAL_MEASURES)
+        if not ev.measure or bad:
+            raise ValueError(f"measure must be some of {CAL_MEASURES}, got {ev.measure!r}")
+        if "blocks" in ev.measure or "speedup" in ev.measure:
+            for b in ev.blocks:
+                if not (isinstance(b, dict) and isinstance(b.get("key"), str)
+                        and isinstance(b.get("input_shape"), list)):
+                    raise ValueError(f"a block must be {{key, data, input_shape}}, got {b!r}")
+            if not ev.blocks:
+                raise ValueError("no blocks to measure")
+        if "store" in ev.measure and not ev.bandwidth_key:
+            raise ValueError("measuring the store needs a bandwidth_key")
+        if len(ev.size) != 2 or min(ev.size) < 1:
+            raise ValueError(f"size must be [H, W], got {ev.size!r}")
+        if ev.memory_mb < 1 or ev.min_s < 0 or ev.window_s < 0:
+            raise ValueError("memory_mb must be >= 1, min_s and window_s >= 0")
+        return ev
+
+
+@dataclass
+class CalibrationAnswer:
+    """What a calibration call answers: the figures it measured (each part None when it was
+    not asked for) and the function as it saw itself (`function`: CPU model, cores, quota,
+    memory), JSON all through."""
+
+    function: dict[str, Any]
+    starts: list[dict[str, float]] = field(default_factory=list)  # {start_ms, rss_mb} each
+    phase1: dict[str, Any] | None = None  # "blocks"
+    phase2: dict[str, Any] | None = None  # "speedup"
+    store: dict[str, Any] | None = None
+    seconds: float = 0.0
+    peak_mb: float | None = None  # the process's peak RSS: what the backend reports as peak
+    kind: str = CALIBRATION_ANSWER
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def recognises(data: Any) -> bool:
+        """Whether a function's answer is a calibration answer (not a stage's metrics)."""
+        return isinstance(data, dict) and data.get("kind") == CALIBRATION_ANSWER
+
+    @classmethod
+    def from_dict(cls, data: Any) -> CalibrationAnswer:
+        """An answer as it arrived, checked (ValueError names what is wrong): a function of
+        an older serveless answers metrics, or nothing of this."""
+        if not cls.recognises(data):
+            raise ValueError("the function did not answer a calibration (an older serveless "
+                             "in the function's runtime?)")
+        names = {f.name for f in fields(cls)}
+        ans = cls(**{k: v for k, v in data.items() if k in names})
+        for name in ("phase1", "phase2", "store"):
+            if getattr(ans, name) is not None and not isinstance(getattr(ans, name), dict):
+                raise ValueError(f"calibration answer: {name} must be an object")
+        if not isinstance(ans.function, dict) or not isinstance(ans.starts, list):
+            raise ValueError("calibration answer: function must be an object, starts a list")
+        return ans
 
 
 @dataclass

@@ -9,6 +9,7 @@
 <store>/<job>/predictions/<r>.jsonl; scores/<r>.npy           outputs
 <store>/<job>/labels.json                                     class names of the labels
 <store>/calibration/<model>.json                              `serveless calibrate`
+<store>/calibration/.run-<id>/block-<k>.onnx[.data], images/  a calibration call's inputs
 ```
 
 Names are rules as much as keys: a job name must stay inside its folder and must not be a
@@ -161,6 +162,35 @@ def calibration_key(model: str, quantize: str | None = None) -> str:
 def bandwidth_probe_key() -> str:
     """The object `calibrate` times one write and one read of."""
     return f"{CALIBRATION_PREFIX}/.probe-{os.getpid()}"
+
+
+class CalibrationLayout:
+    """The inputs of one calibration measured in a function (`calibrate --backend`): the
+    model's blocks and the sample images, uploaded by the driver for the call to read, and
+    the object the call times the store with. They live in a hidden folder of
+    `calibration/` (no calibration file is named with a '.'), one per run, which the driver
+    deletes whole when the call is over."""
+
+    def __init__(self, run: str):
+        if not re.fullmatch(r"[0-9a-f]{8,32}", run):
+            raise ValueError(f"a calibration run id is hex, got {run!r}")
+        self.prefix = f"{CALIBRATION_PREFIX}/.run-{run}"
+
+    def block(self, k: int) -> str:
+        """Block k's graph; its weights beside it as `<key>.data` (the name the graph's
+        external data refers to, so a function downloads both into one folder)."""
+        return f"{self.prefix}/block-{k}.onnx"
+
+    def block_data(self, k: int) -> str:
+        return self.block(k) + DATA_SUFFIX
+
+    def image(self, i: int) -> str:
+        return f"{self.prefix}/images/img-{i}"
+
+    @property
+    def bandwidth_probe(self) -> str:
+        """The object the function writes and reads to time the store."""
+        return f"{self.prefix}/bandwidth-probe"
 
 
 class JobLayout:

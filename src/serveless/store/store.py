@@ -73,7 +73,13 @@ class Store(S3Requests, StoreCheck):
         self.requests: Counter[str] = Counter()
         self._journals: list[list[str]] = []  # open journal() blocks: keys written in each
         self._journal_lock = threading.Lock()
+        # What functions open (`spec`): a folder by its absolute path, so that a function
+        # whose working folder is not the driver's (Lithops runs its calls in a private
+        # one) finds the same folder; as a path, not a file:// URL, so it still reads as a
+        # folder store wherever the URL is told apart (the simulator, the calibration).
+        self._function_url = url
         if "://" not in url:
+            self._function_url = str(Path(url).expanduser().resolve())
             url = Path(url).expanduser().resolve().as_uri()
         fs_options = dict(self.options)
         if url.split("://", 1)[0] in S3_PROTOCOLS:
@@ -99,7 +105,7 @@ class Store(S3Requests, StoreCheck):
         """What a function needs to open the same store elsewhere (JSON-safe): no
         credentials, only a reference to them that `from_spec` resolves where they were
         handed over (this process, or a local worker's environment)."""
-        out: dict[str, Any] = {"url": self.url, "options": self._public}
+        out: dict[str, Any] = {"url": self._function_url, "options": self._public}
         if self._credentials_ref:
             out["credentials"] = self._credentials_ref
         return out

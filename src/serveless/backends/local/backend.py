@@ -46,6 +46,7 @@ from ...runtime.protocol import (
     OUT_OF_MEMORY,
     TIMEOUT,
     TOO_MANY_REQUESTS,
+    CalibrationAnswer,
     InvocationError,
     Metrics,
 )
@@ -100,7 +101,8 @@ class _Instance:
     def __init__(self, fn: FunctionSpec, watchdog: Watchdog, model_cache: str, tmp_root: str,
                  spawn: Callable[..., subprocess.Popen[bytes]], cpu_scale: float = 1.0,
                  platform_init_ms: float = 0.0):
-        self.id = f"stage{fn.stage}-{fn.memory_mb}mb-{next(_Instance._ids)}"
+        what = f"stage{fn.stage}" if fn.model_key else "calibration"  # no stage: calibrate
+        self.id = f"{what}-{fn.memory_mb}mb-{next(_Instance._ids)}"
         # Its own temporary folder (TMPDIR): the records it downloads and anything a killed
         # call leaves go with the instance when it stops, not into the machine's /tmp.
         self.tmp = os.path.join(tmp_root, self.id)
@@ -153,14 +155,14 @@ class _Instance:
             self.proc.kill()
             self.proc.wait()
         watchdog_peak = self.watchdog.killed(self.pid)
+        call = (f"stage {self.fn.stage} on record {record}" if self.fn.model_key
+                else "the calibration call")
         if watchdog_peak is not None or self.limits.oom_killed():
             peak = watchdog_peak or self.limits.peak_mb() or self.fn.memory_mb
             return InvocationError(OUT_OF_MEMORY, (
-                f"stage {self.fn.stage} on record {record} exceeded its memory: cap "
-                f"{self.fn.memory_mb} MB, peak {peak:.0f} MB"))
+                f"{call} exceeded its memory: cap {self.fn.memory_mb} MB, peak {peak:.0f} MB"))
         code = self.proc.returncode
-        return InvocationError(INSTANCE_DIED, (
-            f"stage {self.fn.stage} instance died on record {record} (exit code {code})"))
+        return InvocationError(INSTANCE_DIED, f"the instance of {call} died (exit code {code})")
 
     def start_wait(self, timeout: float, record: str) -> InvocationError | None:
         """Wait for the instance's init; the error if it failed, timed out or died."""
@@ -414,6 +416,9 @@ class LocalBackend:
         finally:
             self._release(inst)
         answer = reply.get("ok")
+        if CalibrationAnswer.recognises(answer):  # a calibration call: its figures as they are
+            return InvocationResult(answer, None, cold, init_ms, elapsed, answer.get("peak_mb"),
+                                    inst.id)
         metrics = Metrics.from_dict(answer) if answer else None
         # peak_mb is the handler's: the unreclaimable charge, sampled (memory.py). The
         # cgroup's raw peak charge is logged beside it, read here, where the cgroup is known.

@@ -2,7 +2,10 @@
 
 It waits to be placed in its cgroup and for its spec (the store, the stage model, its
 threads) over the socket FD, loads its stage (the cold start), then serves JSON events from
-the driver over the same socket until told to stop or the driver goes away. Nothing of the
+the driver over the same socket until told to stop or the driver goes away. A spec with
+no stage model (`model_key` "") is a calibration function's: its cold start imports what
+every stage's does (onnxruntime with the handler) and loads nothing, so the init the
+backend measures is the platform's start alone. Nothing of the
 store is on its command line; the store's credentials are in its environment.
 """
 
@@ -38,7 +41,10 @@ def main(fd: int) -> None:
     from ...store import Store
 
     try:
-        load_stage(Store.from_spec(spec["store"]), spec["model_key"], spec["threads"])
+        if spec["model_key"]:
+            load_stage(Store.from_spec(spec["store"]), spec["model_key"], spec["threads"])
+        else:
+            import onnxruntime  # noqa: F401  (a stage's load imports it: part of its start)
     except Exception as exc:  # the driver logs it; a traceback on its terminal would not
         conn.send_bytes(json.dumps({"error": error_of(exc).to_dict()}).encode())
         return
