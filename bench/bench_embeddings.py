@@ -18,59 +18,30 @@ of the embeddings job.
 from __future__ import annotations
 
 import argparse
-import queue
+import os
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_main import BATCH, serveless_run, session  # noqa: E402
+from bench_main import overlapped, serveless_run, session  # noqa: E402
 from common import OUT, machine, save, workload  # noqa: E402
 
 from serveless.data.export import export  # noqa: E402
-from serveless.data.images import preprocess  # noqa: E402
 from serveless.model.loading import load_model  # noqa: E402
 from serveless.model.partition import truncate  # noqa: E402
 
 
 def plain_vectors(model_bytes: bytes, tensor: str, files: list[Path], out: Path) -> float:
     """Images/s of the plain script: decode on a thread pool overlapped with the truncated
-    model on all cores; the vectors saved as one .npy."""
-    import os
-
-    cores = os.cpu_count() or 1
-    sess = session(model_bytes, cores)
-    batches: queue.Queue = queue.Queue(maxsize=2)
-
-    def decode_into(x: np.ndarray, j: int, path: Path) -> None:
-        preprocess(path.read_bytes(), out=x[j])
-
-    def decode_all(pool: ThreadPoolExecutor) -> None:
-        try:
-            for i in range(0, len(files), BATCH):
-                chunk = files[i:i + BATCH]
-                x = np.empty((len(chunk), 3, 224, 224), np.float32)
-                list(pool.map(decode_into, [x] * len(chunk), range(len(chunk)), chunk))
-                batches.put(x)
-            batches.put(None)
-        except BaseException as exc:
-            batches.put(exc)
-
+    model on all cores (bench_main's pipeline); the vectors saved as one .npy."""
+    sess = session(model_bytes, os.cpu_count() or 1)
+    kept: list[np.ndarray] = []
     t0 = time.perf_counter()
-    kept = []
-    with ThreadPoolExecutor(cores) as pool:
-        producer = threading.Thread(target=decode_all, args=(pool,), daemon=True)
-        producer.start()
-        while (x := batches.get()) is not None:
-            if isinstance(x, BaseException):
-                raise x
-            (vec,) = sess.run([tensor], {"input": x})
-            kept.append(vec.reshape(len(vec), -1))
-        producer.join()
+    overlapped(files, lambda x: kept.append(
+        sess.run([tensor], {"input": x})[0].reshape(len(x), -1)))
     np.save(out, np.concatenate(kept))
     return len(files) / (time.perf_counter() - t0)
 
