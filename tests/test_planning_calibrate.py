@@ -186,15 +186,16 @@ def test_calibrate_on_the_local_backend_records_where_and_follows_its_cpu(tiny_p
     here = validate(json.loads((root / "cal.json").read_text()))
     assert here["measured_on"]["where"] == "this machine"
     store = Store(str(tmp_path / "store"))
-    cals = {}
-    for scale in (1.0, 0.5):
+
+    def on_backend(scale: float) -> dict:
         backend = make_backend("local", {"cpu_scale": scale}, max_instances=1)
         try:
-            cals[scale] = validate(calibrate(str(root / "tiny.onnx"), store, backend=backend,
-                                             backend_options={"cpu_scale": scale}))
+            return validate(calibrate(str(root / "tiny.onnx"), store, backend=backend,
+                                      backend_options={"cpu_scale": scale}))
         finally:
             backend.close()
-    full, half = cals[1.0], cals[0.5]
+
+    full, half = on_backend(1.0), on_backend(0.5)
     m = full["measured_on"]
     assert (m["where"], m["backend"], m["memory_mb"], m["vcpus"]) == ("backend", "local",
                                                                      1769, 1.0)
@@ -207,6 +208,12 @@ def test_calibrate_on_the_local_backend_records_where_and_follows_its_cpu(tiny_p
         pytest.skip("no cgroup CPU quota here: cpu_scale is not applied")
     assert m["cpu_quota"] == pytest.approx(1.0, abs=0.01)
     assert half["measured_on"]["cpu_quota"] == pytest.approx(0.5, abs=0.01)
+    if _work_ms(half) / _work_ms(full) <= 1.3:
+        # A full vCPU is slowed by whatever else runs on the machine's cores (the suite's
+        # other process: 1.30 once in CI), half of one much less: measure it again and
+        # take the faster. Were cpu_scale ignored, both would agree again.
+        again = on_backend(1.0)
+        full = min(full, again, key=_work_ms)
     assert 1.3 < _work_ms(half) / _work_ms(full) < 3.2
 
 
