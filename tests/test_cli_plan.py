@@ -286,3 +286,24 @@ def test_simulated_plans_fit_the_terminal_with_every_value_whole(monkeypatch, wi
         assert text.count("chosen") == 1  # one table
     elif width == 80:
         assert text.count("chosen") == 2  # the plans, then what the simulation found
+
+
+def test_a_calibration_timed_on_the_cloud_platform_makes_its_cpu_factor_measured():
+    """A calibration measured in a function on Lambda (calibrate --backend lithops with a
+    cloud engine) is Lambda's own speed: simulate calls cpu_factor 1.0 measured, not a
+    guess; one measured on Lithops' localhost engine, or here, leaves it a guess."""
+    from serveless.planning.figures import figure_sources
+    from serveless.planning.simulate import Target
+
+    on = {"where": "backend", "backend": "lithops", "lithops_backend": "aws_lambda",
+          "memory_mb": 1769, "cpu_model": "Intel(R) Xeon(R) Processor @ 2.50GHz"}
+    cal = {**synthetic_calibration(), "measured_on": on}
+    target = Target.make("lambda", cal)
+    f = figure_sources(target, cal)["cpu_factor"]
+    assert f["kind"] == "measured" and "aws_lambda at 1769 MB" in f["source"]
+    for other in ({**on, "lithops_backend": "localhost"}, {**on, "backend": "local"},
+                  {"where": "this machine"}):
+        assert figure_sources(target, {**cal, "measured_on": other})["cpu_factor"][
+            "kind"] == "a guess"
+    assert figure_sources(Target.make("lambda", cal, cpu_factor=2.0), cal)["cpu_factor"][
+        "kind"] == "set for this run"

@@ -6,9 +6,10 @@ account's concurrency, the scaling rate, the timeout, /tmp, S3's request rates);
 nobody here has measured on Lambda, and each is named a guess, so that a user reads
 which of a plan's seconds rest on what. `simulate` prints them with every result, and
 its JSON carries them (`figures`): a figure changed for a run (`--platform-init-ms`, …)
-says so instead of its default's source, and one taken from a platform profile
-(`--profile`, fitted from a job's log by planning/fit.py) names the profile. The pages
-were read for this project in 2026.
+says so instead of its default's source, one taken from a platform profile
+(`--profile`, fitted from a job's log by planning/fit.py) names the profile, and the CPU
+factor of a calibration timed in a function on the cloud platform itself (`calibrate
+--backend lithops`) is said measured. The pages were read for this project in 2026.
 """
 
 from __future__ import annotations
@@ -56,10 +57,24 @@ LAMBDA_FIGURES: dict[str, tuple[str, str]] = {
 where)."""
 
 
-def figure_sources(target: Any) -> dict[str, dict[str, Any]]:
+def measured_platform(cal: dict[str, Any] | None) -> str | None:
+    """The cloud platform a calibration was measured on, inside a function there
+    (`calibrate --backend lithops` with a cloud engine: 'aws_lambda', …), or None: this
+    machine, the local backend, or Lithops' localhost engine."""
+    m = (cal or {}).get("measured_on")
+    if not isinstance(m, dict) or m.get("where") != "backend" or m.get("backend") != "lithops":
+        return None
+    engine = m.get("lithops_backend")
+    return str(engine) if engine and engine != "localhost" else None
+
+
+def figure_sources(target: Any, cal: dict[str, Any] | None = None,
+                   ) -> dict[str, dict[str, Any]]:
     """Each figure of a `lambda` target: its value, and where it comes from (`kind`: AWS
-    documentation, a guess, or set for this run). {} for the `local` target, whose
-    figures are this machine's, from the calibration."""
+    documentation, a guess, measured, or set for this run). {} for the `local` target,
+    whose figures are this machine's, from the calibration. A calibration measured in a
+    function on the cloud platform (`measured_platform`) makes the CPU factor of 1.0 a
+    measurement, not a guess: the blocks were timed on that platform's own CPU."""
     profile = getattr(target, "profile", None) or {}
     fitted = set(profile.get("figures", []))
     where = (f"fitted by `serveless fit` from job {profile.get('job')} "
@@ -71,8 +86,14 @@ def figure_sources(target: Any) -> dict[str, dict[str, Any]]:
     out = {}
     for name, (kind, what) in LAMBDA_FIGURES.items():
         value = getattr(target, name)
+        platform = measured_platform(cal)
         if name in fitted:
             kind, what = "fitted", where
+        elif name == "cpu_factor" and platform and value == 1.0:
+            m = (cal or {})["measured_on"]
+            kind, what = "measured", (f"the calibration was timed in a function on "
+                                      f"{platform} at {m.get('memory_mb')} MB (CPU "
+                                      f"{m.get('cpu_model') or '?'}): the platform's own speed")
         elif value != getattr(default, name):
             kind, what = "set for this run", "given on the command line or by the caller"
         out[name] = {"value": value, "kind": kind, "source": what}

@@ -519,7 +519,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
                      cost=bills["total"].total + driver_cost, gb_s=bills["total"].gb_s,
                      invocations=len(rows), cold_starts=sum(1 for r in rows if r["cold"]),
                      driver_requests=driver, driver_store_ops=driver_cost,
-                     figures=figure_sources(target))
+                     figures=figure_sources(target, cal))
 
 
 # -- output ----------------------------------------------------------------------------------
