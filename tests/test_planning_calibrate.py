@@ -239,3 +239,28 @@ def test_calibrate_on_lithops_localhost_records_its_engine(tiny_plan, tmp_path):
     assert not m["cpu_share_enforced"] and m["scaled_to_1_vcpu"] == 1.0
     assert "fresh processes" in m["figures"]["start_ms"] and cal["start_ms"] > 0
     assert cal["store"]["read_mb_s"] > 0 and not store.find("calibration")
+
+
+def test_kept_cuts_stay_block_boundaries_and_unknown_ones_are_refused(tmp_path):
+    """calibrate --keep: a cut the merging would drop (AlexNet's fc7, as large as the relu7
+    after it) stays a boundary, so an embeddings job's tensor can be priced up to it; a
+    name that is not a cut is refused before anything is measured."""
+    from types import SimpleNamespace
+
+    from serveless.planning.calibrate import calibrate, choose_boundaries
+    from serveless.store import Store
+
+    sizes = {"conv1": 756, "relu1": 756, "pool1": 182, "conv2": 546, "relu2": 546,
+             "pool2": 126, "conv3": 253, "relu3": 253, "conv4": 169, "relu4": 169,
+             "conv5": 169, "relu5": 169, "pool5": 36, "flatten": 36, "fc6": 16, "relu6": 16,
+             "fc7": 16, "relu7": 16, "fc8": 4}
+    cuts = [SimpleNamespace(name=n, bytes_per_sample=kb * 1024) for n, kb in sizes.items()]
+    assert "fc7" not in choose_boundaries(cuts, [], max_blocks=8)
+    kept = choose_boundaries(cuts, ["fc7"], max_blocks=8)
+    assert "fc7" in kept and len(kept) <= 7
+    model = tmp_path / "tiny.onnx"
+    from plankit import tiny_residual_model
+
+    tiny_residual_model(model)
+    with pytest.raises(CalibrationError, match="--keep 'nope' is not a cut of"):
+        calibrate(str(model), Store(str(tmp_path / "s")), keep=["nope"])

@@ -55,6 +55,10 @@ def calibrate_cmd(
         "--memory", metavar="MB", min=MIN_MEMORY_MB, max=MAX_MEMORY_MB,
         help=f"the calibration function's memory, with --backend [default: {MB_PER_VCPU}, "
              f"1 vCPU]; the speed-up is measured at {2 * MB_PER_VCPU} MB")] = None,
+    keep: Annotated[str | None, typer.Option(
+        "--keep", metavar="T1,T2",
+        help="cuts that must stay block boundaries: an embeddings job's --tensor, or cuts "
+             "you will plan with [default: the blocks are chosen by size]")] = None,
     store: StoreOpt = DEFAULT_STORE,
     store_option: StoreOptions = None,
 ) -> None:
@@ -78,7 +82,8 @@ def calibrate_cmd(
     try:
         cal = guarded(lambda: calibrate(
             model, st, records, say=say, quantize=quantize, backend=runner, memory_mb=memory,
-            backend_options=parse_options(backend_option)))
+            backend_options=parse_options(backend_option),
+            keep=[k.strip() for k in keep.split(",") if k.strip()] if keep else None))
     finally:
         if runner is not None:
             runner.close()

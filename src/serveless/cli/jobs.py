@@ -86,6 +86,9 @@ def jobs_show(
         ("retries", str(spec.retries)),
         ("precision", spec.precision),
         ("intermediates", TensorFormat.from_dict(spec.format).describe()),
+        ("output", f"embeddings of {spec.tensor or 'the model output'} "
+                   f"({spec.format.get('dtype', 'float32')}), a row per image"
+         if spec.output == "embeddings" else f"predictions ({spec.scores})"),
         ("modeled cost", f"${s.cost:.6f} (${s.per_million:.2f} per 1M images, {arch})"),
         ("last run", f"{s.last_run} UTC" if s.last_run else "never"),
         ("driver", describe(s.lease) if s.lease else "none (not running)"),

@@ -211,12 +211,15 @@ def _qdq_nodes(model: Any) -> int:
 def calibrate(model: str, store: Any, records: str | None = None, min_s: float = 0.25,
               say: Any = None, quantize: str | None = None, backend: Any = None,
               memory_mb: int | None = None,
-              backend_options: dict[str, Any] | None = None) -> dict[str, Any]:
+              backend_options: dict[str, Any] | None = None,
+              keep: list[str] | None = None) -> dict[str, Any]:
     """Measure the model; the calibration as a JSON-safe dict. On this machine by default;
     with `backend` (a started Backend), inside a function call on it at `memory_mb`
     (default 1769 MB, 1 vCPU; `backend_options` only recorded). With `quantize` ('int8')
     the blocks measured are the int8 blocks `run --quantize` would run (the whole model's
-    load time is then left out of the load-time fit)."""
+    load time is then left out of the load-time fit). `keep`: cuts that must stay block
+    boundaries (calibrate --keep: an embeddings job's tensor, a cut to plan with), beside
+    a paper preset's."""
     from ..cost import MB_PER_VCPU
     from ..model.graph import input_hw
     from ..model.loading import load_model
@@ -230,7 +233,13 @@ def calibrate(model: str, store: Any, records: str | None = None, min_s: float =
     onnx_model = load_model(model)
     size = list(input_hw(onnx_model))
     cuts = list_cuts(onnx_model)
-    keep = [c for c in PAPER_PRESET.get(str(model).lower(), [])]
+    valid = [c.name for c in cuts]
+    unknown = [k for k in keep or [] if k not in valid]
+    if unknown:
+        raise CalibrationError(f"--keep {unknown[0]!r} is not a cut of {model}; its cuts: "
+                               f"{', '.join(valid) or 'none'} (serveless partition MODEL "
+                               "--list)")
+    keep = [*PAPER_PRESET.get(str(model).lower(), []), *(keep or [])]
     bounds = choose_boundaries(cuts, keep)
     by_name = {c.name: c for c in cuts}
     say(f"{len(cuts)} valid cuts; calibrating {len(bounds) + 1} blocks")

@@ -7,7 +7,8 @@ same calibration, changed in three places (`for_output`):
 
 - the blocks after NAME are dropped: NAME must be one of the calibration's block
   boundaries, as a cut must (compact tensors, the usual embeddings, are the boundaries
-  the calibration keeps longest: it drops the largest first);
+  the calibration keeps longest: it drops the largest first; `calibrate --keep NAME`
+  keeps any);
 - the last block writes the vector and the row per image (`bytes_out_per_image`), which
   the store's bandwidth and request figures then price as any stage output;
 - the function's output-side CPU per image is the calibration's write cost per MB of
@@ -48,7 +49,8 @@ def for_output(cal: dict[str, Any], output: str = "predictions", tensor: str = "
             raise CalibrationError(
                 f"--tensor {tensor!r} is not a block boundary of the calibration of "
                 f"{cal.get('model')}, so its blocks cannot be priced up to it; its "
-                f"boundaries are {', '.join(bounds) or 'none'}")
+                f"boundaries are {', '.join(bounds) or 'none'} (`serveless calibrate "
+                f"MODEL --keep {tensor}` keeps it one)")
         end = bounds.index(tensor)
         out["blocks"] = copy.deepcopy(cal["blocks"][:end + 1])
         out["boundaries"] = bounds[:end]
