@@ -70,6 +70,15 @@ from .stagemodel import stage_models
 PROFILE_KIND = "serveless-platform-profile"
 PROFILE_VERSION = 2
 
+LONG_CALL_MS = 1000.0
+MIN_LONG_CALLS = 3
+"""A CPU quota is granted per period (Linux's CFS: 100 ms), each with a fresh budget, so a
+call of a few periods runs partly unthrottled: bench_fit's job A on 2026-12-04 under
+cpu_scale=0.5 had FC calls of ~100 ms at 1769 MB that used 0.86-0.93 of a core, and
+conv calls of 2.5-3 s that used 0.506-0.517 of their 0.5; the short ones lifted the
+fitted quota to 0.532, and the long one-stage jobs planned from it came out 6-10% cheap.
+So the quota and the CPU speed are fitted from calls of 10 periods or more, where a job
+has at least 3."""
 QUOTA_BOUND = 0.95
 """A call whose CPU over its duration is under this many cores was held by its quota: a
 busy process with a thread of its own uses a whole core otherwise (the recorded job at
@@ -134,13 +143,21 @@ def _model_name(model: Any) -> str:
     return str(path.resolve()) if path.is_file() else str(model)
 
 
+def long_calls(durations: list[float]) -> list[bool]:
+    """Which calls are long enough to be held by a CPU quota (LONG_CALL_MS), when at least
+    MIN_LONG_CALLS are; else all (a small job's calls, whatever their length)."""
+    long = [ms >= LONG_CALL_MS for ms in durations]
+    return long if sum(long) >= MIN_LONG_CALLS else [True] * len(durations)
+
+
 def _cpu_quota(calls: list[tuple[Any, float, float]]) -> dict[str, Any]:
     """The quota scale from (cpu_ms, measured ms, the memory's vCPUs) per call: over the
-    calls held by their quota (under QUOTA_BOUND cores), their CPU over their durations ×
-    vCPUs, summed (a ratio of totals, as `fit_platform`'s speed); 1.0, resting on no call,
-    where none was."""
-    held = [(float(cpu) / (ms * v), ms * v) for cpu, ms, v in calls
-            if cpu is not None and ms > 0 and v > 0 and float(cpu) / ms < QUOTA_BOUND]
+    calls held by their quota (under QUOTA_BOUND cores, and long: `long_calls`), their CPU
+    over their durations × vCPUs, summed (a ratio of totals, as `fit_platform`'s speed);
+    1.0, resting on no call, where none was."""
+    keep = long_calls([ms for _, ms, _ in calls])
+    held = [(float(cpu) / (ms * v), ms * v) for (cpu, ms, v), k in zip(calls, keep, strict=True)
+            if k and cpu is not None and ms > 0 and v > 0 and float(cpu) / ms < QUOTA_BOUND]
     fig = _figure([h[0] for h in held], "x (the CPU share / the memory's vCPUs)",
                   weights=[h[1] for h in held], mean=True)
     if fig["value"] is None:
@@ -182,7 +199,9 @@ def fit_platform(rows: list[dict[str, Any]], spec: dict[str, Any], cal: dict[str
     q = float(quota["value"])
     factors: dict[str, list[float]] = defaultdict(list)
     weights: dict[str, list[float]] = defaultdict(list)
-    for r in ok:
+    # under a quota, short calls ran partly unthrottled (LONG_CALL_MS): not the speed's
+    timed = long_calls([measured_ms(r) for r in ok]) if q < QUOTA_BOUND else [True] * len(ok)
+    for r, counted in zip(ok, timed, strict=True):
         k, v = int(r["stage"]), float(r.get("vcpus") or 1.0)
         share = v * q
         predicted = stages[k].ms_per_record(int(r["images"]), share, 1.0, math.ceil(v))
@@ -192,6 +211,8 @@ def fit_platform(rows: list[dict[str, Any]], spec: dict[str, Any], cal: dict[str
         if measured <= 0 or predicted <= 0:
             continue
         for key in ("all", f"stage {k}, {v:g} vCPU"):
+            if key == "all" and not counted:
+                continue
             factors[key].append(predicted / measured)
             weights[key].append(measured)
     if not factors["all"]:
