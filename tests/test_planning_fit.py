@@ -159,6 +159,26 @@ def test_a_platform_that_halves_the_cpu_quota_is_fitted_as_a_quota(cal):
     assert ms / truth > 1.3
 
 
+def test_short_calls_that_ran_between_throttles_do_not_lift_the_quota(cal):
+    """A quota is granted per 100 ms period: a call of one or two periods runs partly
+    unthrottled (bench_fit's FC calls of ~100 ms used 0.86-0.93 of a core under a quota
+    of 0.5). With long calls in the job, the quota and speed are theirs."""
+    stage0 = stage_models(cal, SPEC["cuts"], SPEC["micro_batch"])[0]
+    rows = []
+    for r in quota_platform(cal, [1769]):
+        if r["stage"] == 0:  # 75 images: calls of 2-3 s, held by the quota all along
+            ms = stage0.ms_per_record(75, QUOTA, 1.0, 1) + (
+                stage0.first_call_ms() / QUOTA if r["cold"] else 0.0)
+            rows.append({**r, "images": 75, "duration_ms": ms, "cpu_ms": ms * QUOTA})
+        else:  # ~75 ms each, using 0.9 of a core
+            rows.append({**r, "cpu_ms": 0.9 * r["duration_ms"]})
+    assert min(r["duration_ms"] for r in rows if r["stage"] == 0) > 1000
+    f = fit_platform(rows, SPEC, cal, "/tmp/store")["figures"]
+    assert f["cpu_quota"]["value"] == pytest.approx(QUOTA, rel=0.01)
+    assert f["cpu_quota"]["calls"] == 3
+    assert f["cpu_factor"]["value"] == pytest.approx(1.0, abs=0.05)
+
+
 def test_the_fixed_part_of_a_cold_start_is_not_scaled_by_a_small_share(cal):
     """Cold starts at 1769 MB under half the quota with FIXED_MS of platform setup: a 512
     MB instance (0.14 vCPU of quota) starts in the calibration's process start and model
