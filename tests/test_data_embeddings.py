@@ -248,6 +248,10 @@ def test_a_resume_may_not_change_the_output_or_tensor(embedded, tiny_model_path)
         prepare_job(store, job, output="predictions")
     spec = prepare_job(store, job)  # options left out: as the job has them
     assert (spec.output, spec.tensor, spec.cuts) == ("embeddings", "f", ["r1"])
+    # the stages end at the tensor: not the set of a predictions job of the same cuts
+    whole = prepare_job(store, "whole", tiny_model_path, cuts="r1",
+                        records=str(store.path(JobLayout(job).records_prefix)))
+    assert whole.models != spec.models
 
 
 def test_the_planner_prices_the_vectors_written():

@@ -163,7 +163,7 @@ def prepare_job(
     from ..model import quantize as q
     from ..model.graph import input_hw, make_batch_dynamic, preprocessing
     from ..model.loading import load_model_hashed
-    from ..model.partition import partition, resolve_cuts
+    from ..model.partition import check_tensor, partition, resolve_cuts, truncate
     from ..model.stagestore import ensure_stage_models
 
     say = say or _quiet
@@ -200,11 +200,15 @@ def prepare_job(
     tensor = _given(tensor, old, "tensor", "")
     if old is None or (old.output, old.tensor) == (output, tensor):  # else refused below
         _check_output(output, tensor, softmax, save_scores)
-    if tensor:  # the stages end at the tensor; its own digest names them (not the file's)
-        from ..model.partition import truncate
+    # An inner tensor: the stages end at it, named by the file's hash and the tensor, and
+    # the model is cut only where they are made (the split and a hash of what it leaves
+    # took AlexNet to relu7 0.4 s each, on every run and resume)
+    inner = bool(tensor) and check_tensor(onnx_model, tensor, cut_list)
+    ends = {"tensor": tensor} if inner else {}
 
-        cut = truncate(onnx_model, tensor, cut_list)
-        onnx_model, model_hash = cut, (model_hash if cut is onnx_model else None)
+    def make_stages(m: Any, cuts: list[str]) -> list[Any]:
+        return partition(truncate(m, tensor) if inner else m, cuts)
+
     if output == "embeddings":
         scores = "logits"  # the vectors as the tensor holds them; rows carry no scores
     elif softmax is None and old is not None:
@@ -316,8 +320,9 @@ def prepare_job(
     if asked.precision == "fp32":
         # shared by jobs of the same model and cuts: partitioned (which checks equivalence
         # before anything is written) and uploaded once per store
-        models = ensure_stage_models(store, onnx_model, cut_list, partition, say=say,
-                                     label=label, model_hash=model_hash, expect=expect)
+        models = ensure_stage_models(store, onnx_model, cut_list, make_stages,
+                                     extra=ends or None, say=say, label=label,
+                                     model_hash=model_hash, expect=expect)
     else:  # calibration reads the job's records: upload them first
         if record_format != "tfrecord":
             raise JobError(f"--quantize and --weights calibrate on TFRecords; this job's "
@@ -329,17 +334,21 @@ def prepare_job(
         new = []
         asked.records = sorted(names)
 
+        # calibrated and measured against the model the job runs: up to its tensor
+        ran = truncate(onnx_model, tensor) if inner else onnx_model
+
         def fp32_stages() -> list[Any]:  # only when no cached reduced-precision set fits
             say(f"partitioning {label} and checking the chained stages against it…")
-            return partition(onnx_model, cut_list)
+            return partition(ran, cut_list)
 
-        stages, asked.quantize = _reduce_precision(store, layout, old, asked, onnx_model,
+        stages, asked.quantize = _reduce_precision(store, layout, old, asked, ran,
                                                    fp32_stages, calibration_images, say,
-                                                   model_hash)
+                                                   None if inner else model_hash)
         # stored like fp32 stages, content-addressed by their calibrated cache key too
         models = ensure_stage_models(
             store, onnx_model, cut_list, lambda *_: stages,
-            extra={"precision": asked.precision, "cache": asked.quantize.get("cache")},
+            extra={"precision": asked.precision, "cache": asked.quantize.get("cache"),
+                   **ends},
             model_hash=model_hash, expect=expect, machine_cache=False)
     if old is not None and old.models and old.models != models.prefix:
         raise JobError(f"job {job!r} was made with other stage models ({old.models}): the "

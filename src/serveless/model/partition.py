@@ -372,18 +372,17 @@ def split(model: onnx.ModelProto, cuts: Sequence[str]) -> list[onnx.ModelProto]:
     return stages
 
 
-def truncate(model: onnx.ModelProto, tensor: str, cuts: Sequence[str] = ()
-             ) -> onnx.ModelProto:
-    """The model up to `tensor`, which becomes its output: what an embeddings job
-    (`run --output embeddings --tensor NAME`) runs and partitions at `cuts`.
-
-    `tensor` must be a valid cut (everything after it depends on it alone, so the part
-    before it is a model of its own: `split`'s stage 0) or the model's output. The
-    candidates are `list_cuts`' (`partition MODEL --list`) and the output. Cuts must come
-    before it: the job's last stage ends at its tensor."""
+def check_tensor(model: onnx.ModelProto, tensor: str, cuts: Sequence[str] = ()) -> bool:
+    """Whether `tensor` is an inner tensor an embeddings job (`run --output embeddings
+    --tensor NAME`) can end at (True), or the model's output (False); PartitionError, with
+    the candidates, for anything else. It must be a valid cut (everything after it depends
+    on it alone, so the part before it is a model of its own: `split`'s stage 0), the
+    candidates being `list_cuts`' (`partition MODEL --list`) and the output; the job's
+    `cuts` must come before it, as its last stage ends at its tensor. Checked without
+    splitting, so a job whose stages are already stored never pays for the split."""
     outputs = [o.name for o in model.graph.output]
     if tensor in outputs:
-        return model
+        return False
     g = _Graph(model)
     if tensor not in g.valid:
         raise PartitionError(f"--tensor {tensor!r}: {g.why_invalid(tensor)}; the tensors "
@@ -394,7 +393,14 @@ def truncate(model: onnx.ModelProto, tensor: str, cuts: Sequence[str] = ()
     if late:
         raise PartitionError(f"cut {late[0]!r} is not before --tensor {tensor!r}: a job's "
                              "last stage ends at its tensor; cut before it")
-    return split(model, [tensor])[0]
+    return True
+
+
+def truncate(model: onnx.ModelProto, tensor: str, cuts: Sequence[str] = ()
+             ) -> onnx.ModelProto:
+    """The model up to `tensor` (checked by `check_tensor`), which becomes its output:
+    what an embeddings job runs and partitions at `cuts`."""
+    return split(model, [tensor])[0] if check_tensor(model, tensor, cuts) else model
 
 
 def same_graph(model: onnx.ModelProto, stage: onnx.ModelProto) -> bool:
