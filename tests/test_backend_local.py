@@ -25,6 +25,7 @@ from serveless.cost import billed_ms
 from serveless.driver.log import load_log
 from serveless.driver.prepare import prepare_job
 from serveless.model.stagecache import STAGE_CACHE_ENV
+from serveless.runtime import loader
 from serveless.store import JobLayout, Store
 
 
@@ -35,11 +36,12 @@ def job(tmp_path_factory, records_dir):
     return store, spec
 
 
-def _call(backend, store, spec, stage=0, record="00000", memory=1769):
+def _call(backend, store, spec, stage=0, record="00000", memory=1769, threads=1):
     fn = FunctionSpec(stage=stage, memory_mb=memory, model_key=spec.stage_model_key(stage),
-                      store=store.spec(), threads=1)
+                      store=store.spec(), threads=threads)
     event = {"store": store.spec(), "job": spec.job, "stage": stage, "stages": spec.stages,
-             "record": record, "memory_mb": memory, "threads": 1, "model": fn.model_key}
+             "record": record, "memory_mb": memory, "threads": threads,
+             "model": fn.model_key}
     return backend.invoke(fn, event)
 
 
@@ -275,6 +277,36 @@ def test_cpu_scale_scales_every_instance_quota_and_platform_init_is_waited_and_b
     # bound is the wait alone (the CLI test's 3 s cannot be reached by a slow start)
     assert inits[700] >= 700 and inits[700] - inits[0] < 700 + max(1500, inits[0]), inits
     assert billed_ms(10.0, inits[700]) >= 10 + 700
+
+
+@pytest.mark.parametrize(("quota", "asked", "runs"), [
+    (None, 2, 2), (None, 1, 1), (0.145, 1, 1), (0.85, 2, 1), (1.0, 2, 1), (1.7, 2, 2),
+    (2.55, 2, 2), (2.55, 4, 3)])
+def test_a_function_runs_no_more_threads_than_its_quota_rounded_up(monkeypatch, quota, asked,
+                                                                    runs):
+    monkeypatch.setattr(loader, "_own_quota", lambda: quota)
+    assert loader.usable_threads(asked) == runs
+
+
+@pytest.mark.e2e
+def test_under_cpu_scale_a_3008_mb_instance_runs_one_thread_in_its_085_vcpu(job):
+    """3008 MB buys 1.7 vCPUs and the driver asks for 2 threads; under cpu_scale=0.5 its
+    quota is 0.85 of a core, where a second thread only spins at the first's barriers
+    (loader.usable_threads): the call reports 1, unscaled 2; the warm call loads nothing,
+    so the instance's init loaded the session the calls use."""
+    store, spec = job
+    ran = {}
+    for scale in (0.5, 1.0):
+        with LocalBackend(cpu_scale=scale) as backend:
+            if not backend.cpu_exact:
+                pytest.skip(f"no CPU quota here: {backend.mode_reason}")
+            cold = _call(backend, store, spec, memory=3008, threads=2)
+            warm = _call(backend, store, spec, memory=3008, threads=2)
+        assert cold.ok and warm.ok and not warm.cold
+        assert warm.metrics["model_source"] == "memory"
+        assert warm.metrics["handler_init_ms"] == 0
+        ran[scale] = (cold.metrics["threads"], warm.metrics["threads"])
+    assert ran == {0.5: (1, 1), 1.0: (2, 2)}
 
 
 @pytest.mark.e2e

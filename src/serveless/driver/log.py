@@ -219,6 +219,7 @@ def log_row(stage: int, record: str, attempt: int, fn: FunctionSpec, res: Invoca
         "compute_ms": m.compute_ms,
         "write_ms": m.write_ms,
         "cpu_ms": m.cpu_ms,
+        "threads": m.threads,  # None from a function before 2026-12-04
         "bytes_in": m.bytes_in,
         "bytes_out": m.bytes_out,
         "gets": m.gets,

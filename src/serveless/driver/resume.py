@@ -98,8 +98,8 @@ def _recover(store: Store, key: str, stage: int, record: str,
            "model_source": call.get("model_source"), "init_ms": round(init, 3),
            "duration_ms": round(duration, 3), "billed_ms": billed_ms(duration, init)}
     for name in ("peak_mb", "peak_rss_mb", "peak_cgroup_mb", "peak_working_set_mb", "images",
-                 "image_errors", "read_ms", "compute_ms", "write_ms", "cpu_ms", "bytes_in",
-                 "bytes_out", "gets", "heads", "puts"):
+                 "image_errors", "read_ms", "compute_ms", "write_ms", "cpu_ms", "threads",
+                 "bytes_in", "bytes_out", "gets", "heads", "puts"):
         row[name] = call.get(name)
     row.update({"output": {"key": key, "size": size,
                            "crc32c": found[1].get("serveless-crc32c", "")},

@@ -16,6 +16,7 @@ import io
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from ..data.tensors import TensorFormat
 from ..store import JobLayout, Store
 from .counters import Counters
 from .inputs import InputObject, image_blocks, prefetch, run_blocks, tensor_blocks
-from .loader import load_stage, reported
+from .loader import load_stage, reported, usable_threads
 from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb
 from .memory import reset_rss_peak as reset_peak
 from .memory import rss_peak_mb as peak_mb
@@ -49,6 +50,7 @@ def handle(event: dict[str, Any]) -> dict[str, Any]:
         reset_peak()
     _invocations += 1
     ev = Event.parse(event)
+    ev = replace(ev, threads=usable_threads(ev.threads))
     store = Store.from_spec(ev.store)
     layout = JobLayout(ev.job)
     fmt = TensorFormat.from_dict(ev.format)
@@ -102,6 +104,7 @@ class _Call:
             compute_ms=round(c.compute_ms, 3),
             write_ms=round(c.write_ms, 3),
             cpu_ms=round(cpu_ms, 3),
+            threads=self.ev.threads,
             bytes_in=c.bytes_in,
             bytes_out=c.bytes_out + (writing or 0),
             gets=c.gets,

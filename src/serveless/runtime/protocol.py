@@ -249,6 +249,7 @@ class Metrics:
     compute_ms: float | None = None
     write_ms: float | None = None
     cpu_ms: float | None = None  # CPU of all the process's threads while serving
+    threads: int | None = None  # the model's threads it ran (loader.usable_threads)
     bytes_in: int = 0
     bytes_out: int = 0
     gets: int = 0
@@ -277,8 +278,8 @@ class Metrics:
 CALL_METADATA = "serveless-call"
 """The metadata key under which a function stores its call with its output object."""
 _CALL_FIELDS = ("images", "image_errors", "cold", "model_source", "handler_init_ms",
-                "duration_ms", "read_ms", "compute_ms", "write_ms", "cpu_ms", "bytes_in",
-                "bytes_out", "gets", "heads", "puts", "peak_mb", "peak_rss_mb",
+                "duration_ms", "read_ms", "compute_ms", "write_ms", "cpu_ms", "threads",
+                "bytes_in", "bytes_out", "gets", "heads", "puts", "peak_mb", "peak_rss_mb",
                 "peak_cgroup_mb", "peak_working_set_mb")
 
 

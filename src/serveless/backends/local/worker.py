@@ -36,13 +36,14 @@ def main(fd: int) -> None:
     except (EOFError, OSError, ValueError, KeyError, TypeError):
         return  # the driver went away, or this is not a driver
     from ...runtime.handler import handle
-    from ...runtime.loader import load_stage
+    from ...runtime.loader import load_stage, usable_threads
     from ...runtime.protocol import error_of
     from ...store import Store
 
     try:
         if spec["model_key"]:
-            load_stage(Store.from_spec(spec["store"]), spec["model_key"], spec["threads"])
+            load_stage(Store.from_spec(spec["store"]), spec["model_key"],
+                       usable_threads(spec["threads"]))
         else:
             import onnxruntime  # noqa: F401  (a stage's load imports it: part of its start)
     except Exception as exc:  # the driver logs it; a traceback on its terminal would not
