@@ -25,7 +25,7 @@ from serveless.cost import billed_ms
 from serveless.driver.log import load_log
 from serveless.driver.prepare import prepare_job
 from serveless.model.stagecache import STAGE_CACHE_ENV
-from serveless.runtime import loader
+from serveless.runtime import cpu
 from serveless.store import JobLayout, Store
 
 
@@ -284,8 +284,8 @@ def test_cpu_scale_scales_every_instance_quota_and_platform_init_is_waited_and_b
     (2.55, 2, 2), (2.55, 4, 3)])
 def test_a_function_runs_no_more_threads_than_its_quota_rounded_up(monkeypatch, quota, asked,
                                                                     runs):
-    monkeypatch.setattr(loader, "_own_quota", lambda: quota)
-    assert loader.usable_threads(asked) == runs
+    monkeypatch.setattr(cpu, "own_quota", lambda: quota)
+    assert cpu.usable_threads(asked) == runs
 
 
 @pytest.mark.e2e

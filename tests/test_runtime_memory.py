@@ -121,14 +121,29 @@ def test_without_a_cgroup_of_its_own_the_peak_is_the_rss_peak(monkeypatch):
 @pytest.mark.parametrize("value,seconds", [(None, 0.02), ("5", 0.005), ("0", 0.0),
                                            ("-3", 0.0), ("often", 0.02)])
 def test_sampling_interval_comes_from_the_environment(monkeypatch, value, seconds):
-    from serveless.runtime import memory
+    from serveless.runtime import cpu, memory
 
+    monkeypatch.setattr(cpu, "own_quota", lambda: None)  # whatever cgroup the tests run in
     if value is None:
         monkeypatch.delenv(memory.SAMPLE_ENV, raising=False)
     else:
         monkeypatch.setenv(memory.SAMPLE_ENV, value)
     assert memory._sample_s() == pytest.approx(seconds)
     assert ChargeSampler().interval_s == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("quota,seconds", [(None, 0.02), (2.0, 0.02), (1.0, 0.02),
+                                           (0.5, 0.04), (0.145, 0.02 / 0.145)])
+def test_sampling_is_sparser_under_a_quota_below_a_core(monkeypatch, quota, seconds):
+    """The sampler's wakes cost a fixed CPU per wall second (1.5% of a core at 20 ms), so
+    below a core its interval grows with 1 / quota: the same share of the function's CPU
+    at any quota (runtime/cpu.per_quota)."""
+    from serveless.runtime import cpu, memory
+
+    monkeypatch.delenv(memory.SAMPLE_ENV, raising=False)
+    monkeypatch.setattr(cpu, "own_quota", lambda: quota)
+    assert ChargeSampler().interval_s == pytest.approx(seconds)
+    assert ChargeSampler(interval_s=0.005).interval_s == 0.005  # asked for: as asked
 
 
 @pytest.mark.e2e

@@ -272,7 +272,9 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     last_puts = last_stage_puts(cal)
     v = [vcpus(m) for m in memory]  # the memory's vCPUs: logged, and the model's threads
     threads = [float(math.ceil(x)) for x in v]
-    # the CPU quota each instance runs under, as much of it as its threads can use
+    # the CPU quota each instance runs under, as much of it as its threads can use (a
+    # function caps its threads at its quota rounded up, runtime/loader.usable_threads,
+    # which leaves this minimum as it is)
     q = [min(target.share(m), n) for m, n in zip(memory, threads, strict=True)]
     record_ms: dict[tuple[int, int], float] = {}  # (stage, images): a call's compute
 

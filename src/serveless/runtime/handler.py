@@ -26,8 +26,9 @@ from ..data.predictions import parse_classes, parse_meta
 from ..data.tensors import TensorFormat
 from ..store import JobLayout, Store
 from .counters import Counters
+from .cpu import usable_threads
 from .inputs import InputObject, image_blocks, prefetch, run_blocks, tensor_blocks
-from .loader import load_stage, reported, usable_threads
+from .loader import load_stage, reported
 from .memory import ChargeSampler, cgroup_peak_mb, enforced_peak_mb
 from .memory import reset_rss_peak as reset_peak
 from .memory import rss_peak_mb as peak_mb

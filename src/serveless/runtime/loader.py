@@ -11,10 +11,8 @@ streamed to disk, never whole in memory.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import math
 import os
 import tempfile
 import threading
@@ -22,7 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..cgroups import cpu_quota
 from ..errors import StoreError
 from ..model.sessions import open_stage
 from ..store import Store
@@ -44,27 +41,6 @@ class Loaded:
     source: str  # "memory": kept from an earlier call; "disk": the function's local cache;
     # "store": read from the store
     charge_peak_mb: float | None = None  # the init's unreclaimable charge (memory.py)
-
-
-@functools.cache
-def _own_quota() -> float | None:
-    return cpu_quota()  # fixed for the life of an instance: its cgroup is made before it
-
-
-def usable_threads(threads: int) -> int:
-    """The model and decode threads a function runs: the `threads` the driver asked for
-    (its memory's vCPUs, rounded up), but no more than its own CPU quota, rounded up, where
-    it can read one. A quota the memory does not buy (the local backend's `cpu_scale`; any
-    platform that gives less) would otherwise run two threads in less than one core, where
-    each throttle stops one of them mid-operator while the other spins at its barrier:
-    AlexNet at a quota of 0.85 ran 15.3-16.2 ms per image on one thread and 17.1-21.6 on
-    two (3 runs each, 2026-12-04), and bench_fit's 3008 MB stages at cpu_scale 0.5 ran
-    7-11% slower than the model of one thread at that quota. Where no quota is visible
-    (Lambda, Lithops) nothing changes."""
-    quota = _own_quota()
-    if quota is None or quota <= 0:
-        return threads
-    return max(1, min(threads, math.ceil(quota - 1e-9)))
 
 
 def reported(loaded: Loaded) -> Loaded:

@@ -11,9 +11,10 @@ Three figures per invocation:
 - `peak_mb`, on which memory advice and OOM margins rest: the peak of the charge less its
   reclaimable file cache (memory.stat's active_file + inactive_file; tmpfs pages are not
   among them, they sit on the anon lists), i.e. the charge the kernel cannot give back,
-  sampled every 20 ms (SERVELESS_MEMORY_SAMPLE_MS; 0 turns it off) while the function
-  runs, and never below the RSS peak. Without a cgroup of its own (Lithops' localhost
-  engine, a shared container) it is the RSS peak. At 4 ms the sampling made AlexNet's
+  sampled every 20 ms (SERVELESS_MEMORY_SAMPLE_MS; 0 turns it off; longer in proportion
+  under a CPU quota below a core, runtime/cpu.per_quota) while the function runs, and
+  never below the RSS peak. Without a cgroup of its own (Lithops' localhost engine, a
+  shared container) it is the RSS peak. At 4 ms the sampling made AlexNet's
   stages about 5% slower; at 20 ms no difference showed (A/B, 2 rounds each).
 """
 
@@ -26,6 +27,7 @@ import threading
 from pathlib import Path
 
 from ..cgroups import own_v1_dir, own_v2_dir
+from .cpu import per_quota
 
 SAMPLE_ENV = "SERVELESS_MEMORY_SAMPLE_MS"  # ms between samples; 0 turns sampling off
 
@@ -123,12 +125,14 @@ class ChargeSampler:
     block runs; `peak_mb` is its highest value, None without a cgroup of our own.
 
     A thread, because no kernel counter keeps the peak of this difference; it sleeps
-    between samples (two small reads, ~20 µs, so well under 1% of a vCPU) and needs no GIL
-    while onnxruntime computes, which is when activations peak.
+    between samples and needs no GIL while onnxruntime computes, which is when activations
+    peak. The two reads take ~15 µs, but a wake of the thread costs ~0.2-0.3 ms of CPU in
+    all: 1.5% of a core at 20 ms, hence the longer interval under a smaller quota
+    (runtime/cpu.per_quota).
     """
 
     def __init__(self, interval_s: float | None = None):
-        self.interval_s = _sample_s() if interval_s is None else interval_s
+        self.interval_s = per_quota(_sample_s()) if interval_s is None else interval_s
         self.peak_mb: float | None = None
         self._fds: tuple[int, int] | None = None
         self._keys: tuple[bytes, ...] = ()

@@ -35,8 +35,9 @@ def main(fd: int) -> None:
         spec = json.loads(conn.recv_bytes())["go"]
     except (EOFError, OSError, ValueError, KeyError, TypeError):
         return  # the driver went away, or this is not a driver
+    from ...runtime.cpu import usable_threads
     from ...runtime.handler import handle
-    from ...runtime.loader import load_stage, usable_threads
+    from ...runtime.loader import load_stage
     from ...runtime.protocol import error_of
     from ...store import Store
 
