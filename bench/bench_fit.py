@@ -121,6 +121,7 @@ def evaluate(config: tuple, runs: list[tuple[list[dict], dict]], cal: dict,
         row[key] = {"wall_s": sim.wall_s, "cost": sim.functions_cost,
                     "wall_ratio": sim.wall_s / wall, "cost_ratio": sim.functions_cost / cost}
     row["log"] = calls(log)
+    row["logs"] = [calls(lg) for lg, _ in runs]  # every run's, for the per-call ratios
     return row
 
 
