@@ -177,6 +177,13 @@ def test_bad_manifests_are_refused_before_anything_is_written(tmp_path, tiny_mod
              r"m\.csv: line 3 has 3 fields, the header 2")
     _refused(tmp_path, tiny_model_path, "m.csv", "url,uid\na.jpg,x\na.jpg,\n",
              r"line 3: no id in column 'uid'", id="uid")
+    _refused(tmp_path, tiny_model_path, "m.csv", "url,uid\na.jpg,x\nb.jpg,y\na.jpg,x\n",
+             r"m\.csv: line 4: id 'x' in column 'uid' is also on line 2; an id joins an "
+             r"image's results back, so each must be unique", id="uid")
+    _refused(tmp_path, tiny_model_path, "m.jsonl",
+             '{"url": "a.jpg", "uid": 7}\n{"url": "a.jpg", "uid": "7"}\n'
+             '{"url": "b.jpg", "uid": 7}\n',  # 7 and "7" are two ids, as they are written
+             r"m\.jsonl: line 3: id 7 in column 'uid' is also on line 1", id="uid")
     _refused(tmp_path, tiny_model_path, "m.jsonl", '{"url": "a.jpg"}\n{"url": "a.jpg",}\n',
              r"m\.jsonl: line 2 is not JSON")
     _refused(tmp_path, tiny_model_path, "m.jsonl", '{"url": "a.jpg"}\n\n["a.jpg"]\n',

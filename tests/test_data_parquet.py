@@ -114,6 +114,31 @@ def test_columns_are_checked_before_anything_is_written(tmp_path, photos, tiny_m
         scan_inputs(str(src))
 
 
+def test_an_id_on_two_rows_is_refused_naming_both(tmp_path, photos, tiny_model_path):
+    """Ids join results back: one that repeats, in a table or across two (written with
+    pyarrow, as users write them), is refused before anything is written, naming the rows;
+    the same ids, each once, are a job."""
+    src = tmp_path / "in"
+    src.mkdir()
+    data = [d for _, _, d in photos[:4]]
+    pq.write_table(pa.table({"img": data[:2], "uid": ["a", "b"]}), src / "p0.parquet")
+    pq.write_table(pa.table({"img": data[2:], "uid": ["c", "b"]}), src / "p1.parquet")
+    store = Store(str(tmp_path / "store"))
+    with pytest.raises(JobError, match=r"id 'b' in column 'uid' is on row 1 of \S*p0\.parquet "
+                                       r"and row 1 of \S*p1\.parquet; an id joins"):
+        prepare_job(store, "j", tiny_model_path, records=str(src), columns={"id": "uid"})
+    pq.write_table(pa.table({"img": data[2:], "uid": pa.array([5, 5], pa.int32())}),
+                   src / "p1.parquet")  # integers: never equal to text ids
+    with pytest.raises(JobError, match=r"id 5 in column 'uid' is on row 0 of \S*p1\.parquet "
+                                       r"and row 1 of \S*p1\.parquet"):
+        prepare_job(store, "j", tiny_model_path, records=str(src), columns={"id": "uid"})
+    assert not (tmp_path / "store" / "j").exists()
+    pq.write_table(pa.table({"img": data[2:], "uid": ["c", "d"]}), src / "p1.parquet")
+    spec = prepare_job(store, "j", tiny_model_path, records=str(src), columns={"id": "uid"})
+    run_local(store, spec)
+    assert sorted(r["id"] for r in rows_of(store, "j")) == ["a", "b", "c", "d"]
+
+
 def test_a_datasets_table_with_an_image_missing_or_kept_by_path(tmp_path, photos):
     """A null Image in a `datasets` table, and an image kept by path only (its bytes not in
     the table, as a struct column written with pyarrow may have it), are Examples with an

@@ -12,10 +12,10 @@ in the manifest's order.
 Everything about the manifest itself is checked before anything is written, in a first
 pass that holds no image: its columns (`--url-column`, else the one column named like a
 location; `--id-column`; `--label-column`, else `label` when there is one), every line
-(a bad JSONL line or a CSV row of the wrong width is refused, naming the line), and that
-it lists something. What can only be known by fetching (an unreachable URL, bytes that are
-not an image) is an error row naming the entry and why, never a silent gap and never the
-end of the job.
+(a bad JSONL line or a CSV row of the wrong width is refused, naming the line), that no
+id is given twice (naming both lines), and that it lists something. What can only be
+known by fetching (an unreachable URL, bytes that are not an image) is an error row
+naming the entry and why, never a silent gap and never the end of the job.
 
 Ids are the `--id-column` value as written (text stays text: ``0042`` keeps its zeros),
 else the entry's index; labels are integers, or class names mapped to integers in sorted
@@ -38,7 +38,7 @@ from typing import IO, Any, Protocol
 
 from ..errors import SourceError
 from .images import EMPTY_FILE, NOT_AN_IMAGE, sniff_image
-from .records import Example
+from .records import DUPLICATE_IDS, Example
 
 __all__ = ["FETCH_AHEAD", "FETCH_THREADS", "MANIFEST_SUFFIXES", "URL_NAMES", "ManifestColumns",
            "check_manifest", "manifest_examples", "manifest_kind", "resolve_entry"]
@@ -180,6 +180,7 @@ def check_manifest(f: ManifestFile, kind: str, url: str | None = None, id: str |
     where = f.shown
     names: list[str] = []  # every column, in the order first seen (JSONL rows may differ)
     no_id = 0  # the first line without an id, said once the column is known to exist
+    id_lines: dict[int | str, int] = {}  # each id's first line: ids join results back
     names_seen: set[str] = set()
     integers: set[str] = set()
     entries = 0
@@ -207,6 +208,9 @@ def check_manifest(f: ManifestFile, kind: str, url: str | None = None, id: str |
                         isinstance(ident, int) and not _INT64[0] <= ident <= _INT64[1]):
                     raise SourceError(f"{where}: line {n}: id {ident!r} in column {id!r} is "
                                       "neither text nor a 64-bit integer")
+                elif (first := id_lines.setdefault(ident, n)) != n:
+                    raise SourceError(f"{where}: line {n}: id {ident!r} in column {id!r} is "
+                                      f"also on line {first}; {DUPLICATE_IDS}")
             if label is not None and _present(value := row.get(label)):
                 if _integer(value) is not None:
                     integers.add(str(value).strip())

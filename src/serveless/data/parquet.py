@@ -11,7 +11,8 @@ onnxruntime only, and pyarrow stays the driver's optional dependency (`serveless
 Columns are chosen by the user (`--image-column`, `--label-column`, `--id-column`) or found:
 the image column is the one binary column or struct with a binary `bytes` field (several
 is a question, asked before anything runs); the label is the one ClassLabel column, else an
-integer column named `label`; the id is the `--id-column` value, else the row's index in
+integer column named `label`; the id is the `--id-column` value (an id on two rows, in one
+table or across them, is refused before anything is written), else the row's index in
 its file. A null image (or an image kept by path only) is an error row naming its row.
 """
 
@@ -22,8 +23,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
+import numpy as np
+
 from ..errors import SourceError
-from .records import Example
+from .records import DUPLICATE_IDS, Example
 
 __all__ = ["PARQUET_MAGIC", "TableColumns", "check_tables", "is_parquet_head", "iter_table",
            "table_columns", "table_examples"]
@@ -194,7 +197,51 @@ def check_tables(tables: Sequence[Any], image: str | None = None, label: str | N
             classes = cols.classes
         columns.append(cols)
         rows += n
+    if id is not None:
+        _refuse_repeated_ids(tables, id)
     return columns, rows, list(classes) if classes is not None else None
+
+
+def _refuse_repeated_ids(tables: Sequence[Any], id: str) -> None:
+    """A SourceError naming the first id that repeats, within a table or across them, and
+    the two rows it is on. Reads the id column alone (a column of a million ids is a few
+    MB). Integer ids and text ids never equal each other, as in a manifest."""
+    pa = _pyarrow()
+    import pyarrow.compute as pc
+
+    groups: dict[bool, list[tuple[Any, Any]]] = {}  # integer ids or text ids: (file, ids)
+    for f in tables:
+        with f.open() as fh:
+            try:
+                ids = pa.parquet.read_table(fh, columns=[id]).column(0)
+            except (pa.ArrowException, OSError) as exc:
+                raise SourceError(f"{f.shown}: cannot read column {id!r}: {exc}") from None
+        integer = pa.types.is_integer(ids.type)
+        ids = ids.cast(pa.int64() if integer else pa.large_string())
+        groups.setdefault(integer, []).append((f, ids))
+    for found in groups.values():
+        both = pa.chunked_array([c for _, ids in found for c in ids.chunks],
+                                type=found[0][1].type)
+        counts = pc.value_counts(both)
+        repeated = counts.filter(pc.and_(pc.greater(counts.field("counts"), 1),
+                                         pc.is_valid(counts.field("values"))))
+        if len(repeated) == 0:
+            continue
+        value = repeated.field("values")[0]
+        first, second = pc.indices_nonzero(
+            pc.fill_null(pc.equal(both, value), False)).to_pylist()[:2]
+        files = [f.shown for f, _ in found]
+        ends = np.cumsum([len(ids) for _, ids in found])
+        raise SourceError(f"id {value.as_py()!r} in column {id!r} is on "
+                          f"{_row_of(files, ends, first)} and {_row_of(files, ends, second)}; "
+                          f"{DUPLICATE_IDS}")
+
+
+def _row_of(files: list[str], ends: Any, i: int) -> str:
+    """'row R of FILE' for row `i` of tables laid end to end (`ends`: their cumulative
+    lengths)."""
+    t = int(np.searchsorted(ends, i, side="right"))
+    return f"row {i - (int(ends[t - 1]) if t else 0)} of {files[t]}"
 
 
 def table_examples(tables: Sequence[Any], columns: Sequence[TableColumns]

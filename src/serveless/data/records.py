@@ -32,6 +32,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from ..errors import RecordError
 
 __all__ = [
+    "DUPLICATE_IDS",
     "MAX_RECORD_BYTES",
     "Example",
     "RecordError",
@@ -149,6 +150,11 @@ ExamplePB = _message_class("Example")
 
 
 # --- examples ------------------------------------------------------------------------
+
+
+DUPLICATE_IDS = ("an id joins an image's results back, so each must be unique (without "
+                 "--id-column the entries are numbered)")
+"""Why a source whose ids repeat is refused (a manifest's, a table's --id-column)."""
 
 
 @dataclass(frozen=True)
