@@ -58,7 +58,7 @@ from serveless.store import Store  # noqa: E402
 
 PAPER = ["pool1", "pool2", "pool5"]
 LOG_FIELDS = ("stage", "memory_mb", "vcpus", "cold", "init_ms", "duration_ms", "cpu_ms",
-              "images", "read_ms", "compute_ms", "write_ms", "started")
+              "threads", "images", "read_ms", "compute_ms", "write_ms", "started")
 """What the JSON keeps of each call of A and B, to see the per-call CPU over duration."""
 # (name, cuts, memory per stage, images per record, concurrency, records)
 JOB_A = ("A: 2 stages, 1024/1769 MB, 50/rec, C=1", ["pool5"], [1024, 1769], 50, 1, 8)
@@ -110,7 +110,7 @@ def evaluate(config: tuple, runs: list[tuple[list[dict], dict]], cal: dict,
              fits: dict[str, dict[str, float]]) -> dict:
     """One B against its simulations: measured = the median of its runs' wall and cost;
     simulated from the calibration alone and with each fitted profile in `fits`."""
-    log, plan = runs[-1]
+    _, plan = runs[-1]
     walls = [log_wall_s(lg) for lg, _ in runs]
     costs = [bill(lg)["total"].total for lg, _ in runs]
     wall, cost = statistics.median(walls), statistics.median(costs)
@@ -120,7 +120,6 @@ def evaluate(config: tuple, runs: list[tuple[list[dict], dict]], cal: dict,
         sim = simulate(plan, cal, Target.make("local", cal, **over))
         row[key] = {"wall_s": sim.wall_s, "cost": sim.functions_cost,
                     "wall_ratio": sim.wall_s / wall, "cost_ratio": sim.functions_cost / cost}
-    row["log"] = calls(log)
     row["logs"] = [calls(lg) for lg, _ in runs]  # every run's, for the per-call ratios
     return row
 

@@ -292,7 +292,7 @@ def test_a_function_runs_no_more_threads_than_its_quota_rounded_up(monkeypatch, 
 def test_under_cpu_scale_a_3008_mb_instance_runs_one_thread_in_its_085_vcpu(job):
     """3008 MB buys 1.7 vCPUs and the driver asks for 2 threads; under cpu_scale=0.5 its
     quota is 0.85 of a core, where a second thread only spins at the first's barriers
-    (loader.usable_threads): the call reports 1, unscaled 2; the warm call loads nothing,
+    (runtime/cpu.usable_threads): the call reports 1, unscaled 2; the warm call loads nothing,
     so the instance's init loaded the session the calls use."""
     store, spec = job
     ran = {}

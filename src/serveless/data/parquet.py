@@ -214,10 +214,10 @@ def _refuse_repeated_ids(tables: Sequence[Any], id: str) -> None:
         with f.open() as fh:
             try:
                 ids = pa.parquet.read_table(fh, columns=[id]).column(0)
+                integer = pa.types.is_integer(ids.type)  # a uint64 past 2**63 cannot cast
+                ids = ids.cast(pa.int64() if integer else pa.large_string())
             except (pa.ArrowException, OSError) as exc:
                 raise SourceError(f"{f.shown}: cannot read column {id!r}: {exc}") from None
-        integer = pa.types.is_integer(ids.type)
-        ids = ids.cast(pa.int64() if integer else pa.large_string())
         groups.setdefault(integer, []).append((f, ids))
     for found in groups.values():
         both = pa.chunked_array([c for _, ids in found for c in ids.chunks],

@@ -273,7 +273,7 @@ def simulate(plan: dict[str, Any], cal: dict[str, Any], target: Target,
     v = [vcpus(m) for m in memory]  # the memory's vCPUs: logged, and the model's threads
     threads = [float(math.ceil(x)) for x in v]
     # the CPU quota each instance runs under, as much of it as its threads can use (a
-    # function caps its threads at its quota rounded up, runtime/loader.usable_threads,
+    # function caps its threads at its quota rounded up, runtime/cpu.usable_threads,
     # which leaves this minimum as it is)
     q = [min(target.share(m), n) for m, n in zip(memory, threads, strict=True)]
     record_ms: dict[tuple[int, int], float] = {}  # (stage, images): a call's compute

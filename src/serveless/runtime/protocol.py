@@ -249,7 +249,7 @@ class Metrics:
     compute_ms: float | None = None
     write_ms: float | None = None
     cpu_ms: float | None = None  # CPU of all the process's threads while serving
-    threads: int | None = None  # the model's threads it ran (loader.usable_threads)
+    threads: int | None = None  # the model's threads it ran (runtime/cpu.usable_threads)
     bytes_in: int = 0
     bytes_out: int = 0
     gets: int = 0
